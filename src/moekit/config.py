@@ -1,0 +1,210 @@
+"""Configuration: one kw_only dataclass per concern, validated in ``__post_init__``.
+
+Validation errors are ``ConfigError`` (a ``ValueError``) and name the field, the value given and
+what is allowed, e.g. ``RouterConfig.top_k=9: must be an integer in [1, num_experts=8]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration field holds a value that is not allowed."""
+
+
+def check(ok: bool, owner: str, name: str, value: Any, allowed: str) -> None:
+    """Raise ConfigError naming ``owner.name``, the bad value and what is allowed."""
+    if not ok:
+        raise ConfigError(f"{owner}.{name}={value!r}: {allowed}")
+
+
+def check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
+    check(value in choices, owner, name, value, f"must be one of {list(choices)}")
+
+
+def check_positive_int(owner: str, name: str, value: Any) -> None:
+    check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, owner, name, value,
+          "must be a positive integer")
+
+
+def check_fraction(owner: str, name: str, value: Any, *, closed_right: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and 0.0 <= value and (value <= 1.0 if closed_right else value < 1.0)
+    check(ok, owner, name, value, "must be in [0, 1]" if closed_right else "must be in [0, 1)")
+
+
+ROUTER_KINDS = (
+    "softmax_topk",  # Mixtral: softmax over all experts, then top-k (optionally renormalised)
+    "noisy_topk",  # Shazeer et al. 2017: noisy logits, KeepTopK, softmax over the kept ones
+    "switch",  # Fedus et al. 2021: top-1 with the softmax probability as gate
+    "gshard",  # Lepikhin et al. 2020: top-2, second expert kept with probability ~ its weight
+    "expert_choice",  # Zhou et al. 2022: every expert picks its top-C tokens
+    "sinkhorn",  # BASE-style balanced assignment via Sinkhorn at train time, top-k at eval
+    "top_p",  # dynamic routing: smallest expert set with probability mass >= p
+    "deepseek",  # DeepSeek-V3: sigmoid scores, bias for selection, group-limited, scaled weights
+    "task",  # task-level routing: a lookup from a task id given with the batch
+    "sequence",  # learned sequence-level routing (mean-pooled sequence picks the experts)
+)
+
+
+@dataclass(kw_only=True)
+class RouterConfig:
+    """How tokens are assigned to experts (see ROUTER_KINDS)."""
+
+    kind: str = "softmax_topk"
+    top_k: int = 2
+    renormalize: bool = True  # renormalise the kept top-k weights to sum to 1 (Mixtral does)
+    jitter_eps: float = 0.0  # Switch: multiply router input by U(1-eps, 1+eps) in training
+    noise_std: float = 1.0  # noisy_topk: scale of the N(0,1) * softplus(x W_noise) noise
+    # top_p
+    top_p: float = 0.5
+    # expert_choice / sinkhorn
+    sinkhorn_iters: int = 8
+    # deepseek
+    score_func: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3 uses sigmoid)
+    n_groups: int = 1  # group-limited routing: experts split into n_groups groups
+    topk_groups: int = 1  # ... of which the best topk_groups are eligible per token
+    routed_scaling_factor: float = 1.0
+    bias_update_rate: float = 0.0  # aux-loss-free balancing step gamma (0 = no bias)
+    # task routing
+    num_tasks: int = 1
+
+    def __post_init__(self) -> None:
+        o = "RouterConfig"
+        check_choice(o, "kind", self.kind, ROUTER_KINDS)
+        check_positive_int(o, "top_k", self.top_k)
+        check(isinstance(self.jitter_eps, (int, float)) and 0 <= self.jitter_eps < 1, o, "jitter_eps",
+              self.jitter_eps, "must be in [0, 1)")
+        check(self.noise_std >= 0, o, "noise_std", self.noise_std, "must be >= 0")
+        check(0 < self.top_p <= 1, o, "top_p", self.top_p, "must be in (0, 1]")
+        check_positive_int(o, "sinkhorn_iters", self.sinkhorn_iters)
+        check_choice(o, "score_func", self.score_func, ("softmax", "sigmoid"))
+        check_positive_int(o, "n_groups", self.n_groups)
+        check(isinstance(self.topk_groups, int) and 1 <= self.topk_groups <= self.n_groups, o, "topk_groups",
+              self.topk_groups, f"must be an integer in [1, n_groups={self.n_groups}]")
+        check(self.routed_scaling_factor > 0, o, "routed_scaling_factor", self.routed_scaling_factor,
+              "must be > 0")
+        check(self.bias_update_rate >= 0, o, "bias_update_rate", self.bias_update_rate, "must be >= 0")
+        check_positive_int(o, "num_tasks", self.num_tasks)
+
+
+@dataclass(kw_only=True)
+class CapacityConfig:
+    """Expert capacity C = ceil(tokens / experts * factor * top_k); None = dropless.
+
+    The factor multiplies the balanced per-expert share of the N = T*k assignments, as in
+    Switch/GShard (capacity_factor=1.0 gives exactly the balanced share).
+    """
+
+    capacity_factor: float | None = None  # training; None = dropless (MegaBlocks-style)
+    eval_capacity_factor: float | None = None  # evaluation; None = dropless
+    drop_policy: str = "position"  # "position": earlier tokens win; "priority": higher gate wins
+    overflow: str = "drop"  # "drop" | "reroute" (to the next-best expert with room)
+    min_capacity: int = 1
+
+    def __post_init__(self) -> None:
+        o = "CapacityConfig"
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, name)
+            check(v is None or (isinstance(v, (int, float)) and v > 0), o, name, v,
+                  "must be > 0, or None for dropless")
+        check_choice(o, "drop_policy", self.drop_policy, ("position", "priority"))
+        check_choice(o, "overflow", self.overflow, ("drop", "reroute"))
+        check(isinstance(self.min_capacity, int) and self.min_capacity >= 0, o, "min_capacity",
+              self.min_capacity, "must be an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Coefficients of the router losses added to the task loss (0 = off)."""
+
+    aux_coef: float = 0.01  # Switch/GShard load-balancing loss  N * sum_i f_i P_i
+    seq_aux_coef: float = 0.0  # DeepSeek-V2/V3 sequence-level balance loss
+    importance_coef: float = 0.0  # Shazeer 2017 importance loss (CV^2 of gate sums)
+    load_coef: float = 0.0  # Shazeer 2017 load loss (CV^2 of smooth load estimate)
+    z_coef: float = 0.0  # ST-MoE router z-loss
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            check(isinstance(v, (int, float)) and v >= 0, "LossConfig", f.name, v, "must be a number >= 0")
+
+
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+DISPATCHERS = ("auto", "grouped", "loop", "padded")
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """One MoE layer replacing an FFN of width d_model."""
+
+    d_model: int
+    num_experts: int = 8
+    expert_hidden: int = 0  # hidden size of each routed expert (ignored if expert_hidden_sizes is set)
+    expert_hidden_sizes: tuple[int, ...] | None = None  # heterogeneous experts (overrides expert_hidden)
+    activation: str = "swiglu"
+    bias: bool = False
+    num_shared_experts: int = 0
+    shared_hidden: int = 0  # hidden size of each shared expert (0 = expert_hidden)
+    shared_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared-expert output
+    expert_dropout: float = 0.0  # dropout inside experts (ST-MoE: higher than dense dropout)
+    dispatcher: str = "auto"
+    router: RouterConfig = field(default_factory=RouterConfig)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        o = "MoEConfig"
+        if isinstance(self.router, dict):
+            self.router = RouterConfig(**self.router)
+        if isinstance(self.capacity, dict):
+            self.capacity = CapacityConfig(**self.capacity)
+        if isinstance(self.loss, dict):
+            self.loss = LossConfig(**self.loss)
+        if isinstance(self.expert_hidden_sizes, list):
+            self.expert_hidden_sizes = tuple(self.expert_hidden_sizes)
+        check_positive_int(o, "d_model", self.d_model)
+        check_positive_int(o, "num_experts", self.num_experts)
+        if self.expert_hidden_sizes is None:
+            check_positive_int(o, "expert_hidden", self.expert_hidden)
+        else:
+            check(len(self.expert_hidden_sizes) == self.num_experts
+                  and all(isinstance(h, int) and h >= 1 for h in self.expert_hidden_sizes), o,
+                  "expert_hidden_sizes", self.expert_hidden_sizes,
+                  f"must hold num_experts={self.num_experts} positive integers")
+        check_choice(o, "activation", self.activation, ACTIVATIONS)
+        check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0, o,
+              "num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
+        check(isinstance(self.shared_hidden, int) and self.shared_hidden >= 0, o, "shared_hidden",
+              self.shared_hidden, "must be an integer >= 0 (0 = expert_hidden)")
+        check_fraction(o, "expert_dropout", self.expert_dropout)
+        check_choice(o, "dispatcher", self.dispatcher, DISPATCHERS)
+        k = self.router.top_k
+        if self.router.kind in ("softmax_topk", "noisy_topk", "deepseek", "top_p", "sinkhorn", "task",
+                                "sequence"):
+            check(k <= self.num_experts, "RouterConfig", "top_k", k,
+                  f"must be an integer in [1, num_experts={self.num_experts}]")
+        if self.router.kind == "switch":
+            check(k == 1, "RouterConfig", "top_k", k, "must be 1 for kind='switch'")
+        if self.router.kind == "gshard":
+            check(k == 2 and self.num_experts >= 2, "RouterConfig", "top_k", k,
+                  "must be 2 (and num_experts >= 2) for kind='gshard'")
+        check(self.num_experts % self.router.n_groups == 0, "RouterConfig", "n_groups", self.router.n_groups,
+              f"must divide num_experts={self.num_experts}")
+
+    @property
+    def shared_hidden_size(self) -> int:
+        return self.shared_hidden or self.expert_hidden
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return self.expert_hidden_sizes or (self.expert_hidden,) * self.num_experts
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoEConfig":
+        return cls(**d)
