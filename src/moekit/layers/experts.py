@@ -1,0 +1,127 @@
+"""Experts: (x_RD, counts_E) -> y_RD over contiguous per-expert row blocks.
+
+Weights are stacked 3-D tensors in nn.Linear layout (out, in): w_gate_EFD, w_up_EFD, w_down_EDF.
+Backends compute the same function:
+  "grouped": one ``torch._grouped_mm`` per projection (CPU and CUDA);
+  "loop":    a per-expert matmul loop (the readable reference, and often fastest on CPU);
+  "bmm":     batched matmul when every expert has the same row count (padded GShard layout).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GATED = {"swiglu": F.silu, "geglu": F.gelu}
+PLAIN = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+def activation_fn(name: str):
+    return GATED.get(name) or PLAIN[name]
+
+
+def grouped_mm_supported(x: Tensor) -> bool:
+    """torch._grouped_mm runs on CPU for all float dtypes; on CUDA it wants bf16 (sm90+ kernels)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.device.type == "cpu" or x.dtype == torch.bfloat16
+
+
+def grouped_linear(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor, backend: str) -> Tensor:
+    """y_RO: row block e of x times w[e]^T (per-expert nn.Linear without bias)."""
+    if backend == "grouped":
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
+    if backend == "bmm":
+        E = w_EOI.shape[0]
+        return torch.bmm(x_RI.view(E, -1, x_RI.shape[-1]), w_EOI.transpose(-2, -1)).view(-1, w_EOI.shape[1])
+    blocks = torch.split(x_RI, counts_E.tolist())
+    return torch.cat([xb @ w_EOI[e].t() for e, xb in enumerate(blocks)] +
+                     [x_RI.new_zeros(0, w_EOI.shape[1])])
+
+
+class GroupedExperts(nn.Module):
+    """E FFN experts with stacked weights. Gated activations (SwiGLU, GeGLU) use
+    down(act(gate x) * up x) (Shazeer 2020); plain ones use down(act(up x)).
+
+    ``expert_dropout`` is dropout on the expert hidden activations (ST-MoE, Zoph et al. 2022,
+    recommends a higher rate inside experts than in the dense layers when fine-tuning).
+    """
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "swiglu",
+                 expert_dropout: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
+        self.activation = activation
+        self.gated = activation in GATED
+        self.act = activation_fn(activation)
+        self.backend = backend
+        self.dropout = nn.Dropout(expert_dropout) if expert_dropout > 0 else nn.Identity()
+        E, D, F_ = num_experts, d_model, hidden
+        self.w_gate_EFD = nn.Parameter(torch.empty(E, F_, D)) if self.gated else None
+        self.w_up_EFD = nn.Parameter(torch.empty(E, F_, D))
+        self.w_down_EDF = nn.Parameter(torch.empty(E, D, F_))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Each expert initialised like an nn.Linear (kaiming-uniform bound 1/sqrt(fan_in)), or N(0, std)."""
+        for w in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF):
+            if w is None:
+                continue
+            if std is None:
+                bound = 1.0 / math.sqrt(w.shape[-1])
+                nn.init.uniform_(w, -bound, bound)
+            else:
+                nn.init.normal_(w, 0.0, std)
+
+    def pick_backend(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if uniform_rows:
+            return "bmm"
+        if x_RD.device.type == "cuda" and grouped_mm_supported(x_RD):
+            return "grouped"
+        # On CPU the per-expert loop calls the same BLAS GEMMs and measured at least as fast as
+        # _grouped_mm (benchmarks/bench_layer.py prints both).
+        return "loop"
+
+    def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False) -> Tensor:
+        backend = self.pick_backend(x_RD, counts_E, uniform_rows)
+        if backend == "grouped" and not grouped_mm_supported(x_RD):
+            backend = "loop"
+        dtype = x_RD.dtype
+        w = [p.to(dtype) if p is not None else None for p in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)]
+        up_RF = grouped_linear(x_RD, w[1], counts_E, backend)
+        if self.gated:
+            h_RF = self.act(grouped_linear(x_RD, w[0], counts_E, backend)) * up_RF
+        else:
+            h_RF = self.act(up_RF)
+        return grouped_linear(self.dropout(h_RF), w[2], counts_E, backend)
+
+
+class LoopExperts(GroupedExperts):
+    """The readable reference: a Python loop over experts, always the per-expert matmul backend."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["backend"] = "loop"
+        super().__init__(*args, **kwargs)
+
+
+class MLP(nn.Module):
+    """A dense FFN with the same activation conventions; used for shared experts and dense twins."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str = "swiglu", dropout: float = 0.0):
+        super().__init__()
+        self.gated = activation in GATED
+        self.act = activation_fn(activation)
+        self.w_gate = nn.Linear(d_model, hidden, bias=False) if self.gated else None
+        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.w_gate(x)) * self.w_up(x) if self.gated else self.act(self.w_up(x))
+        return self.w_down(self.dropout(h))
