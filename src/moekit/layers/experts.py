@@ -23,11 +23,13 @@ def activation_fn(name: str):
     return GATED.get(name) or PLAIN[name]
 
 
-def grouped_mm_supported(x: Tensor) -> bool:
-    """torch._grouped_mm runs on CPU for all float dtypes; on CUDA it wants bf16 (sm90+ kernels)."""
+def grouped_mm_supported(x: Tensor, *dims: int) -> bool:
+    """torch._grouped_mm runs on CPU for all float dtypes, on CUDA it wants bf16 (sm90+ kernels);
+    both need every row stride (the feature dims ``dims``) to be a multiple of 16 bytes."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    return x.device.type == "cpu" or x.dtype == torch.bfloat16
+    aligned = all(d * x.element_size() % 16 == 0 for d in dims)
+    return aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
 
 
 def grouped_linear(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor, backend: str) -> Tensor:
@@ -82,7 +84,7 @@ class GroupedExperts(nn.Module):
             return self.backend
         if uniform_rows:
             return "bmm"
-        if x_RD.device.type == "cuda" and grouped_mm_supported(x_RD):
+        if x_RD.device.type == "cuda" and grouped_mm_supported(x_RD, self.d_model, self.hidden):
             return "grouped"
         # On CPU the per-expert loop calls the same BLAS GEMMs and measured at least as fast as
         # _grouped_mm (benchmarks/bench_layer.py prints both).
@@ -90,7 +92,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False) -> Tensor:
         backend = self.pick_backend(x_RD, counts_E, uniform_rows)
-        if backend == "grouped" and not grouped_mm_supported(x_RD):
+        if backend == "grouped" and not grouped_mm_supported(x_RD, self.d_model, self.hidden):
             backend = "loop"
         dtype = x_RD.dtype
         w = [p.to(dtype) if p is not None else None for p in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)]

@@ -1,0 +1,40 @@
+"""Slow, readable references for the MoE layer: float64, one token at a time."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_ffn64(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
+    """Expert e of a GroupedExperts applied to one token, in float64."""
+    up = experts.w_up_EFD[e].double() @ x_D
+    if experts.gated:
+        act = F.silu if experts.activation == "swiglu" else F.gelu
+        h = act(experts.w_gate_EFD[e].double() @ x_D) * up
+    else:
+        h = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[experts.activation](up)
+    return experts.w_down_EDF[e].double() @ h
+
+
+def combine_loop64(x_TD, experts, token_N, expert_N, weight_N) -> torch.Tensor:
+    """y[t] = sum over assignments (t, e, w) of w * expert_e(x[t]), as a Python loop in float64."""
+    x64 = x_TD.double()
+    y = torch.zeros_like(x64)
+    for t, e, w in zip(token_N.tolist(), expert_N.tolist(), weight_N.double().tolist()):
+        y[t] = y[t] + w * expert_ffn64(experts, e, x64[t])
+    return y
+
+
+def softmax_topk_routing64(x_TD, gate_w_ED, k: int, renormalize: bool):
+    """Mixtral routing from its equations, token by token in float64: p = softmax(x W^T); top-k; renorm."""
+    token, expert, weight = [], [], []
+    for t in range(x_TD.shape[0]):
+        p = torch.softmax(gate_w_ED.double() @ x_TD[t].double(), dim=-1)
+        top = sorted(range(p.numel()), key=lambda i: (-p[i].item(), i))[:k]
+        s = sum(p[i].item() for i in top) if renormalize else 1.0
+        for i in top:
+            token.append(t)
+            expert.append(i)
+            weight.append(p[i].item() / s)
+    return torch.tensor(token), torch.tensor(expert), torch.tensor(weight, dtype=torch.float64)
