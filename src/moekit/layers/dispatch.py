@@ -35,7 +35,8 @@ class LocalDispatcher:
         token_R = routing.token_N[order_R]
         counts_E = torch.bincount(routing.expert_N, minlength=routing.num_experts)
         meta = DispatchMeta(num_tokens=x_TD.shape[0], token_R=token_R, weight_R=routing.weight_N[order_R])
-        return x_TD[token_R], counts_E, meta
+        # index_select, not x_TD[token_R]: its backward is index_add (fast), not an accumulating index_put
+        return x_TD.index_select(0, token_R), counts_E, meta
 
     def combine(self, y_RD: Tensor, meta: DispatchMeta) -> Tensor:
         y_TD = y_RD.new_zeros(meta.num_tokens, y_RD.shape[-1])

@@ -41,7 +41,8 @@ def grouped_linear(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor, backend: str) 
         E = w_EOI.shape[0]
         return torch.bmm(x_RI.view(E, -1, x_RI.shape[-1]), w_EOI.transpose(-2, -1)).view(-1, w_EOI.shape[1])
     blocks = torch.split(x_RI, counts_E.tolist())
-    return torch.cat([xb @ w_EOI[e].t() for e, xb in enumerate(blocks)] +
+    # unbind (not w[e]): its backward stacks the E grads once instead of E full-size zero-filled copies
+    return torch.cat([xb @ w_OI.t() for xb, w_OI in zip(blocks, w_EOI.unbind(0))] +
                      [x_RI.new_zeros(0, w_EOI.shape[1])])
 
 
@@ -84,11 +85,8 @@ class GroupedExperts(nn.Module):
             return self.backend
         if uniform_rows:
             return "bmm"
-        if x_RD.device.type == "cuda" and grouped_mm_supported(x_RD, self.d_model, self.hidden):
-            return "grouped"
-        # On CPU the per-expert loop calls the same BLAS GEMMs and measured at least as fast as
-        # _grouped_mm (benchmarks/bench_layer.py prints both).
-        return "loop"
+        # grouped_mm measured fastest on CPU too (benchmarks/bench_layer.py prints every backend)
+        return "grouped" if grouped_mm_supported(x_RD, self.d_model, self.hidden) else "loop"
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False) -> Tensor:
         backend = self.pick_backend(x_RD, counts_E, uniform_rows)

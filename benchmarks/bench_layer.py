@@ -1,0 +1,120 @@
+"""MoE layer speed vs a dense SwiGLU of equal active FLOPs and vs HF transformers' MoE blocks.
+
+Run:  python benchmarks/bench_layer.py [--reps 5] [--tokens 4096]
+
+W1: T=4096, d=512, 8 experts h=1408, top-2            (Mixtral-shaped)   dense twin h = 2*1408
+W2: T=4096, d=512, 64 experts h=352, top-8, 1 shared  (Qwen2-MoE-shaped) dense twin h = 8*352 + 352
+Every number is a ratio to the dense SwiGLU timed in the same process (lower is better). The HF blocks
+are timed with each available experts implementation ("eager", "batched_mm", "grouped_mm"); the best
+is reported. Routing is dropless for all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from moekit.config import LossConfig, MoEConfig, RouterConfig
+from moekit.layers.experts import MLP
+from moekit.layers.moe import MoELayer
+
+
+def timeit(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fwd_and_fwdbwd(module: nn.Module, x: torch.Tensor, reps: int, out=lambda o: o) -> tuple[float, float]:
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    dy = torch.randn_like(x)
+
+    def fwdbwd():
+        xi = x.detach().requires_grad_(True)
+        (out(module(xi)) * dy).sum().backward()
+        module.zero_grad(set_to_none=True)
+
+    return timeit(fwd, reps), timeit(fwdbwd, reps)
+
+
+def hf_block(workload: dict, impl: str) -> nn.Module | None:
+    try:
+        if workload["shared"]:
+            from transformers import Qwen2MoeConfig
+            from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock as Block
+            cfg = Qwen2MoeConfig(hidden_size=workload["d"], moe_intermediate_size=workload["h"],
+                                 shared_expert_intermediate_size=workload["h"], num_experts=workload["E"],
+                                 num_experts_per_tok=workload["k"], norm_topk_prob=True)
+        else:
+            from transformers import MixtralConfig
+            from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+            cfg = MixtralConfig(hidden_size=workload["d"], intermediate_size=workload["h"],
+                                num_local_experts=workload["E"], num_experts_per_tok=workload["k"])
+    except ImportError:
+        return None
+    cfg._experts_implementation = impl
+    block = Block(cfg)
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.02)
+    return block
+
+
+def hf_output(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=4096)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    workloads = {
+        "W1": dict(d=512, E=8, h=1408, k=2, shared=0),
+        "W2": dict(d=512, E=64, h=352, k=8, shared=1),
+    }
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, T={args.tokens}, reps={args.reps}")
+    print("time ratio to dense SwiGLU with equal active FLOPs (lower is better)")
+    print(f"{'workload':8} {'implementation':28} {'fwd':>7} {'fwd+bwd':>8}")
+    for name, w in workloads.items():
+        x = torch.randn(args.tokens, w["d"])
+        dense = MLP(w["d"], w["k"] * w["h"] + w["shared"] * w["h"])
+        base_f, base_fb = fwd_and_fwdbwd(dense, x, args.reps)
+        print(f"{name:8} {'dense SwiGLU (baseline)':28} {1.0:7.2f} {1.0:8.2f}   "
+              f"[{base_f * 1e3:.0f} ms / {base_fb * 1e3:.0f} ms]")
+        for disp in ("auto", "grouped", "loop", "padded"):
+            cfg = MoEConfig(d_model=w["d"], num_experts=w["E"], expert_hidden=w["h"], num_shared_experts=w["shared"],
+                            shared_gate=bool(w["shared"]), dispatcher=disp, router=RouterConfig(top_k=w["k"]),
+                            loss=LossConfig(aux_coef=0.01))
+            layer = MoELayer(cfg)
+            f, fb = fwd_and_fwdbwd(layer, x, args.reps, out=lambda o: o.y)
+            print(f"{name:8} {'moekit ' + disp:28} {f / base_f:7.2f} {fb / base_fb:8.2f}")
+        best = None
+        for impl in ("eager", "batched_mm", "grouped_mm"):
+            block = hf_block(w, impl)
+            if block is None:
+                break
+            try:
+                f, fb = fwd_and_fwdbwd(block, x[None], args.reps, out=hf_output)
+            except Exception as e:  # an implementation HF cannot run on this device/dtype
+                print(f"{name:8} {'HF ' + impl:28} unavailable: {type(e).__name__}")
+                continue
+            print(f"{name:8} {'HF ' + impl:28} {f / base_f:7.2f} {fb / base_fb:8.2f}")
+            best = min(best or (f, fb), (f, fb), key=lambda t: t[1])
+        if best:
+            print(f"{name:8} {'HF best':28} {best[0] / base_f:7.2f} {best[1] / base_fb:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
