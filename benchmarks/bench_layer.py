@@ -23,29 +23,35 @@ from moekit.layers.experts import MLP
 from moekit.layers.moe import MoELayer
 
 
-def timeit(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def fwd_and_fwdbwd(module: nn.Module, x: torch.Tensor, out=lambda o: o) -> dict[str, callable]:
+    """The two closures timed for a module: forward only (no grad) and forward + backward."""
+    dy = torch.randn_like(x)
 
-
-def fwd_and_fwdbwd(module: nn.Module, x: torch.Tensor, reps: int, out=lambda o: o) -> tuple[float, float]:
     def fwd():
         with torch.no_grad():
             module(x)
-
-    dy = torch.randn_like(x)
 
     def fwdbwd():
         xi = x.detach().requires_grad_(True)
         (out(module(xi)) * dy).sum().backward()
         module.zero_grad(set_to_none=True)
 
-    return timeit(fwd, reps), timeit(fwdbwd, reps)
+    return {"fwd": fwd, "fwd+bwd": fwdbwd}
+
+
+def interleaved_medians(cases: dict[str, dict[str, callable]], reps: int) -> dict[str, dict[str, float]]:
+    """Median seconds per closure, timing all cases round-robin so machine-load drift hits them alike."""
+    times = {name: {k: [] for k in fns} for name, fns in cases.items()}
+    for name, fns in cases.items():  # warm-up (first-call allocations, thread pools)
+        for fn in fns.values():
+            fn()
+    for _ in range(reps):
+        for name, fns in cases.items():
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name][k].append(time.perf_counter() - t0)
+    return {name: {k: statistics.median(v) for k, v in ts.items()} for name, ts in times.items()}
 
 
 def hf_block(workload: dict, impl: str) -> nn.Module | None:
@@ -76,7 +82,7 @@ def hf_output(o):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=4096)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -89,32 +95,34 @@ def main() -> None:
     print(f"{'workload':8} {'implementation':28} {'fwd':>7} {'fwd+bwd':>8}")
     for name, w in workloads.items():
         x = torch.randn(args.tokens, w["d"])
-        dense = MLP(w["d"], w["k"] * w["h"] + w["shared"] * w["h"])
-        base_f, base_fb = fwd_and_fwdbwd(dense, x, args.reps)
-        print(f"{name:8} {'dense SwiGLU (baseline)':28} {1.0:7.2f} {1.0:8.2f}   "
-              f"[{base_f * 1e3:.0f} ms / {base_fb * 1e3:.0f} ms]")
+        cases = {"dense SwiGLU (baseline)": fwd_and_fwdbwd(MLP(w["d"], w["k"] * w["h"] + w["shared"] * w["h"]), x)}
         for disp in ("auto", "grouped", "loop", "padded"):
             cfg = MoEConfig(d_model=w["d"], num_experts=w["E"], expert_hidden=w["h"], num_shared_experts=w["shared"],
                             shared_gate=bool(w["shared"]), dispatcher=disp, router=RouterConfig(top_k=w["k"]),
                             loss=LossConfig(aux_coef=0.01))
-            layer = MoELayer(cfg)
-            f, fb = fwd_and_fwdbwd(layer, x, args.reps, out=lambda o: o.y)
-            print(f"{name:8} {'moekit ' + disp:28} {f / base_f:7.2f} {fb / base_fb:8.2f}")
-        best = None
+            cases["moekit " + disp] = fwd_and_fwdbwd(MoELayer(cfg), x, out=lambda o: o.y)
+        hf_names = []
         for impl in ("eager", "batched_mm", "grouped_mm"):
             block = hf_block(w, impl)
             if block is None:
                 break
             try:
-                f, fb = fwd_and_fwdbwd(block, x[None], args.reps, out=hf_output)
+                block(x[None])
             except Exception as e:  # an implementation HF cannot run on this device/dtype
-                print(f"{name:8} {'HF ' + impl:28} unavailable: {type(e).__name__}")
+                print(f"{name:8} {'HF ' + impl:28} unavailable: {type(e).__name__}: {str(e)[:60]}")
                 continue
-            print(f"{name:8} {'HF ' + impl:28} {f / base_f:7.2f} {fb / base_fb:8.2f}")
-            best = min(best or (f, fb), (f, fb), key=lambda t: t[1])
-        if best:
-            print(f"{name:8} {'HF best':28} {best[0] / base_f:7.2f} {best[1] / base_fb:8.2f}")
-
+            cases["HF " + impl] = fwd_and_fwdbwd(block, x[None], out=hf_output)
+            hf_names.append("HF " + impl)
+        med = interleaved_medians(cases, args.reps)
+        base = med["dense SwiGLU (baseline)"]
+        for case, m in med.items():
+            extra = f"   [{m['fwd'] * 1e3:.0f} ms / {m['fwd+bwd'] * 1e3:.0f} ms]" if case.startswith("dense") else ""
+            print(f"{name:8} {case:28} {m['fwd'] / base['fwd']:7.2f} {m['fwd+bwd'] / base['fwd+bwd']:8.2f}{extra}")
+        if hf_names:
+            best = min(hf_names, key=lambda n: med[n]["fwd+bwd"])
+            print(f"{name:8} {'HF best (' + best[3:] + ')':28} {med[best]['fwd'] / base['fwd']:7.2f} "
+                  f"{med[best]['fwd+bwd'] / base['fwd+bwd']:8.2f}")
+        print(flush=True)
 
 if __name__ == "__main__":
     main()
