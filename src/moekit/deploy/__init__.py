@@ -1,1 +1,90 @@
+"""Deployment: make trained MoE models smaller and cheaper to serve.
 
+prune.py    drop least-used experts (by measured load), slice the router
+merge.py    merge experts (frequency-weighted averages, similarity clusters), many-to-one router
+extract.py  task sub-networks (keep experts a task uses) and the saved-model format
+offload.py  experts on disk / CPU memory with an LRU cache of resident experts
+quantize.py int8 weight-only experts (per-output-channel symmetric scales)
+distill.py  MoE -> dense-twin knowledge distillation
+
+Every transform works on any nn.Module that contains ``MoELayer``s and edits them in place.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from moekit.layers.experts import GroupedExperts
+from moekit.layers.moe import MoELayer
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
+    """Qualified name -> MoELayer for every MoE layer in ``model`` ("" if model is one)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` in ``model``; returns the (possibly new) root."""
+    if name == "":
+        return new
+    model.set_submodule(name, new)
+    return model
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes held by the module's parameters and buffers (shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+class ComputedWeightsExperts(GroupedExperts):
+    """GroupedExperts whose stacked weights are produced per forward (dequantised, fetched from an
+    offload cache) instead of being parameters. Only the experts that receive rows are produced, and
+    GroupedExperts.forward then runs unchanged on that subset, so every backend (grouped_mm, loop, bmm)
+    computes exactly what the resident experts compute.
+
+    Subclasses implement ``weights_for(experts) -> (w_gate_XFD | None, w_up_XFD, w_down_XDF)`` for a
+    list of expert indices (all experts if None).
+    """
+
+    def __init__(self, src: GroupedExperts):
+        nn.Module.__init__(self)  # not GroupedExperts.__init__: it would allocate the float weights
+        self.num_experts, self.d_model, self.hidden = src.num_experts, src.d_model, src.hidden
+        self.activation, self.gated, self.act = src.activation, src.gated, src.act
+        self.backend = src.backend
+        self.dropout = src.dropout
+        self._active: tuple[Tensor | None, Tensor, Tensor] | None = None
+
+    def weights_for(self, experts: list[int] | None) -> tuple[Tensor | None, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False) -> Tensor:
+        # experts with no rows contribute nothing: produce only the used ones (the padded layout
+        # gives every expert the same C rows, keep them all so its bmm path still applies)
+        used = None if uniform_rows else (counts_E > 0).nonzero().flatten().tolist()
+        if used is not None and len(used) == self.num_experts:
+            used = None
+        if used == []:
+            return x_RD.new_zeros(0, self.d_model)
+        self._active = self.weights_for(used)
+        try:
+            return super().forward(x_RD, counts_E if used is None else counts_E[used], uniform_rows)
+        finally:
+            self._active = None
+
+    def _weight(self, i: int) -> Tensor | None:
+        return (self._active or self.weights_for(None))[i]
+
+    @property
+    def w_gate_EFD(self) -> Tensor | None:
+        return self._weight(0)
+
+    @property
+    def w_up_EFD(self) -> Tensor:
+        return self._weight(1)
+
+    @property
+    def w_down_EDF(self) -> Tensor:
+        return self._weight(2)
