@@ -202,6 +202,17 @@ class MoEConfig:
     def hidden_sizes(self) -> tuple[int, ...]:
         return self.expert_hidden_sizes or (self.expert_hidden,) * self.num_experts
 
+    def fine_grained(self, m: int) -> "MoEConfig":
+        """Fine-grained expert segmentation (DeepSeekMoE, Dai et al. 2024, sec. 3.1): split every expert
+        into m experts of hidden size expert_hidden/m and route each token to m*top_k of them. Total and
+        active parameters and FLOPs stay the same; the number of possible expert combinations grows."""
+        check(isinstance(m, int) and m >= 1 and self.expert_hidden % m == 0 and self.expert_hidden_sizes is None,
+              "MoEConfig.fine_grained", "m", m, f"must be a positive integer dividing expert_hidden={self.expert_hidden}")
+        router = dataclasses.replace(self.router, top_k=self.router.top_k * m,
+                                     n_groups=self.router.n_groups, topk_groups=self.router.topk_groups)
+        return dataclasses.replace(self, num_experts=self.num_experts * m, expert_hidden=self.expert_hidden // m,
+                                   router=router)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -380,3 +380,26 @@ def test_bad_input_errors():
     x[1, 3] = float("nan")
     with pytest.raises(FloatingPointError, match="router logits contain NaN or Inf"):
         layer(x)
+
+
+def test_fine_grained_segmentation_keeps_total_and_active_params():
+    base = MoEConfig(d_model=8, num_experts=4, expert_hidden=24, router=RouterConfig(top_k=2))
+    fine = base.fine_grained(3)
+    assert (fine.num_experts, fine.expert_hidden, fine.router.top_k) == (12, 8, 6)
+    n = lambda c: sum(p.numel() for p in MoELayer(c).experts.parameters())  # noqa: E731
+    assert n(fine) == n(base)
+    assert fine.router.top_k * fine.expert_hidden == base.router.top_k * base.expert_hidden  # active FFN width
+    with pytest.raises(ConfigError, match="fine_grained.m=5"):
+        base.fine_grained(5)
+
+
+@pytest.mark.parametrize("dispatcher", ["grouped", "loop", "padded"])
+def test_bf16_autocast_backends_agree(dispatcher):
+    layer = make_layer(14, d_model=16, expert_hidden=32, dispatcher=dispatcher)
+    ref = make_layer(14, d_model=16, expert_hidden=32, dispatcher="loop")
+    x = torch.randn(3, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = layer(x).y, ref(x).y
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x).y, rtol=0.05, atol=0.02)  # bf16 vs fp32
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.02, atol=0.01)

@@ -92,7 +92,10 @@ class GroupedExperts(nn.Module):
         backend = self.pick_backend(x_RD, counts_E, uniform_rows)
         if backend == "grouped" and not grouped_mm_supported(x_RD, self.d_model, self.hidden):
             backend = "loop"
-        dtype = x_RD.dtype
+        dev = x_RD.device.type
+        # _grouped_mm is not on autocast's op lists: cast explicitly so every backend computes alike
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_RD.dtype
+        x_RD = x_RD.to(dtype)
         w = [p.to(dtype) if p is not None else None for p in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)]
         up_RF = grouped_linear(x_RD, w[1], counts_E, backend)
         if self.gated:
