@@ -1,0 +1,50 @@
+"""Distillation MoE -> dense: the dense twin (same attention, one FFN of the active width) learns from
+the MoE teacher's soft targets.
+
+Loss (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network"):
+    L = alpha * tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)) + (1 - alpha) * CE(z_s, y)
+The tau^2 factor keeps the soft-target gradients on the scale of the hard-target ones as tau grows
+(the soft gradients shrink as 1/tau^2). Switch Transformer (Fedus et al. 2021, sec. 5) distils sparse
+models into dense ones this way and keeps ~30% of the sparse model's quality gain.
+
+Gain retained, how much of the MoE's improvement over a dense model trained from scratch with the
+same budget the student keeps:  (L_dense_scratch - L_student) / (L_dense_scratch - L_moe).
+
+Legend: T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, *, alpha: float = 0.5,
+            temperature: float = 2.0, ignore_index: int = -100) -> Tensor:
+    """The Hinton KD loss above, averaged over tokens whose target is not ``ignore_index``.
+    Logits [..., V], targets [...]; the teacher is treated as a constant."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha!r}: must be in [0, 1] (weight of the soft-target term)")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: must be > 0")
+    if student_logits.shape != teacher_logits.shape or student_logits.shape[:-1] != targets.shape:
+        raise ValueError(f"student/teacher logits must have shape [..., V] and targets [...]: got "
+                         f"{tuple(student_logits.shape)}, {tuple(teacher_logits.shape)}, {tuple(targets.shape)}")
+    V = student_logits.shape[-1]
+    s_TV, t_TV, y_T = student_logits.reshape(-1, V).float(), teacher_logits.reshape(-1, V).float(), targets.reshape(-1)
+    mask_T = y_T != ignore_index
+    n = mask_T.sum().clamp_min(1)
+    log_p_s = F.log_softmax(s_TV / temperature, dim=-1)
+    log_p_t = F.log_softmax(t_TV.detach() / temperature, dim=-1)
+    kl_T = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    soft = (kl_T * mask_T).sum() / n * temperature**2
+    hard = F.cross_entropy(s_TV, y_T, ignore_index=ignore_index, reduction="sum") / n
+    return alpha * soft + (1.0 - alpha) * hard
+
+
+def gain_retained(loss_dense_scratch: float, loss_student: float, loss_moe: float) -> float:
+    """(L_dense_scratch - L_student) / (L_dense_scratch - L_moe): 1 = the student matches the MoE,
+    0 = no better than training the dense model directly. NaN if the MoE has no gain."""
+    gain = loss_dense_scratch - loss_moe
+    return (loss_dense_scratch - loss_student) / gain if gain > 0 else float("nan")
