@@ -217,3 +217,30 @@ def test_int8_elementwise_bound_and_output_error():
     int8_bytes = sum(b.numel() * b.element_size() for n, b in qm.named_buffers() if ".q_" in n)
     float_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
     assert int8_bytes * 4 == float_bytes
+
+
+# ------------------------------------------------------------------------------------ save / load
+def test_save_load_roundtrip_of_transformed_models(tmp_path):
+    from moekit.deploy.extract import extract_task, load_model, save_model
+
+    model = make(9)
+    block_experts(model, [2])
+    x = inputs(5)
+    loads = measure_loads(model, [x])
+    variants = {
+        "extract": extract_task(copy.deepcopy(model), [x], min_share=0.01)[0],
+        "merge_map": merge_model(copy.deepcopy(model), loads, 3, router="map")[0],
+        "merge_avg_int8": quantize_experts(merge_model(copy.deepcopy(model), loads, 4, router="average")[0]),
+    }
+    assert [len(v) for v in extract_task(copy.deepcopy(model), [x], min_share=0.01)[1].values()] == [5, 5]
+
+    def build(cfg):
+        return Stack(MoEConfig.from_dict(cfg)).eval()
+
+    for name, m in variants.items():
+        save_model(m, str(tmp_path / name), model.blocks[0]["moe"].cfg.to_dict(), meta={"variant": name})
+        loaded, meta = load_model(str(tmp_path / name), build)
+        assert meta == {"variant": name}
+        assert torch.equal(loaded(x), m(x)), name
+    assert (tmp_path / "merge_avg_int8" / "model.safetensors").stat().st_size < (
+        tmp_path / "merge_map" / "model.safetensors").stat().st_size

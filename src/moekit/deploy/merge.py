@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.config import MoEConfig
 from moekit.deploy import moe_layers, replace_module
 from moekit.deploy.prune import combine_expert_dim
 from moekit.layers.moe import MoELayer
@@ -118,9 +119,10 @@ def map_routing(r: Routing, group_of_E: Tensor, num_groups: int) -> Routing:
 class GroupRouter(nn.Module):
     """The original router over E experts, its choices mapped to G merged experts (``map_routing``)."""
 
-    def __init__(self, router: Router, group_of_E: Tensor, num_groups: int):
+    def __init__(self, router: Router, group_of_E: Tensor, num_groups: int, inner_cfg: MoEConfig):
         super().__init__()
         self.inner = router
+        self.inner_cfg = inner_cfg  # the original layer config the inner router was built from (saving)
         self.register_buffer("group_of_E", group_of_E.long().clone())
         self.num_experts = num_groups
         self.top_k = router.top_k
@@ -154,7 +156,7 @@ def merge_layer(layer: MoELayer, groups: Sequence[Sequence[int]], counts_E: Tens
         for g, idx in enumerate(groups):
             group_of_E[list(idx)] = g
         device = next(layer.parameters()).device
-        new.router = GroupRouter(copy.deepcopy(layer.router), group_of_E, len(groups)).to(device)
+        new.router = GroupRouter(copy.deepcopy(layer.router), group_of_E, len(groups), layer.cfg).to(device)
     return new
 
 
