@@ -66,6 +66,9 @@ class MoELayer(nn.Module):
                                       cfg.expert_dropout, backend=backend)
         self.shared = None
         self.shared_gate = None
+        # a plugged-in dispatcher overrides cfg.dispatcher (moekit.distributed.parallelize sets the
+        # expert-parallel one; self.experts then holds only this rank's experts)
+        self.dispatcher = None
         if cfg.num_shared_experts > 0:
             # n shared experts of width h are one MLP of width n*h (DeepSeekMoE, Dai et al. 2024)
             self.shared = MLP(cfg.d_model, cfg.num_shared_experts * cfg.shared_hidden_size, cfg.activation)
@@ -82,9 +85,12 @@ class MoELayer(nn.Module):
         kept = capacity_filter(routing, self.cfg.capacity, self.training)
 
         dispatcher = self._dispatcher(routing)
-        x_RD, counts_E, meta = dispatcher.dispatch(x_TD, kept)
-        y_RD = self.experts(x_RD, counts_E, uniform_rows=meta.uniform_rows)
-        y_TD = dispatcher.combine(y_RD, meta)
+        if getattr(dispatcher, "pipelined", False):  # comm/compute overlap: the dispatcher drives the experts
+            y_TD = dispatcher.pipeline(x_TD, kept, self.experts)
+        else:
+            x_RD, counts_E, meta = dispatcher.dispatch(x_TD, kept)
+            y_RD = self.experts(x_RD, counts_E, uniform_rows=meta.uniform_rows)
+            y_TD = dispatcher.combine(y_RD, meta)
         if self.shared is not None:
             s_TD = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -93,6 +99,8 @@ class MoELayer(nn.Module):
         return MoEOutput(y_TD.view(x.shape), self._aux(routing, kept, seq_len, mask_T))
 
     def _dispatcher(self, routing: Routing):
+        if self.dispatcher is not None:
+            return self.dispatcher
         if self.cfg.dispatcher != "padded":
             return LocalDispatcher()
         factor = self.cfg.capacity.capacity_factor if self.training else self.cfg.capacity.eval_capacity_factor
