@@ -36,8 +36,9 @@ def exchange_counts(send_counts: Tensor, group: dist.ProcessGroup | None) -> Ten
     """Every rank sends ``send_counts[j]`` (a row of per-expert counts, [W, ...]) to rank j;
     returns the rows received, [W, ...]: row j came from rank j. Counts travel before tokens so that
     every rank can size its receive buffer (the uneven split sizes)."""
+    send_counts = send_counts.contiguous()  # empty_like keeps a view's strides; the collective writes densely
     recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=group)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
     return recv_counts
 
 

@@ -1,0 +1,31 @@
+"""Expert parallelism on 2 and 4 gloo processes vs the single-process MoE layer (outputs and gradients),
+including skewed routing (ranks that receive no rows), a rank without tokens, capacity dropping and
+re-routing, the pipelined (chunked, async) exchange, and sharded <-> single-process checkpoints."""
+
+from tests.distributed.harness import run_workers
+from tests.distributed.workers import Case, checkpoint_suite, layer_suite
+
+CASES = [
+    Case("top2 dropless"),
+    Case("switch top1 + shared expert", top_k=1, router="switch", shared=True),
+    Case("skewed: all tokens to the last experts", skew=True),
+    Case("skewed + capacity re-route", skew=True, capacity_factor=1.0, overflow="reroute"),
+    Case("capacity drop", capacity_factor=0.6),
+    Case("rank without tokens", empty_rank=1),
+    Case("pipelined 3 chunks + capacity", chunks=3, capacity_factor=0.8),
+    Case("pipelined, skewed, empty rank", chunks=2, skew=True, empty_rank=0),
+    Case("float32 grouped_mm", float64=False, num_experts=8),
+]
+
+
+def test_ep2_layer_matches_single_process():
+    run_workers(layer_suite, 2, [(2, c) for c in CASES])
+
+
+def test_ep4_and_ep2_dp2_layer_matches_single_process():
+    runs = [(4, c) for c in CASES[2:4] + CASES[5:8]] + [(2, CASES[1]), (2, CASES[5]), (4, Case("ep4 E=8", num_experts=8))]
+    run_workers(layer_suite, 4, runs)
+
+
+def test_checkpoints_and_errors():
+    run_workers(checkpoint_suite, 4, [2, 4], True)

@@ -1,0 +1,164 @@
+"""Worker bodies for the multi-process tests (importable by spawned processes).
+
+Reference: the unsharded single-process MoELayer applied to every rank's tokens separately (capacity is
+per rank in EP), with J = (1/W) sum_r L_r; EP gradients after ``reduce_gradients`` must equal dJ/dparam
+(expert shards: the matching slice), and each rank's input gradient must equal W * dJ/dx_r = dL_r/dx_r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moekit import CapacityConfig, LossConfig, MoEConfig, RouterConfig
+from moekit.distributed import AllToAllDispatcher, parallelize
+from moekit.layers.moe import MoELayer
+
+D = 16
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    num_experts: int = 4
+    top_k: int = 2
+    router: str = "softmax_topk"
+    capacity_factor: float | None = None
+    overflow: str = "drop"
+    skew: bool = False  # every token picks the last two experts (the other ranks receive nothing)
+    empty_rank: int | None = None  # this rank has no tokens at all
+    chunks: int = 1
+    shared: bool = False
+    float64: bool = True  # float64 + loop experts (tight tolerance); else float32 + torch._grouped_mm
+
+
+def make_layer(case: Case, seed: int = 0) -> MoELayer:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(d_model=D, num_experts=case.num_experts, expert_hidden=24,
+                    dispatcher="loop" if case.float64 else "grouped",
+                    num_shared_experts=1 if case.shared else 0,
+                    router=RouterConfig(kind=case.router, top_k=case.top_k),
+                    capacity=CapacityConfig(capacity_factor=case.capacity_factor, overflow=case.overflow),
+                    loss=LossConfig(aux_coef=0.01, z_coef=1e-3))
+    layer = MoELayer(cfg).to(torch.float64 if case.float64 else torch.float32)
+    if case.skew:
+        with torch.no_grad():
+            w = layer.router.gate.weight
+            w.zero_()
+            w[-1], w[-2] = 3.0, 1.5
+    return layer
+
+
+def rank_inputs(case: Case, world_size: int, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(x_TD, upstream grad g_TD) for every rank; uneven token counts, optionally one empty rank."""
+    gen = torch.Generator().manual_seed(1234)
+    out = []
+    for r in range(world_size):
+        T = 0 if r == case.empty_rank else 9 + 4 * r
+        x = torch.rand(T, D, generator=gen, dtype=dtype) + 0.1 if case.skew else torch.randn(T, D, generator=gen,
+                                                                                            dtype=dtype)
+        out.append((x, torch.randn(T, D, generator=gen, dtype=dtype)))
+    return out
+
+
+def rank_loss(layer: MoELayer, x: torch.Tensor, g: torch.Tensor):
+    out = layer(x)
+    # the router losses are means over tokens: undefined (NaN) for a rank without tokens
+    aux = out.aux.loss if x.shape[0] > 0 else 0.0
+    return out.y, (out.y * g).sum() + aux
+
+
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, case: Case) -> None:
+    tol = 1e-10 if case.float64 else 2e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"[{case.name}] {name}: {m}")
+
+
+def check_layer(rank: int, world_size: int, ep_size: int, case: Case) -> None:
+    dtype = torch.float64 if case.float64 else torch.float32
+    inputs = rank_inputs(case, world_size, dtype)
+
+    ref = make_layer(case)
+    ref_x = [x.clone().requires_grad_() for x, _ in inputs]
+    ref_y = []
+    J = 0.0
+    for xr, (_, g) in zip(ref_x, inputs):
+        y, loss = rank_loss(ref, xr, g)
+        ref_y.append(y.detach())
+        J = J + loss / world_size
+    J.backward()
+
+    ep = make_layer(case)
+    plan = parallelize(ep, ep_size, num_chunks=case.chunks)
+    x = inputs[rank][0].clone().requires_grad_()
+    y, loss = rank_loss(ep, x, inputs[rank][1])
+    loss.backward()
+    plan.reduce_gradients()
+
+    assert_close("y", y, ref_y[rank], case)
+    assert_close("x.grad", x.grad, world_size * ref_x[rank].grad, case)
+    ref_params = dict(ref.named_parameters())
+    L = case.num_experts // ep_size
+    r = plan.groups.ep_rank
+    for name, p in ep.named_parameters():
+        want = ref_params[name].grad
+        if name in plan.expert_keys:
+            assert p.shape[0] == L
+            want = want[r * L:(r + 1) * L]
+        assert_close(f"{name}.grad", p.grad, want, case)
+    if ep_size > 1:
+        assert isinstance(ep.dispatcher, AllToAllDispatcher)
+        assert ep.dispatcher.stats.calls > 0
+
+
+def check_checkpoint(rank: int, world_size: int, ep_size: int) -> None:
+    """EP -> single process and single process -> EP; replicas built from different seeds are synced."""
+    case = Case("checkpoint", num_experts=8, shared=True)
+    full = make_layer(case, seed=0)
+    # every rank builds its model from its own seed: parallelize must make the replicas consistent
+    ep = make_layer(case, seed=rank)
+    plan = parallelize(ep, ep_size)
+    sd = plan.full_state_dict()
+    L, r = 8 // ep_size, plan.groups.ep_rank
+    for key, want in full.state_dict().items():
+        if key in plan.expert_keys:
+            # shard s comes from its copy on global rank s (EP group 0), which was built from seed s
+            for s in range(ep_size):
+                src = make_layer(case, seed=s).state_dict()[key]
+                assert torch.equal(sd[key][s * L:(s + 1) * L], src[s * L:(s + 1) * L]), key
+        else:
+            assert torch.equal(sd[key], want), key
+
+    single = make_layer(case, seed=99)
+    single.load_state_dict(sd)  # the gathered dict loads into the unsharded model unchanged
+    ep2 = make_layer(case, seed=98)
+    plan2 = parallelize(ep2, ep_size)
+    plan2.load_full_state_dict(sd)
+    for key, t in ep2.state_dict().items():
+        assert torch.equal(t, ep.state_dict()[key]), key
+    x = rank_inputs(case, world_size, torch.float64)[rank][0]
+    with torch.no_grad():
+        torch.testing.assert_close(ep2(x).y, single(x).y, rtol=1e-10, atol=1e-10)
+
+
+def check_errors(rank: int, world_size: int) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="dividing the world size"):
+        parallelize(make_layer(Case("e")), 3)
+    with pytest.raises(ValueError, match="must divide num_experts"):
+        parallelize(make_layer(Case("e", num_experts=3, top_k=1)), 2)
+
+
+def layer_suite(rank: int, world_size: int, runs: list[tuple[int, Case]]) -> None:
+    for ep_size, case in runs:
+        check_layer(rank, world_size, ep_size, case)
+        dist.barrier()
+
+
+def checkpoint_suite(rank: int, world_size: int, ep_sizes: list[int], errors: bool) -> None:
+    for ep_size in ep_sizes:
+        check_checkpoint(rank, world_size, ep_size)
+    if errors:
+        check_errors(rank, world_size)
