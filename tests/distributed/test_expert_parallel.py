@@ -2,7 +2,7 @@
 including skewed routing (ranks that receive no rows), a rank without tokens, capacity dropping and
 re-routing, the pipelined (chunked, async) exchange, and sharded <-> single-process checkpoints."""
 
-from tests.distributed.harness import run_workers
+from moekit.distributed.launch import run_local
 from tests.distributed.workers import Case, checkpoint_suite, layer_suite
 
 CASES = [
@@ -19,13 +19,13 @@ CASES = [
 
 
 def test_ep2_layer_matches_single_process():
-    run_workers(layer_suite, 2, [(2, c) for c in CASES])
+    run_local(layer_suite, 2, [(2, c) for c in CASES])
 
 
 def test_ep4_and_ep2_dp2_layer_matches_single_process():
     runs = [(4, c) for c in CASES[2:4] + CASES[5:8]] + [(2, CASES[1]), (2, CASES[5]), (4, Case("ep4 E=8", num_experts=8))]
-    run_workers(layer_suite, 4, runs)
+    run_local(layer_suite, 4, runs)
 
 
 def test_checkpoints_and_errors():
-    run_workers(checkpoint_suite, 4, [2, 4], True)
+    run_local(checkpoint_suite, 4, [2, 4], True)

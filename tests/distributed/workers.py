@@ -75,6 +75,18 @@ def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, case: Case) -
     torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"[{case.name}] {name}: {m}")
 
 
+def assert_grads_match(ep: MoELayer, plan, ref: MoELayer, case: Case, when: str) -> None:
+    ref_params = dict(ref.named_parameters())
+    L = case.num_experts // plan.groups.ep_size
+    r = plan.groups.ep_rank
+    for name, p in ep.named_parameters():
+        want = ref_params[name].grad
+        if name in plan.expert_keys:
+            assert p.shape[0] == L
+            want = want[r * L:(r + 1) * L]
+        assert_close(f"{name}.grad{when}", p.grad, want, case)
+
+
 def check_layer(rank: int, world_size: int, ep_size: int, case: Case) -> None:
     dtype = torch.float64 if case.float64 else torch.float32
     inputs = rank_inputs(case, world_size, dtype)
@@ -98,15 +110,12 @@ def check_layer(rank: int, world_size: int, ep_size: int, case: Case) -> None:
 
     assert_close("y", y, ref_y[rank], case)
     assert_close("x.grad", x.grad, world_size * ref_x[rank].grad, case)
-    ref_params = dict(ref.named_parameters())
-    L = case.num_experts // ep_size
-    r = plan.groups.ep_rank
-    for name, p in ep.named_parameters():
-        want = ref_params[name].grad
-        if name in plan.expert_keys:
-            assert p.shape[0] == L
-            want = want[r * L:(r + 1) * L]
-        assert_close(f"{name}.grad", p.grad, want, case)
+    assert_grads_match(ep, plan, ref, case, "")
+    # global-norm clipping: the expert shards' squared norms are summed over the EP group
+    total = plan.clip_grad_norm_(1e-3)
+    want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e-3)
+    assert_close("grad norm", total.to(want.dtype), want, case)
+    assert_grads_match(ep, plan, ref, case, " after clipping")
     if ep_size > 1:
         assert isinstance(ep.dispatcher, AllToAllDispatcher)
         assert ep.dispatcher.stats.calls > 0

@@ -142,7 +142,9 @@ class ExpertParallel:
         """``torch.nn.utils.clip_grad_norm_`` (2-norm) over the whole model: the expert shards of an EP group
         together hold every expert once, so their squared norms are summed over the EP group."""
         def sq(params):
-            return sum((p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None),
+            # accumulate in at least float32 (bf16 grads), in float64 when the grads are float64
+            return sum((p.grad.detach().to(torch.promote_types(p.grad.dtype, torch.float32)).pow(2).sum()
+                        for p in params if p.grad is not None),
                        torch.zeros((), device=next(self.model.parameters()).device))
         expert_sq = sq(self.expert_params)
         if self.groups.ep_size > 1:
