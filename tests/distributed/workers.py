@@ -171,3 +171,77 @@ def checkpoint_suite(rank: int, world_size: int, ep_sizes: list[int], errors: bo
         check_checkpoint(rank, world_size, ep_size)
     if errors:
         check_errors(rank, world_size)
+
+
+# ----------------------------------------------------------------------------- training equivalence
+STEPS, BATCH, SEQ, VOCAB = 20, 8, 12, 48
+
+
+class TinyMoELM(torch.nn.Module):
+    """Embedding -> 2 pre-norm residual MoE blocks -> head: the smallest LM that exercises EP + DP."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        cfg = MoEConfig(d_model=D, num_experts=4, expert_hidden=32, num_shared_experts=1,
+                        router=RouterConfig(top_k=2), loss=LossConfig(aux_coef=0.0, z_coef=1e-3))
+        self.emb = torch.nn.Embedding(VOCAB, D)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(D) for _ in range(2))
+        self.moes = torch.nn.ModuleList(MoELayer(cfg) for _ in range(2))
+        self.head = torch.nn.Linear(D, VOCAB)
+
+    def forward(self, ids_BS: torch.Tensor) -> torch.Tensor:
+        """-> next-token loss (token mean) + router z-loss (a token mean too: per-rank means average to the
+        full-batch value; the load-balancing loss would not, so it is off here)."""
+        h = self.emb(ids_BS[:, :-1])
+        aux = 0.0
+        for norm, moe in zip(self.norms, self.moes):
+            out = moe(norm(h))
+            h = h + out.y
+            aux = aux + out.aux.loss
+        logits = self.head(h)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids_BS[:, 1:].reshape(-1)) + aux
+
+
+def batches() -> list[torch.Tensor]:
+    """Learnable without attention: the next token is a fixed function of the current one, (3t + 1) mod V."""
+    gen = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(STEPS):
+        cols = [torch.randint(0, VOCAB, (BATCH,), generator=gen)]
+        for _ in range(SEQ - 1):
+            cols.append((3 * cols[-1] + 1) % VOCAB)
+        out.append(torch.stack(cols, 1))
+    return out
+
+
+def train_curve(plan=None, model: TinyMoELM | None = None) -> list[float]:
+    """nanoGPT-style loop: forward -> backward -> (reduce) -> clip -> AdamW step. With a plan every rank
+    trains on its 1/W of each batch and the logged loss is the mean over ranks (= the full-batch loss)."""
+    model = model or TinyMoELM()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    losses = []
+    for ids in batches():
+        loss = model(plan.local_batch(ids) if plan else ids)
+        loss.backward()
+        if plan:
+            plan.reduce_gradients()
+            plan.clip_grad_norm_(0.5)
+            logged = loss.detach().clone()
+            dist.all_reduce(logged)
+            losses.append(logged.item() / plan.groups.world_size)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+def train_ep(rank: int, world_size: int, ep_size: int, out: str) -> None:
+    model = TinyMoELM()
+    plan = parallelize(model, ep_size)
+    losses = train_curve(plan, model)
+    sd = plan.full_state_dict()
+    if rank == 0:
+        torch.save({"losses": losses, "state_dict": sd}, out)
