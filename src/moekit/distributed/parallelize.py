@@ -29,6 +29,7 @@ and match exactly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,6 +56,23 @@ class ParallelGroups:
     def shard_source(self) -> int:
         """Global rank whose copy of this rank's expert shard is authoritative (EP group 0)."""
         return self.ep_rank
+
+
+def init_distributed(backend: str | None = None) -> torch.device:
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT); NCCL with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU. Returns the device."""
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise ValueError(f"expert parallelism needs a torchrun launch (environment lacks {missing}), e.g. "
+                             f"torchrun --nproc-per-node 2 -m moekit train --expert-parallel 2 ...")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def build_groups(ep_size: int) -> ParallelGroups:
