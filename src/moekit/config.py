@@ -219,3 +219,87 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
         return cls(**d)
+
+
+ATTENTION_KINDS = ("gqa",)  # "mla" (DeepSeek multi-head latent attention) is added by moekit.models.mla
+QK_NORMS = ("none", "per_head", "full")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A decoder-only Transformer LM; the FFN of the chosen layers is an MoE layer (``moe``)."""
+
+    vocab_size: int
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # grouped-query attention; 0 = n_heads (multi-head)
+    head_dim: int = 0  # 0 = d_model // n_heads
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dense_hidden: int = 0  # FFN hidden size of dense layers; 0 = 4 * d_model
+    moe: MoEConfig | None = None  # None = a dense model
+    moe_layers: str = "all"  # "all" | "every_other" (Switch/GShard: layers 1, 3, 5, ...)
+    first_k_dense: int = 0  # DeepSeek: the first k layers keep a dense FFN
+    attention: str = "gqa"
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    qk_norm: str = "none"  # "per_head" (Qwen3: RMSNorm over head_dim) | "full" (OLMoE: over the projection)
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+    extra: dict = field(default_factory=dict)  # family-specific options (e.g. MLA ranks), kept verbatim
+
+    def __post_init__(self) -> None:
+        o = "ModelConfig"
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            check_positive_int(o, name, getattr(self, name))
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.d_model // self.n_heads
+        self.dense_hidden = self.dense_hidden or 4 * self.d_model
+        check(self.n_heads % self.n_kv_heads == 0, o, "n_kv_heads", self.n_kv_heads,
+              f"must divide n_heads={self.n_heads}")
+        check_positive_int(o, "head_dim", self.head_dim)
+        check(self.rope_theta > 0, o, "rope_theta", self.rope_theta, "must be > 0")
+        check_choice(o, "moe_layers", self.moe_layers, ("all", "every_other"))
+        check(isinstance(self.first_k_dense, int) and 0 <= self.first_k_dense <= self.n_layers, o,
+              "first_k_dense", self.first_k_dense, f"must be an integer in [0, n_layers={self.n_layers}]")
+        check_choice(o, "attention", self.attention, ATTENTION_KINDS)
+        check_choice(o, "qk_norm", self.qk_norm, QK_NORMS)
+        check_fraction(o, "dropout", self.dropout)
+        check(self.init_std > 0, o, "init_std", self.init_std, "must be > 0")
+        if self.moe is not None:
+            check(self.moe.d_model == self.d_model, o, "moe.d_model", self.moe.d_model,
+                  f"must equal d_model={self.d_model}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        if self.moe is None or i < self.first_k_dense:
+            return False
+        return self.moe_layers == "all" or i % 2 == 1
+
+    def dense_twin(self) -> "ModelConfig":
+        """The dense model with the same active FLOPs per token: every MoE FFN becomes a dense FFN of
+        hidden top_k * expert_hidden + num_shared_experts * shared_hidden (the active expert width)."""
+        if self.moe is None:
+            return self
+        m = self.moe
+        active_hidden = m.router.top_k * m.expert_hidden + m.num_shared_experts * m.shared_hidden_size
+        extra = dict(self.extra, moe_layer_dense_hidden=active_hidden)
+        return dataclasses.replace(self, moe=None, extra=extra, moe_layers=self.moe_layers,
+                                   first_k_dense=self.first_k_dense)
+
+    def ffn_hidden(self, i: int) -> int:
+        """Dense FFN width of layer i (the dense twin widens former MoE layers to the active width)."""
+        twin_hidden = self.extra.get("moe_layer_dense_hidden")
+        if twin_hidden and i >= self.first_k_dense and (self.moe_layers == "all" or i % 2 == 1):
+            return twin_hidden
+        return self.dense_hidden
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**d)

@@ -1,0 +1,132 @@
+"""Transformer building blocks: RMSNorm, rotary embeddings, causal GQA attention with a KV cache.
+
+Conventions follow HF Llama (rotate_half RoPE, RMSNorm in float32) so HF checkpoints load unchanged.
+Legend: B batch, S new positions, L cached + new positions, H query heads, G kv heads, K head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 and cast back (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021) in the HF "rotate_half" layout: cos/sin tables [max_seq_len, K]."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, start_pos: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if start_pos + length > self.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + length} exceed max_seq_len={self.max_seq_len}")
+        t = torch.arange(start_pos, start_pos + length, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x_BHSK: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> Tensor:
+    return (x_BHSK * cos_SK + rotate_half(x_BHSK) * sin_SK).to(x_BHSK.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values of one attention layer: [B, G, max_seq_len, K]."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype=torch.float32,
+                 device=None, v_head_dim: int | None = None):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("v", torch.zeros(batch, n_kv_heads, max_seq_len, v_head_dim or head_dim, dtype=dtype,
+                                              device=device), persistent=False)
+
+    def update(self, start_pos: int, k_BGSK: Tensor, v_BGSK: Tensor) -> tuple[Tensor, Tensor]:
+        end = start_pos + k_BGSK.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; writing up to {end}")
+        self.k[:, :, start_pos:end] = k_BGSK
+        self.v[:, :, start_pos:end] = v_BGSK
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def causal_attention(q_BHSK: Tensor, k_BGLK: Tensor, v_BGLK: Tensor, start_pos: int, scale: float | None = None,
+                     dropout_p: float = 0.0) -> Tensor:
+    """Softmax attention where new position s (absolute start_pos + s) sees cached positions <= it."""
+    H, G = q_BHSK.shape[1], k_BGLK.shape[1]
+    if G != H:  # grouped-query attention: each kv head serves H/G query heads
+        k_BGLK = k_BGLK.repeat_interleave(H // G, dim=1)
+        v_BGLK = v_BGLK.repeat_interleave(H // G, dim=1)
+    S, L = q_BHSK.shape[2], k_BGLK.shape[2]
+    if start_pos == 0 and S == L:
+        return F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK, is_causal=S > 1, dropout_p=dropout_p,
+                                              scale=scale)
+    pos_q = torch.arange(start_pos, start_pos + S, device=q_BHSK.device)
+    allowed_SL = torch.arange(L, device=q_BHSK.device)[None, :] <= pos_q[:, None]
+    return F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK, attn_mask=allowed_SL, dropout_p=dropout_p,
+                                          scale=scale)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm
+    (Qwen3: per head, before RoPE; OLMoE: over the whole projection)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        self.n_heads, self.n_kv_heads, self.head_dim = H, G, K
+        self.q_proj = nn.Linear(D, H * K, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, G * K, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, G * K, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * K, D, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "per_head":
+            self.q_norm, self.k_norm = RMSNorm(K, cfg.norm_eps), RMSNorm(K, cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(H * K, cfg.norm_eps), RMSNorm(G * K, cfg.norm_eps)
+        self.dropout = cfg.dropout
+
+    def forward(self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, cache: KVCache | None = None,
+                start_pos: int = 0) -> Tensor:
+        B, S, _ = x_BSD.shape
+        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos_SK, sin_SK), apply_rope(k, cos_SK, sin_SK)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
+        o = causal_attention(q, k, v, start_pos if cache is not None else 0,
+                             dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+
+    def new_cache(self, batch: int, max_seq_len: int, dtype, device) -> KVCache:
+        return KVCache(batch, self.n_kv_heads, max_seq_len, self.head_dim, dtype, device)
