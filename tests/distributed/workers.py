@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from moekit import CapacityConfig, LossConfig, MoEConfig, RouterConfig
 from moekit.distributed import AllToAllDispatcher, parallelize
+from moekit.layers.capacity import capacity_filter
 from moekit.layers.moe import MoELayer
 
 D = 16
@@ -117,8 +118,19 @@ def check_layer(rank: int, world_size: int, ep_size: int, case: Case) -> None:
     assert_close("grad norm", total.to(want.dtype), want, case)
     assert_grads_match(ep, plan, ref, case, " after clipping")
     if ep_size > 1:
-        assert isinstance(ep.dispatcher, AllToAllDispatcher)
-        assert ep.dispatcher.stats.calls > 0
+        check_bytes(ep, x.detach(), plan.groups.ep_rank, case.num_experts // ep_size)
+
+
+def check_bytes(ep: MoELayer, x: torch.Tensor, ep_rank: int, L: int) -> None:
+    """Bytes counted by the dispatcher vs the routing: every kept assignment whose expert lives on another
+    rank crosses the wire 4 times (dispatch, combine, and both backward exchanges)."""
+    assert isinstance(ep.dispatcher, AllToAllDispatcher)
+    with torch.no_grad():
+        kept = capacity_filter(ep.router(x), ep.cfg.capacity, training=True)
+    rows_to_others = int((kept.expert_N // L != ep_rank).sum())
+    totals = torch.tensor([rows_to_others * 4 * D * x.element_size(), ep.dispatcher.stats.bytes_sent])
+    dist.all_reduce(totals)
+    assert totals[0] == totals[1], totals.tolist()
 
 
 def check_checkpoint(rank: int, world_size: int, ep_size: int) -> None:

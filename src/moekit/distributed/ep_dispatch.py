@@ -70,7 +70,7 @@ class AllToAllDispatcher:
         """True when MoELayer should call ``pipeline`` (the dispatcher then drives the experts)."""
         return self.num_chunks > 1
 
-    def plan(self, routing: Routing, num_chunks: int) -> EPMeta:
+    def schedule(self, routing: Routing, num_chunks: int) -> EPMeta:
         """Sort the assignments by (chunk, global expert) and exchange the per-chunk counts once."""
         E, W, L, C = self.num_experts, self.ep_size, self.num_local, num_chunks
         T = routing.num_tokens
@@ -101,7 +101,7 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, EPMeta]:
         """-> rows for this rank's L local experts in contiguous blocks, their counts_L, meta."""
-        meta = self.plan(routing, 1)
+        meta = self.schedule(routing, 1)
         chunk = meta.chunks[0]
         x_recv_RD = self.send(x_TD.index_select(0, meta.token_R), chunk)
         return x_recv_RD.index_select(0, chunk.order_R), chunk.counts_L, meta
@@ -111,7 +111,7 @@ class AllToAllDispatcher:
 
     def pipeline(self, x_TD: Tensor, routing: Routing, experts: nn.Module) -> Tensor:
         """dispatch -> experts -> combine with the exchange of chunk c+1 overlapping expert compute on c."""
-        meta = self.plan(routing, self.num_chunks)
+        meta = self.schedule(routing, self.num_chunks)
         x_sent = x_TD.index_select(0, meta.token_R).split([sum(ch.send_splits) for ch in meta.chunks])
         arrivals: list[list] = [[] for _ in meta.chunks]
         returns: list = []
