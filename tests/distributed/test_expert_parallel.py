@@ -5,7 +5,7 @@ re-routing, the pipelined (chunked, async) exchange, and sharded <-> single-proc
 import torch
 
 from moekit.distributed.launch import run_local
-from tests.distributed.workers import Case, TinyMoELM, checkpoint_suite, layer_suite, train_curve, train_ep
+from tests.distributed.workers import Case, checkpoint_suite, layer_suite, tiny_lm, train_curve, train_ep
 
 CASES = [
     Case("top2 dropless"),
@@ -34,12 +34,12 @@ def test_checkpoints_and_errors():
 
 
 def test_ep2_training_matches_single_process(tmp_path):
-    """20 AdamW steps of a tiny MoE LM: EP=2 (each rank half of every batch, gradient reduction, global
+    """20 AdamW steps of a tiny MoETransformer: EP=2 (each rank half of every batch, gradient reduction, global
     grad-norm clipping) vs one process on the full batches; the loss curves and final weights agree."""
     out = str(tmp_path / "ep.pt")
     run_local(train_ep, 2, 2, out)
     got = torch.load(out)
-    single = TinyMoELM()
+    single = tiny_lm()
     want = train_curve(model=single)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want), rtol=1e-5, atol=1e-5)
     assert want[-1] < want[0] - 0.3  # it trains

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moekit import CapacityConfig, LossConfig, MoEConfig, RouterConfig
+from moekit.config import CapacityConfig, LossConfig, ModelConfig, MoEConfig, RouterConfig
 from moekit.distributed import AllToAllDispatcher, parallelize
 from moekit.layers.capacity import capacity_filter
 from moekit.layers.moe import MoELayer
+from moekit.models.decoder import MoETransformer, lm_loss
 
 D = 16
 
@@ -189,30 +190,20 @@ def checkpoint_suite(rank: int, world_size: int, ep_sizes: list[int], errors: bo
 STEPS, BATCH, SEQ, VOCAB = 20, 8, 12, 48
 
 
-class TinyMoELM(torch.nn.Module):
-    """Embedding -> 2 pre-norm residual MoE blocks -> head: the smallest LM that exercises EP + DP."""
+def tiny_lm() -> MoETransformer:
+    """The smallest MoETransformer that exercises EP + DP: 2 layers, 4 experts, top-2, a shared expert.
+    Router losses: the z-loss is a token mean (per-rank means average to the full-batch value); the
+    load-balancing loss is not linear in the batch, so it is off here (see parallelize.py)."""
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=D, num_experts=4, expert_hidden=32, num_shared_experts=1,
+                    router=RouterConfig(top_k=2), loss=LossConfig(aux_coef=0.0, z_coef=1e-3))
+    return MoETransformer(ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=2, max_seq_len=SEQ,
+                                      dense_hidden=32, moe=moe))
 
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        cfg = MoEConfig(d_model=D, num_experts=4, expert_hidden=32, num_shared_experts=1,
-                        router=RouterConfig(top_k=2), loss=LossConfig(aux_coef=0.0, z_coef=1e-3))
-        self.emb = torch.nn.Embedding(VOCAB, D)
-        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(D) for _ in range(2))
-        self.moes = torch.nn.ModuleList(MoELayer(cfg) for _ in range(2))
-        self.head = torch.nn.Linear(D, VOCAB)
 
-    def forward(self, ids_BS: torch.Tensor) -> torch.Tensor:
-        """-> next-token loss (token mean) + router z-loss (a token mean too: per-rank means average to the
-        full-batch value; the load-balancing loss would not, so it is off here)."""
-        h = self.emb(ids_BS[:, :-1])
-        aux = 0.0
-        for norm, moe in zip(self.norms, self.moes):
-            out = moe(norm(h))
-            h = h + out.y
-            aux = aux + out.aux.loss
-        logits = self.head(h)
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids_BS[:, 1:].reshape(-1)) + aux
+def lm_objective(model: MoETransformer, ids_BS: torch.Tensor) -> torch.Tensor:
+    out = model(ids_BS[:, :-1])
+    return lm_loss(out.logits, ids_BS[:, 1:]) + out.aux_loss
 
 
 def batches() -> list[torch.Tensor]:
@@ -227,14 +218,14 @@ def batches() -> list[torch.Tensor]:
     return out
 
 
-def train_curve(plan=None, model: TinyMoELM | None = None) -> list[float]:
+def train_curve(plan=None, model: MoETransformer | None = None) -> list[float]:
     """nanoGPT-style loop: forward -> backward -> (reduce) -> clip -> AdamW step. With a plan every rank
     trains on its 1/W of each batch and the logged loss is the mean over ranks (= the full-batch loss)."""
-    model = model or TinyMoELM()
+    model = model or tiny_lm()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     losses = []
     for ids in batches():
-        loss = model(plan.local_batch(ids) if plan else ids)
+        loss = lm_objective(model, plan.local_batch(ids) if plan else ids)
         loss.backward()
         if plan:
             plan.reduce_gradients()
@@ -251,7 +242,7 @@ def train_curve(plan=None, model: TinyMoELM | None = None) -> list[float]:
 
 
 def train_ep(rank: int, world_size: int, ep_size: int, out: str) -> None:
-    model = TinyMoELM()
+    model = tiny_lm()
     plan = parallelize(model, ep_size)
     losses = train_curve(plan, model)
     sd = plan.full_state_dict()
