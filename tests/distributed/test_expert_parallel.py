@@ -25,7 +25,9 @@ def test_ep2_layer_matches_single_process():
 
 
 def test_ep4_and_ep2_dp2_layer_matches_single_process():
-    runs = [(4, c) for c in CASES[2:4] + CASES[5:8]] + [(2, CASES[1]), (2, CASES[5]), (4, Case("ep4 E=8", num_experts=8))]
+    ep4 = [(4, c) for c in CASES[2:4] + CASES[5:8]] + [(4, Case("ep4 E=8", num_experts=8))]
+    ep2_dp2 = [(2, CASES[1]), (2, CASES[5])]
+    runs = ep4 + ep2_dp2
     run_local(layer_suite, 4, runs)
 
 
@@ -34,8 +36,8 @@ def test_checkpoints_and_errors():
 
 
 def test_ep2_training_matches_single_process(tmp_path):
-    """20 AdamW steps of a tiny MoETransformer: EP=2 (each rank half of every batch, gradient reduction, global
-    grad-norm clipping) vs one process on the full batches; the loss curves and final weights agree."""
+    """20 AdamW steps of a tiny MoETransformer: EP=2 (each rank half of every batch, gradient reduction,
+    global grad-norm clipping) vs one process on the full batches; the loss curves and final weights agree."""
     out = str(tmp_path / "ep.pt")
     run_local(train_ep, 2, 2, out)
     got = torch.load(out)

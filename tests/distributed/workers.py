@@ -59,8 +59,10 @@ def rank_inputs(case: Case, world_size: int, dtype) -> list[tuple[torch.Tensor, 
     out = []
     for r in range(world_size):
         T = 0 if r == case.empty_rank else 9 + 4 * r
-        x = torch.rand(T, D, generator=gen, dtype=dtype) + 0.1 if case.skew else torch.randn(T, D, generator=gen,
-                                                                                            dtype=dtype)
+        if case.skew:  # positive inputs: the skewed gate rows win for every token
+            x = torch.rand(T, D, generator=gen, dtype=dtype) + 0.1
+        else:
+            x = torch.randn(T, D, generator=gen, dtype=dtype)
         out.append((x, torch.randn(T, D, generator=gen, dtype=dtype)))
     return out
 

@@ -10,5 +10,5 @@ from moekit.distributed.ep_dispatch import AllToAllDispatcher
 from moekit.distributed.parallelize import (ExpertParallel, ParallelGroups, build_groups, init_distributed,
                                             parallelize)
 
-__all__ = ["AllToAllDispatcher", "CommStats", "ExpertParallel", "ParallelGroups", "all_to_all", "build_groups",
-           "exchange_counts", "init_distributed", "parallelize"]
+__all__ = ["AllToAllDispatcher", "CommStats", "ExpertParallel", "ParallelGroups", "all_to_all",
+           "build_groups", "exchange_counts", "init_distributed", "parallelize"]

@@ -64,8 +64,8 @@ def init_distributed(backend: str | None = None) -> torch.device:
     if not dist.is_initialized():
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise ValueError(f"expert parallelism needs a torchrun launch (environment lacks {missing}), e.g. "
-                             f"torchrun --nproc-per-node 2 -m moekit train --expert-parallel 2 ...")
+            raise ValueError(f"expert parallelism needs a torchrun launch (environment lacks {missing}), "
+                             f"e.g. torchrun --nproc-per-node 2 -m moekit train --expert-parallel 2 ...")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -226,7 +226,8 @@ def parallelize(model: nn.Module, ep_size: int, num_chunks: int = 1) -> ExpertPa
                              f"needs stacked-weight GroupedExperts")
         E = experts.num_experts
         if E % ep_size != 0:
-            raise ValueError(f"ep_size={ep_size}: must divide num_experts={E} of MoE layer {name or 'model'!r}")
+            raise ValueError(f"ep_size={ep_size}: must divide num_experts={E} of MoE layer "
+                             f"{name or 'model'!r}")
         prefix = f"{name}.experts." if name else "experts."
         expert_keys.update({prefix + k: E for k, _ in experts.named_parameters(recurse=False)})
         if ep_size > 1:
