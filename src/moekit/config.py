@@ -303,3 +303,40 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         return cls(**d)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training loop: AdamW, linear warmup + cosine decay, clipping, accumulation, eval, checkpoints."""
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping
+    bf16: bool = False  # bf16 autocast (router stays float32)
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 0  # 0 = only at the end
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        o = "TrainConfig"
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
+            check_positive_int(o, name, getattr(self, name))
+        for name in ("eval_every", "save_every", "warmup_steps"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v >= 0, o, name, v, "must be an integer >= 0")
+        check(self.lr > 0, o, "lr", self.lr, "must be > 0")
+        check(0 <= self.min_lr_ratio <= 1, o, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        check(self.weight_decay >= 0, o, "weight_decay", self.weight_decay, "must be >= 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, o, "beta1/beta2", (self.beta1, self.beta2),
+              "must be in [0, 1)")
+        check(self.grad_clip >= 0, o, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")

@@ -1,0 +1,156 @@
+"""Text corpora -> token streams -> deterministic batches.
+
+Default corpus: the ``.py`` source files of the running Python's standard library (found with
+``sysconfig``), real text present on every machine with Python. Test suites and site-packages are
+skipped. Files are split into train/val by a hash of their relative path (stable across machines and
+runs, independent of file order). The batch at step i depends only on (seed, i), so a resumed run sees
+exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".toml", ".cfg", ".html", ".c", ".h")
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idlelib", "turtledemo"}
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def default_corpus_files(max_bytes: int = 8_000_000) -> list[Path]:
+    """Sorted stdlib ``.py`` files (skipping tests and site-packages) up to ``max_bytes`` in total."""
+    root = stdlib_dir()
+    files, total = [], 0
+    for p in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS & set(p.relative_to(root).parts[:-1]):
+            continue
+        size = p.stat().st_size
+        if total + size > max_bytes:
+            break
+        files.append(p)
+        total += size
+    return files
+
+
+def collect_files(paths: list[str | Path], max_bytes: int | None = None) -> list[Path]:
+    """User text files and folders (recursively, text suffixes only), sorted; clear error if missing."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"data path {str(raw)!r} does not exist (expected a text file or a folder)")
+        if p.is_file():
+            out.append(p)
+        else:
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES))
+    if not out:
+        raise ValueError(f"data paths {[str(p) for p in paths]} contain no text files "
+                         f"(looked for suffixes {list(TEXT_SUFFIXES)})")
+    if max_bytes is not None:
+        kept, total = [], 0
+        for f in out:
+            total += f.stat().st_size
+            if total > max_bytes and kept:
+                break
+            kept.append(f)
+        out = kept
+    return out
+
+
+def is_val_file(path: Path, val_percent: float) -> bool:
+    """Deterministic split: hash of the file name and its parent folder, not of any order or seed."""
+    key = "/".join(path.parts[-2:]).encode()
+    return int(hashlib.sha1(key).hexdigest(), 16) % 10_000 < val_percent * 100
+
+
+def split_files(files: list[Path], val_percent: float = 5.0) -> tuple[list[Path], list[Path]]:
+    if not 0 < val_percent < 100:
+        raise ValueError(f"val_percent={val_percent}: must be in (0, 100)")
+    val = [f for f in files if is_val_file(f, val_percent)]
+    train = [f for f in files if not is_val_file(f, val_percent)]
+    if not val or not train:  # tiny corpora: keep at least one file on each side
+        if len(files) < 2:
+            raise ValueError(f"need at least 2 files to split into train/val, got {len(files)}")
+        val, train = (val or files[-1:]), [f for f in files if f not in (val or files[-1:])]
+    return train, val
+
+
+def read_texts(files: list[Path]) -> list[str]:
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+def corpus_fingerprint(files: list[Path]) -> str:
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TokenStream:
+    """One split's tokens as a flat 1-D LongTensor; documents joined by the tokenizer's separator."""
+
+    tokens: Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    def batch(self, index: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """Inputs and next-token targets [B, S], random windows fixed by (seed, index)."""
+        n = self.tokens.numel() - seq_len - 1
+        if n <= 0:
+            raise ValueError(f"corpus split has {self.tokens.numel()} tokens, fewer than seq_len+1={seq_len + 1}")
+        g = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+        starts = torch.randint(0, n + 1, (batch_size,), generator=g)
+        idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]
+        chunk = self.tokens[idx]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def eval_batches(self, num_batches: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
+        """A fixed set of validation batches (seed -1 stream), the same for every model and step."""
+        return [self.batch(i, batch_size, seq_len, seed=-1) for i in range(num_batches)]
+
+
+@dataclass
+class Corpus:
+    tokenizer: "object"  # moekit.train.tokenizer.Tokenizer
+    train: TokenStream
+    val: TokenStream
+    train_files: list[Path]
+    val_files: list[Path]
+    description: str
+
+
+def build_corpus(paths: list[str | Path] | None = None, *, vocab_size: int = 2048, max_bytes: int = 8_000_000,
+                 val_percent: float = 5.0) -> Corpus:
+    """Files -> split -> BPE tokenizer (trained on the train split, cached) -> token streams (cached)."""
+    from moekit.train.tokenizer import cache_dir, get_tokenizer
+
+    files = default_corpus_files(max_bytes) if not paths else collect_files(paths, max_bytes)
+    train_files, val_files = split_files(files, val_percent)
+    fp = corpus_fingerprint(files)
+    token_cache = cache_dir() / "tokens" / f"{fp}-{vocab_size}-{val_percent}.pt"
+    train_texts = read_texts(train_files)
+    tok = get_tokenizer(train_texts, vocab_size, corpus_fingerprint(train_files))
+    if token_cache.is_file():
+        cached = torch.load(token_cache)
+        train, val = cached["train"], cached["val"]
+    else:
+        train, val = tok.encode_documents(train_texts), tok.encode_documents(read_texts(val_files))
+        token_cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = token_cache.with_suffix(".tmp")
+        torch.save({"train": train, "val": val}, tmp)
+        tmp.replace(token_cache)
+    where = "Python standard library source (" + str(stdlib_dir()) + ")" if not paths else ", ".join(map(str, paths))
+    desc = (f"{where}: {len(train_files)} train / {len(val_files)} val files, "
+            f"{train.numel():,} / {val.numel():,} tokens, BPE vocab {tok.vocab_size}")
+    return Corpus(tok, TokenStream(train), TokenStream(val), train_files, val_files, desc)

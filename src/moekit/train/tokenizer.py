@@ -1,0 +1,82 @@
+"""Byte-level BPE trained locally with HF ``tokenizers`` and cached on disk.
+
+Byte-level means every string round-trips exactly (no unknown tokens). The cache key is the corpus
+fingerprint plus the vocabulary size, so the same corpus never trains twice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DOC_SEPARATOR = "<|endoftext|>"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit"))
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.eos_id = hf_tokenizer.token_to_id(DOC_SEPARATOR)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def encode_documents(self, texts: list[str]) -> torch.Tensor:
+        """All documents as one stream, each followed by the separator token."""
+        ids: list[int] = []
+        for enc in self.hf.encode_batch(texts):
+            ids.extend(enc.ids)
+            ids.append(self.eos_id)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def save(self, path: str | Path) -> None:
+        self.hf.save(str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+        return cls(HFTokenizer.from_file(str(path)))
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size={vocab_size}: must be >= 300 (256 byte tokens + merges + specials)")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[DOC_SEPARATOR],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tok)
+
+
+def get_tokenizer(texts: list[str], vocab_size: int, fingerprint: str) -> Tokenizer:
+    """Load the cached tokenizer for (fingerprint, vocab_size) or train and cache it (atomic write)."""
+    path = cache_dir() / "tokenizers" / f"bpe-{fingerprint}-{vocab_size}.json"
+    if path.is_file():
+        return Tokenizer.load(path)
+    tok = train_bpe(texts, vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tok.save(tmp)
+    os.replace(tmp, path)
+    return tok

@@ -1,0 +1,176 @@
+"""The training loop, readable top to bottom (nanoGPT style):
+
+    lr(step) -> [forward -> loss = LM loss + router losses -> backward] x grad_accum -> clip -> AdamW step
+    -> hooks (router bias update, metrics) -> periodic eval and atomic checkpoint
+
+Determinism: the batch at step i depends only on (seed, i); checkpoints hold weights, optimizer state
+and RNG state, so ``resume=True`` reproduces an uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moekit.config import ModelConfig, TrainConfig
+from moekit.models.decoder import lm_loss
+from moekit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from moekit.train.data import TokenStream
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at cfg.steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def train_flops_per_token(model, seq_len: int) -> float:
+    """6 * (active non-embedding params + LM head) + 6 * n_layers * seq_len * d_attn  (Kaplan et al. 2020,
+    C = 6N per token for forward + backward; attention scores counted without the causal halving)."""
+    cfg: ModelConfig = model.cfg
+    n = model.num_active_params(exclude_embeddings=True) + cfg.vocab_size * cfg.d_model
+    return 6.0 * n + 6.0 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over trainable params; no weight decay on vectors (norms, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (everything is frozen)")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+@torch.no_grad()
+def evaluate(model, batches: list, bf16: bool = False) -> float:
+    """Mean LM loss (no router losses) over fixed batches."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with autocast(bf16, x.device):
+            total += lm_loss(model(x).logits, y).item()
+    model.train(was_training)
+    return total / max(len(batches), 1)
+
+
+def autocast(bf16: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+@dataclass
+class StepContext:
+    """What hooks see after each optimizer step."""
+
+    model: torch.nn.Module
+    step: int  # number of optimizer steps done
+    counts_per_layer: list[torch.Tensor] = field(default_factory=list)  # expert loads summed over micro-batches
+    record: dict | None = None  # the logged train record (on log steps)
+    eval_record: dict | None = None
+
+
+def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: TrainConfig, *,
+          out_dir: str | Path | None = None, hooks: list = (), resume: bool = False, progress: bool = False,
+          device: str | torch.device = "cpu", label: str = "train") -> list[dict]:
+    """Train ``model`` in place; returns the logged records (train and eval)."""
+    device = torch.device(device)
+    model.to(device).train()
+    opt = make_optimizer(model, cfg)
+    start = 0
+    if resume:
+        if out_dir is None:
+            raise ValueError("resume=True needs out_dir (the run folder holding the checkpoints)")
+        _, tensors, state = load_checkpoint(out_dir)
+        model.load_state_dict(tensors, strict=False)
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+    else:
+        torch.manual_seed(cfg.seed)  # dropout / router noise; a resumed run restores the saved RNG instead
+    flops_per_token = train_flops_per_token(model, cfg.seq_len)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    val_batches = val_data.eval_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len) if val_data else []
+    records: list[dict] = []
+    bar = _progress_bar(progress, start, cfg.steps, label)
+    t_last, tokens_since = time.perf_counter(), 0
+
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        lm_total = aux_total = 0.0
+        counts: list[torch.Tensor] = []
+        dropped = []
+        for micro in range(cfg.grad_accum):
+            x, y = train_data.batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
+            x, y = x.to(device), y.to(device)
+            with autocast(cfg.bf16, device):
+                out = model(x)
+                loss = lm_loss(out.logits, y)
+            ((loss + out.aux_loss) / cfg.grad_accum).backward()
+            lm_total += loss.item() / cfg.grad_accum
+            aux_total += out.aux_loss.item() / cfg.grad_accum
+            layer_counts = [a.counts_E.detach() for a in out.moe_aux]
+            counts = layer_counts if not counts else [c + d for c, d in zip(counts, layer_counts)]
+            dropped += [float(a.dropped_fraction) for a in out.moe_aux]
+        grad_norm = (torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                    cfg.grad_clip).item() if cfg.grad_clip > 0 else float("nan"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_since += tokens_per_step
+        done = step + 1
+
+        ctx = StepContext(model, done, counts)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            now = time.perf_counter()
+            imb = [float(c.max() / c.float().mean().clamp_min(1e-9)) for c in counts]
+            ctx.record = {"split": "train", "step": done, "loss": lm_total, "aux_loss": aux_total, "lr": lr,
+                          "grad_norm": grad_norm, "tokens": done * tokens_per_step,
+                          "flops": done * tokens_per_step * flops_per_token,
+                          "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+                          "imbalance": sum(imb) / len(imb) if imb else 1.0,
+                          "dropped": sum(dropped) / len(dropped) if dropped else 0.0}
+            records.append(ctx.record)
+            t_last, tokens_since = now, 0
+            if bar is not None:
+                bar.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{ctx.record['tokens_per_s']:.0f}",
+                                imb=f"{ctx.record['imbalance']:.2f}")
+        for hook in hooks:
+            if hasattr(hook, "after_step"):
+                hook.after_step(ctx)
+
+        if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+            val_loss = evaluate(model, val_batches, cfg.bf16)
+            ctx.eval_record = {"split": "val", "step": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+                               "tokens": done * tokens_per_step, "flops": done * tokens_per_step * flops_per_token}
+            records.append(ctx.eval_record)
+            for hook in hooks:
+                if hasattr(hook, "after_eval"):
+                    hook.after_eval(ctx)
+        if out_dir is not None and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+            save_checkpoint(out_dir, done, model, model.cfg,
+                            {"optimizer": opt.state_dict(), "rng": rng_state(), "train_config": vars(cfg)})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def _progress_bar(enabled: bool, start: int, total: int, label: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=label, dynamic_ncols=True, leave=True)
