@@ -42,8 +42,14 @@ def test_ep2_training_matches_single_process(tmp_path):
     run_local(train_ep, 2, 2, out)
     got = torch.load(out)
     single = tiny_lm()
-    want = train_curve(model=single)
+    opt = torch.optim.AdamW(single.parameters(), lr=3e-3, weight_decay=0.1)
+    want = train_curve(model=single, opt=opt)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want), rtol=1e-5, atol=1e-5)
     assert want[-1] < want[0] - 0.3  # it trains
     for key, w in single.state_dict().items():
         torch.testing.assert_close(got["state_dict"][key], w, rtol=1e-4, atol=1e-5, msg=key)
+    # the gathered optimizer state equals the single-process one (Adam moments) and loads into it
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            torch.testing.assert_close(got["optimizer"]["state"][i][k], v, rtol=1e-4, atol=1e-6, msg=f"{i}.{k}")
+    opt.load_state_dict(got["optimizer"])

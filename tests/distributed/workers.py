@@ -220,11 +220,11 @@ def batches() -> list[torch.Tensor]:
     return out
 
 
-def train_curve(plan=None, model: MoETransformer | None = None) -> list[float]:
+def train_curve(plan=None, model: MoETransformer | None = None, opt=None) -> list[float]:
     """nanoGPT-style loop: forward -> backward -> (reduce) -> clip -> AdamW step. With a plan every rank
     trains on its 1/W of each batch and the logged loss is the mean over ranks (= the full-batch loss)."""
     model = model or tiny_lm()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     losses = []
     for ids in batches():
         loss = lm_objective(model, plan.local_batch(ids) if plan else ids)
@@ -246,7 +246,14 @@ def train_curve(plan=None, model: MoETransformer | None = None) -> list[float]:
 def train_ep(rank: int, world_size: int, ep_size: int, out: str) -> None:
     model = tiny_lm()
     plan = parallelize(model, ep_size)
-    losses = train_curve(plan, model)
-    sd = plan.full_state_dict()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    losses = train_curve(plan, model, opt)
+    sd, opt_sd = plan.full_state_dict(), plan.full_optimizer_state_dict(opt)
+    # the full optimizer state re-shards into an identical optimizer state
+    opt2 = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    opt2.load_state_dict(plan.shard_optimizer_state_dict(opt_sd, opt2))
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            assert torch.equal(opt2.state_dict()["state"][i][k], v), (i, k)
     if rank == 0:
-        torch.save({"losses": losses, "state_dict": sd}, out)
+        torch.save({"losses": losses, "state_dict": sd, "optimizer": opt_sd}, out)

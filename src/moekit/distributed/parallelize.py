@@ -174,29 +174,63 @@ class ExpertParallel:
                 p.grad.detach().mul_(coef.to(p.grad.dtype))
         return total
 
+    def gather_experts(self, local: Tensor) -> Tensor:
+        """Concatenate an expert-sharded tensor (dim 0) over the EP group (collective)."""
+        local = local.contiguous()
+        shards = [torch.empty_like(local) for _ in range(self.groups.ep_size)]
+        dist.all_gather(shards, local, group=self.groups.ep_group)
+        return torch.cat(shards)
+
+    def slice_experts(self, full: Tensor) -> Tensor:
+        """This rank's experts of a full tensor (dim 0)."""
+        L = full.shape[0] // self.groups.ep_size
+        return full[self.groups.ep_rank * L:(self.groups.ep_rank + 1) * L]
+
     def full_state_dict(self) -> dict[str, Tensor]:
         """The single-process state dict: expert shards gathered over the EP group (collective; every
         rank gets the full dict, rank 0 saves it). Loads into the unsharded model unchanged."""
         sd = dict(self.model.state_dict())
         for key in self.expert_keys:
-            local = sd[key].contiguous()
-            shards = [torch.empty_like(local) for _ in range(self.groups.ep_size)]
-            dist.all_gather(shards, local, group=self.groups.ep_group)
-            sd[key] = torch.cat(shards)
+            sd[key] = self.gather_experts(sd[key])
         return sd
 
     def shard_state_dict(self, full: dict[str, Tensor]) -> dict[str, Tensor]:
         """This rank's slice of a single-process state dict (no communication)."""
         sd = dict(full)
-        P, r = self.groups.ep_size, self.groups.ep_rank
         for key, E in self.expert_keys.items():
             if key not in full or full[key].shape[0] != E:
                 got = tuple(full[key].shape) if key in full else "missing"
                 raise ValueError(f"state dict key {key!r}: expected a full expert tensor with {E} experts "
                                  f"in dim 0, got {got}")
-            L = E // P
-            sd[key] = full[key][r * L:(r + 1) * L]
+            sd[key] = self.slice_experts(full[key])
         return sd
+
+    def _expert_slots(self, optimizer: torch.optim.Optimizer) -> list[tuple[int, Tensor]]:
+        """(index in ``optimizer.state_dict()['state']``, parameter) of every expert shard it updates."""
+        expert_ids = {id(p) for p in self.expert_params}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return [(i, p) for i, p in enumerate(params) if id(p) in expert_ids]
+
+    def full_optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The single-process optimizer state: per-parameter state tensors of expert shards (Adam's moments,
+        same shape as the shard) gathered over the EP group. Parameter order is the model's, unchanged by
+        sharding, so the result loads into the optimizer of the unsharded model (collective)."""
+        sd = optimizer.state_dict()
+        state = {i: dict(s) for i, s in sd["state"].items()}
+        for i, p in self._expert_slots(optimizer):
+            for k, v in sorted(state.get(i, {}).items()):
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    state[i][k] = self.gather_experts(v)
+        return {**sd, "state": state}
+
+    def shard_optimizer_state_dict(self, full: dict, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's slice of a single-process optimizer state dict, for ``optimizer.load_state_dict``."""
+        state = {i: dict(s) for i, s in full["state"].items()}
+        for i, p in self._expert_slots(optimizer):
+            for k, v in state.get(i, {}).items():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == p.shape[0] * self.groups.ep_size:
+                    state[i][k] = self.slice_experts(v)
+        return {**full, "state": state}
 
     def load_full_state_dict(self, full: dict[str, Tensor]) -> None:
         self.model.load_state_dict(self.shard_state_dict(full))
