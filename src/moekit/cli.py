@@ -32,6 +32,181 @@ def _print_json(obj) -> None:
 # (one block per command; keep each block self-contained)
 
 
+# ---- training: demo / train / compare / generate
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="*", default=None,
+                   help="text files or folders (default: the Python standard library's source files)")
+    p.add_argument("--max-bytes", type=int, default=8_000_000, help="cap on corpus size in bytes")
+    p.add_argument("--vocab-size", type=int, default=2048, help="byte-level BPE vocabulary size")
+
+
+def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
+    _add_data_args(p)
+    p.add_argument("--preset", default="tiny", help="model preset (tiny, mixtral-like, deepseek-like, switch-like)")
+    p.add_argument("--config", default=None, help="a ModelConfig JSON file (overrides --preset)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of steps")
+    p.add_argument("--eval-every", type=int, default=None, help="default: steps/6")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (router stays float32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default: runs/<command>-<timestamp>)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _train_config(ns) -> "TrainConfig":
+    from moekit.config import TrainConfig
+
+    return TrainConfig(steps=ns.steps, batch_size=ns.batch_size, seq_len=ns.seq_len, grad_accum=ns.grad_accum,
+                       lr=ns.lr, warmup_steps=ns.warmup_steps if ns.warmup_steps is not None else max(1, ns.steps // 20),
+                       eval_every=ns.eval_every if ns.eval_every is not None else max(1, ns.steps // 6),
+                       bf16=ns.bf16, seed=ns.seed, log_every=max(1, min(10, ns.steps // 20)))
+
+
+def _model_config(ns, vocab_size: int):
+    import dataclasses
+    from pathlib import Path
+
+    from moekit.config import ModelConfig
+    from moekit.models.presets import get_preset
+
+    if ns.config:
+        path = Path(ns.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {ns.config!r} does not exist (expected a ModelConfig JSON file)")
+        return dataclasses.replace(ModelConfig.from_dict(json.loads(path.read_text())), vocab_size=vocab_size)
+    return get_preset(ns.preset, vocab_size=vocab_size, max_seq_len=max(ns.seq_len, 256))
+
+
+def _run_dir(ns, command: str):
+    import time
+    from pathlib import Path
+
+    return Path(ns.out) if ns.out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _print_comparison(summary: dict) -> None:
+    rows = summary["rows"]
+    print(f"\ncorpus: {summary['corpus']}")
+    hdr = f"{'model':6} {'params':>9} {'active':>9} {'train GFLOP/tok':>15} {'val loss':>9} {'val ppl':>8} " \
+          f"{'tokens/s':>9} {'time':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['label']:6} {r['params_total'] / 1e6:8.2f}M {r['params_active'] / 1e6:8.2f}M "
+              f"{r['train_flops_per_token'] / 1e9:15.4f} {r['val_loss']:9.4f} {r['val_ppl']:8.2f} "
+              f"{r['tokens_per_s']:9.0f} {r['seconds']:6.0f}s")
+    moe, dense = rows[0], rows[1]
+    verdict = "lower" if moe["val_loss"] < dense["val_loss"] else "NOT lower"
+    print(f"\nMoE val loss is {verdict} than the dense twin's at the same steps "
+          f"({moe['val_loss']:.4f} vs {dense['val_loss']:.4f}, {dense['val_loss'] - moe['val_loss']:+.4f} nats); "
+          f"MoE tokens/s = {moe['tokens_per_s'] / dense['tokens_per_s']:.2f}x dense")
+    print("plots: " + ", ".join(summary["plots"]))
+
+
+def _compare(ns, command: str) -> int:
+    from moekit.train.compare import compare_moe_dense
+    from moekit.train.data import build_corpus
+
+    corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes)
+    cfg = _model_config(ns, corpus.tokenizer.vocab_size)
+    out = _run_dir(ns, command)
+    summary = compare_moe_dense(cfg, corpus, _train_config(ns), out, progress=not ns.no_progress)
+    _print_comparison(summary)
+    print(f"run folder: {out}")
+    return 0
+
+
+@command("demo", "train a tiny MoE LM and its dense twin on the Python stdlib source (a few minutes on a CPU), "
+                 "print the comparison and write plots", lambda p: _add_train_args(p, steps=600))
+def _demo(ns) -> int:
+    return _compare(ns, "demo")
+
+
+@command("compare", "train an MoE model and its dense twin (same active FLOPs) on the same data",
+         lambda p: _add_train_args(p, steps=600))
+def _compare_cmd(ns) -> int:
+    return _compare(ns, "compare")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _add_train_args(p, steps=600)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--dense", action="store_true", help="train the dense twin of the config instead")
+
+
+@command("train", "train one model (preset or config JSON) with checkpoints and metrics", _train_args)
+def _train_cmd(ns) -> int:
+    import dataclasses
+
+    from moekit.models.decoder import MoETransformer
+    from moekit.train.data import build_corpus
+    from moekit.train.hooks import MetricsWriter, RouterBiasUpdate
+    from moekit.train.trainer import train
+
+    if ns.resume and not ns.out:
+        raise ValueError("--resume needs --out (the run folder to continue)")
+    corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes)
+    cfg = _model_config(ns, corpus.tokenizer.vocab_size)
+    cfg = cfg.dense_twin() if ns.dense else cfg
+    tcfg = dataclasses.replace(_train_config(ns), save_every=ns.save_every)
+    out = _run_dir(ns, "train")
+    out.mkdir(parents=True, exist_ok=True)
+    corpus.tokenizer.save(out / "tokenizer.json")
+    import torch
+
+    torch.manual_seed(ns.seed)
+    model = MoETransformer(cfg)
+    print(f"corpus: {corpus.description}")
+    print(f"model: {model.num_params() / 1e6:.2f}M params, {model.num_active_params() / 1e6:.2f}M active; "
+          f"run folder: {out}")
+    records = train(model, corpus.train, corpus.val, tcfg, out_dir=out, resume=ns.resume,
+                    progress=not ns.no_progress, hooks=[MetricsWriter(out), RouterBiasUpdate()])
+    vals = [r for r in records if r["split"] == "val"]
+    if vals:
+        print(f"step {vals[-1]['step']}: val loss {vals[-1]['val_loss']:.4f} (ppl {vals[-1]['val_ppl']:.2f})")
+    return 0
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run folder or checkpoint folder (with tokenizer.json in the run folder)")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=80)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("generate", "sample text from a trained checkpoint (KV cache; greedy with --temperature 0)",
+         _generate_args)
+def _generate_cmd(ns) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from moekit.models.generate import generate
+    from moekit.train.checkpoint import load_model, resolve_checkpoint
+    from moekit.train.tokenizer import Tokenizer
+
+    ckpt = resolve_checkpoint(ns.checkpoint)
+    tok_path = next((d / "tokenizer.json" for d in (Path(ns.checkpoint), ckpt, ckpt.parent)
+                     if (d / "tokenizer.json").is_file()), None)
+    if tok_path is None:
+        raise FileNotFoundError(f"no tokenizer.json beside checkpoint {str(ckpt)!r}")
+    tok = Tokenizer.load(tok_path)
+    model = load_model(ckpt)
+    ids = torch.tensor([tok.encode(ns.prompt)])
+    n = min(ns.max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
+    out = generate(model, ids, n, temperature=ns.temperature, top_p=ns.top_p,
+                   generator=torch.Generator().manual_seed(ns.seed))
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts transformers toolkit")

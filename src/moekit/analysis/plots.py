@@ -1,0 +1,102 @@
+"""PNG plots. The only module that imports matplotlib (lazily, Agg backend, so no display is needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def loss_curves(runs: dict[str, list[dict]], path: str | Path, x: str = "step") -> Path:
+    """Train loss (thin) and validation loss (markers) of several runs against steps or training FLOPs."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (label, records) in enumerate(runs.items()):
+        color = f"C{i}"
+        tr = [r for r in records if r.get("split") == "train"]
+        va = [r for r in records if r.get("split") == "val"]
+        ax.plot([r[x] for r in tr], [r["loss"] for r in tr], color=color, alpha=0.35, lw=1)
+        ax.plot([r[x] for r in va], [r["val_loss"] for r in va], "o-", color=color, label=f"{label} (val)")
+    ax.set_xlabel("training FLOPs" if x == "flops" else "step")
+    if x == "flops":
+        ax.set_xscale("log")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"loss vs {'FLOPs' if x == 'flops' else 'steps'} (thin: train, markers: validation)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def load_heatmap(load_LE, path: str | Path, title: str = "expert load (share of assignments)") -> Path:
+    """Layer x expert heatmap of the share of each layer's assignments that each expert received."""
+    import numpy as np
+
+    plt = _plt()
+    load = np.asarray(load_LE, dtype=float)
+    share = load / np.clip(load.sum(1, keepdims=True), 1e-12, None)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * share.shape[1] + 2), max(2.5, 0.45 * share.shape[0] + 1.5)))
+    im = ax.imshow(share, cmap="viridis", aspect="auto")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="share")
+    return _save(fig, path)
+
+
+def load_histogram(counts_E, path: str | Path, title: str) -> Path:
+    plt = _plt()
+    counts = [float(c) for c in counts_E]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(counts) + 2), 3.2))
+    ax.bar(range(len(counts)), counts, color="C0")
+    mean = sum(counts) / max(len(counts), 1)
+    ax.axhline(mean, color="C3", ls="--", lw=1, label="balanced")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("assignments")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def matrix(m_EE, path: str | Path, title: str, label: str = "tokens") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    im = ax.imshow(m_EE, cmap="magma")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("expert")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=label)
+    return _save(fig, path)
+
+
+def xy_lines(series: dict[str, tuple[list, list]], path: str | Path, xlabel: str, ylabel: str, title: str,
+             logx: bool = False) -> Path:
+    """Generic line plot: label -> (xs, ys)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, "o-", label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    return _save(fig, path)

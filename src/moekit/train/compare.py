@@ -1,0 +1,71 @@
+"""Train an MoE model and its dense twin (same active FLOPs per token) on the same batches; collect the
+comparison, metrics and plots into a run folder. Used by ``moekit demo`` and ``moekit compare``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from moekit.config import ModelConfig, TrainConfig
+from moekit.models.decoder import MoETransformer
+from moekit.train.data import Corpus
+from moekit.train.hooks import MetricsWriter, RouterBiasUpdate
+from moekit.train.trainer import train, train_flops_per_token
+
+
+def train_one(label: str, cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConfig, out_dir: Path,
+              progress: bool = False, hooks: list = ()) -> dict:
+    """Train one model from scratch (seeded) into out_dir/label; returns its summary row."""
+    torch.manual_seed(train_cfg.seed)
+    model = MoETransformer(cfg)
+    run_dir = out_dir / label
+    run_dir.mkdir(parents=True, exist_ok=True)
+    corpus.tokenizer.save(run_dir / "tokenizer.json")  # `moekit generate` needs it beside the checkpoints
+    t0 = time.perf_counter()
+    records = train(model, corpus.train, corpus.val, train_cfg, out_dir=run_dir, progress=progress, label=label,
+                    hooks=[MetricsWriter(run_dir), RouterBiasUpdate(), *hooks])
+    seconds = time.perf_counter() - t0
+    final_val = [r for r in records if r["split"] == "val"][-1]
+    train_rows = [r for r in records if r["split"] == "train"]
+    load_LE = None
+    if model.moe_layers():  # expert load per layer on the fixed validation batches
+        from moekit.analysis.routing_stats import RoutingRecorder, load_E
+
+        model.eval()
+        with torch.no_grad(), RoutingRecorder(model, keep_routings=False) as rec:
+            for x, _ in corpus.val.eval_batches(train_cfg.eval_batches, train_cfg.batch_size, train_cfg.seq_len):
+                model(x)
+        load_LE = [load_E(r.cat()[1], r.num_experts).tolist() for r in rec.layers.values()]
+    return {
+        "label": label, "params_total": model.num_params(), "params_active": model.num_active_params(),
+        "train_flops_per_token": train_flops_per_token(model, train_cfg.seq_len), "steps": train_cfg.steps,
+        "val_loss": final_val["val_loss"], "val_ppl": final_val["val_ppl"],
+        "tokens_per_s": train_cfg.steps * train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum / seconds,
+        "seconds": seconds, "final_imbalance": train_rows[-1]["imbalance"], "records": records,
+        "load_per_layer": load_LE,
+    }
+
+
+def compare_moe_dense(moe_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConfig, out_dir: str | Path,
+                      progress: bool = False) -> dict:
+    """MoE vs its dense twin on identical batches; writes summary.json and plots to out_dir."""
+    from moekit.analysis import plots
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [train_one("moe", moe_cfg, corpus, train_cfg, out_dir, progress),
+            train_one("dense", moe_cfg.dense_twin(), corpus, train_cfg, out_dir, progress)]
+    runs = {r["label"]: r["records"] for r in rows}
+    files = [plots.loss_curves(runs, out_dir / "loss_vs_steps.png", x="step"),
+             plots.loss_curves(runs, out_dir / "loss_vs_flops.png", x="flops")]
+    if rows[0]["load_per_layer"]:
+        files.append(plots.load_heatmap(rows[0]["load_per_layer"], out_dir / "expert_load.png",
+                                        "MoE expert load on validation data (share per layer)"))
+    summary = {"corpus": corpus.description, "train_config": vars(train_cfg), "model_config": moe_cfg.to_dict(),
+               "rows": [{k: v for k, v in r.items() if k != "records"} for r in rows],
+               "plots": [str(f) for f in files]}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
