@@ -257,3 +257,35 @@ def train_ep(rank: int, world_size: int, ep_size: int, out: str) -> None:
             assert torch.equal(opt2.state_dict()["state"][i][k], v), (i, k)
     if rank == 0:
         torch.save({"losses": losses, "state_dict": sd, "optimizer": opt_sd}, out)
+
+
+# ----------------------------------------------------------------------------- the trainer with EP
+def trainer_setup():
+    from moekit.config import TrainConfig
+    from moekit.train.data import TokenStream
+
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=32, num_experts=4, expert_hidden=32, router=RouterConfig(top_k=2),
+                    loss=LossConfig(aux_coef=0.0, z_coef=1e-3))
+    model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32,
+                                       moe=moe))
+    cfg = TrainConfig(steps=6, batch_size=4, seq_len=16, grad_accum=2, lr=1e-2, warmup_steps=2, log_every=1,
+                      eval_every=3, eval_batches=2, save_every=3, grad_clip=0.5)
+    gen = torch.Generator().manual_seed(0)
+    data = TokenStream(torch.randint(0, 64, (3000,), generator=gen))
+    return model, cfg, data
+
+
+def trainer_ep(rank: int, world_size: int, run_dir: str, resume_dir: str, out: str) -> None:
+    """moekit.train.train with parallel=: a fresh EP run, and an EP run resumed from a single-process
+    checkpoint (step 3)."""
+    from moekit.train.trainer import train
+
+    model, cfg, data = trainer_setup()
+    plan = parallelize(model, world_size)
+    fresh = train(model, data, data, cfg, out_dir=run_dir, parallel=plan)
+    model, cfg, data = trainer_setup()
+    plan = parallelize(model, world_size)
+    resumed = train(model, data, data, cfg, out_dir=resume_dir, resume=True, parallel=plan)
+    if rank == 0:
+        torch.save({"fresh": fresh, "resumed": resumed}, out)

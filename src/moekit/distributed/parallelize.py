@@ -235,6 +235,23 @@ class ExpertParallel:
     def load_full_state_dict(self, full: dict[str, Tensor]) -> None:
         self.model.load_state_dict(self.shard_state_dict(full))
 
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that logs and writes checkpoints."""
+        return self.groups.rank == 0
+
+    def sum_over_ranks(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Element-wise sums over all W ranks (e.g. per-layer expert loads of the global batch)."""
+        out = [t.detach().clone() for t in tensors]
+        if self.groups.world_size > 1 and out:
+            _coalesced(out, lambda flat: dist.all_reduce(flat))
+        return out
+
+    def mean_over_ranks(self, values: list[float]) -> list[float]:
+        """Means over all W ranks of per-rank scalars (with equal shares: the full-batch value)."""
+        t = torch.tensor(values, dtype=torch.float64, device=next(self.model.parameters()).device)
+        return (self.sum_over_ranks([t])[0] / self.groups.world_size).tolist()
+
     def local_batch(self, batch_B: Tensor) -> Tensor:
         """This rank's contiguous 1/W of a global batch (dim 0). Equal shares keep J = full-batch loss."""
         B, W = batch_B.shape[0], self.groups.world_size

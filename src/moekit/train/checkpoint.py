@@ -50,10 +50,11 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict with tied tensors stored once (safetensors refuses shared storage)."""
+def model_tensors(model: torch.nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """state_dict (or the given one, e.g. gathered from expert-parallel ranks) with tied tensors stored once
+    (safetensors refuses shared storage)."""
     seen, out = set(), {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state_dict is None else state_dict).items():
         key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
         if key is not None and key in seen:
             continue
@@ -63,13 +64,14 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, model_cfg: ModelConfig,
-                    trainer_state: dict | None = None, keep_last: int = 2) -> Path:
+                    trainer_state: dict | None = None, keep_last: int = 2,
+                    state_dict: dict | None = None) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=run_dir))
     try:
-        save_file(model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(model_tensors(model, state_dict), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
         torch.save(dict(trainer_state or {}, step=step), tmp / "trainer_state.pt")
         for f in tmp.iterdir():

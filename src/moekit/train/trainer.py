@@ -10,6 +10,7 @@ and RNG state, so ``resume=True`` reproduces an uninterrupted run's losses exact
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -82,8 +83,13 @@ class StepContext:
 
 def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, hooks: list = (), resume: bool = False, progress: bool = False,
-          device: str | torch.device = "cpu", label: str = "train") -> list[dict]:
-    """Train ``model`` in place; returns the logged records (train and eval)."""
+          device: str | torch.device = "cpu", label: str = "train", parallel=None) -> list[dict]:
+    """Train ``model`` in place; returns the logged records (train and eval).
+
+    ``parallel``: the ``ExpertParallel`` returned by ``moekit.distributed.parallelize(model, ep)``. Each rank
+    then trains on its 1/W of every batch (``batch_size`` stays the global batch), gradients are reduced
+    over the ranks, logged values are global, and checkpoints hold the single-process (gathered) layout.
+    """
     device = torch.device(device)
     model.to(device).train()
     opt = make_optimizer(model, cfg)
@@ -92,6 +98,9 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
         if out_dir is None:
             raise ValueError("resume=True needs out_dir (the run folder holding the checkpoints)")
         _, tensors, state = load_checkpoint(out_dir)
+        if parallel is not None:  # checkpoints are single-process: take this rank's experts
+            tensors, state["optimizer"] = (parallel.shard_state_dict(tensors),
+                                           parallel.shard_optimizer_state_dict(state["optimizer"], opt))
         model.load_state_dict(tensors, strict=False)
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
@@ -114,6 +123,8 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
         dropped = []
         for micro in range(cfg.grad_accum):
             x, y = train_data.batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
+            if parallel is not None:
+                x, y = parallel.local_batch(x), parallel.local_batch(y)
             x, y = x.to(device), y.to(device)
             with autocast(cfg.bf16, device):
                 out = model(x)
@@ -124,8 +135,13 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
             layer_counts = [a.counts_E.detach() for a in out.moe_aux]
             counts = layer_counts if not counts else [c + d for c, d in zip(counts, layer_counts)]
             dropped += [float(a.dropped_fraction) for a in out.moe_aux]
-        grad_norm = (torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                    cfg.grad_clip).item() if cfg.grad_clip > 0 else float("nan"))
+        if parallel is not None:
+            parallel.reduce_gradients()
+            lm_total, aux_total, *dropped = parallel.mean_over_ranks([lm_total, aux_total, *dropped])
+            counts = parallel.sum_over_ranks(counts)  # global loads: replicated router biases stay identical
+        clip = parallel.clip_grad_norm_ if parallel is not None else functools.partial(
+            torch.nn.utils.clip_grad_norm_, [p for p in model.parameters() if p.requires_grad])
+        grad_norm = clip(cfg.grad_clip).item() if cfg.grad_clip > 0 else float("nan")
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens_since += tokens_per_step
@@ -159,8 +175,12 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
                 if hasattr(hook, "after_eval"):
                     hook.after_eval(ctx)
         if out_dir is not None and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
-            save_checkpoint(out_dir, done, model, model.cfg,
-                            {"optimizer": opt.state_dict(), "rng": rng_state(), "train_config": vars(cfg)})
+            weights, opt_state = (None, opt.state_dict()) if parallel is None else (
+                parallel.full_state_dict(), parallel.full_optimizer_state_dict(opt))  # collective: all ranks
+            if parallel is None or parallel.is_main:  # rank 0 writes the single-process layout
+                save_checkpoint(out_dir, done, model, model.cfg,
+                                {"optimizer": opt_state, "rng": rng_state(), "train_config": vars(cfg)},
+                                state_dict=weights)
         if bar is not None:
             bar.update(1)
     if bar is not None:
