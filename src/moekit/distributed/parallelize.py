@@ -110,12 +110,18 @@ def _coalesced(tensors: list[Tensor], collective: Callable[[Tensor], None]) -> N
 
 
 def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> None:
-    """Keep only experts [ep_rank*L, (ep_rank+1)*L) of a stacked-weight expert module, in place."""
+    """Keep only experts [ep_rank*L, (ep_rank+1)*L) of a stacked-weight expert module, in place: every
+    per-expert parameter and buffer (dim 0 = E, e.g. the heterogeneous-size unit mask), ``hidden_sizes``."""
     E = experts.num_experts
     L = E // ep_size
+    mine = slice(ep_rank * L, (ep_rank + 1) * L)
     for name, p in list(experts.named_parameters(recurse=False)):
-        local = p.detach()[ep_rank * L:(ep_rank + 1) * L].clone()
-        setattr(experts, name, nn.Parameter(local, requires_grad=p.requires_grad))
+        setattr(experts, name, nn.Parameter(p.detach()[mine].clone(), requires_grad=p.requires_grad))
+    for name, b in list(experts.named_buffers(recurse=False)):
+        if b.dim() > 0 and b.shape[0] == E:
+            setattr(experts, name, b[mine].clone())
+    if getattr(experts, "hidden_sizes", None) is not None:
+        experts.hidden_sizes = tuple(experts.hidden_sizes[mine])
     experts.num_experts = L
 
 
@@ -135,7 +141,10 @@ class ExpertParallel:
         """Make replicas identical: replicated tensors from rank 0, each expert shard from its copy in EP
         group 0. A no-op when every rank built the model from the same seed; required otherwise."""
         g = self.groups
-        dense = [p.data for p in self.dense_params] + [b for b in self.model.buffers()]
+        # expert buffers (e.g. unit masks) are per shard and derived from the config: not broadcast
+        sharded = {id(b) for m in self.model.modules() if isinstance(m, GroupedExperts) for b in m.buffers()}
+        buffers = [b for b in self.model.buffers() if id(b) not in sharded]
+        dense = [p.data for p in self.dense_params] + buffers
         if g.world_size > 1 and dense:
             _coalesced(dense, lambda flat: dist.broadcast(flat, src=0))
         if g.dp_size > 1 and self.expert_params:
