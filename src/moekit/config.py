@@ -46,6 +46,7 @@ ROUTER_KINDS = (
     "deepseek",  # DeepSeek-V3: sigmoid scores, bias for selection, group-limited, scaled weights
     "task",  # task-level routing: a lookup from a task id given with the batch
     "sequence",  # learned sequence-level routing (mean-pooled sequence picks the experts)
+    "soft",  # Soft MoE (Puigcerver et al. 2023): dense slot mixing, its own layer (layers/soft_moe.py)
 )
 
 
@@ -70,6 +71,8 @@ class RouterConfig:
     bias_update_rate: float = 0.0  # aux-loss-free balancing step gamma (0 = no bias)
     # task routing
     num_tasks: int = 1
+    # soft MoE
+    slots_per_expert: int = 1
 
     def __post_init__(self) -> None:
         o = "RouterConfig"
@@ -88,6 +91,7 @@ class RouterConfig:
               "must be > 0")
         check(self.bias_update_rate >= 0, o, "bias_update_rate", self.bias_update_rate, "must be >= 0")
         check_positive_int(o, "num_tasks", self.num_tasks)
+        check_positive_int(o, "slots_per_expert", self.slots_per_expert)
 
 
 @dataclass(kw_only=True)
@@ -151,6 +155,8 @@ class MoEConfig:
     shared_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared-expert output
     expert_dropout: float = 0.0  # dropout inside experts (ST-MoE: higher than dense dropout)
     dispatcher: str = "auto"
+    allow_noncausal: bool = False  # let a causal decoder use routers that look at later tokens
+    hierarchical_groups: int = 0  # > 1: two-level MoE, a router over groups, each group an MoE layer
     router: RouterConfig = field(default_factory=RouterConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -193,6 +199,9 @@ class MoEConfig:
                   "must be 2 (and num_experts >= 2) for kind='gshard'")
         check(self.num_experts % self.router.n_groups == 0, "RouterConfig", "n_groups", self.router.n_groups,
               f"must divide num_experts={self.num_experts}")
+        g = self.hierarchical_groups
+        check(isinstance(g, int) and (g == 0 or (g >= 2 and self.num_experts % g == 0)), o, "hierarchical_groups", g,
+              f"must be 0 (flat) or an integer >= 2 dividing num_experts={self.num_experts}")
 
     @property
     def shared_hidden_size(self) -> int:

@@ -36,7 +36,10 @@ def grouped_linear(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor, backend: str) 
     """y_RO: row block e of x times w[e]^T (per-expert nn.Linear without bias)."""
     if backend == "grouped":
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
+        y = torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
+        if y.requires_grad:  # _grouped_mm's backward rejects broadcast (stride-0) grads, e.g. from y.sum()
+            y.register_hook(lambda g: g.contiguous())
+        return y
     if backend == "bmm":
         E = w_EOI.shape[0]
         return torch.bmm(x_RI.view(E, -1, x_RI.shape[-1]), w_EOI.transpose(-2, -1)).view(-1, w_EOI.shape[1])
@@ -55,8 +58,18 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "swiglu",
-                 expert_dropout: float = 0.0, backend: str = "auto"):
+                 expert_dropout: float = 0.0, backend: str = "auto", hidden_sizes: tuple[int, ...] | None = None):
         super().__init__()
+        # heterogeneous experts: stacked at the largest hidden size; units beyond expert e's own size are
+        # masked out of the weights (zero output, zero gradient). One dispatch pass serves all sizes, at the
+        # cost of computing max(hidden_sizes) units for every expert.
+        if hidden_sizes is not None and len(set(hidden_sizes)) > 1:
+            hidden = max(hidden_sizes)
+            mask_EF = (torch.arange(hidden)[None, :] < torch.tensor(hidden_sizes)[:, None]).float()
+            self.register_buffer("unit_mask_EF", mask_EF, persistent=False)
+        else:
+            self.unit_mask_EF = None
+        self.hidden_sizes = tuple(hidden_sizes) if hidden_sizes is not None else (hidden,) * num_experts
         self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
         self.activation = activation
         self.gated = activation in GATED
@@ -97,6 +110,9 @@ class GroupedExperts(nn.Module):
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_RD.dtype
         x_RD = x_RD.to(dtype)
         w = [p.to(dtype) if p is not None else None for p in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)]
+        if self.unit_mask_EF is not None:
+            m = self.unit_mask_EF.to(dtype)
+            w = [w[0] * m[:, :, None] if w[0] is not None else None, w[1] * m[:, :, None], w[2] * m[:, None, :]]
         up_RF = grouped_linear(x_RD, w[1], counts_E, backend)
         if self.gated:
             h_RF = self.act(grouped_linear(x_RD, w[0], counts_E, backend)) * up_RF

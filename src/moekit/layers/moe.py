@@ -62,8 +62,8 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.router = build_router(cfg)
         backend = "loop" if cfg.dispatcher == "loop" else "grouped" if cfg.dispatcher == "grouped" else "auto"
-        self.experts = GroupedExperts(cfg.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation,
-                                      cfg.expert_dropout, backend=backend)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.d_model, max(cfg.hidden_sizes), cfg.activation,
+                                      cfg.expert_dropout, backend=backend, hidden_sizes=cfg.hidden_sizes)
         self.shared = None
         self.shared_gate = None
         # a plugged-in dispatcher overrides cfg.dispatcher (moekit.distributed.parallelize sets the
@@ -74,6 +74,10 @@ class MoELayer(nn.Module):
             self.shared = MLP(cfg.d_model, cfg.num_shared_experts * cfg.shared_hidden_size, cfg.activation)
             if cfg.shared_gate:
                 self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
+
+    @property
+    def causal_safe(self) -> bool:
+        return self.router.causal_safe
 
     def forward(self, x: Tensor, *, task_ids: Tensor | None = None, mask: Tensor | None = None) -> MoEOutput:
         """x: [..., D]; task_ids: [B] or [...] ints (task routing); mask: [...] 1 = real token (losses)."""
@@ -133,3 +137,17 @@ class MoELayer(nn.Module):
             losses={k: v.detach() for k, v in terms.items()},
             loss=total,
         )
+
+
+def build_moe_layer(cfg: MoEConfig) -> nn.Module:
+    """The MoE layer a config asks for: Soft MoE (router kind "soft"), two-level (hierarchical_groups > 1),
+    or the sparse MoELayer. All share the outer API: forward(x, ...) -> MoEOutput."""
+    if cfg.router.kind == "soft":
+        from moekit.layers.soft_moe import SoftMoELayer
+
+        return SoftMoELayer(cfg)
+    if cfg.hierarchical_groups > 1:
+        from moekit.layers.hierarchical import HierarchicalMoE
+
+        return HierarchicalMoE(cfg)
+    return MoELayer(cfg)

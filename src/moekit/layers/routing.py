@@ -8,6 +8,7 @@ Legend: T tokens, D model dim, E experts, K top-k, N assignments.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -74,7 +75,13 @@ def check_finite_logits(logits_TE: Tensor) -> None:
 
 
 class Router(nn.Module):
-    """Base: a learned linear gate ``gate`` [E, D] evaluated in float32. Subclasses implement ``route``."""
+    """Base: a learned linear gate ``gate`` [E, D] evaluated in float32. Subclasses implement ``route``.
+
+    ``causal_safe`` is False for routers whose choice for a token depends on later tokens of the same
+    sequence (expert-choice, sequence-level routing): a causal decoder refuses them unless told otherwise.
+    """
+
+    causal_safe = True
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -184,11 +191,177 @@ class GShardTop2Router(Router):
         return r.select(keep_N)
 
 
+class ExpertChoiceRouter(Router):
+    """Expert-choice routing (Zhou et al. 2022): S = softmax(X W^T) over experts; each expert takes the
+    C tokens with the highest score for it, C = ceil(T * top_k / E) (top_k plays the paper's capacity factor
+    c: the mean number of experts per token). Gate = S[t, e]. A token may get zero or several experts;
+    loads are perfectly balanced by construction. Not causal: a token's experts depend on other tokens."""
+
+    causal_safe = False
+
+    def route(self, logits_TE: Tensor, **ctx) -> Routing:
+        T, E = logits_TE.shape
+        probs_TE = logits_TE.softmax(dim=-1)
+        C = min(T, max(1, math.ceil(T * self.top_k / E)))
+        token_EC = probs_TE.t().topk(C, dim=-1).indices
+        expert_EC = torch.arange(E, device=logits_TE.device)[:, None].expand(E, C)
+        token_N, expert_N = token_EC.reshape(-1), expert_EC.reshape(-1)
+        weight_N = probs_TE[token_N, expert_N]
+        rank_N = torch.zeros_like(token_N)
+        return Routing(token_N, expert_N, weight_N, rank_N, logits_TE, probs_TE, T, E, self.top_k)
+
+
+def sinkhorn(logits_TE: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp on exp(logits) (Cuturi 2013): alternately scale columns to mass T/E (every expert the
+    same share) and rows to mass 1 (every token one unit). Done in log space for stability."""
+    T, E = logits_TE.shape
+    log_p = logits_TE.double()
+    log_col = math.log(T / E)
+    for _ in range(iters):
+        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + log_col
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+    return log_p.exp().to(logits_TE.dtype)
+
+
+class SinkhornRouter(SoftmaxTopKRouter):
+    """Balanced assignment at train time (BASE layers, Lewis et al. 2021; Sinkhorn routing as in Clark et al.
+    2022): experts are chosen by the top-k of the Sinkhorn-balanced matrix, gate weights are the router's
+    softmax (renormalised) so gradients still flow through the router. Eval: plain softmax top-k."""
+
+    def route(self, logits_TE: Tensor, **ctx) -> Routing:
+        if not self.training:
+            return super().route(logits_TE)
+        T = logits_TE.shape[0]
+        probs_TE = logits_TE.softmax(dim=-1)
+        with torch.no_grad():
+            balanced_TE = sinkhorn(logits_TE.detach(), self.cfg.sinkhorn_iters)
+        token_N, expert_N, rank_N = topk_assignments(balanced_TE, self.top_k)
+        weight_N = renormalize_per_token(probs_TE[token_N, expert_N], token_N, T)
+        return Routing(token_N, expert_N, weight_N, rank_N, logits_TE, probs_TE, T, self.num_experts, self.top_k,
+                       {"balanced_TE": balanced_TE})
+
+
+class TopPRouter(Router):
+    """Dynamic routing (Huang et al. 2024, "Harder tasks need more experts"): per token, the smallest set of
+    experts, by descending probability, whose mass reaches top_p, at most top_k experts; weights renormalised
+    over the kept set. ``MoEAux.experts_per_token`` reports the mean set size."""
+
+    def route(self, logits_TE: Tensor, **ctx) -> Routing:
+        T, E = logits_TE.shape
+        probs_TE = logits_TE.softmax(dim=-1)
+        k = self.top_k
+        top = probs_TE.topk(k, dim=-1)
+        mass_before_TK = top.values.cumsum(-1) - top.values
+        keep_TK = mass_before_TK < self.cfg.top_p  # keep until the mass first reaches p (first always kept)
+        token_TK = torch.arange(T, device=logits_TE.device)[:, None].expand(T, k)
+        rank_TK = torch.arange(k, device=logits_TE.device)[None, :].expand(T, k)
+        token_N, expert_N, rank_N = token_TK[keep_TK], top.indices[keep_TK], rank_TK[keep_TK]
+        weight_N = renormalize_per_token(top.values[keep_TK], token_N, T)
+        return Routing(token_N, expert_N, weight_N, rank_N, logits_TE, probs_TE, T, E, k)
+
+
+class DeepSeekRouter(Router):
+    """DeepSeek-V2/V3 routing.
+
+    s = sigmoid(logits) (V3) or softmax(logits) (V2). Selection uses s + b, where b is a per-expert bias
+    that only steers selection (V3 aux-loss-free balancing, Wang et al. 2024). Group-limited routing: the
+    E experts form n_groups groups; a group's score is the sum of its two best (s + b) (V3; V2's max for
+    softmax scores); only the best topk_groups groups are eligible. Gate weights are the chosen s,
+    normalised to sum 1 when ``renormalize`` (V3 always for sigmoid), times routed_scaling_factor.
+
+    ``update_bias(counts_E)``: b_i += gamma * sign(mean load - load_i), called after the optimizer step,
+    outside autograd (b is a buffer, so it never receives gradients).
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__(cfg)
+        self.register_buffer("bias", torch.zeros(cfg.num_experts))
+
+    def route(self, logits_TE: Tensor, **ctx) -> Routing:
+        T, E = logits_TE.shape
+        c = self.cfg
+        scores_TE = logits_TE.sigmoid() if c.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
+        select_TE = scores_TE + self.bias.float()
+        if c.n_groups > 1:
+            select_TGe = select_TE.view(T, c.n_groups, E // c.n_groups)
+            if c.score_func == "sigmoid":
+                group_TG = select_TGe.topk(min(2, E // c.n_groups), dim=-1).values.sum(-1)
+            else:
+                group_TG = select_TGe.max(dim=-1).values
+            keep_groups = group_TG.topk(c.topk_groups, dim=-1).indices
+            group_mask_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_groups, True)
+            expert_mask_TE = group_mask_TG.repeat_interleave(E // c.n_groups, dim=1)
+            select_TE = select_TE.masked_fill(~expert_mask_TE, float("-inf"))
+        token_N, expert_N, rank_N = topk_assignments(select_TE, self.top_k)
+        weight_N = scores_TE[token_N, expert_N]
+        if c.renormalize and self.top_k > 1:
+            weight_N = renormalize_per_token(weight_N, token_N, T)
+        weight_N = weight_N * c.routed_scaling_factor
+        return Routing(token_N, expert_N, weight_N, rank_N, logits_TE, scores_TE, T, E, self.top_k)
+
+    @torch.no_grad()
+    def update_bias(self, counts_E: Tensor) -> None:
+        if self.cfg.bias_update_rate <= 0:
+            return
+        load = counts_E.float().to(self.bias.device)
+        self.bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+
+
+class TaskRouter(Router):
+    """Task-level routing (Kudugunta et al. 2021, "Beyond Distillation"): every token of a task goes to the
+    task's fixed k experts, task t -> experts (t*k + j) mod E, equal weights 1/k. The gate still computes
+    logits for statistics; the extractable sub-network per task is exactly its k experts."""
+
+    def route(self, logits_TE: Tensor, *, task_ids_T: Tensor | None = None, **ctx) -> Routing:
+        if task_ids_T is None:
+            raise ValueError("RouterConfig.kind='task' needs task_ids (one id per sequence or per token)")
+        T, E, k = logits_TE.shape[0], self.num_experts, self.top_k
+        if int(task_ids_T.min()) < 0 or int(task_ids_T.max()) >= self.cfg.num_tasks:
+            raise ValueError(f"task_ids must lie in [0, num_tasks={self.cfg.num_tasks}), got "
+                             f"[{int(task_ids_T.min())}, {int(task_ids_T.max())}]")
+        expert_TK = (task_ids_T.long()[:, None] * k + torch.arange(k, device=logits_TE.device)) % E
+        token_N = torch.arange(T, device=logits_TE.device).repeat_interleave(k)
+        rank_N = torch.arange(k, device=logits_TE.device).repeat(T)
+        weight_N = torch.full((T * k,), 1.0 / k, device=logits_TE.device)
+        return Routing(token_N, expert_TK.reshape(-1), weight_N, rank_N, logits_TE, logits_TE.softmax(-1), T, E, k)
+
+
+class SequenceRouter(Router):
+    """Learned sequence-level routing: the mean of a sequence's token vectors picks its top-k experts
+    (softmax, renormalised) and every token of the sequence uses them. Not causal (the mean sees the
+    whole sequence)."""
+
+    causal_safe = False
+
+    def forward(self, x_TD: Tensor, *, seq_len: int | None = None, **ctx) -> Routing:
+        if seq_len is None:
+            raise ValueError("RouterConfig.kind='sequence' needs input shaped [B, S, D]")
+        T, D = x_TD.shape
+        B = T // seq_len
+        logits_BE = self.compute_logits(x_TD.view(B, seq_len, D).mean(1))
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            probs_BE = logits_BE.softmax(-1)
+            top = probs_BE.topk(self.top_k, dim=-1)
+            w_BK = top.values / top.values.sum(-1, keepdim=True)
+            token_N = torch.arange(T, device=x_TD.device).repeat_interleave(self.top_k)
+            seq_N = token_N // seq_len
+            rank_N = torch.arange(self.top_k, device=x_TD.device).repeat(T)
+            logits_TE = logits_BE.repeat_interleave(seq_len, dim=0)
+            return Routing(token_N, top.indices[seq_N, rank_N], w_BK[seq_N, rank_N], rank_N, logits_TE,
+                           logits_TE.softmax(-1), T, self.num_experts, self.top_k)
+
+
 ROUTERS: dict[str, type[Router]] = {
     "softmax_topk": SoftmaxTopKRouter,
     "switch": SwitchRouter,
     "noisy_topk": NoisyTopKRouter,
     "gshard": GShardTop2Router,
+    "expert_choice": ExpertChoiceRouter,
+    "sinkhorn": SinkhornRouter,
+    "top_p": TopPRouter,
+    "deepseek": DeepSeekRouter,
+    "task": TaskRouter,
+    "sequence": SequenceRouter,
 }
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import ModelConfig
+from moekit.config import ConfigError, ModelConfig
 from moekit.layers.experts import MLP, GroupedExperts
-from moekit.layers.moe import MoEAux, MoELayer
+from moekit.layers.moe import MoEAux, MoELayer, build_moe_layer
 from moekit.models.blocks import Attention, RMSNorm, RotaryEmbedding
 
 # attention kind -> module class; moekit.models.mla registers "mla"
@@ -33,7 +33,11 @@ class Block(nn.Module):
         self.attn = ATTENTION[cfg.attention](cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(i)
-        self.ffn = MoELayer(cfg.moe) if self.is_moe else MLP(cfg.d_model, cfg.ffn_hidden(i), "swiglu")
+        self.ffn = build_moe_layer(cfg.moe) if self.is_moe else MLP(cfg.d_model, cfg.ffn_hidden(i), "swiglu")
+        if self.is_moe and not self.ffn.causal_safe and not cfg.moe.allow_noncausal:
+            raise ConfigError(f"MoEConfig.router.kind={cfg.moe.router.kind!r} (or this layer type) lets a token's "
+                              "output depend on later tokens, which leaks the future in a causal decoder LM; "
+                              "set MoEConfig.allow_noncausal=True to use it anyway")
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None, start_pos: int = 0,
@@ -97,7 +101,7 @@ class MoETransformer(nn.Module):
         n = max_seq_len or self.cfg.max_seq_len
         return [layer.attn.new_cache(batch, n, dtype, self.embed.weight.device) for layer in self.layers]
 
-    def moe_layers(self) -> list[MoELayer]:
+    def moe_layers(self) -> list[nn.Module]:
         return [layer.ffn for layer in self.layers if layer.is_moe]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -1,0 +1,58 @@
+"""Soft MoE (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts").
+
+Per sequence X [m, D] and learned slot parameters Phi [D, E*p] (p slots per expert):
+    logits = X Phi                       [m, E*p]
+    D = softmax over tokens (columns)     slot inputs  X~ = D^T X       [E*p, D]
+    C = softmax over slots (rows)         outputs      Y  = C f(X~)     [m, D]
+where expert e processes its own p slots. Every slot mixes all tokens of the sequence, so a token's
+output depends on later tokens: Soft MoE is not causal and a decoder LM refuses it unless
+``MoEConfig.allow_noncausal`` is set. No tokens are dropped; the layer has no load-balancing loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.layers.experts import MLP, GroupedExperts
+from moekit.layers.moe import MoEAux, MoEOutput, flatten_tokens
+
+
+class SoftMoELayer(nn.Module):
+    causal_safe = False
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, p, D = cfg.num_experts, cfg.router.slots_per_expert, cfg.d_model
+        self.slots = E * p
+        # Phi, stored like a Linear weight [E*p, D]; the paper normalises X and Phi for large D (omitted)
+        self.phi = nn.Linear(D, self.slots, bias=False)
+        self.experts = GroupedExperts(E, D, cfg.expert_hidden, cfg.activation, cfg.expert_dropout)
+        self.shared = MLP(D, cfg.num_shared_experts * cfg.shared_hidden_size, cfg.activation) \
+            if cfg.num_shared_experts else None
+
+    def forward(self, x: Tensor, **ignored) -> MoEOutput:
+        x_TD = flatten_tokens(x, self.cfg.d_model)
+        x_BMD = x_TD.view(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x_TD[None]
+        B, M, D = x_BMD.shape
+        E, p = self.cfg.num_experts, self.cfg.router.slots_per_expert
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits_BMS = self.phi(x_BMD.float())
+            dispatch_BMS = logits_BMS.softmax(dim=1)  # over tokens: each slot is a convex mix of tokens
+            combine_BMS = logits_BMS.softmax(dim=2)  # over slots: each output a convex mix of slots
+        slots_BSD = torch.einsum("bms,bmd->bsd", dispatch_BMS.to(x.dtype), x_BMD)
+        # expert e's rows: its p slots of every sequence -> contiguous [E, B*p, D] blocks
+        rows_RD = slots_BSD.view(B, E, p, D).transpose(0, 1).reshape(E * B * p, D)
+        counts_E = torch.full((E,), B * p, dtype=torch.long, device=x.device)
+        y_RD = self.experts(rows_RD, counts_E, uniform_rows=True)
+        y_BSD = y_RD.view(E, B, p, D).transpose(0, 1).reshape(B, E * p, D)
+        y_BMD = torch.einsum("bms,bsd->bmd", combine_BMS.to(y_BSD.dtype), y_BSD)
+        y_TD = y_BMD.reshape(-1, D)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        logits_TE = logits_BMS.reshape(-1, self.slots).view(-1, E, p).logsumexp(-1)  # per-expert logit, for stats
+        aux = MoEAux(logits_TE=logits_TE, counts_E=counts_E, dropped_fraction=logits_TE.new_zeros(()),
+                     experts_per_token=logits_TE.new_tensor(float(E)), losses={}, loss=logits_TE.new_zeros(()))
+        return MoEOutput(y_TD.view(x.shape), aux)

@@ -1,0 +1,290 @@
+"""Every router of the zoo against a slow float64 reference written from its paper's equations."""
+
+import math
+
+import pytest
+import torch
+
+from moekit.config import ConfigError, LossConfig, ModelConfig, MoEConfig, RouterConfig
+from moekit.layers.experts import GroupedExperts
+from moekit.layers.moe import MoELayer, build_moe_layer
+from moekit.layers.routing import sinkhorn
+from moekit.models.decoder import MoETransformer
+
+from .reference import combine_loop64, expert_ffn64
+
+
+def layer_for(kind, E=6, k=2, seed=0, d=8, **router_kw):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(d_model=d, num_experts=E, expert_hidden=16, router=RouterConfig(kind=kind, top_k=k, **router_kw),
+                    loss=LossConfig(aux_coef=0.0))
+    return build_moe_layer(cfg)
+
+
+def as_set(r):
+    return {(t, e): w for t, e, w in zip(r.token_N.tolist(), r.expert_N.tolist(), r.weight_N.tolist())}
+
+
+def logits64(layer, x):
+    return x.double() @ layer.router.gate.weight.double().t()
+
+
+# ------------------------------------------------------------------ expert choice
+@pytest.mark.parametrize("T,E,k", [(20, 4, 2), (3, 6, 1), (7, 7, 3)])
+def test_expert_choice_matches_reference(T, E, k):
+    layer = layer_for("expert_choice", E=E, k=k)
+    x = torch.randn(T, 8)
+    r = layer.router(x)
+    p = torch.softmax(logits64(layer, x), -1)
+    C = min(T, max(1, math.ceil(T * k / E)))
+    ref = {}
+    for e in range(E):
+        for t in sorted(range(T), key=lambda t: -p[t, e].item())[:C]:
+            ref[(t, e)] = p[t, e].item()
+    got = as_set(r)
+    assert got.keys() == ref.keys()
+    assert all(abs(got[key] - ref[key]) < 1e-6 for key in ref)
+    assert torch.equal(r.counts_E(), torch.full((E,), C))  # perfectly balanced by construction
+
+
+def test_expert_choice_all_equal_logits():
+    layer = layer_for("expert_choice", E=4, k=1)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+    r = layer.router(torch.randn(8, 8))
+    assert r.counts_E().tolist() == [2, 2, 2, 2]
+    assert torch.allclose(r.weight_N, torch.full_like(r.weight_N, 0.25))
+
+
+# ------------------------------------------------------------------ sinkhorn
+def test_sinkhorn_balances_and_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    T, E = 24, 4
+    logits = torch.randn(T, E, generator=g) + torch.tensor([3.0, 0, 0, 0])  # skewed towards expert 0
+    P = logits.double().exp()
+    for _ in range(50):
+        P = P / P.sum(0, keepdim=True) * (T / E)
+        P = P / P.sum(1, keepdim=True)
+    ours = sinkhorn(logits, 50)
+    torch.testing.assert_close(ours.double(), P, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ours.sum(0).double(), torch.full((E,), T / E, dtype=torch.float64), atol=1e-3)
+
+
+def test_sinkhorn_router_is_more_balanced_than_topk_in_training_and_topk_in_eval():
+    layer = layer_for("sinkhorn", E=4, k=1, sinkhorn_iters=30)
+    with torch.no_grad():
+        layer.router.gate.weight[0] += 1.5  # a router that prefers expert 0
+    x = torch.randn(400, 8).abs()
+    greedy = torch.bincount(logits64(layer, x).argmax(-1), minlength=4)
+    r = layer.router.train()(x)
+    assert r.counts_E().max() < greedy.max()
+    r_eval = layer.router.eval()(x)
+    assert torch.equal(r_eval.counts_E(), greedy)
+    assert torch.allclose(r.weight_N, torch.ones_like(r.weight_N))  # k=1 renormalised
+
+
+# ------------------------------------------------------------------ top-p
+@pytest.mark.parametrize("p,k", [(0.5, 4), (0.9, 3), (0.2, 2), (1.0, 6)])
+def test_top_p_matches_reference(p, k):
+    layer = layer_for("top_p", E=6, k=k, top_p=p)
+    x = torch.randn(30, 8) * 2
+    r = layer.router(x)
+    probs = torch.softmax(logits64(layer, x), -1)
+    ref = {}
+    for t in range(30):
+        order = sorted(range(6), key=lambda e: -probs[t, e].item())
+        kept, mass = [], 0.0
+        for e in order[:k]:
+            if mass >= p:
+                break
+            kept.append(e)
+            mass += probs[t, e].item()
+        s = sum(probs[t, e].item() for e in kept)
+        ref.update({(t, e): probs[t, e].item() / s for e in kept})
+    got = as_set(r)
+    assert got.keys() == ref.keys()
+    assert all(abs(got[key] - ref[key]) < 1e-5 for key in ref)
+    out = layer(x)
+    assert out.aux.experts_per_token.item() == pytest.approx(len(ref) / 30)
+
+
+def test_top_p_degenerate_all_equal_and_single_expert():
+    layer = layer_for("top_p", E=4, k=4, top_p=0.5)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+    r = layer.router(torch.randn(5, 8))
+    assert r.num_assignments == 10 and torch.allclose(r.weight_N, torch.full((10,), 0.5))
+    one = layer_for("top_p", E=1, k=1, top_p=0.9)
+    assert one.router(torch.randn(3, 8)).num_assignments == 3
+
+
+# ------------------------------------------------------------------ DeepSeek
+def deepseek_reference(scores, bias, k, n_groups, topk_groups, scale, sigmoid):
+    T, E = scores.shape
+    out = {}
+    for t in range(T):
+        sel = [scores[t, e].item() + bias[e].item() for e in range(E)]
+        size = E // n_groups
+        group_score = []
+        for g in range(n_groups):
+            members = sorted(sel[g * size:(g + 1) * size], reverse=True)
+            group_score.append(sum(members[:2]) if sigmoid else members[0])
+        groups = sorted(range(n_groups), key=lambda g: -group_score[g])[:topk_groups]
+        eligible = [e for e in range(E) if e // size in groups]
+        chosen = sorted(eligible, key=lambda e: -sel[e])[:k]
+        s = sum(scores[t, e].item() for e in chosen)
+        out.update({(t, e): scores[t, e].item() / s * scale for e in chosen})
+    return out
+
+
+@pytest.mark.parametrize("score_func,n_groups,topk_groups", [("sigmoid", 4, 2), ("sigmoid", 1, 1), ("softmax", 3, 1)])
+def test_deepseek_routing_matches_reference(score_func, n_groups, topk_groups):
+    E = 12
+    layer = layer_for("deepseek", E=E, k=3, score_func=score_func, n_groups=n_groups, topk_groups=topk_groups,
+                      routed_scaling_factor=2.5)
+    with torch.no_grad():
+        layer.router.bias.copy_(torch.randn(E) * 0.1)
+    x = torch.randn(25, 8)
+    lg = logits64(layer, x)
+    scores = lg.sigmoid() if score_func == "sigmoid" else lg.softmax(-1)
+    ref = deepseek_reference(scores, layer.router.bias.double(), 3, n_groups, topk_groups, 2.5,
+                             score_func == "sigmoid")
+    got = as_set(layer.router(x))
+    assert got.keys() == ref.keys()
+    assert all(abs(got[key] - ref[key]) < 1e-5 for key in ref)
+
+
+def test_deepseek_bias_update_reduces_imbalance_without_gradients():
+    torch.manual_seed(3)
+    E = 8
+    layer = layer_for("deepseek", E=E, k=2, score_func="sigmoid", bias_update_rate=0.01)
+    skew = torch.linspace(-1.0, 1.5, E)  # a fixed preference for the last experts
+
+    def imbalance(r):
+        c = r.counts_E().float()
+        return (c.max() / c.mean()).item()
+
+    x0 = torch.randn(512, 8)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.randn(E, 8) * 0.1)
+        layer.router.gate.weight[:, 0] += skew  # feature 0 shifts every token towards high-skew experts
+    x0[:, 0] = 1.0
+    start = imbalance(layer.router(x0))
+    history = []
+    for step in range(200):
+        x = torch.randn(512, 8)
+        x[:, 0] = 1.0
+        r = layer.router(x)
+        out = layer(x)
+        out.y.sum().backward()  # gradients flow to the gate, never to the bias
+        assert layer.router.bias.grad is None and not layer.router.bias.requires_grad
+        layer.router.update_bias(r.counts_E())
+        history.append(imbalance(r))
+    assert start > 1.5
+    assert sum(history[-20:]) / 20 < 0.6 * start
+    assert sum(history[-20:]) / 20 < sum(history[:20]) / 20
+
+
+# ------------------------------------------------------------------ task and sequence routing
+def test_task_routing_uses_fixed_expert_sets():
+    layer = layer_for("task", E=6, k=2, num_tasks=3)
+    x = torch.randn(3, 4, 8)
+    task_ids = torch.tensor([0, 2, 1])
+    r = layer.router(x.view(-1, 8), seq_len=4, task_ids_T=task_ids.repeat_interleave(4))
+    for t, e in zip(r.token_N.tolist(), r.expert_N.tolist()):
+        assert e in {(task_ids[t // 4].item() * 2 + j) % 6 for j in range(2)}
+    y = layer(x, task_ids=task_ids).y
+    tok, exp, w = r.token_N, r.expert_N, r.weight_N
+    torch.testing.assert_close(y.view(-1, 8).double(), combine_loop64(x.view(-1, 8), layer.experts, tok, exp, w),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs task_ids"):
+        layer(x)
+    with pytest.raises(ValueError, match=r"num_tasks=3"):
+        layer(x, task_ids=torch.tensor([0, 5, 1]))
+
+
+def test_sequence_routing_matches_reference():
+    layer = layer_for("sequence", E=5, k=2)
+    x = torch.randn(3, 6, 8)
+    y = layer(x).y
+    ref = torch.zeros(18, 8, dtype=torch.float64)
+    for b in range(3):
+        p = torch.softmax(layer.router.gate.weight.double() @ x[b].double().mean(0), -1)
+        top = sorted(range(5), key=lambda e: -p[e].item())[:2]
+        s = sum(p[e].item() for e in top)
+        for t in range(6):
+            for e in top:
+                ref[b * 6 + t] += p[e].item() / s * expert_ffn64(layer.experts, e, x[b, t].double())
+    torch.testing.assert_close(y.view(-1, 8).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ soft MoE
+def test_soft_moe_matches_float64_reference():
+    torch.manual_seed(4)
+    cfg = MoEConfig(d_model=8, num_experts=3, expert_hidden=12, router=RouterConfig(kind="soft", top_k=1,
+                                                                                    slots_per_expert=2))
+    layer = build_moe_layer(cfg)
+    x = torch.randn(2, 5, 8)
+    y = layer(x).y
+    phi = layer.phi.weight.double()  # [E*p, D]
+    for b in range(2):
+        X = x[b].double()
+        logits = X @ phi.t()  # [m, E*p]
+        Dm = torch.softmax(logits, dim=0)
+        Cm = torch.softmax(logits, dim=1)
+        slots = Dm.t() @ X
+        outs = torch.stack([expert_ffn64(layer.experts, s // 2, slots[s]) for s in range(6)])
+        torch.testing.assert_close(y[b].double(), Cm @ outs, rtol=1e-5, atol=1e-6)
+
+
+def test_noncausal_routers_are_refused_by_the_decoder_unless_allowed():
+    for kind in ("expert_choice", "sequence", "soft"):
+        moe = MoEConfig(d_model=16, num_experts=4, expert_hidden=16, router=RouterConfig(kind=kind, top_k=1))
+        with pytest.raises(ConfigError, match="allow_noncausal"):
+            MoETransformer(ModelConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, moe=moe))
+        moe.allow_noncausal = True
+        model = MoETransformer(ModelConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, moe=moe))
+        assert model(torch.randint(0, 20, (2, 6))).logits.shape == (2, 6, 20)
+
+
+# ------------------------------------------------------------------ hierarchical and heterogeneous
+def test_hierarchical_moe_equals_two_level_reference():
+    torch.manual_seed(5)
+    cfg = MoEConfig(d_model=8, num_experts=6, expert_hidden=12, hierarchical_groups=2, router=RouterConfig(top_k=2))
+    layer = build_moe_layer(cfg).eval()
+    x = torch.randn(10, 8)
+    y = layer(x).y
+    ref = torch.zeros(10, 8, dtype=torch.float64)
+    p_top = torch.softmax(x.double() @ layer.router.gate.weight.double().t(), -1)
+    for t in range(10):
+        groups = sorted(range(2), key=lambda g: -p_top[t, g].item())[:2]
+        s = sum(p_top[t, g].item() for g in groups)
+        for g in groups:
+            inner = layer.groups[g]
+            p = torch.softmax(inner.router.gate.weight.double() @ x[t].double(), -1)
+            top = sorted(range(3), key=lambda e: -p[e].item())[:2]
+            si = sum(p[e].item() for e in top)
+            for e in top:
+                ref[t] += p_top[t, g].item() / s * p[e].item() / si * expert_ffn64(inner.experts, e, x[t].double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+    out = layer.train()(x)
+    assert out.aux.counts_E.numel() == 6 and "aux_top" in out.aux.losses
+
+
+def test_heterogeneous_experts_each_behave_like_their_own_size():
+    torch.manual_seed(6)
+    sizes = (4, 16, 8)
+    ex = GroupedExperts(3, 8, max(sizes), hidden_sizes=sizes)
+    x = torch.randn(9, 8, requires_grad=True)
+    counts = torch.tensor([3, 4, 2])
+    y = ex(x, counts)
+    rows = torch.split(x, counts.tolist())
+    for e, xb in enumerate(rows):
+        h = sizes[e]
+        ref = (torch.nn.functional.silu(xb.double() @ ex.w_gate_EFD[e, :h].double().t())
+               * (xb.double() @ ex.w_up_EFD[e, :h].double().t())) @ ex.w_down_EDF[e, :, :h].double().t()
+        torch.testing.assert_close(y[sum(counts[:e]):sum(counts[:e + 1])].double(), ref, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert ex.w_up_EFD.grad[0, 4:].abs().sum() == 0 and ex.w_down_EDF.grad[2, :, 8:].abs().sum() == 0
+    layer = MoELayer(MoEConfig(d_model=8, num_experts=3, expert_hidden_sizes=sizes, router=RouterConfig(top_k=1)))
+    assert layer(torch.randn(5, 8)).y.shape == (5, 8)
