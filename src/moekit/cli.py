@@ -137,11 +137,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--dense", action="store_true", help="train the dense twin of the config instead")
+    p.add_argument("--expert-parallel", type=int, default=0, metavar="N",
+                   help="under torchrun: split each MoE layer's experts over N ranks (data parallel over "
+                        "world/N groups); --batch-size is the global batch. 0 = single process")
 
 
 @command("train", "train one model (preset or config JSON) with checkpoints and metrics", _train_args)
 def _train_cmd(ns) -> int:
     import dataclasses
+
+    import torch
 
     from moekit.models.decoder import MoETransformer
     from moekit.train.data import build_corpus
@@ -150,25 +155,35 @@ def _train_cmd(ns) -> int:
 
     if ns.resume and not ns.out:
         raise ValueError("--resume needs --out (the run folder to continue)")
-    corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes)
+    from moekit.distributed import init_distributed, parallelize, rank_zero_first
+
+    device = init_distributed() if ns.expert_parallel else "cpu"
+    is_main = not ns.expert_parallel or torch.distributed.get_rank() == 0  # only rank 0 prints and writes
+    say = print if is_main else (lambda *a, **k: None)
+    with rank_zero_first():  # rank 0 fills the tokenizer/token cache, then the other ranks read it
+        corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes)
     cfg = _model_config(ns, corpus.tokenizer.vocab_size)
     cfg = cfg.dense_twin() if ns.dense else cfg
     tcfg = dataclasses.replace(_train_config(ns), save_every=ns.save_every)
     out = _run_dir(ns, "train")
-    out.mkdir(parents=True, exist_ok=True)
-    corpus.tokenizer.save(out / "tokenizer.json")
-    import torch
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        corpus.tokenizer.save(out / "tokenizer.json")
 
     torch.manual_seed(ns.seed)
     model = MoETransformer(cfg)
-    print(f"corpus: {corpus.description}")
-    print(f"model: {model.num_params() / 1e6:.2f}M params, {model.num_active_params() / 1e6:.2f}M active; "
-          f"run folder: {out}")
+    say(f"corpus: {corpus.description}")
+    say(f"model: {model.num_params() / 1e6:.2f}M params, {model.num_active_params() / 1e6:.2f}M active; "
+        f"run folder: {out}")
+    plan = parallelize(model, ns.expert_parallel) if ns.expert_parallel else None
     records = train(model, corpus.train, corpus.val, tcfg, out_dir=out, resume=ns.resume,
-                    progress=not ns.no_progress, hooks=[MetricsWriter(out), RouterBiasUpdate()])
+                    progress=not ns.no_progress and is_main, device=device, parallel=plan,
+                    hooks=([MetricsWriter(out)] if is_main else []) + [RouterBiasUpdate()])
     vals = [r for r in records if r["split"] == "val"]
     if vals:
-        print(f"step {vals[-1]['step']}: val loss {vals[-1]['val_loss']:.4f} (ppl {vals[-1]['val_ppl']:.2f})")
+        say(f"step {vals[-1]['step']}: val loss {vals[-1]['val_loss']:.4f} (ppl {vals[-1]['val_ppl']:.2f})")
+    if ns.expert_parallel:
+        torch.distributed.destroy_process_group()
     return 0
 
 

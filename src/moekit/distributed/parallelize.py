@@ -29,6 +29,7 @@ and match exactly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -73,6 +74,18 @@ def init_distributed(backend: str | None = None) -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block before the other ranks do (e.g. to fill an on-disk cache they then read).
+    A no-op without a process group."""
+    others_wait = dist.is_initialized() and dist.get_rank() != 0
+    if others_wait:
+        dist.barrier()
+    yield
+    if dist.is_initialized() and not others_wait:
+        dist.barrier()
 
 
 def build_groups(ep_size: int) -> ParallelGroups:
