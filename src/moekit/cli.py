@@ -32,6 +32,78 @@ def _print_json(obj) -> None:
 # (one block per command; keep each block self-contained)
 
 
+# ---- analysis: calc
+def _calc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="an HF config.json (or its folder), a shipped config name (e.g. mixtral-8x7b), "
+                                  "or a moekit preset (tiny, mixtral-like, ...)")
+    p.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs and KV cache")
+    p.add_argument("--batch", type=int, default=1, help="batch size for the KV-cache total")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size for the training-memory estimate")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size for the training-memory estimate")
+    p.add_argument("--zero1", action="store_true", help="shard optimizer states over data-parallel ranks")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _fmt_n(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+@command("calc", "exact parameters, active parameters, FLOPs and memory of an MoE model from its config",
+         _calc_args)
+def _calc(ns) -> int:
+    from moekit.analysis import flops, memory, params
+    from moekit.models.presets import PRESETS, get_preset
+
+    if ns.config in PRESETS:
+        spec = params.spec_from_moekit(get_preset(ns.config), ns.config)
+    else:
+        cfg, name = params.load_config(ns.config)
+        spec = params.spec_from_hf(cfg, name)
+    count = params.count_params(spec)
+    fl = flops.flops_report(spec, ns.context)
+    mem = memory.memory_report(spec, ns.batch, ns.context, ns.ep, ns.dp, ns.zero1)
+    if ns.json:
+        _print_json({"model": spec.name, "params": count.to_dict(), "flops": fl, "memory": mem})
+        return 0
+    print(f"{spec.name} ({spec.family}): {spec.n_layers} layers, d={spec.d}, "
+          f"{len(spec.moe_layers)} MoE layers x {spec.num_experts} experts, top-{spec.top_k}")
+    print(f"  total parameters      {count.total:>18,}  ({_fmt_n(count.total)})")
+    print(f"  active per token      {count.active:>18,}  ({_fmt_n(count.active)}, with embeddings + head)")
+    print(f"  active non-embedding  {count.active_non_embedding:>18,}  ({_fmt_n(count.active_non_embedding)})")
+    # "8 x 7B": E copies of the dense model that has one expert per MoE layer
+    one_expert_model = count.total - count.breakdown["routed_experts"] + \
+        count.breakdown["routed_experts"] // max(spec.num_experts, 1)
+    naive = spec.num_experts * one_expert_model
+    if spec.num_experts:
+        print(f"  naive 'E x dense'     {naive:>18,}  ({_fmt_n(naive)}: experts share attention/embeddings, "
+              f"so the real total is {count.total / naive:.0%} of it)")
+    print("  breakdown:")
+    for k, v in count.breakdown.items():
+        print(f"    {k:18} {v:>18,}  {v / count.total:6.1%}")
+    for note in count.notes:
+        print(f"  note: {note}")
+    print(f"  FLOPs/token @ context {ns.context}: forward {_fmt_n(fl['forward_flops_per_token'])}, "
+          f"training {_fmt_n(fl['train_flops_per_token'])}")
+    print("  weights: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem["weights"].items()))
+    print(f"  KV cache (bf16): {_fmt_bytes(mem['kv_cache_bytes_per_token_bf16'])}/token, "
+          f"{_fmt_bytes(mem['kv_cache_bytes_bf16'])} for batch {ns.batch} x context {ns.context}")
+    t = mem["training_per_gpu"]
+    print(f"  training per GPU (EP={ns.ep}, DP={ns.dp}{', ZeRO-1' if ns.zero1 else ''}): "
+          f"{_fmt_n(t['params_per_gpu'])} params, weights+grads {_fmt_bytes(t['weights_and_grads'])}, "
+          f"Adam states {_fmt_bytes(t['optimizer_states'])}, total {_fmt_bytes(t['total'])} (+ activations)")
+    return 0
+
+
 # ---- training: demo / train / compare / generate
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="*", default=None,
