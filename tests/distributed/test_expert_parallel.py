@@ -18,6 +18,11 @@ CASES = [
     Case("pipelined 3 chunks + capacity", chunks=3, capacity_factor=0.8),
     Case("pipelined, skewed, empty rank", chunks=2, skew=True, empty_rank=0),
     Case("float32 grouped_mm", float64=False, num_experts=8),
+    Case("expert choice (tokens with 0 or several experts)", router="expert_choice"),
+    Case("dynamic top-p", router="top_p", top_k=3, router_extra=(("top_p", 0.6),)),
+    Case("DeepSeek sigmoid, group-limited", router="deepseek", num_experts=8, top_k=2,
+         router_extra=(("score_func", "sigmoid"), ("n_groups", 4), ("topk_groups", 2))),
+    Case("heterogeneous expert sizes", hidden_sizes=(16, 24, 32, 8)),
 ]
 
 

@@ -33,15 +33,17 @@ class Case:
     empty_rank: int | None = None  # this rank has no tokens at all
     chunks: int = 1
     shared: bool = False
+    router_extra: tuple = ()  # extra RouterConfig fields as (name, value) pairs
+    hidden_sizes: tuple[int, ...] | None = None  # heterogeneous experts
     float64: bool = True  # float64 + loop experts (tight tolerance); else float32 + torch._grouped_mm
 
 
 def make_layer(case: Case, seed: int = 0) -> MoELayer:
     torch.manual_seed(seed)
     cfg = MoEConfig(d_model=D, num_experts=case.num_experts, expert_hidden=24,
-                    dispatcher="loop" if case.float64 else "grouped",
+                    expert_hidden_sizes=case.hidden_sizes, dispatcher="loop" if case.float64 else "grouped",
                     num_shared_experts=1 if case.shared else 0,
-                    router=RouterConfig(kind=case.router, top_k=case.top_k),
+                    router=RouterConfig(kind=case.router, top_k=case.top_k, **dict(case.router_extra)),
                     capacity=CapacityConfig(capacity_factor=case.capacity_factor, overflow=case.overflow),
                     loss=LossConfig(aux_coef=0.01, z_coef=1e-3))
     layer = MoELayer(cfg).to(torch.float64 if case.float64 else torch.float32)
