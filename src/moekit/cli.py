@@ -104,6 +104,35 @@ def _calc(ns) -> int:
     return 0
 
 
+# ---- analysis: inspect
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run folder or checkpoint folder (tokenizer.json beside it)")
+    _add_data_args(p)
+    p.add_argument("--batches", type=int, default=8, help="validation batches to route")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--out", default=None, help="report folder (default: <checkpoint run folder>/inspect)")
+
+
+@command("inspect", "routing analytics of a trained model on data: per-layer load, entropy, co-activation, "
+                    "capacity sweep, top tokens per expert; writes PNG plots and report.md", _inspect_args)
+def _inspect(ns) -> int:
+    from pathlib import Path
+
+    from moekit.analysis.report import inspect_model
+    from moekit.train.checkpoint import load_model, resolve_checkpoint
+    from moekit.train.data import build_corpus
+
+    ckpt = resolve_checkpoint(ns.checkpoint)
+    model = load_model(ckpt)
+    corpus = build_corpus(ns.data, vocab_size=model.cfg.vocab_size, max_bytes=ns.max_bytes)
+    out = Path(ns.out) if ns.out else ckpt.parent / "inspect"
+    report = inspect_model(model, corpus, out, batches=ns.batches, batch_size=ns.batch_size, seq_len=ns.seq_len)
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
 # ---- training: demo / train / compare / generate
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="*", default=None,

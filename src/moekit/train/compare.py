@@ -61,6 +61,10 @@ def compare_moe_dense(moe_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
     runs = {r["label"]: r["records"] for r in rows}
     files = [plots.loss_curves(runs, out_dir / "loss_vs_steps.png", x="step"),
              plots.loss_curves(runs, out_dir / "loss_vs_flops.png", x="flops")]
+    moe_train = [r for r in rows[0]["records"] if r["split"] == "train"]
+    files.append(plots.xy_lines({"MoE": ([r["step"] for r in moe_train], [r["imbalance"] for r in moe_train])},
+                                out_dir / "imbalance.png", "step", "load imbalance (max/mean, mean over layers)",
+                                "expert load imbalance during training"))
     if rows[0]["load_per_layer"]:
         files.append(plots.load_heatmap(rows[0]["load_per_layer"], out_dir / "expert_load.png",
                                         "MoE expert load on validation data (share per layer)"))
