@@ -23,6 +23,8 @@ CASES = [
     Case("DeepSeek sigmoid, group-limited", router="deepseek", num_experts=8, top_k=2,
          router_extra=(("score_func", "sigmoid"), ("n_groups", 4), ("topk_groups", 2))),
     Case("heterogeneous expert sizes", hidden_sizes=(16, 24, 32, 8)),
+    Case("hierarchical: 2 groups, each MoELayer sharded", num_experts=8, hierarchical_groups=2),
+    Case("Soft MoE stays replicated (data parallel only)", router="soft", top_k=1, float64=False),
 ]
 
 
