@@ -64,16 +64,17 @@ def test_ep2_training_matches_single_process(tmp_path):
 
 
 def test_trainer_with_expert_parallel_matches_single_process(tmp_path):
-    """moekit.train.train(parallel=...) on 2 ranks (grad accumulation, clipping, eval, checkpoints) logs the
-    single-process run's losses; its checkpoint loads into a single process; a single-process checkpoint
+    """moekit.train.train(parallel=...) on 2 ranks (grad accumulation, clipping, eval, checkpoints, DeepSeek
+    bias balancing from global loads) logs the single-process run's losses; its checkpoint loads into a single process; a single-process checkpoint
     resumes under EP and continues the single-process curve."""
     import shutil
 
     from moekit.train.checkpoint import load_model
+    from moekit.train.hooks import RouterBiasUpdate
     from moekit.train.trainer import train
 
     model, cfg, data = trainer_setup()
-    single = train(model, data, data, cfg, out_dir=tmp_path / "single")
+    single = train(model, data, data, cfg, out_dir=tmp_path / "single", hooks=[RouterBiasUpdate()])
     shutil.copytree(tmp_path / "single", tmp_path / "resume")
     (tmp_path / "resume" / "latest").write_text("ckpt-000003")
     run_local(trainer_ep, 2, str(tmp_path / "ep"), str(tmp_path / "resume"), str(tmp_path / "out.pt"))
@@ -87,5 +88,6 @@ def test_trainer_with_expert_parallel_matches_single_process(tmp_path):
         torch.testing.assert_close(series(got["resumed"], key), series(single, key, after=3), rtol=1e-5,
                                    atol=1e-5)
     ep_model = load_model(tmp_path / "ep")  # the gathered single-process layout
+    assert model.layers[0].ffn.router.bias.abs().sum() > 0  # the bias balancing was active
     for k, w in model.state_dict().items():
         torch.testing.assert_close(ep_model.state_dict()[k], w, rtol=1e-4, atol=1e-5, msg=k)

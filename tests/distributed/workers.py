@@ -269,7 +269,9 @@ def trainer_setup():
     from moekit.train.data import TokenStream
 
     torch.manual_seed(0)
-    moe = MoEConfig(d_model=32, num_experts=4, expert_hidden=32, router=RouterConfig(top_k=2),
+    # DeepSeek-V3 routing with aux-loss-free bias balancing: the bias update must see the global loads
+    router = RouterConfig(kind="deepseek", top_k=2, score_func="sigmoid", bias_update_rate=0.05)
+    moe = MoEConfig(d_model=32, num_experts=4, expert_hidden=32, num_shared_experts=1, router=router,
                     loss=LossConfig(aux_coef=0.0, z_coef=1e-3))
     model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32,
                                        moe=moe))
@@ -283,13 +285,15 @@ def trainer_setup():
 def trainer_ep(rank: int, world_size: int, run_dir: str, resume_dir: str, out: str) -> None:
     """moekit.train.train with parallel=: a fresh EP run, and an EP run resumed from a single-process
     checkpoint (step 3)."""
+    from moekit.train.hooks import RouterBiasUpdate
     from moekit.train.trainer import train
 
     model, cfg, data = trainer_setup()
     plan = parallelize(model, world_size)
-    fresh = train(model, data, data, cfg, out_dir=run_dir, parallel=plan)
+    fresh = train(model, data, data, cfg, out_dir=run_dir, parallel=plan, hooks=[RouterBiasUpdate()])
     model, cfg, data = trainer_setup()
     plan = parallelize(model, world_size)
-    resumed = train(model, data, data, cfg, out_dir=resume_dir, resume=True, parallel=plan)
+    resumed = train(model, data, data, cfg, out_dir=resume_dir, resume=True, parallel=plan,
+                    hooks=[RouterBiasUpdate()])
     if rank == 0:
         torch.save({"fresh": fresh, "resumed": resumed}, out)
