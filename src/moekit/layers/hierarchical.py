@@ -30,6 +30,12 @@ class HierarchicalMoE(nn.Module):
         self.groups = nn.ModuleList(MoELayer(inner) for _ in range(G))
         self.causal_safe = all(g.router.causal_safe for g in self.groups)
 
+    def active_params(self) -> int:
+        """Top router + the active parameters of top_k of the G groups."""
+        k_top = self.router.top_k
+        group = self.groups[0].active_params()
+        return sum(p.numel() for p in self.router.parameters()) + k_top * group
+
     def forward(self, x: Tensor, **kw) -> MoEOutput:
         x_TD = flatten_tokens(x, self.cfg.d_model)
         top = self.router(x_TD)

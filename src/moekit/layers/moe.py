@@ -79,6 +79,12 @@ class MoELayer(nn.Module):
     def causal_safe(self) -> bool:
         return self.router.causal_safe
 
+    def active_params(self) -> int:
+        """Parameters one token touches: everything but the (E - top_k) routed experts it skips."""
+        total = sum(p.numel() for p in self.parameters())
+        per_expert = sum(p.numel() for p in self.experts.parameters()) / self.cfg.num_experts
+        return total - round(per_expert * (self.cfg.num_experts - self.cfg.router.top_k))
+
     def forward(self, x: Tensor, *, task_ids: Tensor | None = None, mask: Tensor | None = None) -> MoEOutput:
         """x: [..., D]; task_ids: [B] or [...] ints (task routing); mask: [...] 1 = real token (losses)."""
         x_TD = flatten_tokens(x, self.cfg.d_model)

@@ -33,6 +33,10 @@ class SoftMoELayer(nn.Module):
         self.shared = MLP(D, cfg.num_shared_experts * cfg.shared_hidden_size, cfg.activation) \
             if cfg.num_shared_experts else None
 
+    def active_params(self) -> int:
+        """Every expert processes slots that mix every token: all parameters are active."""
+        return sum(p.numel() for p in self.parameters())
+
     def forward(self, x: Tensor, **ignored) -> MoEOutput:
         x_TD = flatten_tokens(x, self.cfg.d_model)
         x_BMD = x_TD.view(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x_TD[None]

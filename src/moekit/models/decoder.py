@@ -113,11 +113,10 @@ class MoETransformer(nn.Module):
         return n
 
     def num_active_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameters touched per token: routed experts count top_k of E (heterogeneous sizes: the mean)."""
+        """Parameters touched per token: each MoE layer reports its own (top_k of E routed experts, ...)."""
         n = self.num_params(exclude_embeddings)
         for moe in self.moe_layers():
-            per_expert = sum(p.numel() for p in moe.experts.parameters()) / moe.cfg.num_experts
-            n -= round(per_expert * (moe.cfg.num_experts - moe.cfg.router.top_k))
+            n -= sum(p.numel() for p in moe.parameters()) - moe.active_params()
         return n
 
     def param_groups(self) -> dict[str, list[str]]:

@@ -31,7 +31,9 @@ def train_one(label: str, cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
     final_val = [r for r in records if r["split"] == "val"][-1]
     train_rows = [r for r in records if r["split"] == "train"]
     load_LE = None
-    if model.moe_layers():  # expert load per layer on the fixed validation batches
+    from moekit.layers.routing import Router
+
+    if any(isinstance(m, Router) for m in model.modules()):  # expert load per layer on the validation batches
         from moekit.analysis.routing_stats import RoutingRecorder, load_E
 
         model.eval()

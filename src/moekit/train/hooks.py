@@ -21,7 +21,7 @@ class RouterBiasUpdate:
             return
         with torch.no_grad():
             for layer, counts_E in zip(ctx.model.moe_layers(), ctx.counts_per_layer):
-                update = getattr(layer.router, "update_bias", None)
+                update = getattr(getattr(layer, "router", None), "update_bias", None)
                 if update is not None:
                     update(counts_E)
 

@@ -1,0 +1,76 @@
+"""Every router on the same data: train a small MoE LM for a fixed number of steps with each and print
+validation loss, load imbalance (max/mean), dropped fraction and step time relative to softmax top-2.
+
+Run:  python benchmarks/bench_routers.py [--steps 200]
+
+Same seed, same batches, same model shape for every router (8 experts, expert hidden 128, d=96, 3 layers).
+Non-causal routers (expert-choice, sequence-level, Soft MoE) are run with allow_noncausal=True: their
+validation loss is optimistic because they see future tokens; the table marks them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from moekit.config import CapacityConfig, LossConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig
+from moekit.train.compare import train_one
+from moekit.train.data import build_corpus
+
+ROUTERS = {
+    "softmax top-2 (Mixtral)": dict(router=RouterConfig(kind="softmax_topk", top_k=2)),
+    "switch top-1, cf 1.25": dict(router=RouterConfig(kind="switch", top_k=1),
+                                  capacity=CapacityConfig(capacity_factor=1.25, eval_capacity_factor=2.0)),
+    "noisy top-2 (Shazeer)": dict(router=RouterConfig(kind="noisy_topk", top_k=2),
+                                  loss=LossConfig(aux_coef=0.0, importance_coef=0.1, load_coef=0.1)),
+    "gshard top-2, cf 1.25": dict(router=RouterConfig(kind="gshard", top_k=2),
+                                  capacity=CapacityConfig(capacity_factor=1.25, eval_capacity_factor=2.0)),
+    "top-2 + reroute, cf 1.0": dict(router=RouterConfig(kind="softmax_topk", top_k=2),
+                                    capacity=CapacityConfig(capacity_factor=1.0, overflow="reroute")),
+    "sinkhorn top-2 (BASE)": dict(router=RouterConfig(kind="sinkhorn", top_k=2)),
+    "dynamic top-p 0.5 (max 4)": dict(router=RouterConfig(kind="top_p", top_k=4, top_p=0.5)),
+    "deepseek-v3 sigmoid+bias": dict(router=RouterConfig(kind="deepseek", top_k=2, score_func="sigmoid", n_groups=4,
+                                                         topk_groups=2, bias_update_rate=1e-3),
+                                     loss=LossConfig(aux_coef=0.0, seq_aux_coef=1e-4)),
+    "hierarchical 2x4, top-2": dict(router=RouterConfig(kind="softmax_topk", top_k=2), hierarchical_groups=2),
+    "expert-choice (non-causal)": dict(router=RouterConfig(kind="expert_choice", top_k=2), allow_noncausal=True),
+    "sequence-level (non-causal)": dict(router=RouterConfig(kind="sequence", top_k=2), allow_noncausal=True),
+    "soft MoE (non-causal)": dict(router=RouterConfig(kind="soft", top_k=1, slots_per_expert=2),
+                                  allow_noncausal=True),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--out", default="runs/bench_routers")
+    args = ap.parse_args()
+    corpus = build_corpus(vocab_size=2048, max_bytes=4_000_000)
+    tcfg = TrainConfig(steps=args.steps, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=args.steps // 20,
+                       eval_every=args.steps, eval_batches=8, log_every=max(1, args.steps // 20))
+    d = 96
+    base = ModelConfig(vocab_size=corpus.tokenizer.vocab_size, d_model=d, n_layers=3, n_heads=4, max_seq_len=256,
+                       moe=MoEConfig(d_model=d, num_experts=8, expert_hidden=128))
+    rows = []
+    for name, kw in ROUTERS.items():
+        moe = dataclasses.replace(base.moe, **{"loss": LossConfig(aux_coef=0.01), **kw})
+        row = train_one(name.split(" ")[0], dataclasses.replace(base, moe=moe), corpus, tcfg, Path(args.out))
+        train_rows = [r for r in row["records"] if r["split"] == "train"]
+        last = train_rows[-5:]
+        rows.append((name, row["val_loss"], sum(r["imbalance"] for r in last) / len(last),
+                     sum(r["dropped"] for r in train_rows) / len(train_rows), row["seconds"] / args.steps))
+        print(f"done: {name}", flush=True)
+    base_time = rows[0][4]
+    print(f"\n{args.steps} steps x {tcfg.batch_size}x{tcfg.seq_len} tokens, 3 MoE layers x 8 experts, "
+          f"d={d}; corpus: {corpus.description}\n")
+    print("| router | val loss | imbalance max/mean | dropped | step time vs softmax top-2 |")
+    print("|---|---|---|---|---|")
+    for name, loss, imb, drop, t in rows:
+        print(f"| {name} | {loss:.4f} | {imb:.2f} | {drop:.3f} | {t / base_time:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
