@@ -230,8 +230,27 @@ class MoEConfig:
         return cls(**d)
 
 
-ATTENTION_KINDS = ("gqa",)  # "mla" (DeepSeek multi-head latent attention) is added by moekit.models.mla
+ATTENTION_KINDS = ("gqa", "mla")  # mla: DeepSeek-V2/V3 multi-head latent attention (models/mla.py)
 QK_NORMS = ("none", "per_head", "full")
+
+
+@dataclass(kw_only=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2, Liu et al. 2024): low-rank compressed queries and keys/values,
+    a decoupled RoPE key shared by all heads."""
+
+    q_lora_rank: int = 0  # 0 = full-rank query projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_interleave: bool = True  # DeepSeek checkpoints store the RoPE dims as interleaved pairs
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            check_positive_int("MLAConfig", name, getattr(self, name))
+        check(isinstance(self.q_lora_rank, int) and self.q_lora_rank >= 0, "MLAConfig", "q_lora_rank",
+              self.q_lora_rank, "must be an integer >= 0 (0 = no query compression)")
 
 
 @dataclass(kw_only=True)
@@ -252,6 +271,7 @@ class ModelConfig:
     moe_layers: str = "all"  # "all" | "every_other" (Switch/GShard: layers 1, 3, 5, ...)
     first_k_dense: int = 0  # DeepSeek: the first k layers keep a dense FFN
     attention: str = "gqa"
+    mla: MLAConfig | None = None  # required when attention == "mla"
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     qk_norm: str = "none"  # "per_head" (Qwen3: RMSNorm over head_dim) | "full" (OLMoE: over the projection)
     tie_embeddings: bool = False
@@ -263,6 +283,8 @@ class ModelConfig:
         o = "ModelConfig"
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig(**self.mla)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             check_positive_int(o, name, getattr(self, name))
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -277,6 +299,8 @@ class ModelConfig:
               "first_k_dense", self.first_k_dense, f"must be an integer in [0, n_layers={self.n_layers}]")
         check_choice(o, "attention", self.attention, ATTENTION_KINDS)
         check_choice(o, "qk_norm", self.qk_norm, QK_NORMS)
+        check(self.attention != "mla" or self.mla is not None, o, "mla", self.mla,
+              "must be an MLAConfig when attention='mla'")
         check_fraction(o, "dropout", self.dropout)
         check(self.init_std > 0, o, "init_std", self.init_std, "must be > 0")
         if self.moe is not None:

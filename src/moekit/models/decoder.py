@@ -14,9 +14,9 @@ from moekit.config import ConfigError, ModelConfig
 from moekit.layers.experts import MLP, GroupedExperts
 from moekit.layers.moe import MoEAux, MoELayer, build_moe_layer
 from moekit.models.blocks import Attention, RMSNorm, RotaryEmbedding
+from moekit.models.mla import MLAttention
 
-# attention kind -> module class; moekit.models.mla registers "mla"
-ATTENTION: dict[str, type[nn.Module]] = {"gqa": Attention}
+ATTENTION: dict[str, type[nn.Module]] = {"gqa": Attention, "mla": MLAttention}
 
 
 @dataclass
@@ -60,7 +60,8 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+        self.rope = RotaryEmbedding(rope_dim, cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
 
     @torch.no_grad()

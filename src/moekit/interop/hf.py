@@ -1,0 +1,179 @@
+"""Load and export Hugging Face checkpoints (config.json + safetensors, single file or sharded).
+
+``load_hf(folder) -> MoETransformer`` and ``save_hf(model, folder, model_type)``; the per-family key maps
+and config translations live in ``families.py``. Every error names the file, key or field at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moekit.config import ModelConfig
+from moekit.interop.families import COMMON, FAMILIES, LAYER_NORMS, Family
+from moekit.models.decoder import MoETransformer
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json (expected a Hugging Face model folder)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from None
+
+
+def family_of(cfg: dict) -> Family:
+    mt = cfg.get("model_type")
+    if mt not in FAMILIES:
+        raise ValueError(f"config.json model_type={mt!r}: not supported; supported: {sorted(FAMILIES)}")
+    return FAMILIES[mt]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint; every shard named by the index must exist."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(folder)!r}: shards listed in model.safetensors.index.json are missing: "
+                                    f"{missing}")
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json")
+
+
+def key_pairs(fam: Family, hf_cfg: dict, mcfg: ModelConfig) -> list[tuple[str, str]]:
+    """Every (hf_key, moekit_key) of a model; moekit keys of stacked experts end in [e] with e filled in."""
+    pairs = [(h, m) for h, m in COMMON if not (m == "lm_head.weight" and mcfg.tie_embeddings)]
+    E = mcfg.moe.num_experts if mcfg.moe else 0
+    for i in range(mcfg.n_layers):
+        templates = LAYER_NORMS + fam.attn(hf_cfg) + (fam.moe if mcfg.is_moe_layer(i) else fam.dense)
+        for h, m in templates:
+            if "{e}" in h:
+                pairs += [(h.format(i=i, e=e), m.format(i=i).replace("[e]", f"[{e}]")) for e in range(E)]
+            else:
+                pairs.append((h.format(i=i), m.format(i=i)))
+    return pairs
+
+
+def _split_stacked(key: str) -> tuple[str, int | None]:
+    m = re.match(r"^(.*)\[(\d+)\]$", key)
+    return (m.group(1), int(m.group(2))) if m else (key, None)
+
+
+def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> MoETransformer:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"HF checkpoint folder {str(folder)!r} does not exist")
+    hf_cfg = read_config(folder)
+    fam = family_of(hf_cfg)
+    mcfg = fam.to_moekit(hf_cfg)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in MoETransformer(mcfg).state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for f in weight_files(folder):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                tensors[k] = sf.get_tensor(k)
+    state: dict[str, torch.Tensor] = {}
+    stacked: dict[str, dict[int, torch.Tensor]] = {}
+    used = set()
+    for hk, mk in key_pairs(fam, hf_cfg, mcfg):
+        if hk not in tensors:
+            raise KeyError(f"{str(folder)!r}: tensor {hk!r} is missing from the checkpoint")
+        used.add(hk)
+        base, e = _split_stacked(mk)
+        t = tensors[hk].to(dtype)
+        want = shapes[base][1:] if e is not None else shapes[base]
+        if tuple(t.shape) != tuple(want):
+            raise ValueError(f"{str(folder)!r}: tensor {hk!r} has shape {tuple(t.shape)}, expected {tuple(want)} "
+                             f"from config.json")
+        if e is None:
+            state[base] = t
+        else:
+            stacked.setdefault(base, {})[e] = t
+    for base, parts in stacked.items():
+        state[base] = torch.stack([parts[e] for e in range(len(parts))])
+    # MTP modules (DeepSeek-V3 layers >= num_hidden_layers) and rotary caches are not part of the model
+    extra = [k for k in tensors if k not in used and not _ignorable(k, mcfg.n_layers)]
+    if extra:
+        raise ValueError(f"{str(folder)!r}: unexpected tensors not covered by the {fam.model_type} key map: "
+                         f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    model = MoETransformer(mcfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and mcfg.tie_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"internal key map mismatch for {fam.model_type}: missing {missing}, unexpected {unexpected}")
+    model.hf_model_type = fam.model_type
+    return model.to(dtype)
+
+
+def _ignorable(key: str, n_layers: int) -> bool:
+    if "rotary_emb" in key:
+        return True
+    m = re.match(r"^model\.layers\.(\d+)\.", key)
+    return bool(m and int(m.group(1)) >= n_layers)
+
+
+def save_hf(model: MoETransformer, folder: str | Path, model_type: str | None = None,
+            max_shard_bytes: int | None = None) -> Path:
+    """Write config.json + safetensors (sharded with an index above ``max_shard_bytes``) atomically."""
+    model_type = model_type or getattr(model, "hf_model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type={model_type!r}: choose one of {sorted(FAMILIES)}")
+    fam = FAMILIES[model_type]
+    hf_cfg = fam.to_hf(model.cfg)
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for hk, mk in key_pairs(fam, hf_cfg, model.cfg):
+        base, e = _split_stacked(mk)
+        out[hk] = (sd[base][e] if e is not None else sd[base]).detach().contiguous().cpu()
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        if max_shard_bytes is None:
+            save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            _save_sharded(out, tmp, max_shard_bytes)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    n = len(shards)
+    weight_map = {}
+    for j, shard in enumerate(shards):
+        name = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
