@@ -117,7 +117,7 @@ def main() -> None:
         print(f"{ep:>3} {T // ep:>11} {t['fwd'] * 1e3:>8.1f} {t['step'] * 1e3:>8.1f} "
               f"{t['step'] / base:>8.2f} {r['bytes'] / 1e6:>12.2f} {expected / 1e6:>9.2f}")
     print(f"overlap: exchange pipelined in {args.chunks} chunks vs 1 "
-          f"(speed-up = time(1) / time({args.chunks}); backward is not pipelined)")
+          f"(speed-up = time(1) / time({args.chunks}); forward and backward pipelined)")
     for ep, r in results.items():
         if str(args.chunks) in r["times"]:
             t1, tc = r["times"]["1"], r["times"][str(args.chunks)]

@@ -126,6 +126,8 @@ def check_layer(rank: int, world_size: int, ep_size: int, case: Case) -> None:
     assert_grads_match(ep, plan, ref, case, " after clipping")
     if ep_size > 1 and isinstance(ep, MoELayer):
         check_bytes(ep, x.detach(), plan.groups.ep_rank, case.num_experts // ep_size)
+    with torch.no_grad():  # inference takes the path without autograd graphs
+        assert_close("y without grad", ep(inputs[rank][0]).y, ref_y[rank], case)
 
 
 def check_bytes(ep: MoELayer, x: torch.Tensor, ep_rank: int, L: int) -> None:

@@ -17,8 +17,8 @@ rank's tokens separately.
 
 Comm/compute overlap (FasterMoE, He et al. 2022, "smart scheduling"): with ``num_chunks`` > 1,
 ``pipeline`` splits the tokens into contiguous chunks and starts the asynchronous exchange of chunk c+1
-before computing the experts on chunk c; the results travel back asynchronously too. Backward runs the
-reverse exchanges synchronously (no overlap there).
+before computing the experts on chunk c; the results travel back asynchronously too. Backward is
+pipelined the same way: the gradients of chunk c+1 travel while the experts' backward runs on chunk c.
 
 Legend: T tokens, D model dim, E global experts, L local experts, W EP ranks, C chunks, R routed rows.
 """
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moekit.distributed.all_to_all import CommStats, all_to_all, exchange_counts
+from moekit.distributed.all_to_all import CommStats, all_to_all, exchange, exchange_counts
 from moekit.layers.dispatch import DispatchMeta, LocalDispatcher
 from moekit.layers.routing import Routing
 
@@ -92,38 +92,95 @@ class AllToAllDispatcher:
         return EPMeta(num_tokens=T, token_R=routing.token_N[order_N], weight_R=routing.weight_N[order_N],
                       chunks=chunks)
 
-    def send(self, x_sent_RD: Tensor, chunk: EPChunk, pending: list | None = None) -> Tensor:
-        return all_to_all(x_sent_RD, chunk.recv_splits, chunk.send_splits, self.group, pending, self.stats)
-
-    def send_back(self, y_RD: Tensor, chunk: EPChunk, pending: list | None = None) -> Tensor:
-        y_recv_RD = torch.empty_like(y_RD).index_copy(0, chunk.order_R, y_RD)
-        return all_to_all(y_recv_RD, chunk.send_splits, chunk.recv_splits, self.group, pending, self.stats)
-
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, EPMeta]:
         """-> rows for this rank's L local experts in contiguous blocks, their counts_L, meta."""
         meta = self.schedule(routing, 1)
         chunk = meta.chunks[0]
-        x_recv_RD = self.send(x_TD.index_select(0, meta.token_R), chunk)
+        x_recv_RD = all_to_all(x_TD.index_select(0, meta.token_R), chunk.recv_splits, chunk.send_splits,
+                               self.group, self.stats)
         return x_recv_RD.index_select(0, chunk.order_R), chunk.counts_L, meta
 
     def combine(self, y_RD: Tensor, meta: EPMeta) -> Tensor:
-        return LocalDispatcher().combine(self.send_back(y_RD, meta.chunks[0]), meta)
+        chunk = meta.chunks[0]
+        y_recv_RD = torch.empty_like(y_RD).index_copy(0, chunk.order_R, y_RD)
+        y_sent_RD = all_to_all(y_recv_RD, chunk.send_splits, chunk.recv_splits, self.group, self.stats)
+        return LocalDispatcher().combine(y_sent_RD, meta)
 
     def pipeline(self, x_TD: Tensor, routing: Routing, experts: nn.Module) -> Tensor:
-        """dispatch -> experts -> combine with the exchange of chunk c+1 overlapping expert compute on c."""
+        """dispatch -> experts -> combine, chunked so that exchanges overlap expert compute (forward and
+        backward)."""
         meta = self.schedule(routing, self.num_chunks)
-        x_sent = x_TD.index_select(0, meta.token_R).split([sum(ch.send_splits) for ch in meta.chunks])
-        arrivals: list[list] = [[] for _ in meta.chunks]
+        x_sent_RD = x_TD.index_select(0, meta.token_R)
+        params = [p for p in experts.parameters() if p.requires_grad]
+        if torch.is_grad_enabled() and (x_sent_RD.requires_grad or params):
+            y_sent_RD = _PipelinedExperts.apply(self, experts, meta, x_sent_RD, *params)
+        else:
+            y_sent_RD = torch.cat(self.run_chunks(x_sent_RD, meta, lambda c, x: experts_on_chunk(
+                experts, meta.chunks[c], x)))
+        return LocalDispatcher().combine(y_sent_RD, meta)
+
+    def run_chunks(self, x_sent_RD: Tensor, meta: EPMeta, compute) -> list[Tensor]:
+        """For every chunk c: send its rows to their owners, ``compute(c, received rows)``, send the result
+        back. The exchange of chunk c+1 is in flight while chunk c computes; results travel back
+        asynchronously. Returns the returned rows per chunk (aligned with the rows sent)."""
+        chunks = meta.chunks
+        x_sent = x_sent_RD.split([sum(ch.send_splits) for ch in chunks])
+        arrivals: list[list] = [[] for _ in chunks]
         returns: list = []
-        x_recv = [self.send(x_sent[0], meta.chunks[0], arrivals[0])]
-        y_back = []
-        for c, chunk in enumerate(meta.chunks):
-            if c + 1 < len(meta.chunks):
-                x_recv.append(self.send(x_sent[c + 1], meta.chunks[c + 1], arrivals[c + 1]))
+
+        def start(c: int) -> Tensor:
+            return exchange(x_sent[c], chunks[c].recv_splits, chunks[c].send_splits, self.group, arrivals[c],
+                            self.stats)
+
+        received = [start(0)]
+        back = []
+        for c, chunk in enumerate(chunks):
+            if c + 1 < len(chunks):
+                received.append(start(c + 1))
             for work in arrivals[c]:
                 work.wait()
-            y_RD = experts(x_recv[c].index_select(0, chunk.order_R), chunk.counts_L)
-            y_back.append(self.send_back(y_RD, chunk, returns))
+            back.append(exchange(compute(c, received[c]), chunk.send_splits, chunk.recv_splits, self.group,
+                                 returns, self.stats))
         for work in returns:
             work.wait()
-        return LocalDispatcher().combine(torch.cat(y_back), meta)
+        return back
+
+
+def experts_on_chunk(experts: nn.Module, chunk: EPChunk, x_recv_RD: Tensor) -> Tensor:
+    """Local experts on the rows received for one chunk (regrouped by local expert and back)."""
+    y_RD = experts(x_recv_RD.index_select(0, chunk.order_R), chunk.counts_L)
+    return torch.empty_like(y_RD).index_copy(0, chunk.order_R, y_RD)
+
+
+class _PipelinedExperts(torch.autograd.Function):
+    """The chunked exchange + expert compute as one autograd node, so that backward is pipelined too:
+    the gradients of chunk c+1 travel to the expert owners while the experts' backward runs on chunk c.
+    Each chunk's expert compute is a small graph recorded in forward and back-propagated from inside this
+    node's backward (re-entrant, like reentrant activation checkpointing); expert parameter gradients
+    accumulate there, so the parameters are inputs only to keep this node in the graph."""
+
+    @staticmethod
+    def forward(ctx, dispatcher: AllToAllDispatcher, experts: nn.Module, meta: EPMeta, x_sent_RD: Tensor,
+                *params):
+        ctx.dispatcher, ctx.meta, ctx.graphs = dispatcher, meta, []
+
+        def compute(c: int, x_recv_RD: Tensor) -> Tensor:
+            with torch.enable_grad():
+                x_in = x_recv_RD.requires_grad_()
+                y = experts_on_chunk(experts, meta.chunks[c], x_in)
+            ctx.graphs.append((x_in, y))
+            return y.detach()
+
+        return torch.cat(dispatcher.run_chunks(x_sent_RD, meta, compute))
+
+    @staticmethod
+    def backward(ctx, grad_y_sent_RD: Tensor):
+        def compute(c: int, grad_y_RD: Tensor) -> Tensor:
+            x_in, y = ctx.graphs[c]
+            torch.autograd.backward(y, grad_y_RD)
+            return x_in.grad if x_in.grad is not None else torch.zeros_like(x_in)
+
+        # gradients flow the same way as the forward rows: to the expert owners and back
+        grad_x_sent_RD = torch.cat(ctx.dispatcher.run_chunks(grad_y_sent_RD, ctx.meta, compute))
+        ctx.graphs = None
+        return (None, None, None, grad_x_sent_RD) + (None,) * (len(ctx.needs_input_grad) - 4)
