@@ -20,8 +20,9 @@ def test_torchrun_train_expert_parallel(tmp_path):
                 return [x * k + {i} for k in range(10)]
             """) * 20)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "moekit", "train", "--expert-parallel", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "moekit", "train", "--expert-parallel", "2",
            "--data", str(data), "--vocab-size", "300", "--steps", "3", "--batch-size", "4", "--seq-len", "32",
            "--eval-every", "3", "--out", str(run), "--no-progress"]
     env = dict(os.environ, MOEKIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")

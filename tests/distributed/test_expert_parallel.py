@@ -59,14 +59,15 @@ def test_ep2_training_matches_single_process(tmp_path):
     # the gathered optimizer state equals the single-process one (Adam moments) and loads into it
     for i, s in opt.state_dict()["state"].items():
         for k, v in s.items():
-            torch.testing.assert_close(got["optimizer"]["state"][i][k], v, rtol=1e-4, atol=1e-6, msg=f"{i}.{k}")
+            torch.testing.assert_close(got["optimizer"]["state"][i][k], v, rtol=1e-4, atol=1e-6,
+                                       msg=f"{i}.{k}")
     opt.load_state_dict(got["optimizer"])
 
 
 def test_trainer_with_expert_parallel_matches_single_process(tmp_path):
     """moekit.train.train(parallel=...) on 2 ranks (grad accumulation, clipping, eval, checkpoints, DeepSeek
-    bias balancing from global loads) logs the single-process run's losses; its checkpoint loads into a single process; a single-process checkpoint
-    resumes under EP and continues the single-process curve."""
+    bias balancing from global loads) logs the single-process run's losses; its checkpoint loads into a
+    single process; a single-process checkpoint resumes under EP and continues the single-process curve."""
     import shutil
 
     from moekit.train.checkpoint import load_model

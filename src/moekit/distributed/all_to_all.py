@@ -53,10 +53,11 @@ def exchange_counts(send_counts: Tensor, group: dist.ProcessGroup | None) -> Ten
     return recv_counts
 
 
-def exchange(x_RD: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None = None,
-             pending: list | None = None, stats: CommStats | None = None) -> Tensor:
+def exchange(x_RD: Tensor, out_splits: list[int], in_splits: list[int],
+             group: dist.ProcessGroup | None = None, pending: list | None = None,
+             stats: CommStats | None = None) -> Tensor:
     """``all_to_all_single`` over dim 0 with uneven splits, outside autograd; asynchronous when ``pending``
-    is a list (the work handle is appended; the result must not be read before ``handle.wait()``)."""
+    is a list (a ``Pending`` is appended; the result must not be read before its ``wait()``)."""
     out_RD = x_RD.new_empty(sum(out_splits), *x_RD.shape[1:])
     x_RD = x_RD.contiguous()
     work = dist.all_to_all_single(out_RD, x_RD, list(out_splits), list(in_splits), group=group,
