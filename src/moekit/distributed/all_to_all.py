@@ -1,4 +1,5 @@
-"""Differentiable all-to-all with uneven splits, blocking or asynchronous.
+"""All-to-all with uneven splits: ``all_to_all`` (differentiable, blocking) and ``exchange`` (outside
+autograd, blocking or asynchronous; the pipelined dispatcher builds its own backward from it).
 
 Rank r sends rows ``x[sum(in_splits[:j]) : sum(in_splits[:j+1])]`` to rank j and receives
 ``out_splits[j]`` rows from rank j. The backward of an all-to-all is the reverse all-to-all (splits
