@@ -72,8 +72,20 @@ def _check_rope(cfg: dict) -> None:
         raise ValueError(f"config.json rope_type={kind!r}: only the default RoPE is supported so far")
 
 
+def _check_unsupported(cfg: dict) -> None:
+    """Fields whose other values moekit's decoder does not compute; loading them would silently change logits."""
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json hidden_act={act!r}: only 'silu' (SwiGLU FFNs) is supported")
+    # Qwen configs carry a sliding_window that only applies when use_sliding_window is true
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", "use_sliding_window" not in cfg) else None
+    if window:
+        raise ValueError(f"config.json sliding_window={window}: sliding-window attention is not supported")
+
+
 def _base(cfg: dict, **kw) -> dict:
     _check_rope(cfg)
+    _check_unsupported(cfg)
     H = cfg["num_attention_heads"]
     return dict(vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                 n_heads=H, n_kv_heads=cfg.get("num_key_value_heads") or H,

@@ -294,7 +294,8 @@ class DeepSeekRouter(Router):
             select_TE = select_TE.masked_fill(~expert_mask_TE, float("-inf"))
         token_N, expert_N, rank_N = topk_assignments(select_TE, self.top_k)
         weight_N = scores_TE[token_N, expert_N]
-        if c.renormalize and self.top_k > 1:
+        # V2 (softmax) skips normalising a single expert; V3 (sigmoid) always normalises, so top-1 gets 1
+        if c.renormalize and (self.top_k > 1 or c.score_func == "sigmoid"):
             weight_N = renormalize_per_token(weight_N, token_N, T)
         weight_N = weight_N * c.routed_scaling_factor
         return Routing(token_N, expert_N, weight_N, rank_N, logits_TE, scores_TE, T, E, self.top_k)

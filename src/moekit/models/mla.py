@@ -18,6 +18,10 @@ from moekit.config import ModelConfig
 from moekit.models.blocks import KVCache, RMSNorm, apply_rope, causal_attention
 
 
+# DeepSeek's latent RMSNorms use a fixed eps, not the model's rms_norm_eps (HF DeepseekV3Attention too)
+LATENT_NORM_EPS = 1e-6
+
+
 def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE on dims stored as interleaved pairs (x0, x1), (x2, x3), ...: rotate each pair by its angle and
     return the result in half layout [evens | odds], as DeepSeek's reference code does."""
@@ -36,12 +40,12 @@ class MLAttention(nn.Module):
         self.qk_head_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
         if m.q_lora_rank:
             self.q_a_proj = nn.Linear(D, m.q_lora_rank, bias=cfg.attention_bias)
-            self.q_a_layernorm = RMSNorm(m.q_lora_rank, cfg.norm_eps)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(m.q_lora_rank, H * self.qk_head_dim, bias=False)
         else:
             self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, m.kv_lora_rank + m.qk_rope_head_dim, bias=cfg.attention_bias)
-        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, cfg.norm_eps)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * m.v_head_dim, D, bias=cfg.attention_bias)
         self.dropout = cfg.dropout

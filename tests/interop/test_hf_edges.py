@@ -1,0 +1,72 @@
+"""Edge cases of HF interop against transformers' own modules: configs off the defaults (DeepSeek top-1,
+rms_norm_eps != 1e-6), router logits and the load-balancing loss of a patched model, and fields moekit
+refuses instead of silently computing something else."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from moekit.interop.hf import load_hf
+from moekit.interop.patch import patch
+from tests.interop.test_hf import FAMILIES, TINY
+
+transformers = pytest.importorskip("transformers")
+
+
+def build(model_type, **over):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.AutoConfig.for_model(model_type, **{**TINY, **FAMILIES[model_type], **over})
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.05 if "norm" not in name else 1.0)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.05)
+    return model
+
+
+IDS = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("over", [dict(num_experts_per_tok=1), dict(rms_norm_eps=1e-2)],
+                         ids=["top1_normalised", "rms_norm_eps"])
+def test_deepseek_off_default_configs_match_hf(over, tmp_path):
+    hf = build("deepseek_v3", **over)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path).eval()
+    with torch.no_grad():
+        assert (ours(IDS).logits - hf(IDS).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_patched_model_returns_hf_router_logits_and_loss(model_type):
+    hf = build(model_type)
+    with torch.no_grad():
+        ref = hf(IDS, labels=IDS, output_router_logits=True)
+        patch(hf)
+        got = hf(IDS, labels=IDS, output_router_logits=True)
+    assert len(got.router_logits) == len(ref.router_logits) > 0
+    for a, b in zip(got.router_logits, ref.router_logits):
+        assert (a - b).abs().max().item() <= 1e-5
+    assert (got.loss - ref.loss).abs().item() <= 1e-5  # includes HF's load-balancing loss where the family has one
+    if ref.aux_loss is not None:
+        assert (got.aux_loss - ref.aux_loss).abs().item() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type, field, value", [("mixtral", "hidden_act", "gelu"),
+                                                      ("mixtral", "sliding_window", 4),
+                                                      ("qwen3_moe", "use_sliding_window", True)])
+def test_fields_moekit_cannot_compute_are_refused(model_type, field, value, tmp_path):
+    build(model_type).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[field] = value
+    if field == "use_sliding_window":
+        cfg["sliding_window"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"config.json {field if field != 'use_sliding_window' else 'sliding_window'}="):
+        load_hf(tmp_path)
