@@ -133,6 +133,75 @@ def _inspect(ns) -> int:
     return 0
 
 
+# ---- interop: convert / upcycle
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="an HF model folder (config.json + safetensors) or a moekit checkpoint/run folder")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--to", choices=["moekit", "hf"], required=True, help="output format")
+    p.add_argument("--model-type", default=None, help="HF family for --to hf (mixtral, qwen2_moe, qwen3_moe, olmoe, "
+                                                      "deepseek_v3, llama, qwen2); default: the one it was loaded from")
+    p.add_argument("--max-shard-bytes", type=int, default=None, help="shard the HF safetensors above this size")
+
+
+@command("convert", "convert between Hugging Face checkpoints and moekit checkpoints (identical logits)",
+         _convert_args)
+def _convert(ns) -> int:
+    from moekit.interop.hf import load_hf, save_hf
+    from moekit.train.checkpoint import load_model, save_checkpoint
+
+    if ns.to == "moekit":
+        model = load_hf(ns.src)
+        path = save_checkpoint(ns.dst, 0, model, model.cfg, {"source": str(ns.src), "hf_model_type":
+                                                              model.hf_model_type})
+    else:
+        from moekit.train.checkpoint import load_checkpoint
+
+        model = load_model(ns.src)
+        model_type = ns.model_type or load_checkpoint(ns.src)[2].get("hf_model_type")
+        path = save_hf(model, ns.dst, model_type, max_shard_bytes=ns.max_shard_bytes)
+    print(f"wrote {path} ({model.num_params():,} parameters, {model.num_active_params():,} active)")
+    return 0
+
+
+def _upcycle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a dense HF Llama/Qwen2 folder or a dense moekit checkpoint")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--num-experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--moe-layers", choices=["all", "every_other"], default="all")
+    p.add_argument("--router-std", type=float, default=0.02)
+    p.add_argument("--expert-noise", type=float, default=0.0, help="relative Gaussian noise on expert copies")
+    p.add_argument("--to", choices=["moekit", "hf"], default="moekit",
+                   help="hf writes a Mixtral checkpoint (Llama sources only)")
+
+
+def _is_hf_folder(path) -> bool:
+    cfg = path / "config.json"
+    return cfg.is_file() and "model_type" in json.loads(cfg.read_text())
+
+
+@command("upcycle", "sparse upcycling: turn a dense checkpoint into an MoE whose experts start as the dense FFN",
+         _upcycle_args)
+def _upcycle(ns) -> int:
+    from pathlib import Path
+
+    from moekit.interop.hf import load_hf, save_hf
+    from moekit.interop.upcycle import upcycle
+    from moekit.train.checkpoint import load_model, save_checkpoint
+
+    src = Path(ns.src)
+    dense = load_hf(src) if _is_hf_folder(src) else load_model(src)
+    moe = upcycle(dense, ns.num_experts, ns.top_k, moe_layers=ns.moe_layers, router_std=ns.router_std,
+                  expert_noise=ns.expert_noise)
+    if ns.to == "hf":
+        path = save_hf(moe, ns.dst, "mixtral")
+    else:
+        path = save_checkpoint(ns.dst, 0, moe, moe.cfg, {"upcycled_from": str(src)})
+    print(f"upcycled {dense.num_params():,} dense parameters into {moe.num_params():,} "
+          f"({moe.num_active_params():,} active, {ns.num_experts} experts, top-{ns.top_k}): {path}")
+    return 0
+
+
 # ---- training: demo / train / compare / generate
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="*", default=None,

@@ -101,3 +101,71 @@ def test_bad_folders_give_clear_errors(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_hf(folder)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_patched_hf_model_gives_identical_logits(model_type):
+    import moekit
+    from moekit.interop.patch import PatchedMoEBlock
+
+    hf = tiny_hf(model_type)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    moekit.patch(hf)
+    got = hf(ids).logits
+    assert sum(isinstance(layer.mlp, PatchedMoEBlock) for layer in hf.model.layers) >= 2
+    assert (got.detach() - ref).abs().max().item() <= 1e-5
+    got.sum().backward()  # the patched model trains
+    assert hf.model.layers[-1].mlp.moe.experts.w_up_EFD.grad is not None
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_dense_load_and_upcycled_model_equals_dense_at_step_0(model_type, tmp_path):
+    from moekit.interop.upcycle import upcycle
+
+    torch.manual_seed(3)
+    kw = {**TINY, "intermediate_size": 48}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **kw)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(0, 0.05 if "norm" not in name else 1.0)
+    hf.save_pretrained(tmp_path / "dense")
+    dense = load_hf(tmp_path / "dense").eval()
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (dense(ids).logits - ref).abs().max().item() <= 1e-5
+        moe = upcycle(dense, num_experts=4, top_k=2).eval()
+        assert moe.cfg.moe.num_experts == 4 and all(b.is_moe for b in moe.layers)
+        assert (moe(ids).logits - ref).abs().max().item() <= 1e-5
+        noisy = upcycle(dense, num_experts=4, top_k=2, expert_noise=0.1).eval()
+        assert (noisy(ids).logits - ref).abs().max().item() > 1e-4  # noise really perturbs the experts
+
+
+def test_cli_convert_roundtrip_and_upcycle_to_mixtral(tmp_path):
+    from moekit.cli import main
+
+    hf = tiny_hf("qwen3_moe")
+    hf.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "ck"), "--to", "moekit"]) == 0
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    ids = torch.randint(0, 96, (1, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert (back(ids).logits - hf(ids).logits).abs().max().item() <= 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "intermediate_size": 48})).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    assert main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "mixtral"), "--num-experts", "4", "--to", "hf"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mixtral = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
+    with torch.no_grad():  # HF's own Mixtral, built from the upcycled Llama, computes the dense function
+        assert (mixtral(ids).logits - dense(ids).logits).abs().max().item() <= 1e-5
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x"), "--to", "moekit"]) == 2

@@ -211,7 +211,26 @@ def deepseek_v3_to_hf(c: ModelConfig) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ dense Llama / Qwen2 (upcycling sources)
+def llama_to_moekit(cfg: dict) -> ModelConfig:
+    bias = cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias"))
+    return ModelConfig(**_base(cfg), dense_hidden=cfg["intermediate_size"], attention_bias=bias)
+
+
+def llama_to_hf(c: ModelConfig) -> dict:
+    return dict(_hf_base(c, "llama", "LlamaForCausalLM"), intermediate_size=c.dense_hidden,
+                attention_bias=c.attention_bias, mlp_bias=False)
+
+
+def qwen2_to_hf(c: ModelConfig) -> dict:
+    return dict(_hf_base(c, "qwen2", "Qwen2ForCausalLM"), intermediate_size=c.dense_hidden, use_sliding_window=False)
+
+
 FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", "LlamaForCausalLM", llama_to_moekit, llama_to_hf,
+                    lambda cfg: GQA + (GQA_BIAS if cfg.get("attention_bias") else []), dense=DENSE_MLP),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", llama_to_moekit, qwen2_to_hf, lambda cfg: GQA + GQA_BIAS,
+                    dense=DENSE_MLP),
     "mixtral": Family("mixtral", "MixtralForCausalLM", mixtral_to_moekit, mixtral_to_hf, lambda cfg: GQA,
                       moe=[("model.layers.{i}.block_sparse_moe.gate.weight", "layers.{i}.ffn.router.gate.weight")]
                       + experts_map("block_sparse_moe", ("w1", "w3", "w2"))),

@@ -127,6 +127,29 @@ def _ignorable(key: str, n_layers: int) -> bool:
     return bool(m and int(m.group(1)) >= n_layers)
 
 
+ROUTER_FIELDS = ("kind", "top_k", "renormalize", "score_func", "n_groups", "topk_groups", "routed_scaling_factor")
+
+
+def check_exportable(fam: Family, hf_cfg: dict, mcfg: ModelConfig, sd: dict, pairs: list[tuple[str, str]]) -> None:
+    """Refuse models the family's format cannot hold instead of writing a checkpoint that computes something
+    else: every tensor must have an HF key, and the routing/activation must survive the config round trip."""
+    covered = {_split_stacked(mk)[0] for _, mk in pairs}
+    tied = {"lm_head.weight"} if mcfg.tie_embeddings else set()
+    left = sorted(k for k in sd if k not in covered | tied and not k.endswith("unit_mask_EF"))
+    if left:
+        raise ValueError(f"model_type={fam.model_type!r} cannot hold these moekit tensors (attention bias, q/k "
+                         f"norms, dense layers, ...): {left[:6]}{' ...' if len(left) > 6 else ''}")
+    back = fam.to_moekit(hf_cfg).moe
+    if mcfg.moe is not None and back is not None:
+        diff = [(f"router.{f}", getattr(mcfg.moe.router, f), getattr(back.router, f)) for f in ROUTER_FIELDS
+                if getattr(mcfg.moe.router, f) != getattr(back.router, f)]
+        diff += [(f, getattr(mcfg.moe, f), getattr(back, f)) for f in ("activation", "shared_gate", "bias")
+                 if getattr(mcfg.moe, f) != getattr(back, f)]
+        if diff:
+            raise ValueError(f"model_type={fam.model_type!r} cannot express this MoE config: "
+                             + ", ".join(f"MoEConfig.{n}={a!r} (the format implies {b!r})" for n, a, b in diff))
+
+
 def save_hf(model: MoETransformer, folder: str | Path, model_type: str | None = None,
             max_shard_bytes: int | None = None) -> Path:
     """Write config.json + safetensors (sharded with an index above ``max_shard_bytes``) atomically."""
@@ -136,8 +159,10 @@ def save_hf(model: MoETransformer, folder: str | Path, model_type: str | None = 
     fam = FAMILIES[model_type]
     hf_cfg = fam.to_hf(model.cfg)
     sd = model.state_dict()
+    pairs = key_pairs(fam, hf_cfg, model.cfg)
+    check_exportable(fam, hf_cfg, model.cfg, sd, pairs)
     out: dict[str, torch.Tensor] = {}
-    for hk, mk in key_pairs(fam, hf_cfg, model.cfg):
+    for hk, mk in pairs:
         base, e = _split_stacked(mk)
         out[hk] = (sd[base][e] if e is not None else sd[base]).detach().contiguous().cpu()
     folder = Path(folder)
