@@ -70,3 +70,23 @@ def test_fields_moekit_cannot_compute_are_refused(model_type, field, value, tmp_
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=f"config.json {field if field != 'use_sliding_window' else 'sliding_window'}="):
         load_hf(tmp_path)
+
+
+def _tiny_moekit(**over):
+    from moekit.config import ModelConfig, MoEConfig, RouterConfig
+    from moekit.models.decoder import MoETransformer
+
+    router = RouterConfig(top_k=2, renormalize=over.pop("renormalize", True))
+    moe = MoEConfig(d_model=32, num_experts=4, expert_hidden=16, router=router)
+    return MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, moe=moe, **over))
+
+
+@pytest.mark.parametrize("over, match", [(dict(attention_bias=True), r"cannot hold .*q_proj\.bias"),
+                                         (dict(moe_layers="every_other"), r"cannot hold .*layers\.0\.ffn\.w_gate"),
+                                         (dict(renormalize=False), r"router\.renormalize=False")])
+def test_export_refuses_what_the_format_cannot_hold(over, match, tmp_path):
+    from moekit.interop.hf import save_hf
+
+    with pytest.raises(ValueError, match=match):
+        save_hf(_tiny_moekit(**over), tmp_path / "out", "mixtral")
+    assert not (tmp_path / "out").exists()
