@@ -403,3 +403,12 @@ def test_bf16_autocast_backends_agree(dispatcher):
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), layer(x).y, rtol=0.05, atol=0.02)  # bf16 vs fp32
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.02, atol=0.01)
+
+
+def test_float64_and_zero_token_batches():
+    layer = make_layer(15, d_model=16).double()  # auto backend must fall back from grouped_mm for float64
+    x = torch.randn(6, 16, dtype=torch.float64)
+    tok, exp, w = softmax_topk_routing64(x, layer.router.gate.weight, 2, renormalize=True)
+    torch.testing.assert_close(layer.eval()(x).y, combine_loop64(x, layer.experts, tok, exp, w))
+    out = layer.train()(torch.randn(0, 16, dtype=torch.float64))
+    assert out.y.shape == (0, 16) and torch.isfinite(out.aux.loss) and out.aux.loss.item() == 0.0

@@ -55,6 +55,10 @@ class ComputedWeightsExperts(GroupedExperts):
         self.activation, self.gated, self.act = src.activation, src.gated, src.act
         self.backend = src.backend
         self.dropout = src.dropout
+        if getattr(src, "unit_mask_EF", None) is not None:
+            raise ValueError("offloaded/quantised experts do not support heterogeneous expert sizes "
+                             "(MoEConfig.expert_hidden_sizes) yet")
+        self.unit_mask_EF, self.hidden_sizes = None, src.hidden_sizes
         self._active: tuple[Tensor | None, Tensor, Tensor] | None = None
 
     def weights_for(self, experts: list[int] | None) -> tuple[Tensor | None, Tensor, Tensor]:

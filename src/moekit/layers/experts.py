@@ -29,7 +29,8 @@ def grouped_mm_supported(x: Tensor, *dims: int) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     aligned = all(d * x.element_size() % 16 == 0 for d in dims)
-    return aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
+    return aligned and x.dtype in dtypes  # float64 is rejected by the kernel: the loop backend serves it
 
 
 def grouped_linear(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor, backend: str) -> Tensor:

@@ -12,9 +12,9 @@ from torch import Tensor
 
 
 def _masked_mean_T(v_TX: Tensor, mask_T: Tensor | None) -> Tensor:
-    """Mean over the token dim of a [T, ...] tensor, counting only real tokens."""
+    """Mean over the token dim of a [T, ...] tensor, counting only real tokens (0 when there are none)."""
     if mask_T is None:
-        return v_TX.mean(0)
+        return v_TX.sum(0) / max(v_TX.shape[0], 1)
     m = mask_T.to(v_TX.dtype).reshape(-1, *([1] * (v_TX.dim() - 1)))
     return (v_TX * m).sum(0) / m.sum().clamp_min(1.0)
 

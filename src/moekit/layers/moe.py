@@ -81,9 +81,11 @@ class MoELayer(nn.Module):
 
     def active_params(self) -> int:
         """Parameters one token touches: everything but the (E - top_k) routed experts it skips."""
+        # the experts held here may be this rank's shard under expert parallelism: count what is local
         total = sum(p.numel() for p in self.parameters())
-        per_expert = sum(p.numel() for p in self.experts.parameters()) / self.cfg.num_experts
-        return total - round(per_expert * (self.cfg.num_experts - self.cfg.router.top_k))
+        local_experts = self.experts.num_experts
+        per_expert = sum(p.numel() for p in self.experts.parameters()) / local_experts
+        return total - round(per_expert * (local_experts - self.cfg.router.top_k))
 
     def forward(self, x: Tensor, *, task_ids: Tensor | None = None, mask: Tensor | None = None) -> MoEOutput:
         """x: [..., D]; task_ids: [B] or [...] ints (task routing); mask: [...] 1 = real token (losses)."""

@@ -42,8 +42,9 @@ class SoftMoELayer(nn.Module):
         x_BMD = x_TD.view(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x_TD[None]
         B, M, D = x_BMD.shape
         E, p = self.cfg.num_experts, self.cfg.router.slots_per_expert
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits_BMS = self.phi(x_BMD.float())
+        with torch.autocast(device_type=x.device.type, enabled=False):  # slot softmaxes in >= float32
+            dt = torch.promote_types(x.dtype, torch.float32)
+            logits_BMS = torch.nn.functional.linear(x_BMD.to(dt), self.phi.weight.to(dt))
             dispatch_BMS = logits_BMS.softmax(dim=1)  # over tokens: each slot is a convex mix of tokens
             combine_BMS = logits_BMS.softmax(dim=2)  # over slots: each output a convex mix of slots
         slots_BSD = torch.einsum("bms,bmd->bsd", dispatch_BMS.to(x.dtype), x_BMD)
