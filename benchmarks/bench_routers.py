@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
+import statistics
+import time
 
 import torch
 
 from moekit.config import CapacityConfig, LossConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig
-from moekit.train.compare import train_one
+from moekit.models.decoder import MoETransformer, lm_loss
+from moekit.train.hooks import RouterBiasUpdate
+from moekit.train.trainer import train
 from moekit.train.data import build_corpus
 
 ROUTERS = {
@@ -46,7 +49,6 @@ ROUTERS = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--out", default="runs/bench_routers")
     args = ap.parse_args()
     corpus = build_corpus(vocab_size=2048, max_bytes=4_000_000)
     tcfg = TrainConfig(steps=args.steps, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=args.steps // 20,
@@ -54,15 +56,33 @@ def main() -> None:
     d = 96
     base = ModelConfig(vocab_size=corpus.tokenizer.vocab_size, d_model=d, n_layers=3, n_heads=4, max_seq_len=256,
                        moe=MoEConfig(d_model=d, num_experts=8, expert_hidden=128))
-    rows = []
+    rows, models = [], {}
     for name, kw in ROUTERS.items():
         moe = dataclasses.replace(base.moe, **{"loss": LossConfig(aux_coef=0.01), **kw})
-        row = train_one(name.split(" ")[0], dataclasses.replace(base, moe=moe), corpus, tcfg, Path(args.out))
-        train_rows = [r for r in row["records"] if r["split"] == "train"]
+        cfg = dataclasses.replace(base, moe=moe)
+        torch.manual_seed(tcfg.seed)
+        model = MoETransformer(cfg)
+        records = train(model, corpus.train, corpus.val, tcfg, hooks=[RouterBiasUpdate()])
+        train_rows = [r for r in records if r["split"] == "train"]
         last = train_rows[-5:]
-        rows.append((name, row["val_loss"], sum(r["imbalance"] for r in last) / len(last),
-                     sum(r["dropped"] for r in train_rows) / len(train_rows), row["seconds"] / args.steps))
+        rows.append([name, records[-1]["val_loss"], sum(r["imbalance"] for r in last) / len(last),
+                     sum(r["dropped"] for r in train_rows) / len(train_rows)])
+        models[name] = model
         print(f"done: {name}", flush=True)
+    # step time: forward + backward on one fixed batch, all routers timed round-robin so load drift hits
+    # them alike (training above ran sequentially on a shared machine)
+    x, y = corpus.train.batch(0, tcfg.batch_size, tcfg.seq_len)
+    times = {n: [] for n in models}
+    for rep in range(6):
+        for n, m in models.items():
+            t0 = time.perf_counter()
+            out = m(x)
+            (lm_loss(out.logits, y) + out.aux_loss).backward()
+            m.zero_grad(set_to_none=True)
+            if rep:  # first round is warm-up
+                times[n].append(time.perf_counter() - t0)
+    for row in rows:
+        row.append(statistics.median(times[row[0]]))
     base_time = rows[0][4]
     print(f"\n{args.steps} steps x {tcfg.batch_size}x{tcfg.seq_len} tokens, 3 MoE layers x 8 experts, "
           f"d={d}; corpus: {corpus.description}\n")
