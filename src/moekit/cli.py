@@ -202,6 +202,26 @@ def _upcycle(ns) -> int:
     return 0
 
 
+# ---- experiments
+def _experiments_args(p: argparse.ArgumentParser) -> None:
+    from moekit.experiments import EXPERIMENTS
+
+    p.add_argument("--quick", action="store_true", help="tiny budgets (CI smoke test, < 5 minutes)")
+    p.add_argument("--out", default="docs", help="folder for experiments.md and experiments/*.png")
+    p.add_argument("--only", nargs="*", choices=sorted(EXPERIMENTS), default=None)
+
+
+@command("experiments", "reproduce the seeds' claims at small scale; writes docs/experiments.md with plots",
+         _experiments_args)
+def _experiments(ns) -> int:
+    from moekit.experiments import run_all
+
+    report = run_all(ns.out, ns.quick, ns.only)
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
 # ---- training: demo / train / compare / generate
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="*", default=None,

@@ -83,8 +83,12 @@ class StepContext:
 
 def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, hooks: list = (), resume: bool = False, progress: bool = False,
-          device: str | torch.device = "cpu", label: str = "train", parallel=None) -> list[dict]:
+          device: str | torch.device = "cpu", label: str = "train", parallel=None,
+          loss_fn=None) -> list[dict]:
     """Train ``model`` in place; returns the logged records (train and eval).
+
+    ``loss_fn(output, x, y) -> loss`` replaces the LM loss (e.g. knowledge distillation); router losses
+    are still added.
 
     ``parallel``: the ``ExpertParallel`` returned by ``moekit.distributed.parallelize(model, ep)``. Each rank
     then trains on its 1/W of every batch (``batch_size`` stays the global batch), gradients are reduced
@@ -128,7 +132,7 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
             x, y = x.to(device), y.to(device)
             with autocast(cfg.bf16, device):
                 out = model(x)
-                loss = lm_loss(out.logits, y)
+                loss = lm_loss(out.logits, y) if loss_fn is None else loss_fn(out, x, y)
             ((loss + out.aux_loss) / cfg.grad_accum).backward()
             lm_total += loss.item() / cfg.grad_accum
             aux_total += out.aux_loss.item() / cfg.grad_accum
