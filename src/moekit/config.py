@@ -199,6 +199,10 @@ class MoEConfig:
                   "must be 2 (and num_experts >= 2) for kind='gshard'")
         check(self.num_experts % self.router.n_groups == 0, "RouterConfig", "n_groups", self.router.n_groups,
               f"must divide num_experts={self.num_experts}")
+        if self.router.kind == "deepseek":
+            eligible = self.router.topk_groups * (self.num_experts // self.router.n_groups)
+            check(k <= eligible, "RouterConfig", "top_k", k,
+                  f"must be <= topk_groups * num_experts / n_groups = {eligible} (experts in the kept groups)")
         g = self.hierarchical_groups
         check(isinstance(g, int) and (g == 0 or (g >= 2 and self.num_experts % g == 0)), o, "hierarchical_groups", g,
               f"must be 0 (flat) or an integer >= 2 dividing num_experts={self.num_experts}")

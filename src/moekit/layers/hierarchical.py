@@ -36,6 +36,14 @@ class HierarchicalMoE(nn.Module):
         group = self.groups[0].active_params()
         return sum(p.numel() for p in self.router.parameters()) + k_top * group
 
+    def update_bias(self, counts_E: Tensor) -> None:
+        """Aux-loss-free balancing inside each group: ``counts_E`` is the layer's concatenated per-group
+        loads (``MoEAux.counts_E``); every group's router with a selection bias steps on its own slice."""
+        for layer, counts_e in zip(self.groups, counts_E.chunk(len(self.groups))):
+            update = getattr(layer.router, "update_bias", None)
+            if update is not None:
+                update(counts_e)
+
     def forward(self, x: Tensor, **kw) -> MoEOutput:
         x_TD = flatten_tokens(x, self.cfg.d_model)
         top = self.router(x_TD)
@@ -59,5 +67,6 @@ class HierarchicalMoE(nn.Module):
         counts_E = torch.cat(counts)
         aux = MoEAux(logits_TE=top.logits_TE, counts_E=counts_E, dropped_fraction=torch.stack(dropped).mean(),
                      experts_per_token=top.logits_TE.new_tensor(
-                         float(counts_E.sum()) / max(top.num_tokens, 1)), losses=losses, loss=total)
+                         float(counts_E.sum()) / max(top.num_tokens, 1)), losses=losses, loss=total,
+                     probs_TE=top.probs_TE.detach())
         return MoEOutput(y_TD.view(x.shape), aux)

@@ -28,6 +28,7 @@ class MoEAux:
     experts_per_token: Tensor  # 0-d: mean kept assignments per token
     losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted loss terms
     loss: Tensor | None = None  # coefficient-weighted sum, to add to the task loss
+    probs_TE: Tensor | None = None  # router scores (softmax or sigmoid) for statistics; None = softmax(logits)
 
 
 @dataclass
@@ -144,6 +145,7 @@ class MoELayer(nn.Module):
             experts_per_token=routing.logits_TE.new_tensor(kept.num_assignments / max(routing.num_tokens, 1)),
             losses={k: v.detach() for k, v in terms.items()},
             loss=total,
+            probs_TE=routing.probs_TE.detach(),
         )
 
 

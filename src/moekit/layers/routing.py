@@ -52,12 +52,17 @@ class Routing:
         return g.index_put((self.token_N, self.expert_N), self.weight_N, accumulate=True)
 
 
+def token_rank_TK(T: int, k: int, device) -> tuple[Tensor, Tensor]:
+    """The (token, choice rank) of every slot of a [T, k] per-token choice table."""
+    token_TK = torch.arange(T, device=device)[:, None].expand(T, k)
+    rank_TK = torch.arange(k, device=device)[None, :].expand(T, k)
+    return token_TK, rank_TK
+
+
 def topk_assignments(select_TE: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k per token of a [T, E] score -> (token_N, expert_N, rank_N), N = T*k, token-major order."""
-    T = select_TE.shape[0]
     expert_TK = select_TE.topk(k, dim=-1).indices
-    token_TK = torch.arange(T, device=select_TE.device)[:, None].expand(T, k)
-    rank_TK = torch.arange(k, device=select_TE.device)[None, :].expand(T, k)
+    token_TK, rank_TK = token_rank_TK(select_TE.shape[0], k, select_TE.device)
     return token_TK.reshape(-1), expert_TK.reshape(-1), rank_TK.reshape(-1)
 
 
@@ -193,9 +198,12 @@ class GShardTop2Router(Router):
 
 class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022): S = softmax(X W^T) over experts; each expert takes the
-    C tokens with the highest score for it, C = ceil(T * top_k / E) (top_k plays the paper's capacity factor
-    c: the mean number of experts per token). Gate = S[t, e]. A token may get zero or several experts;
-    loads are perfectly balanced by construction. Not causal: a token's experts depend on other tokens."""
+    C tokens with the highest score for it, C = min(T, ceil(T * top_k / E)). ``top_k`` plays the paper's
+    capacity factor c (the mean number of experts per token; the paper's default c = 2 is top_k = 2), so the
+    layer costs the same FLOPs as token-choice top-k and CapacityConfig (whose capacity is
+    ceil(T * top_k / E * factor)) is a no-op for any factor >= 1. Gate = S[t, e]. A token may get zero or
+    several experts; loads are perfectly balanced by construction. Not causal: which tokens an expert takes
+    depends on every token of the batch, later ones included (``causal_safe = False``)."""
 
     causal_safe = False
 
@@ -213,8 +221,12 @@ class ExpertChoiceRouter(Router):
 
 def sinkhorn(logits_TE: Tensor, iters: int) -> Tensor:
     """Sinkhorn-Knopp on exp(logits) (Cuturi 2013): alternately scale columns to mass T/E (every expert the
-    same share) and rows to mass 1 (every token one unit). Done in log space for stability."""
+    same share) and rows to mass 1 (every token one unit); the row step comes last, so rows sum to 1 exactly
+    and columns to T/E approximately (divide by T for the doubly-stochastic transport plan with marginals
+    1/T, 1/E). Done in float64 log space: exp(logits) under- and overflows for confident routers."""
     T, E = logits_TE.shape
+    if T == 0:
+        return logits_TE.new_zeros(0, E)
     log_p = logits_TE.double()
     log_col = math.log(T / E)
     for _ in range(iters):
@@ -244,7 +256,8 @@ class SinkhornRouter(SoftmaxTopKRouter):
 class TopPRouter(Router):
     """Dynamic routing (Huang et al. 2024, "Harder tasks need more experts"): per token, the smallest set of
     experts, by descending probability, whose mass reaches top_p, at most top_k experts; weights renormalised
-    over the kept set. ``MoEAux.experts_per_token`` reports the mean set size."""
+    over the kept set. ``MoEAux.experts_per_token`` reports the mean set size. Capacity (if any) is sized for
+    top_k experts per token, the most a token can take."""
 
     def route(self, logits_TE: Tensor, **ctx) -> Routing:
         T, E = logits_TE.shape
@@ -253,8 +266,7 @@ class TopPRouter(Router):
         top = probs_TE.topk(k, dim=-1)
         mass_before_TK = top.values.cumsum(-1) - top.values
         keep_TK = mass_before_TK < self.cfg.top_p  # keep until the mass first reaches p (first always kept)
-        token_TK = torch.arange(T, device=logits_TE.device)[:, None].expand(T, k)
-        rank_TK = torch.arange(k, device=logits_TE.device)[None, :].expand(T, k)
+        token_TK, rank_TK = token_rank_TK(T, k, logits_TE.device)
         token_N, expert_N, rank_N = token_TK[keep_TK], top.indices[keep_TK], rank_TK[keep_TK]
         weight_N = renormalize_per_token(top.values[keep_TK], token_N, T)
         return Routing(token_N, expert_N, weight_N, rank_N, logits_TE, probs_TE, T, E, k)
@@ -317,14 +329,14 @@ class TaskRouter(Router):
         if task_ids_T is None:
             raise ValueError("RouterConfig.kind='task' needs task_ids (one id per sequence or per token)")
         T, E, k = logits_TE.shape[0], self.num_experts, self.top_k
-        if int(task_ids_T.min()) < 0 or int(task_ids_T.max()) >= self.cfg.num_tasks:
+        if T and (int(task_ids_T.min()) < 0 or int(task_ids_T.max()) >= self.cfg.num_tasks):
             raise ValueError(f"task_ids must lie in [0, num_tasks={self.cfg.num_tasks}), got "
                              f"[{int(task_ids_T.min())}, {int(task_ids_T.max())}]")
         expert_TK = (task_ids_T.long()[:, None] * k + torch.arange(k, device=logits_TE.device)) % E
-        token_N = torch.arange(T, device=logits_TE.device).repeat_interleave(k)
-        rank_N = torch.arange(k, device=logits_TE.device).repeat(T)
+        token_TK, rank_TK = token_rank_TK(T, k, logits_TE.device)
         weight_N = torch.full((T * k,), 1.0 / k, device=logits_TE.device)
-        return Routing(token_N, expert_TK.reshape(-1), weight_N, rank_N, logits_TE, logits_TE.softmax(-1), T, E, k)
+        return Routing(token_TK.reshape(-1), expert_TK.reshape(-1), weight_N, rank_TK.reshape(-1), logits_TE,
+                       logits_TE.softmax(-1), T, E, k)
 
 
 class SequenceRouter(Router):
@@ -338,18 +350,37 @@ class SequenceRouter(Router):
         if seq_len is None:
             raise ValueError("RouterConfig.kind='sequence' needs input shaped [B, S, D]")
         T, D = x_TD.shape
-        B = T // seq_len
+        B = T // seq_len if seq_len else 0
         logits_BE = self.compute_logits(x_TD.view(B, seq_len, D).mean(1))
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             probs_BE = logits_BE.softmax(-1)
             top = probs_BE.topk(self.top_k, dim=-1)
             w_BK = top.values / top.values.sum(-1, keepdim=True)
-            token_N = torch.arange(T, device=x_TD.device).repeat_interleave(self.top_k)
-            seq_N = token_N // seq_len
-            rank_N = torch.arange(self.top_k, device=x_TD.device).repeat(T)
+            token_TK, rank_TK = token_rank_TK(T, self.top_k, x_TD.device)
+            token_N, rank_N = token_TK.reshape(-1), rank_TK.reshape(-1)
+            seq_N = token_N // max(seq_len, 1)
             logits_TE = logits_BE.repeat_interleave(seq_len, dim=0)
             return Routing(token_N, top.indices[seq_N, rank_N], w_BK[seq_N, rank_N], rank_N, logits_TE,
                            logits_TE.softmax(-1), T, self.num_experts, self.top_k)
+
+
+def update_router_biases(model: nn.Module, moe_aux: list) -> None:
+    """Aux-loss-free balancing step (DeepSeek-V3): call after ``optimizer.step()``, outside autograd.
+
+    ``model`` is a decoder with ``moe_layers()`` (in forward order) or a single MoE layer; ``moe_aux`` holds
+    the matching per-layer ``MoEAux`` records (``LMOutput.moe_aux``) or their ``counts_E`` tensors, e.g. summed
+    over micro-batches and data-parallel ranks. Layers without a selection bias are skipped; a layer may
+    implement ``update_bias(counts_E)`` itself (the hierarchical MoE forwards slices to its groups).
+    """
+    layers = model.moe_layers() if hasattr(model, "moe_layers") else [model]
+    if len(layers) != len(moe_aux):
+        raise ValueError(f"moe_aux must hold one record per MoE layer ({len(layers)}), got {len(moe_aux)}")
+    with torch.no_grad():
+        for layer, aux in zip(layers, moe_aux):
+            counts_E = aux if torch.is_tensor(aux) else aux.counts_E
+            update = getattr(layer, "update_bias", None) or getattr(getattr(layer, "router", None), "update_bias", None)
+            if update is not None:
+                update(counts_E.detach())
 
 
 ROUTERS: dict[str, type[Router]] = {

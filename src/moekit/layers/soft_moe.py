@@ -11,6 +11,8 @@ output depends on later tokens: Soft MoE is not causal and a decoder LM refuses 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -39,7 +41,8 @@ class SoftMoELayer(nn.Module):
 
     def forward(self, x: Tensor, **ignored) -> MoEOutput:
         x_TD = flatten_tokens(x, self.cfg.d_model)
-        x_BMD = x_TD.view(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x_TD[None]
+        # [..., M, D] -> [B, M, D]; a 2-D input is one sequence (math.prod(()) = 1)
+        x_BMD = x_TD.view(math.prod(x.shape[:-2]), *x.shape[-2:]) if x.dim() >= 2 else x_TD[None]
         B, M, D = x_BMD.shape
         E, p = self.cfg.num_experts, self.cfg.router.slots_per_expert
         with torch.autocast(device_type=x.device.type, enabled=False):  # slot softmaxes in >= float32
