@@ -184,8 +184,8 @@ def run_reference(kind, layer, x, task_ids, k, ref):
     lg = x64 @ gate.t()
     bias = layer.router.bias.double() if hasattr(layer.router, "bias") else None
     return ref(lg, k, x=x64, gate=gate, seq_len=x.shape[1], task_ids=task_ids.repeat_interleave(x.shape[1]),
-               iters=c.sinkhorn_iters, top_p=c.top_p, bias=bias, n_groups=c.n_groups, topk_groups=c.topk_groups,
-               scale=c.routed_scaling_factor, sigmoid=c.score_func == "sigmoid")
+               iters=c.sinkhorn_iters, top_p=c.top_p, bias=bias, n_groups=c.n_groups,
+               topk_groups=c.topk_groups, scale=c.routed_scaling_factor, sigmoid=c.score_func == "sigmoid")
 
 
 def per_owner(entries, sel_TE):
@@ -216,7 +216,8 @@ def test_router_matches_float64_reference_on_degenerate_inputs(kind, case):
     assert torch.isfinite(routing.weight_N).all()
     # the layer runs exactly these assignments (empty experts, one expert, no tokens included)
     out = layer(x, task_ids=task_ids)
-    want_y = combine_loop64(x.reshape(-1, D), layer.experts, routing.token_N, routing.expert_N, routing.weight_N)
+    want_y = combine_loop64(x.reshape(-1, D), layer.experts, routing.token_N, routing.expert_N,
+                            routing.weight_N)
     torch.testing.assert_close(out.y.reshape(-1, D).double(), want_y, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(out.aux.loss)
 
@@ -247,8 +248,8 @@ def test_deepseek_top_k_must_fit_in_the_kept_groups():
 
 # ------------------------------------------------------------------ bias hook
 def deepseek_moe(**kw):
-    return MoEConfig(d_model=16, num_experts=4, expert_hidden=16, loss=LossConfig(aux_coef=0.0),
-                     router=RouterConfig(kind="deepseek", top_k=1, score_func="sigmoid", bias_update_rate=0.1), **kw)
+    router = RouterConfig(kind="deepseek", top_k=1, score_func="sigmoid", bias_update_rate=0.1)
+    return MoEConfig(d_model=16, num_experts=4, expert_hidden=16, loss=LossConfig(aux_coef=0.0), router=router, **kw)
 
 
 def test_update_router_biases_steps_every_biased_router_including_hierarchical_groups():
@@ -273,7 +274,8 @@ def test_update_router_biases_steps_every_biased_router_including_hierarchical_g
 # ------------------------------------------------------------------ statistics
 def test_routing_stats_from_aux():
     torch.manual_seed(1)
-    layer = build_moe_layer(MoEConfig(d_model=D, num_experts=4, expert_hidden=8, router=RouterConfig(top_k=2)))
+    layer = build_moe_layer(MoEConfig(d_model=D, num_experts=4, expert_hidden=8,
+                                      router=RouterConfig(top_k=2)))
     x = torch.randn(10, D)
     aux = layer(x).aux
     st = routing_stats(aux)

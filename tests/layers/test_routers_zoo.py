@@ -16,7 +16,8 @@ from .reference import combine_loop64, expert_ffn64
 
 def layer_for(kind, E=6, k=2, seed=0, d=8, **router_kw):
     torch.manual_seed(seed)
-    cfg = MoEConfig(d_model=d, num_experts=E, expert_hidden=16, router=RouterConfig(kind=kind, top_k=k, **router_kw),
+    cfg = MoEConfig(d_model=d, num_experts=E, expert_hidden=16,
+                    router=RouterConfig(kind=kind, top_k=k, **router_kw),
                     loss=LossConfig(aux_coef=0.0))
     return build_moe_layer(cfg)
 
@@ -137,7 +138,8 @@ def deepseek_reference(scores, bias, k, n_groups, topk_groups, scale, sigmoid):
     return out
 
 
-@pytest.mark.parametrize("score_func,n_groups,topk_groups", [("sigmoid", 4, 2), ("sigmoid", 1, 1), ("softmax", 3, 1)])
+@pytest.mark.parametrize("score_func,n_groups,topk_groups",
+                         [("sigmoid", 4, 2), ("sigmoid", 1, 1), ("softmax", 3, 1)])
 def test_deepseek_routing_matches_reference(score_func, n_groups, topk_groups):
     E = 12
     layer = layer_for("deepseek", E=E, k=3, score_func=score_func, n_groups=n_groups, topk_groups=topk_groups,
@@ -195,8 +197,8 @@ def test_task_routing_uses_fixed_expert_sets():
         assert e in {(task_ids[t // 4].item() * 2 + j) % 6 for j in range(2)}
     y = layer(x, task_ids=task_ids).y
     tok, exp, w = r.token_N, r.expert_N, r.weight_N
-    torch.testing.assert_close(y.view(-1, 8).double(), combine_loop64(x.view(-1, 8), layer.experts, tok, exp, w),
-                               rtol=1e-5, atol=1e-6)
+    ref = combine_loop64(x.view(-1, 8), layer.experts, tok, exp, w)
+    torch.testing.assert_close(y.view(-1, 8).double(), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="needs task_ids"):
         layer(x)
     with pytest.raises(ValueError, match=r"num_tasks=3"):
@@ -250,7 +252,8 @@ def test_noncausal_routers_are_refused_by_the_decoder_unless_allowed():
 # ------------------------------------------------------------------ hierarchical and heterogeneous
 def test_hierarchical_moe_equals_two_level_reference():
     torch.manual_seed(5)
-    cfg = MoEConfig(d_model=8, num_experts=6, expert_hidden=12, hierarchical_groups=2, router=RouterConfig(top_k=2))
+    cfg = MoEConfig(d_model=8, num_experts=6, expert_hidden=12, hierarchical_groups=2,
+                    router=RouterConfig(top_k=2))
     layer = build_moe_layer(cfg).eval()
     x = torch.randn(10, 8)
     y = layer(x).y
@@ -265,7 +268,8 @@ def test_hierarchical_moe_equals_two_level_reference():
             top = sorted(range(3), key=lambda e: -p[e].item())[:2]
             si = sum(p[e].item() for e in top)
             for e in top:
-                ref[t] += p_top[t, g].item() / s * p[e].item() / si * expert_ffn64(inner.experts, e, x[t].double())
+                w = p_top[t, g].item() / s * p[e].item() / si
+                ref[t] += w * expert_ffn64(inner.experts, e, x[t].double())
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
     out = layer.train()(x)
     assert out.aux.counts_E.numel() == 6 and "aux_top" in out.aux.losses
@@ -286,5 +290,6 @@ def test_heterogeneous_experts_each_behave_like_their_own_size():
         torch.testing.assert_close(y[sum(counts[:e]):sum(counts[:e + 1])].double(), ref, rtol=1e-5, atol=1e-6)
     y.sum().backward()
     assert ex.w_up_EFD.grad[0, 4:].abs().sum() == 0 and ex.w_down_EDF.grad[2, :, 8:].abs().sum() == 0
-    layer = MoELayer(MoEConfig(d_model=8, num_experts=3, expert_hidden_sizes=sizes, router=RouterConfig(top_k=1)))
+    layer = MoELayer(MoEConfig(d_model=8, num_experts=3, expert_hidden_sizes=sizes,
+                               router=RouterConfig(top_k=1)))
     assert layer(torch.randn(5, 8)).y.shape == (5, 8)

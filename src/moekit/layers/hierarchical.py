@@ -22,11 +22,12 @@ class HierarchicalMoE(nn.Module):
         G = cfg.hierarchical_groups
         # top level: softmax top-k over groups (k = min(top_k, G)); inner: the configured router over E/G
         top_router = RouterConfig(kind="softmax_topk", top_k=min(cfg.router.top_k, G))
-        self.router = build_router(dataclasses.replace(cfg, num_experts=G, router=top_router, hierarchical_groups=0))
+        self.router = build_router(dataclasses.replace(cfg, num_experts=G, router=top_router,
+                                                       hierarchical_groups=0))
         inner = dataclasses.replace(cfg, num_experts=cfg.num_experts // G, hierarchical_groups=0,
                                     num_shared_experts=0, router=dataclasses.replace(
-                                        cfg.router, top_k=min(cfg.router.top_k, cfg.num_experts // G), n_groups=1,
-                                        topk_groups=1))
+                                        cfg.router, top_k=min(cfg.router.top_k, cfg.num_experts // G),
+                                        n_groups=1, topk_groups=1))
         self.groups = nn.ModuleList(MoELayer(inner) for _ in range(G))
         self.causal_safe = all(g.router.causal_safe for g in self.groups)
 

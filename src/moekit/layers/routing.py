@@ -105,7 +105,8 @@ class Router(nn.Module):
         check_finite_logits(logits_TE)
         return logits_TE
 
-    def forward(self, x_TD: Tensor, *, seq_len: int | None = None, task_ids_T: Tensor | None = None) -> Routing:
+    def forward(self, x_TD: Tensor, *, seq_len: int | None = None,
+                task_ids_T: Tensor | None = None) -> Routing:
         logits_TE = self.compute_logits(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return self.route(logits_TE, seq_len=seq_len, task_ids_T=task_ids_T)
@@ -147,7 +148,8 @@ class NoisyTopKRouter(Router):
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
         self.noise = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
-        nn.init.zeros_(self.noise.weight)  # start noise at softplus(0) = 0.69 * noise_std, as the paper's zero init
+        # start noise at softplus(0) = 0.69 * noise_std, as the paper's zero init
+        nn.init.zeros_(self.noise.weight)
 
     def forward(self, x_TD: Tensor, **ctx) -> Routing:
         clean_TE = self.compute_logits(x_TD)
@@ -155,7 +157,8 @@ class NoisyTopKRouter(Router):
         extra: dict[str, Tensor] = {}
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             if self.training and self.cfg.noise_std > 0:
-                std_TE = F.softplus(F.linear(x_TD.float(), self.noise.weight.float())) * self.cfg.noise_std + 1e-9
+                raw_TE = F.linear(x_TD.float(), self.noise.weight.float())
+                std_TE = F.softplus(raw_TE) * self.cfg.noise_std + 1e-9
                 noisy_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
                 if k < E:
                     # threshold a competitor must beat: the k-th largest noisy value if i is outside the
@@ -249,8 +252,8 @@ class SinkhornRouter(SoftmaxTopKRouter):
             balanced_TE = sinkhorn(logits_TE.detach(), self.cfg.sinkhorn_iters)
         token_N, expert_N, rank_N = topk_assignments(balanced_TE, self.top_k)
         weight_N = renormalize_per_token(probs_TE[token_N, expert_N], token_N, T)
-        return Routing(token_N, expert_N, weight_N, rank_N, logits_TE, probs_TE, T, self.num_experts, self.top_k,
-                       {"balanced_TE": balanced_TE})
+        return Routing(token_N, expert_N, weight_N, rank_N, logits_TE, probs_TE, T, self.num_experts,
+                       self.top_k, {"balanced_TE": balanced_TE})
 
 
 class TopPRouter(Router):
@@ -368,9 +371,9 @@ def update_router_biases(model: nn.Module, moe_aux: list) -> None:
     """Aux-loss-free balancing step (DeepSeek-V3): call after ``optimizer.step()``, outside autograd.
 
     ``model`` is a decoder with ``moe_layers()`` (in forward order) or a single MoE layer; ``moe_aux`` holds
-    the matching per-layer ``MoEAux`` records (``LMOutput.moe_aux``) or their ``counts_E`` tensors, e.g. summed
-    over micro-batches and data-parallel ranks. Layers without a selection bias are skipped; a layer may
-    implement ``update_bias(counts_E)`` itself (the hierarchical MoE forwards slices to its groups).
+    the matching per-layer ``MoEAux`` records (``LMOutput.moe_aux``) or their ``counts_E`` tensors, e.g.
+    summed over micro-batches and data-parallel ranks. Layers without a selection bias are skipped; a layer
+    may implement ``update_bias(counts_E)`` itself (the hierarchical MoE forwards slices to its groups).
     """
     layers = model.moe_layers() if hasattr(model, "moe_layers") else [model]
     if len(layers) != len(moe_aux):
@@ -378,7 +381,8 @@ def update_router_biases(model: nn.Module, moe_aux: list) -> None:
     with torch.no_grad():
         for layer, aux in zip(layers, moe_aux):
             counts_E = aux if torch.is_tensor(aux) else aux.counts_E
-            update = getattr(layer, "update_bias", None) or getattr(getattr(layer, "router", None), "update_bias", None)
+            router = getattr(layer, "router", None)
+            update = getattr(layer, "update_bias", None) or getattr(router, "update_bias", None)
             if update is not None:
                 update(counts_E.detach())
 

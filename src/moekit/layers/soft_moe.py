@@ -60,7 +60,9 @@ class SoftMoELayer(nn.Module):
         y_TD = y_BMD.reshape(-1, D)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        logits_TE = logits_BMS.reshape(-1, self.slots).view(-1, E, p).logsumexp(-1)  # per-expert logit, for stats
+        # per-expert logit for statistics: its softmax is each token's combine mass per expert
+        logits_TE = logits_BMS.reshape(-1, self.slots).view(-1, E, p).logsumexp(-1)
         aux = MoEAux(logits_TE=logits_TE, counts_E=counts_E, dropped_fraction=logits_TE.new_zeros(()),
-                     experts_per_token=logits_TE.new_tensor(float(E)), losses={}, loss=logits_TE.new_zeros(()))
+                     experts_per_token=logits_TE.new_tensor(float(E)), losses={},
+                     loss=logits_TE.new_zeros(()))
         return MoEOutput(y_TD.view(x.shape), aux)
