@@ -1,11 +1,13 @@
 """Every router on the same data: train a small MoE LM for a fixed number of steps with each and print
-validation loss, load imbalance (max/mean), dropped fraction and step time relative to softmax top-2.
+validation loss, load imbalance (max/mean), dropped fraction, experts per token and step time relative to
+softmax top-2.
 
 Run:  python benchmarks/bench_routers.py [--steps 200]
 
 Same seed, same batches, same model shape for every router (8 experts, expert hidden 128, d=96, 3 layers).
 Non-causal routers (expert-choice, sequence-level, Soft MoE) are run with allow_noncausal=True: their
-validation loss is optimistic because they see future tokens; the table marks them.
+validation loss is optimistic because they see future tokens; the table marks them. Task routing is left
+out: the corpus has no task ids.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import torch
 
 from moekit.config import CapacityConfig, LossConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig
+from moekit.layers.stats import routing_stats
 from moekit.models.decoder import MoETransformer, lm_loss
 from moekit.train.hooks import RouterBiasUpdate
 from moekit.train.trainer import train
@@ -35,11 +38,13 @@ ROUTERS = {
                                     capacity=CapacityConfig(capacity_factor=1.0, overflow="reroute")),
     "sinkhorn top-2 (BASE)": dict(router=RouterConfig(kind="sinkhorn", top_k=2)),
     "dynamic top-p 0.5 (max 4)": dict(router=RouterConfig(kind="top_p", top_k=4, top_p=0.5)),
-    "deepseek-v3 sigmoid+bias": dict(router=RouterConfig(kind="deepseek", top_k=2, score_func="sigmoid", n_groups=4,
-                                                         topk_groups=2, bias_update_rate=1e-3),
+    "deepseek-v3 sigmoid+bias": dict(router=RouterConfig(kind="deepseek", top_k=2, score_func="sigmoid",
+                                                         n_groups=4, topk_groups=2, bias_update_rate=1e-3),
                                      loss=LossConfig(aux_coef=0.0, seq_aux_coef=1e-4)),
-    "hierarchical 2x4, top-2": dict(router=RouterConfig(kind="softmax_topk", top_k=2), hierarchical_groups=2),
-    "expert-choice (non-causal)": dict(router=RouterConfig(kind="expert_choice", top_k=2), allow_noncausal=True),
+    "hierarchical 2x4, top-2 of top-2": dict(router=RouterConfig(kind="softmax_topk", top_k=2),
+                                             hierarchical_groups=2),
+    "expert-choice (non-causal)": dict(router=RouterConfig(kind="expert_choice", top_k=2),
+                                       allow_noncausal=True),
     "sequence-level (non-causal)": dict(router=RouterConfig(kind="sequence", top_k=2), allow_noncausal=True),
     "soft MoE (non-causal)": dict(router=RouterConfig(kind="soft", top_k=1, slots_per_expert=2),
                                   allow_noncausal=True),
@@ -54,8 +59,8 @@ def main() -> None:
     tcfg = TrainConfig(steps=args.steps, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=args.steps // 20,
                        eval_every=args.steps, eval_batches=8, log_every=max(1, args.steps // 20))
     d = 96
-    base = ModelConfig(vocab_size=corpus.tokenizer.vocab_size, d_model=d, n_layers=3, n_heads=4, max_seq_len=256,
-                       moe=MoEConfig(d_model=d, num_experts=8, expert_hidden=128))
+    base = ModelConfig(vocab_size=corpus.tokenizer.vocab_size, d_model=d, n_layers=3, n_heads=4,
+                       max_seq_len=256, moe=MoEConfig(d_model=d, num_experts=8, expert_hidden=128))
     rows, models = [], {}
     for name, kw in ROUTERS.items():
         moe = dataclasses.replace(base.moe, **{"loss": LossConfig(aux_coef=0.01), **kw})
@@ -73,6 +78,7 @@ def main() -> None:
     # them alike (training above ran sequentially on a shared machine)
     x, y = corpus.train.batch(0, tcfg.batch_size, tcfg.seq_len)
     times = {n: [] for n in models}
+    experts_per_token = {}
     for rep in range(6):
         for n, m in models.items():
             t0 = time.perf_counter()
@@ -81,15 +87,18 @@ def main() -> None:
             m.zero_grad(set_to_none=True)
             if rep:  # first round is warm-up
                 times[n].append(time.perf_counter() - t0)
+            else:  # trained routers in training mode (GShard's random second expert, top-p's dynamic k)
+                ept = [routing_stats(a)["experts_per_token"] for a in out.moe_aux]
+                experts_per_token[n] = statistics.mean(ept)
     for row in rows:
-        row.append(statistics.median(times[row[0]]))
-    base_time = rows[0][4]
+        row += [experts_per_token[row[0]], statistics.median(times[row[0]])]
+    base_time = rows[0][5]
     print(f"\n{args.steps} steps x {tcfg.batch_size}x{tcfg.seq_len} tokens, 3 MoE layers x 8 experts, "
           f"d={d}; corpus: {corpus.description}\n")
-    print("| router | val loss | imbalance max/mean | dropped | step time vs softmax top-2 |")
-    print("|---|---|---|---|---|")
-    for name, loss, imb, drop, t in rows:
-        print(f"| {name} | {loss:.4f} | {imb:.2f} | {drop:.3f} | {t / base_time:.2f}x |")
+    print("| router | val loss | imbalance max/mean | dropped | experts/token | step time vs softmax top-2 |")
+    print("|---|---|---|---|---|---|")
+    for name, loss, imb, drop, ept, t in rows:
+        print(f"| {name} | {loss:.4f} | {imb:.2f} | {drop:.3f} | {ept:.2f} | {t / base_time:.2f}x |")
 
 
 if __name__ == "__main__":
