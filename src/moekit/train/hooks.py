@@ -11,19 +11,16 @@ from pathlib import Path
 
 import torch
 
+from moekit.layers.routing import update_router_biases
+
 
 class RouterBiasUpdate:
     """Aux-loss-free load balancing (DeepSeek-V3, Wang et al. 2024): after each optimizer step every router
     that keeps a selection bias updates it from the step's expert loads, outside autograd."""
 
     def after_step(self, ctx) -> None:
-        if not ctx.counts_per_layer:
-            return
-        with torch.no_grad():
-            for layer, counts_E in zip(ctx.model.moe_layers(), ctx.counts_per_layer):
-                update = getattr(getattr(layer, "router", None), "update_bias", None)
-                if update is not None:
-                    update(counts_E)
+        if ctx.counts_per_layer:
+            update_router_biases(ctx.model, ctx.counts_per_layer)
 
 
 class MetricsWriter:
