@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from moekit.layers.routing import update_router_biases
 
 
