@@ -247,7 +247,7 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _train_config(ns) -> "TrainConfig":
+def _train_config(ns):
     from moekit.config import TrainConfig
 
     return TrainConfig(steps=ns.steps, batch_size=ns.batch_size, seq_len=ns.seq_len, grad_accum=ns.grad_accum,

@@ -124,7 +124,7 @@ def exp_moe_vs_dense(r: Runner, lines: list[str]) -> None:
               f"| MoE | {mean_std([m['val_loss'] for m in moe])} | {statistics.mean(m['step_s'] for m in moe):.3f} |",
               f"| dense | {mean_std([d['val_loss'] for d in dense])} | "
               f"{statistics.mean(d['step_s'] for d in dense):.3f} |", "",
-              f"Speed-up to the dense model's final loss (steps, = FLOPs here): "
+              "Speed-up to the dense model's final loss (steps, = FLOPs here): "
               + (f"{statistics.mean(sp):.2f}x" if sp else "the MoE did not reach it") +
               f" (per seed: {', '.join(f'{s:.2f}x' for s in speedups)}). Switch Transformers reports ~7x at scale "
               "(hundreds of experts, billions of tokens); at this scale and budget the gain is much smaller, as "
