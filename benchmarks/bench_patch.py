@@ -41,7 +41,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (1, args.tokens))
     print(f"{args.layers} layers, {args.tokens} tokens, torch threads {torch.get_num_threads()}")

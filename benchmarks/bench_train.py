@@ -41,7 +41,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     V, d, h = 4096, args.d, 2 * args.d
     cfg = ModelConfig(vocab_size=V, d_model=d, n_layers=args.layers, n_heads=d // 64, n_kv_heads=max(1, d // 128),
