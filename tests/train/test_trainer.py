@@ -45,7 +45,10 @@ def test_resume_gives_bit_identical_losses(tmp_path):
     assert (tmp_path / "b" / "latest").read_text() == "ckpt-000004"
     # a differently initialised model: everything must come from the checkpoint
     resumed = train(tiny_model(seed=99, noisy=True), stream(), stream(1), cfg, out_dir=tmp_path / "b", resume=True)
-    losses = lambda recs, k: [(r["step"], r[k]) for r in recs if k in r]  # noqa: E731
+
+    def losses(recs, k):
+        return [(r["step"], r[k]) for r in recs if k in r]
+
     full_after4 = [x for x in losses(full, "loss") if x[0] > 4]
     assert losses(resumed, "loss") == full_after4  # exact equality, not approx
     assert losses(resumed, "val_loss") == [x for x in losses(full, "val_loss") if x[0] > 4]
@@ -101,7 +104,7 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
 def test_checkpoint_roundtrip_and_bad_paths(tmp_path):
     model = tiny_model()
     path = ckpt.save_checkpoint(tmp_path, 5, model, model.cfg)
-    cfg, tensors, state = ckpt.load_checkpoint(path)
+    cfg, _, state = ckpt.load_checkpoint(path)
     assert cfg == model.cfg and state["step"] == 5
     assert json.loads((path / "config.json").read_text())["moe"]["num_experts"] == 4
     with pytest.raises(FileNotFoundError, match="does not exist"):

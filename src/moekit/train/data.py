@@ -1,21 +1,27 @@
 """Text corpora -> token streams -> deterministic batches.
 
 Default corpus: the ``.py`` source files of the running Python's standard library (found with
-``sysconfig``), real text present on every machine with Python. Test suites and site-packages are
-skipped. Files are split into train/val by a hash of their relative path (stable across machines and
-runs, independent of file order). The batch at step i depends only on (seed, i), so a resumed run sees
-exactly the batches an uninterrupted run would.
-"""
+``sysconfig.get_paths()["stdlib"]``), real text present on every machine with Python. Files are taken in
+sorted path order up to ``max_bytes`` (8 MB by default); test suites, site-packages, idlelib and turtledemo
+are skipped. User corpora are any text files and folders. Files are split into train/val by a hash of
+their name and parent folder (stable across machines and runs, independent of file order); a single
+file is split by position instead (its last ``val_percent`` is validation). The batch at step i depends
+only on (seed, i), so a resumed run sees exactly the batches an uninterrupted run would."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from moekit.train.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".toml", ".cfg", ".html", ".c", ".h")
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idlelib", "turtledemo"}
@@ -65,22 +71,38 @@ def collect_files(paths: list[str | Path], max_bytes: int | None = None) -> list
     return out
 
 
+def _split_hash(path: Path) -> int:
+    """Hash of the file name and its parent folder: the same on every machine, independent of file order."""
+    return int(hashlib.sha1("/".join(path.parts[-2:]).encode()).hexdigest(), 16) % 10_000
+
+
 def is_val_file(path: Path, val_percent: float) -> bool:
-    """Deterministic split: hash of the file name and its parent folder, not of any order or seed."""
-    key = "/".join(path.parts[-2:]).encode()
-    return int(hashlib.sha1(key).hexdigest(), 16) % 10_000 < val_percent * 100
+    return _split_hash(path) < val_percent * 100
 
 
 def split_files(files: list[Path], val_percent: float = 5.0) -> tuple[list[Path], list[Path]]:
+    """Deterministic train/val split of >= 2 files by file hash (no seed, no dependence on order)."""
     if not 0 < val_percent < 100:
         raise ValueError(f"val_percent={val_percent}: must be in (0, 100)")
-    val = [f for f in files if is_val_file(f, val_percent)]
-    train = [f for f in files if not is_val_file(f, val_percent)]
-    if not val or not train:  # tiny corpora: keep at least one file on each side
-        if len(files) < 2:
-            raise ValueError(f"need at least 2 files to split into train/val, got {len(files)}")
-        val, train = (val or files[-1:]), [f for f in files if f not in (val or files[-1:])]
-    return train, val
+    if len(files) < 2:
+        raise ValueError(f"need at least 2 files to split into train/val by file, got {len(files)}")
+    val = {f for f in files if is_val_file(f, val_percent)}
+    # tiny corpora: keep at least one file on each side, chosen by hash so the split stays order-independent
+    if not val:
+        val = {min(files, key=_split_hash)}
+    elif len(val) == len(files):
+        val.remove(max(files, key=_split_hash))
+    return [f for f in files if f not in val], [f for f in files if f in val]
+
+
+def split_text(text: str, val_percent: float) -> tuple[str, str]:
+    """One document: hold out its last ``val_percent`` as validation, cut at a line break when there is one."""
+    cut = int(len(text) * (1 - val_percent / 100))
+    line_break = text.rfind("\n", 0, cut)
+    cut = line_break + 1 if line_break > 0 else cut
+    if cut <= 0 or cut >= len(text):
+        raise ValueError(f"the single data file is too short ({len(text)} characters) to split into train/val")
+    return text[:cut], text[cut:]
 
 
 def read_texts(files: list[Path]) -> list[str]:
@@ -122,7 +144,7 @@ class TokenStream:
 
 @dataclass
 class Corpus:
-    tokenizer: "object"  # moekit.train.tokenizer.Tokenizer
+    tokenizer: Tokenizer
     train: TokenStream
     val: TokenStream
     train_files: list[Path]
@@ -136,21 +158,29 @@ def build_corpus(paths: list[str | Path] | None = None, *, vocab_size: int = 204
     from moekit.train.tokenizer import cache_dir, get_tokenizer
 
     files = default_corpus_files(max_bytes) if not paths else collect_files(paths, max_bytes)
-    train_files, val_files = split_files(files, val_percent)
+    if len(files) == 1:  # a single user file (a book, a log): split it by position instead of by file
+        train_files = val_files = files
+        head, tail = split_text(read_texts(files)[0], val_percent)
+        train_texts, val_texts = [head], [tail]
+    else:
+        train_files, val_files = split_files(files, val_percent)
+        train_texts, val_texts = read_texts(train_files), read_texts(val_files)
     fp = corpus_fingerprint(files)
     token_cache = cache_dir() / "tokens" / f"{fp}-{vocab_size}-{val_percent}.pt"
-    train_texts = read_texts(train_files)
-    tok = get_tokenizer(train_texts, vocab_size, corpus_fingerprint(train_files))
+    tok_key = corpus_fingerprint(train_files) + (f"-head{val_percent}" if len(files) == 1 else "")
+    tok = get_tokenizer(train_texts, vocab_size, tok_key)
     if token_cache.is_file():
         cached = torch.load(token_cache)
         train, val = cached["train"], cached["val"]
     else:
-        train, val = tok.encode_documents(train_texts), tok.encode_documents(read_texts(val_files))
+        train, val = tok.encode_documents(train_texts), tok.encode_documents(val_texts)
         token_cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = token_cache.with_suffix(".tmp")
+        tmp = token_cache.with_suffix(f".tmp{os.getpid()}")
         torch.save({"train": train, "val": val}, tmp)
-        tmp.replace(token_cache)
+        os.replace(tmp, token_cache)
     where = "Python standard library source (" + str(stdlib_dir()) + ")" if not paths else ", ".join(map(str, paths))
-    desc = (f"{where}: {len(train_files)} train / {len(val_files)} val files, "
+    split = ("1 file split by position" if len(files) == 1
+             else f"{len(train_files)} train / {len(val_files)} val files")
+    desc = (f"{where}: {split}, "
             f"{train.numel():,} / {val.numel():,} tokens, BPE vocab {tok.vocab_size}")
     return Corpus(tok, TokenStream(train), TokenStream(val), train_files, val_files, desc)

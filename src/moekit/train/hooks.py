@@ -35,7 +35,7 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(self.out_dir / "tb"))
-            except Exception:  # tensorboard not installed: JSONL/CSV only
+            except ImportError:  # tensorboard not installed: JSONL/CSV only
                 self.tb = None
 
     def write(self, record: dict) -> None:

@@ -45,7 +45,7 @@ class Tokenizer:
         self.hf.save(str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
