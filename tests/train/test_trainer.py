@@ -41,10 +41,11 @@ def test_resume_gives_bit_identical_losses(tmp_path):
     stopper = type("Stop", (), {"after_step": staticmethod(stop_after_4)})()
     with pytest.raises(Interrupt):
         train(tiny_model(noisy=True), stream(), stream(1), TrainConfig(**{**vars(cfg), "save_every": 4}),
-              out_dir=tmp_path / "b", hooks=[stopper])
+              out_dir=tmp_path / "b", hooks=[MetricsWriter(tmp_path / "b", tensorboard=False), stopper])
     assert (tmp_path / "b" / "latest").read_text() == "ckpt-000004"
     # a differently initialised model: everything must come from the checkpoint
-    resumed = train(tiny_model(seed=99, noisy=True), stream(), stream(1), cfg, out_dir=tmp_path / "b", resume=True)
+    resumed = train(tiny_model(seed=99, noisy=True), stream(), stream(1), cfg, out_dir=tmp_path / "b", resume=True,
+                    hooks=[MetricsWriter(tmp_path / "b", tensorboard=False)])
 
     def losses(recs, k):
         return [(r["step"], r[k]) for r in recs if k in r]
@@ -52,6 +53,10 @@ def test_resume_gives_bit_identical_losses(tmp_path):
     full_after4 = [x for x in losses(full, "loss") if x[0] > 4]
     assert losses(resumed, "loss") == full_after4  # exact equality, not approx
     assert losses(resumed, "val_loss") == [x for x in losses(full, "val_loss") if x[0] > 4]
+    # the step-5 row logged before the kill is replaced, not duplicated, in the run's metrics files
+    assert losses(read_metrics(tmp_path / "b"), "loss") == losses(full, "loss")
+    csv_rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[1]) for r in csv_rows[1:]] == list(range(1, 9))
 
 
 def test_training_reduces_loss_and_writes_metrics(tmp_path):

@@ -1,12 +1,14 @@
 """Trainer hooks: extras plug in here instead of subclassing the trainer.
 
 A hook is any object with some of: ``after_step(ctx)`` (after the optimizer step, outside autograd),
-``after_eval(ctx)``. ``ctx`` is the trainer's ``StepContext``.
+``after_eval(ctx)``, ``after_resume(step)`` (the run restarts from the checkpoint of that step).
+``ctx`` is the trainer's ``StepContext``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from moekit.layers.routing import update_router_biases
@@ -38,6 +40,9 @@ class MetricsWriter:
             except ImportError:  # tensorboard not installed: JSONL/CSV only
                 self.tb = None
 
+    def _csv_row(self, record: dict) -> str:
+        return ",".join(str(record.get(c, "")) for c in self.columns)
+
     def write(self, record: dict) -> None:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -47,11 +52,22 @@ class MetricsWriter:
                 if not (self.out_dir / "metrics.csv").exists():
                     (self.out_dir / "metrics.csv").write_text(",".join(self.columns) + "\n")
             with open(self.out_dir / "metrics.csv", "a") as f:
-                f.write(",".join(str(record.get(c, "")) for c in self.columns) + "\n")
+                f.write(self._csv_row(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, record["step"])
+
+    def after_resume(self, step: int) -> None:
+        """Drop rows logged after the checkpoint (a run killed past it): the resumed run logs them again."""
+        kept = [r for r in read_metrics(self.out_dir) if r["step"] <= step]
+        _replace_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        csv = self.out_dir / "metrics.csv"
+        if csv.is_file():
+            header = csv.read_text().split("\n", 1)[0]
+            self.columns = header.split(",")
+            rows = [self._csv_row(r) for r in kept if r.get("split") == "train"]
+            _replace_text(csv, "".join(line + "\n" for line in [header, *rows]))
 
     def after_step(self, ctx) -> None:
         if ctx.record is not None:
@@ -59,6 +75,12 @@ class MetricsWriter:
 
     def after_eval(self, ctx) -> None:
         self.write(ctx.eval_record)
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:

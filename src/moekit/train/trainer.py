@@ -109,6 +109,9 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start = state["step"]
+        for hook in hooks:
+            if hasattr(hook, "after_resume"):
+                hook.after_resume(start)
     else:
         torch.manual_seed(cfg.seed)  # dropout / router noise; a resumed run restores the saved RNG instead
     flops_per_token = train_flops_per_token(model, cfg.seq_len)
