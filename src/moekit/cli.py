@@ -404,7 +404,12 @@ def _generate_cmd(ns) -> int:
         raise FileNotFoundError(f"no tokenizer.json beside checkpoint {str(ckpt)!r}")
     tok = Tokenizer.load(tok_path)
     model = load_model(ckpt)
-    ids = torch.tensor([tok.encode(ns.prompt)])
+    # an empty prompt starts a fresh document: training saw the separator before every document
+    ids = torch.tensor([tok.encode(ns.prompt) or [tok.eos_id]])
+    if ns.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={ns.max_new_tokens}: must be >= 1")
+    if ids.shape[1] >= model.cfg.max_seq_len:
+        raise ValueError(f"--prompt is {ids.shape[1]} tokens; the model's max_seq_len is {model.cfg.max_seq_len}")
     n = min(ns.max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
     out = generate(model, ids, n, temperature=ns.temperature, top_p=ns.top_p,
                    generator=torch.Generator().manual_seed(ns.seed))

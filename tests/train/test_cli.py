@@ -39,6 +39,9 @@ def test_train_resume_and_generate_from_the_command_line(docs, tmp_path, capsys)
     assert main(["generate", str(tmp_path / "half"), "--prompt", "def f0", "--max-new-tokens", "6",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def f0")
+    assert main(["generate", str(tmp_path / "half"), "--prompt", "", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(tmp_path / "half"), "--prompt", "x = 1\n" * 40]) == 2
+    assert "--prompt is" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
