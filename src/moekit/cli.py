@@ -38,16 +38,17 @@ def _calc_args(p: argparse.ArgumentParser) -> None:
                                   "or a moekit preset (tiny, mixtral-like, ...)")
     p.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs and KV cache")
     p.add_argument("--batch", type=int, default=1, help="batch size for the KV-cache total")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size for the training-memory estimate")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel size for the training-memory estimate")
-    p.add_argument("--zero1", action="store_true", help="shard optimizer states over data-parallel ranks")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (experts split over EP GPUs)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas of each EP group (EP x DP GPUs)")
+    p.add_argument("--zero1", action="store_true", help="shard optimizer states over the replicas (ZeRO-1)")
+    p.add_argument("--int4-group", type=int, default=128, help="weights per bf16 scale in the int4 estimate")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _fmt_n(n: float) -> str:
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
+            return f"{n / div:.1f}{unit}"
     return f"{n:.0f}"
 
 
@@ -71,36 +72,45 @@ def _calc(ns) -> int:
         spec = params.spec_from_hf(cfg, name)
     count = params.count_params(spec)
     fl = flops.flops_report(spec, ns.context)
-    mem = memory.memory_report(spec, ns.batch, ns.context, ns.ep, ns.dp, ns.zero1)
+    mem = memory.memory_report(spec, ns.batch, ns.context, ns.ep, ns.dp, ns.zero1, ns.int4_group)
     if ns.json:
-        _print_json({"model": spec.name, "params": count.to_dict(), "flops": fl, "memory": mem})
+        _print_json({"model": spec.name, "family": spec.family, "params": count.to_dict(), "flops": fl,
+                     "memory": mem})
         return 0
-    print(f"{spec.name} ({spec.family}): {spec.n_layers} layers, d={spec.d}, "
+    kind = "encoder-decoder" if spec.is_encoder_decoder else "decoder"
+    print(f"{spec.name} ({spec.family}, {kind}): {spec.n_layers} layers, d={spec.d}, "
           f"{len(spec.moe_layers)} MoE layers x {spec.num_experts} experts, top-{spec.top_k}")
-    print(f"  total parameters      {count.total:>18,}  ({_fmt_n(count.total)})")
-    print(f"  active per token      {count.active:>18,}  ({_fmt_n(count.active)}, with embeddings + head)")
-    print(f"  active non-embedding  {count.active_non_embedding:>18,}  ({_fmt_n(count.active_non_embedding)})")
-    # "8 x 7B": E copies of the dense model that has one expert per MoE layer
-    one_expert_model = count.total - count.breakdown["routed_experts"] + \
-        count.breakdown["routed_experts"] // max(spec.num_experts, 1)
-    naive = spec.num_experts * one_expert_model
+    rows = [("total parameters", count.total, ""),
+            ("active per token", count.active, "with embedding table + LM head"),
+            ("active, head only", count.active_with_head, "without the embedding lookup (DeepSeek, gpt-oss)"),
+            ("active non-embedding", count.active_non_embedding, "without both (Kaplan et al.)")]
+    rows += [(f"+ {k} (apart)", v, f"total with it {_fmt_n(count.total + v)}") for k, v in count.separate.items()]
+    for label, v, why in rows:
+        print(f"  {label:22} {v:>18,}  {_fmt_n(v):>7}  {why}")
     if spec.num_experts:
-        print(f"  naive 'E x dense'     {naive:>18,}  ({_fmt_n(naive)}: experts share attention/embeddings, "
-              f"so the real total is {count.total / naive:.0%} of it)")
+        # "8 x 7B": E copies of the dense model that has one expert per MoE layer
+        one_expert = count.total - count.breakdown["routed_experts"] * (spec.num_experts - 1) // spec.num_experts
+        naive = spec.num_experts * one_expert
+        print(f"  {'naive E x dense':22} {naive:>18,}  {_fmt_n(naive):>7}  experts share attention and embeddings: "
+              f"the real total is {count.total / naive:.0%} of it")
     print("  breakdown:")
     for k, v in count.breakdown.items():
-        print(f"    {k:18} {v:>18,}  {v / count.total:6.1%}")
+        print(f"    {k:20} {v:>18,}  {v / count.total:6.1%}")
+    for k, v in count.buffers.items():
+        print(f"    {k}: {v:,} (a buffer, not a parameter)")
     for note in count.notes:
         print(f"  note: {note}")
-    print(f"  FLOPs/token @ context {ns.context}: forward {_fmt_n(fl['forward_flops_per_token'])}, "
-          f"training {_fmt_n(fl['train_flops_per_token'])}")
-    print("  weights: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem["weights"].items()))
+    print(f"  FLOPs/token @ context {ns.context}: forward {_fmt_n(fl['forward_flops_per_token'])} "
+          f"({_fmt_n(2 * fl['matmul_params_per_token'])} weights + {_fmt_n(fl['attention_flops_per_token'])} "
+          f"attention), training {_fmt_n(fl['train_flops_per_token'])} (3 x forward)")
+    print("  weights: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem["weights"].items())
+          + f" (int4: + bf16 scale per {ns.int4_group})")
     print(f"  KV cache (bf16): {_fmt_bytes(mem['kv_cache_bytes_per_token_bf16'])}/token, "
           f"{_fmt_bytes(mem['kv_cache_bytes_bf16'])} for batch {ns.batch} x context {ns.context}")
     t = mem["training_per_gpu"]
-    print(f"  training per GPU (EP={ns.ep}, DP={ns.dp}{', ZeRO-1' if ns.zero1 else ''}): "
+    print(f"  training per GPU (EP={ns.ep} x DP={ns.dp}{', ZeRO-1' if ns.zero1 else ''}): "
           f"{_fmt_n(t['params_per_gpu'])} params, weights+grads {_fmt_bytes(t['weights_and_grads'])}, "
-          f"Adam states {_fmt_bytes(t['optimizer_states'])}, total {_fmt_bytes(t['total'])} (+ activations)")
+          f"master+Adam {_fmt_bytes(t['optimizer_states'])}, total {_fmt_bytes(t['total'])} (+ activations)")
     return 0
 
 

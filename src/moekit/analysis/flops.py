@@ -1,35 +1,46 @@
-"""FLOPs per token of an ArchSpec (multiply-add = 2 FLOPs).
+"""FLOPs per token of an ArchSpec (one multiply-add = 2 FLOPs).
 
-forward(context)  = 2 * (active matmul parameters)            weights: every Linear/expert a token uses
-                  + attention scores and weighted values       per layer 2 * 2 * context * H * head dims
-The embedding lookup is not a matmul (0 FLOPs); the LM head is. Attention FLOPs are for a token that
-attends to ``context`` positions (decode step at that length, or the mean of a causal sequence when
-context = seq_len / 2). Training = 3 x forward (backward ~ 2 x forward, Kaplan et al. 2020).
+forward(context) = 2 * (active matmul parameters)         every Linear/expert weight a token multiplies
+                 + sum over layers of 2 * ctx_l * H * (qk_dim + v_dim)    scores QK^T and the weighted sum AV
+where ctx_l = min(context, window_l) on sliding-window (gpt-oss) or chunked (Llama 4) layers, at most the
+chunk size, and decoder layers of an encoder-decoder attend twice (self + cross over ``context`` encoder
+positions). The embedding lookup is not a matmul (0 FLOPs); the LM head is, also when it is tied.
+``context`` is the number of positions the token attends to: a decode step at that length, or
+seq_len / 2 for the mean over a causal training sequence. MLA is counted in its naive (non-absorbed)
+form, qk_dim = nope + rope head dims. Training = 3 x forward (backward ~ 2 x forward, Kaplan et al. 2020).
 """
 
 from __future__ import annotations
 
-from moekit.analysis.params import ArchSpec, count_params
+from moekit.analysis.params import (ArchSpec, attention_vector_params, count_params, expert_bias_params,
+                                    rel_pos_params)
 
 
 def matmul_params_per_token(s: ArchSpec) -> int:
-    """Active parameters that take part in matmuls: active minus the embedding table and norm weights
-    (biases and attention sinks are kept: they are < 0.01% of any real model)."""
+    """Weight-matrix parameters a token multiplies: ``active_with_head`` (no embedding table: a lookup)
+    minus every vector parameter (norm weights, biases, attention sinks, T5 relative position biases)."""
     c = count_params(s)
-    return c.active - c.breakdown["embeddings"] - c.breakdown["norms"]
+    n_attn = s.n_layers + (s.n_layers - s.n_encoder_layers if s.is_encoder_decoder else 0)  # + cross-attention
+    n_moe = len(s.moe_layers)
+    vectors = (c.breakdown["norms"] + rel_pos_params(s) + n_attn * attention_vector_params(s)
+               + n_moe * (s.top_k * expert_bias_params(s) + (s.num_experts if s.router_bias else 0)))
+    return c.active_with_head - vectors
 
 
 def attention_flops_per_token(s: ArchSpec, context: int) -> int:
+    if context < 0:
+        raise ValueError(f"context={context}: must be >= 0 (positions attended)")
     if s.attention == "mla":
         qk_dim, v_dim = s.qk_nope_dim + s.qk_rope_dim, s.v_head_dim
     else:
         qk_dim = v_dim = s.head_dim
-    per_layer = []
+    total = 0
     for i in range(s.n_layers):
-        # gpt-oss: sliding-window layers attend to at most `sliding_window` positions
-        ctx = min(context, s.sliding_window) if s.sliding_window and i % 2 == 0 else context
-        per_layer.append(2 * ctx * s.n_heads * (qk_dim + v_dim))
-    return sum(per_layer)
+        w = s.window(i)
+        ctx = min(context, w) if w else context
+        reads = 2 if s.is_encoder_decoder and s.is_decoder_layer(i) else 1
+        total += reads * 2 * ctx * s.n_heads * (qk_dim + v_dim)
+    return total
 
 
 def forward_flops_per_token(s: ArchSpec, context: int = 4096) -> int:
@@ -41,4 +52,5 @@ def flops_report(s: ArchSpec, context: int = 4096) -> dict:
     return {"context": context, "forward_flops_per_token": fwd, "train_flops_per_token": 3 * fwd,
             "matmul_params_per_token": matmul_params_per_token(s),
             "attention_flops_per_token": attention_flops_per_token(s, context),
-            "convention": "2 FLOPs per multiply-add; training = 3 x forward; attention over `context` positions"}
+            "convention": "2 FLOPs per multiply-add: forward = 2 x active matmul params + attention scores/values "
+                          "over `context` positions; training = 3 x forward"}
