@@ -1,5 +1,7 @@
-"""The calculator against transformers' own model classes on the meta device, and published figures."""
+"""The calculator against transformers' own model classes (meta device, eager FLOP counting) and published
+figures."""
 
+import json
 import warnings
 
 import pytest
@@ -20,95 +22,236 @@ TINY_CASES = {
     "olmoe": dict(intermediate_size=32, num_experts=6, num_experts_per_tok=2, eos_token_id=0, pad_token_id=0),
     "deepseek_v3": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
                         num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
-                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12),
+                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                        num_key_value_heads=4),
     "deepseek_v2": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2,
                         num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
-                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12),
-    "gpt_oss": dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, attention_bias=True),
+    "gpt_oss": dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                    sliding_window=8),
+    "llama4_text": dict(intermediate_size=32, intermediate_size_mlp=80, num_local_experts=4, num_experts_per_tok=1,
+                        head_dim=16, interleave_moe_layer_step=2, num_hidden_layers=4, attention_chunk_size=8),
+    "switch_transformers": dict(d_model=64, d_ff=48, d_kv=16, num_heads=4, num_layers=4, num_decoder_layers=3,
+                                num_experts=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=1),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
-    "qwen3": dict(intermediate_size=80, head_dim=24),
+    "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),
 }
+LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=56,
+                     patch_size=14, projector_input_dim=64, projector_output_dim=64, vision_output_dim=64)
 
 
-def hf_meta_model(cfg_dict):
+def tiny_config(model_type: str) -> dict:
+    if model_type == "switch_transformers":
+        return dict(model_type=model_type, vocab_size=100, **TINY_CASES[model_type])
+    return dict(model_type=model_type, **{**TINY, **TINY_CASES[model_type]})
+
+
+def hf_model(cfg_dict, device="meta", **kwargs):
+    """transformers' own model class for the config: seq2seq for Switch, image-text for Llama 4 (vision +
+    text), causal LM otherwise."""
+    auto = {"switch_transformers": transformers.AutoModelForSeq2SeqLM,
+            "llama4": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+                                                                   transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = transformers.AutoConfig.for_model(**cfg_dict)
-        with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(cfg)
+        with torch.device(device):
+            return auto.from_config(cfg, **kwargs)
+
+
+def numel(model, keep=lambda name: True) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if keep(n))
+
+
+def spec_of(model_type: str, model) -> params.ArchSpec:
+    cfg = model.config.to_dict()
+    if model_type == "llama4_text":  # our llama4 reader takes the text_config of a full Llama 4 config
+        cfg = dict(model_type="llama4", text_config=cfg, tie_word_embeddings=cfg["tie_word_embeddings"])
+    return params.spec_from_hf(cfg)
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CASES))
 def test_tiny_configs_count_equals_hf_to_the_parameter(model_type):
-    cfg = dict(model_type=model_type, **TINY, **TINY_CASES[model_type])
-    model = hf_meta_model(cfg)
-    count = params.count_params(params.spec_from_hf(model.config.to_dict()))
-    assert count.total == sum(p.numel() for p in model.parameters())
-    # active = everything except the experts each token skips, counted from HF's own expert modules
-    spec = params.spec_from_hf(model.config.to_dict())
-    expert_total = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
-    if spec.num_experts:
-        active_from_hf = count.total - expert_total + expert_total * spec.top_k // spec.num_experts
-        assert count.active == active_from_hf
-    else:
-        assert count.active == count.total
+    model = hf_model(tiny_config(model_type))
+    spec = spec_of(model_type, model)
+    count = params.count_params(spec)
+    assert count.total == numel(model)
+    # active, from HF's own modules: every parameter outside the routed-expert containers, plus top_k/E of
+    # each MoE layer's experts container
+    is_expert = lambda n: ".experts." in n  # noqa: E731 (shared experts are "shared_expert(s).")
+    expert_containers = {n.split(".experts.")[0] for n, _ in model.named_parameters() if is_expert(n)}
+    assert len(expert_containers) == len(spec.moe_layers)
+    top_k = {"switch_transformers": 1}.get(model_type, getattr(model.config, "num_experts_per_tok", 0))
+    per_layer = [numel(model, lambda n, c=c: n.startswith(c + ".experts.")) for c in expert_containers]
+    assert all(p % max(spec.num_experts, 1) == 0 for p in per_layer)
+    active = numel(model, lambda n: not is_expert(n)) + sum(p // spec.num_experts * top_k for p in per_layer)
+    assert (count.active == count.total) == (not spec.num_experts)
+    assert count.active == active
+    head = numel(model, lambda n: "embed_tokens" in n or n in ("shared.weight", "lm_head.weight"))
+    assert count.active_non_embedding == active - head
+    assert count.active_with_head == count.active_non_embedding + spec.vocab * spec.d
+
+
+def test_llama4_vision_tower_counted_apart_equals_hf():
+    text = tiny_config("llama4_text")
+    model = hf_model(dict(model_type="llama4", text_config=text, vision_config=LLAMA4_VISION))
+    c = params.count_params(params.spec_from_hf(model.config.to_dict()))
+    assert c.total == numel(model, lambda n: n.startswith("language_model."))
+    assert c.separate["vision"] == numel(model, lambda n: not n.startswith("language_model."))
+    assert c.total_with_separate == numel(model)
 
 
 @pytest.mark.parametrize("name", params.shipped_configs())
 def test_full_size_shipped_configs_equal_hf(name):
     cfg, _ = params.load_config(name)
-    model = hf_meta_model(cfg)
-    assert params.count_params(params.spec_from_hf(cfg, name)).total == sum(p.numel() for p in model.parameters())
+    c = params.count_params(params.spec_from_hf(cfg, name))
+    # Llama 4: HF builds the vision tower too; our total is the text decoder, the tower is reported apart
+    assert (c.total_with_separate if cfg["model_type"] == "llama4" else c.total) == numel(hf_model(cfg))
 
 
-@pytest.mark.parametrize("name,total_b,active_b", [
-    ("mixtral-8x7b", 46.7, 12.9),
-    ("qwen3-30b-a3b", 30.5, 3.3),
-    ("deepseek-v3", 671.0, 37.0),  # DeepSeek-V3 report: 671B total, 37B activated (HF weights add 14B MTP)
-])
-def test_published_figures(name, total_b, active_b):
+# (name, published total, published active (billions), the active convention the publisher uses); Meta's
+# Llama 4 total includes the vision tower, DeepSeek's 671B excludes the MTP module (tested below)
+PUBLISHED = [
+    ("mixtral-8x7b", "46.7", "12.9", "active"),  # Mistral AI: 46.7B total, 12.9B active
+    ("mixtral-8x22b", "141", "39", "active"),
+    ("qwen3-30b-a3b", "30.5", "3.3", "active"),  # Qwen3 model card: 30.5B total, 3.3B activated
+    ("qwen3-235b-a22b", "235", "22", "active"),
+    ("qwen1.5-moe-a2.7b", "14.3", "2.7", "active"),
+    ("olmoe-1b-7b", "6.9", "1.3", "active"),  # OLMoE paper: 6.9B total, 1.3B active
+    ("llama-4-scout-17b-16e", "109", "17", "active"),  # Meta: 109B total (text + vision), 17B active
+    ("deepseek-v3", "671", "37", "active_with_head"),  # DeepSeek-V3 report: 671B total, 37B activated
+    ("deepseek-v2-lite", "15.7", "2.4", "active_with_head"),  # DeepSeek-V2 report: 15.7B, 2.4B activated
+    ("gpt-oss-120b", "116.83", "5.13", "active_with_head"),  # gpt-oss model card: 116.83B, 5.13B active
+    ("gpt-oss-20b", "20.91", "3.61", "active_with_head"),  # 20.91B total, 3.61B active
+    ("llama-3-8b", "8.0", "8.0", "active"),
+]
+
+
+def same_within_rounding(n: int, published: str) -> bool:
+    """The published figure is n in billions rounded or truncated to the digits it shows."""
+    digits = len(published.split(".")[1]) if "." in published else 0
+    scaled = n / 1e9 * 10 ** digits
+    return int(published.replace(".", "")) in (round(scaled), int(scaled))
+
+
+@pytest.mark.parametrize("name,total_b,active_b,convention", PUBLISHED)
+def test_published_figures(name, total_b, active_b, convention):
     cfg, _ = params.load_config(name)
     c = params.count_params(params.spec_from_hf(cfg, name))
-    assert round(c.total / 1e9, 1) == total_b
-    assert abs(c.active / 1e9 - active_b) < 0.6
-    if name == "deepseek-v3":
-        assert 11e9 < c.mtp < 15e9  # the MTP module reported separately (~685B with it)
+    assert same_within_rounding(c.total_with_separate if name.startswith("llama-4") else c.total, total_b)
+    assert same_within_rounding(getattr(c, convention), active_b)
+
+
+def test_deepseek_v3_mtp_and_buffers():
+    cfg, _ = params.load_config("deepseek-v3")
+    s = params.spec_from_hf(cfg)
+    c = params.count_params(s)
+    assert c.total == 671_026_404_352 and "mtp" in c.separate
+    # the MTP module: projection 2d x d, three norms, one MoE decoder layer (HF layer 3 has the same shape)
+    layer = params.attention_params(s) + 2 * s.d + params.moe_layer_params(s)
+    assert c.separate["mtp"] == 2 * s.d * s.d + 3 * s.d + layer
+    # HF model card: "685B, which includes 671B of the Main Model weights and 14B of the MTP Module"; the
+    # stored MTP layer carries its own copy of the embedding and head (the card's total also counts FP8
+    # scale tensors, ~0.04B)
+    stored_mtp = c.separate["mtp"] + 2 * s.vocab * s.d
+    assert round(stored_mtp / 1e9) == 13 or round(stored_mtp / 1e9) == 14
+    assert abs((c.total + stored_mtp) / 1e9 - 685) < 1
+    assert c.buffers == {"e_score_correction_bias": 58 * 256}
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "llama", "qwen3_moe", "deepseek_v3", "qwen3"])
+def test_forward_flops_equal_torch_flop_counter_on_hf_eager(model_type):
+    """2 x matmul params + attention FLOPs, times T tokens at context T (eager attention computes the full
+    T x T scores), equals torch's FlopCounterMode on transformers' eager forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = hf_model(tiny_config(model_type), device="cpu", attn_implementation="eager",
+                     experts_implementation=None if model_type in ("llama", "qwen3") else "eager").eval()
+    T = 7
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.randint(0, 100, (1, T)))
+    spec = spec_of(model_type, model)
+    assert T * flops.forward_flops_per_token(spec, T) == fc.get_total_flops()
+    assert flops.flops_report(spec, T)["train_flops_per_token"] == 3 * flops.forward_flops_per_token(spec, T)
 
 
 def test_moekit_preset_spec_matches_the_real_module():
-    from moekit.models.decoder import MoETransformer
-    from moekit.models.presets import get_preset
+    import dataclasses
 
-    configs = [get_preset(p, vocab_size=300) for p in ("tiny", "mixtral-like", "switch-like")]
+    from moekit.config import MLAConfig, RouterConfig
+    from moekit.models.decoder import MoETransformer
+    from moekit.models.presets import PRESETS, get_preset
+
+    configs = [get_preset(p, vocab_size=300) for p in PRESETS]
+    mix = get_preset("mixtral-like", vocab_size=300, n_layers=2)
+    configs += [
+        dataclasses.replace(mix, attention="mla", mla=MLAConfig(q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
+                                                                qk_rope_head_dim=8, v_head_dim=16),
+                            attention_bias=True),
+        dataclasses.replace(mix, tie_embeddings=True, qk_norm="full", attention_bias=True,
+                            moe=dataclasses.replace(mix.moe, router=RouterConfig(kind="noisy_topk", top_k=2),
+                                                    num_shared_experts=1, shared_gate=True)),
+    ]
     for cfg in configs + [c.dense_twin() for c in configs]:
-        model = MoETransformer(cfg)
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = MoETransformer(cfg)
         c = params.count_params(params.spec_from_moekit(cfg))
         assert c.total == model.num_params()
         assert c.active == model.num_active_params()
+        assert c.active_non_embedding == model.num_active_params(exclude_embeddings=True)
+    with pytest.raises(ValueError, match="router.kind='top_p'"):
+        params.spec_from_moekit(dataclasses.replace(mix, moe=dataclasses.replace(
+            mix.moe, router=RouterConfig(kind="top_p", top_k=2))))
 
 
 def test_flops_and_memory_hand_computed():
     spec = params.spec_from_hf(params.load_config("mixtral-8x7b")[0])
     c = params.count_params(spec)
-    # matmul params: active minus embedding table minus norms
+    # matmul params: active minus embedding table minus norms (Mixtral has no biases)
     assert flops.matmul_params_per_token(spec) == c.active - 32000 * 4096 - (2 * 32 + 1) * 4096
     attn = 32 * 2 * 1024 * 32 * (128 + 128)
     assert flops.attention_flops_per_token(spec, 1024) == attn
-    assert flops.forward_flops_per_token(spec, 1024) == 2 * flops.matmul_params_per_token(spec) + attn
     # KV cache: 32 layers x 2 (K, V) x 8 kv heads x 128 x 2 bytes
     assert memory.kv_cache_bytes_per_token(spec) == 32 * 2 * 8 * 128 * 2
-    assert memory.weight_bytes(c.total)["bf16"] == 2 * c.total  # the famous ~94 GB in fp16/bf16
-    assert round(memory.weight_bytes(c.total)["bf16"] / 1e9) == 93
+    assert memory.kv_cache_bytes(spec, 4, 1000) == 4 * 1000 * 32 * 2 * 8 * 128 * 2
+    w = memory.weight_bytes(c.total)
+    assert w["bf16"] == 2 * c.total and round(w["bf16"] / 1e9) == 93  # the famous ~94 GB in fp16
+    assert w["int4"] == pytest.approx(c.total * (0.5 + 2 / 128))
     ds = params.spec_from_hf(params.load_config("deepseek-v3")[0])
     assert memory.kv_cache_bytes_per_token(ds) == 61 * (512 + 64) * 2  # MLA latent + rope key
-    t1 = memory.training_bytes_per_gpu(spec, ep=1)
-    t8 = memory.training_bytes_per_gpu(spec, ep=8)
-    experts = c.breakdown["routed_experts"]
-    assert t1["params_per_gpu"] - t8["params_per_gpu"] == pytest.approx(experts * 7 / 8)
-    assert t1["total"] == pytest.approx(16 * c.total)
+    # gpt-oss: 12 of 24 layers keep at most 128 positions
+    oss = params.spec_from_hf(params.load_config("gpt-oss-20b")[0])
+    per_layer = 2 * 8 * 64 * 2
+    assert memory.kv_cache_bytes(oss, 1, 4096) == per_layer * (12 * 128 + 12 * 4096)
+    assert flops.attention_flops_per_token(oss, 4096) == 2 * 64 * 128 * (12 * 128 + 12 * 4096)
+    # Llama 4 Scout: 36 chunked layers (8192 positions) + 12 global NoPE layers
+    scout = params.spec_from_hf(params.load_config("llama-4-scout-17b-16e")[0])
+    assert memory.kv_cache_bytes(scout, 1, 100_000) == 2 * 8 * 128 * 2 * (36 * 8192 + 12 * 100_000)
+    # switch-base-8: 12 decoder layers cache self K/V per generated token and cross K/V per encoder token
+    sw = params.spec_from_hf(params.load_config("switch-base-8")[0])
+    assert memory.kv_cache_bytes_per_token(sw) == 12 * 2 * (2 * 12 * 64 * 2)
+    assert flops.attention_flops_per_token(sw, 100) == (12 + 2 * 12) * 2 * 100 * 12 * (64 + 64)
+
+
+def test_training_memory_layouts():
+    spec = params.spec_from_hf(params.load_config("mixtral-8x7b")[0])
+    c = params.count_params(spec)
+    experts, other = c.breakdown["routed_experts"], c.total - c.breakdown["routed_experts"]
+    t1 = memory.training_bytes_per_gpu(spec)
+    assert t1["total"] == pytest.approx(16 * c.total)  # 2 + 2 + 4 + 8 bytes per parameter
+    t8 = memory.training_bytes_per_gpu(spec, ep=8, dp=2)
+    assert t8["params_per_gpu"] == pytest.approx(other + experts / 8)
+    assert t8["total"] == pytest.approx(16 * (other + experts / 8))
+    z = memory.training_bytes_per_gpu(spec, ep=8, dp=2, zero1=True)
+    assert z["optimizer_states"] == pytest.approx(12 * (other / 16 + experts / 8 / 2))
+    assert z["weights_and_grads"] == t8["weights_and_grads"]
     with pytest.raises(ValueError, match="ep=3 must divide num_experts=8"):
         memory.training_bytes_per_gpu(spec, ep=3)
+    with pytest.raises(ValueError, match="ep=0 and dp=1"):
+        memory.training_bytes_per_gpu(spec, ep=0)
 
 
 def test_errors_and_cli(capsys, tmp_path):
@@ -122,5 +265,15 @@ def test_errors_and_cli(capsys, tmp_path):
         params.load_config(bad)
     assert cli_main(["calc", "mixtral-8x7b"]) == 0
     out = capsys.readouterr().out
-    assert "46,702,792,704" in out and "12,879,925,248" in out
+    assert "46,702,792,704" in out and "12,879,925,248" in out and "46.7B" in out
+    assert cli_main(["calc", "deepseek-v3", "--json", "--ep", "8", "--dp", "2", "--zero1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params"]["total"] == 671_026_404_352 and report["params"]["separate"]["mtp"] > 0
+    assert report["memory"]["layout"] == {"ep": 8, "dp": 2, "zero1": True}
+    assert cli_main(["calc", "tiny"]) == 0  # a moekit preset
+    capsys.readouterr()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(tiny_config("mixtral")))
+    assert cli_main(["calc", str(tmp_path / "m")]) == 0
     assert cli_main(["calc", "no-such-model"]) == 2
+    assert cli_main(["calc", "mixtral-8x7b", "--ep", "3"]) == 2
