@@ -86,7 +86,7 @@ def _calc(ns) -> int:
             ("active non-embedding", count.active_non_embedding, "without both (Kaplan et al.)")]
     rows += [(f"+ {k} (apart)", v, f"total with it {_fmt_n(count.total + v)}") for k, v in count.separate.items()]
     for label, v, why in rows:
-        print(f"  {label:22} {v:>18,}  {_fmt_n(v):>7}  {why}")
+        print(f"  {label:22} {v:>18,}  {_fmt_n(v):>7}  {why}".rstrip())
     if spec.num_experts:
         # "8 x 7B": E copies of the dense model that has one expert per MoE layer
         one_expert = count.total - count.breakdown["routed_experts"] * (spec.num_experts - 1) // spec.num_experts
