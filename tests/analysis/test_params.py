@@ -79,7 +79,7 @@ def test_tiny_configs_count_equals_hf_to_the_parameter(model_type):
     assert count.total == numel(model)
     # active, from HF's own modules: every parameter outside the routed-expert containers, plus top_k/E of
     # each MoE layer's experts container
-    is_expert = lambda n: ".experts." in n  # noqa: E731 (shared experts are "shared_expert(s).")
+    is_expert = lambda n: ".experts." in n  # shared experts are "shared_expert(s)."
     expert_containers = {n.split(".experts.")[0] for n, _ in model.named_parameters() if is_expert(n)}
     assert len(expert_containers) == len(spec.moe_layers)
     top_k = {"switch_transformers": 1}.get(model_type, getattr(model.config, "num_experts_per_tok", 0))

@@ -12,8 +12,13 @@ form, qk_dim = nope + rope head dims. Training = 3 x forward (backward ~ 2 x for
 
 from __future__ import annotations
 
-from moekit.analysis.params import (ArchSpec, attention_vector_params, count_params, expert_bias_params,
-                                    rel_pos_params)
+from moekit.analysis.params import (
+    ArchSpec,
+    attention_vector_params,
+    count_params,
+    expert_bias_params,
+    rel_pos_params,
+)
 
 
 def matmul_params_per_token(s: ArchSpec) -> int:

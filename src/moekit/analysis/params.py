@@ -218,11 +218,10 @@ def spec_from_moekit(cfg, name: str = "moekit") -> ArchSpec:
     only: for top-p, expert-choice, Soft MoE, task/sequence routing, hierarchical or heterogeneous experts
     "active parameters per token" is not a fixed number."""
     m = cfg.moe
-    if m is not None:
-        if m.router.kind not in MOEKIT_ROUTERS or m.hierarchical_groups or m.expert_hidden_sizes:
-            raise ValueError(f"moe config (router.kind={m.router.kind!r}, hierarchical_groups="
-                             f"{m.hierarchical_groups}, expert_hidden_sizes={m.expert_hidden_sizes}): the calculator "
-                             f"needs a fixed top_k over equal experts; router.kind must be one of {MOEKIT_ROUTERS}")
+    if m is not None and (m.router.kind not in MOEKIT_ROUTERS or m.hierarchical_groups or m.expert_hidden_sizes):
+        raise ValueError(f"moe config (router.kind={m.router.kind!r}, hierarchical_groups={m.hierarchical_groups}, "
+                         f"expert_hidden_sizes={m.expert_hidden_sizes}): the calculator needs a fixed top_k over "
+                         f"equal experts; router.kind must be one of {MOEKIT_ROUTERS}")
     mla = cfg.mla if cfg.attention == "mla" else None
     return ArchSpec(name=name, family="moekit", vocab=cfg.vocab_size, d=cfg.d_model, n_layers=cfg.n_layers,
                     tie_embeddings=cfg.tie_embeddings, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
