@@ -4,43 +4,32 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from moekit.config import ConfigError, MoEConfig, RouterConfig
+from moekit.config import ConfigError, LossConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig
 from moekit.deploy.distill import gain_retained, kd_loss
-from moekit.layers.moe import MoELayer
-from moekit.train.finetune import (FREEZE_POLICIES, FinetuneRecipe, get_recipe, optimizer_state_bytes,
-                                   param_groups, prepare, trainable_report)
+from moekit.models.decoder import MoETransformer, lm_loss
+from moekit.train.data import TokenStream
+from moekit.train.finetune import (FREEZE_POLICIES, FinetuneRecipe, apply_freeze, finetune, get_recipe,
+                                   optimizer_state_bytes, prepare, trainable_report)
+from moekit.train.trainer import make_optimizer
 
-V, D = 40, 16
+V, D = 64, 32
 
 
-class TinyLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(V, D)
-        self.drop = nn.Dropout(0.0)
-        self.moe = nn.ModuleList(MoELayer(MoEConfig(d_model=D, num_experts=4, expert_hidden=24, num_shared_experts=1,
-                                                    shared_gate=True, router=RouterConfig(top_k=2)))
-                                 for _ in range(2))
-        self.head = nn.Linear(D, V, bias=False)
-
-    def forward(self, ids):
-        h = self.drop(self.embed(ids))
-        aux = 0.0
-        for layer in self.moe:
-            out = layer(h)
-            h, aux = h + out.y, aux + out.aux.loss
-        return self.head(h), aux
+def tiny_model(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    moe = MoEConfig(d_model=D, num_experts=4, expert_hidden=32, num_shared_experts=1, shared_gate=True,
+                    router=RouterConfig(top_k=2), loss=LossConfig(aux_coef=0.01))
+    return MoETransformer(ModelConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=2, max_seq_len=32,
+                                      dense_hidden=64, moe=moe, dropout=dropout))
 
 
 def train_steps(model, opt, steps=3):
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         ids = torch.randint(0, V, (4, 10), generator=g)
-        logits, aux = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1)) + aux
+        out = model(ids[:, :-1])
+        loss = lm_loss(out.logits, ids[:, 1:]) + out.aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -48,13 +37,13 @@ def train_steps(model, opt, steps=3):
 
 @pytest.mark.parametrize("policy", list(FREEZE_POLICIES))
 def test_frozen_parameters_get_no_update_grad_or_state(policy):
-    torch.manual_seed(0)
-    model = TinyLM()
+    model = tiny_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = prepare(model, FinetuneRecipe(freeze=policy, lr=1e-2, weight_decay=0.1))
+    frozen = set(apply_freeze(model, policy))
+    groups = model.param_groups()
+    assert frozen == {n for g in FREEZE_POLICIES[policy] for n in groups[g]}
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))  # the trainer's optimizer
     train_steps(model, opt)
-    groups = param_groups(model)
-    frozen = {n for g in FREEZE_POLICIES[policy] for n in groups[g]}
     state_ids = {id(p) for p in opt.state}
     for n, p in model.named_parameters():
         if n in frozen:
@@ -71,29 +60,36 @@ def test_frozen_parameters_get_no_update_grad_or_state(policy):
     assert optimizer_state_bytes(opt) == 2 * 4 * report["trainable_params"]
 
 
-def test_param_groups_classify_every_parameter():
-    model = TinyLM()
-    groups = param_groups(model)
-    assert sorted(n for names in groups.values() for n in names) == sorted(n for n, _ in model.named_parameters())
-    assert groups["router"] == ["moe.0.router.gate.weight", "moe.1.router.gate.weight"]
-    assert set(groups["shared"]) >= {"moe.0.shared_gate.weight", "moe.0.shared.w_up.weight"}
-    assert len(groups["experts"]) == 6 and set(groups["dense"]) == {"embed.weight", "head.weight"}
+def test_finetune_with_the_trainer_keeps_frozen_experts():
+    model = tiny_model()
+    data = TokenStream(torch.randint(0, V, (2000,), generator=torch.Generator().manual_seed(1)))
+    recipe = get_recipe("moe", steps=4, batch_size=4)
+    tuned, records, report = finetune(model, data, data, recipe, tcfg_overrides={"seq_len": 16, "eval_batches": 1})
+    before = dict(model.named_parameters())
+    for n, p in tuned.named_parameters():
+        is_moe = ".experts." in n or ".router." in n
+        assert torch.equal(p, before[n]) == is_moe, n
+    assert records[-1]["split"] == "val" and math.isfinite(records[-1]["val_loss"])
+    assert report["by_group"]["experts"]["trainable"] == 0 and report["by_group"]["dense"]["frozen"] == 0
 
 
 def test_recipe_regularisation_is_applied():
-    torch.manual_seed(0)
-    model = TinyLM()
-    prepare(model, get_recipe("moe", capacity_factor=0.5))
-    assert model.drop.p == 0.1
-    for layer in model.moe:
+    model = tiny_model()
+    tuned = prepare(model, get_recipe("moe", capacity_factor=0.5))
+    assert tuned.cfg.dropout == 0.1
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in tuned.modules()) == 2  # one per block
+    for layer in tuned.moe_layers():
         assert layer.experts.dropout.p == 0.4
         assert layer.cfg.loss.aux_coef == 0.01 and layer.cfg.capacity.capacity_factor == 0.5
-    model.train()
-    out = model.moe[0](torch.randn(2, 16, D))
-    assert float(out.aux.dropped_fraction) > 0.0  # token dropping is active in training
-    assert float(model.moe[0].eval()(torch.randn(2, 16, D)).aux.dropped_fraction) == 0.0
-    prepare(model, FinetuneRecipe(aux_coef=0.0))
-    assert float(model.moe[0](torch.randn(2, 16, D)).aux.loss) == 0.0
+    tuned.train()
+    ids = torch.randint(0, V, (2, 16))
+    assert float(tuned(ids).moe_aux[0].dropped_fraction) > 0.0  # token dropping is active in training
+    tuned.eval()
+    assert float(tuned(ids).moe_aux[0].dropped_fraction) == 0.0
+    torch.testing.assert_close(tuned(ids).logits, model.eval()(ids).logits)  # same weights, eval dropless
+    with torch.no_grad():  # aux loss off (z_coef is 0 in this model): no router loss at all
+        assert float(model.train()(ids).aux_loss) > 0
+        assert float(prepare(model, FinetuneRecipe(aux_coef=0.0)).train()(ids).aux_loss) == 0.0
     with pytest.raises(ConfigError, match="freeze"):
         FinetuneRecipe(freeze="everything")
     with pytest.raises(ValueError, match="recipe="):

@@ -9,7 +9,7 @@ Guidance from the papers, encoded in ``RECIPES``:
 - Switch Transformer (Fedus et al. 2021, sec. 2.4 / table 4): "expert dropout" - a higher dropout
   inside the experts (0.4) than in the dense layers (0.1) - fine-tunes best.
 
-Freeze policies (parameter groups as classified by ``param_groups``):
+Freeze policies (parameter groups as classified by ``MoETransformer.param_groups``):
   "none":    train everything;
   "moe":     freeze the MoE parameters (routed experts and routers), train the rest (ST-MoE's finding);
   "experts": freeze only the routed experts (routers keep adapting to the new data);
@@ -24,12 +24,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from moekit.config import check, check_choice, check_fraction, check_positive_int
-from moekit.deploy import moe_layers
-
-GROUPS = ("experts", "router", "shared", "dense")
+from moekit.config import ModelConfig, TrainConfig, check, check_choice, check_fraction, check_positive_int
+from moekit.models.decoder import MoETransformer
+from moekit.train.data import TokenStream
+from moekit.train.trainer import train
 FREEZE_POLICIES = {"none": (), "moe": ("experts", "router"), "experts": ("experts",),
                    "non_moe": ("shared", "dense")}
 
@@ -43,7 +42,8 @@ class FinetuneRecipe:
     batch_size: int = 16
     steps: int = 200
     weight_decay: float = 0.0
-    dropout: float | None = None  # dense dropout (attention, residual, non-expert FFNs)
+    warmup_steps: int = 10
+    dropout: float | None = None  # dense dropout (attention and FFN outputs on the residual stream)
     expert_dropout: float | None = None  # dropout inside routed experts
     aux_coef: float | None = None  # load-balancing loss coefficient (0 = off)
     capacity_factor: float | None = None  # training capacity: token dropping as regulariser; None = dropless
@@ -54,6 +54,8 @@ class FinetuneRecipe:
         check(isinstance(self.lr, (int, float)) and self.lr > 0, o, "lr", self.lr, "must be > 0")
         check_positive_int(o, "batch_size", self.batch_size)
         check_positive_int(o, "steps", self.steps)
+        check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, o, "warmup_steps", self.warmup_steps,
+              "must be an integer >= 0")
         check(self.weight_decay >= 0, o, "weight_decay", self.weight_decay, "must be >= 0")
         for name in ("dropout", "expert_dropout"):
             if getattr(self, name) is not None:
@@ -78,78 +80,73 @@ RECIPES: dict[str, FinetuneRecipe] = {
 
 
 def get_recipe(name: str, **overrides) -> FinetuneRecipe:
+    """A preset from RECIPES with some fields replaced (None values ignored)."""
     if name not in RECIPES:
         raise ValueError(f"recipe={name!r}: must be one of {sorted(RECIPES)}")
     return dataclasses.replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def param_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Parameter names by group: routed "experts", "router", "shared" experts (and their gate), "dense"."""
-    prefix_group = {}
-    for name, layer in moe_layers(model).items():
-        p = f"{name}." if name else ""
-        prefix_group.update({p + "experts.": "experts", p + "router.": "router", p + "shared.": "shared",
-                             p + "shared_gate.": "shared"})
-    out: dict[str, list[str]] = {g: [] for g in GROUPS}
-    for pname, _ in model.named_parameters():
-        group = next((g for pre, g in prefix_group.items() if pname.startswith(pre)), "dense")
-        out[group].append(pname)
-    return out
-
-
-def apply_freeze(model: nn.Module, policy: str) -> list[str]:
+def apply_freeze(model: MoETransformer, policy: str) -> list[str]:
     """Set requires_grad per ``policy``; returns the frozen parameter names."""
     check_choice("FinetuneRecipe", "freeze", policy, tuple(FREEZE_POLICIES))
-    groups = param_groups(model)
+    groups = model.param_groups()
     frozen = {n for g in FREEZE_POLICIES[policy] for n in groups[g]}
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
     return sorted(frozen)
 
 
-def apply_regularisation(model: nn.Module, recipe: FinetuneRecipe) -> None:
-    """Dropout rates, aux-loss coefficient and training capacity of every MoE layer, in place."""
-    expert_dropouts = set()
-    for layer in moe_layers(model).values():
-        if recipe.expert_dropout is not None:
-            layer.experts.dropout = nn.Dropout(recipe.expert_dropout) if recipe.expert_dropout > 0 else nn.Identity()
-        expert_dropouts.add(id(layer.experts.dropout))
-        cfg = layer.cfg
-        if recipe.aux_coef is not None:
-            cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, aux_coef=recipe.aux_coef))
-        if recipe.capacity_factor is not None:
-            cfg = dataclasses.replace(cfg, capacity=dataclasses.replace(cfg.capacity,
-                                                                        capacity_factor=recipe.capacity_factor))
-        layer.cfg = cfg
+def finetune_config(cfg: ModelConfig, recipe: FinetuneRecipe) -> ModelConfig:
+    """The model config with the recipe's dropout, expert dropout, aux-loss coefficient and training
+    capacity (evaluation stays as configured, dropless by default)."""
     if recipe.dropout is not None:
-        for m in model.modules():
-            if isinstance(m, nn.Dropout) and id(m) not in expert_dropouts:
-                m.p = recipe.dropout
+        cfg = dataclasses.replace(cfg, dropout=recipe.dropout)
+    m = cfg.moe
+    if m is None:
+        return cfg
+    if recipe.expert_dropout is not None:
+        m = dataclasses.replace(m, expert_dropout=recipe.expert_dropout)
+    if recipe.aux_coef is not None:
+        m = dataclasses.replace(m, loss=dataclasses.replace(m.loss, aux_coef=recipe.aux_coef))
+    if recipe.capacity_factor is not None:
+        m = dataclasses.replace(m, capacity=dataclasses.replace(m.capacity, capacity_factor=recipe.capacity_factor))
+    return dataclasses.replace(cfg, moe=m)
 
 
-def build_optimizer(model: nn.Module, recipe: FinetuneRecipe) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only (frozen ones get no moment buffers)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"freeze={recipe.freeze!r} leaves no trainable parameters in this model")
-    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+def prepare(model: MoETransformer, recipe: FinetuneRecipe) -> MoETransformer:
+    """A copy of ``model`` rebuilt with ``finetune_config`` (dropout modules, capacity and loss settings
+    live in the config) holding the same weights, with the freeze policy applied."""
+    tuned = MoETransformer(finetune_config(model.cfg, recipe)).to(next(model.parameters()).device)
+    tuned.load_state_dict(model.state_dict())
+    apply_freeze(tuned, recipe.freeze)
+    return tuned
 
 
-def prepare(model: nn.Module, recipe: FinetuneRecipe) -> torch.optim.Optimizer:
-    """Apply the recipe's freeze policy and regularisation to ``model``; return its optimizer."""
-    apply_freeze(model, recipe.freeze)
-    apply_regularisation(model, recipe)
-    return build_optimizer(model, recipe)
+def train_config(recipe: FinetuneRecipe, **overrides) -> TrainConfig:
+    """The trainer settings of a recipe (``overrides``: other TrainConfig fields, e.g. seq_len)."""
+    return TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                       weight_decay=recipe.weight_decay, warmup_steps=min(recipe.warmup_steps, recipe.steps),
+                       **overrides)
 
 
-def trainable_report(model: nn.Module) -> dict:
+def finetune(model: MoETransformer, train_data: TokenStream, val_data: TokenStream | None, recipe: FinetuneRecipe,
+             **train_kwargs) -> tuple[MoETransformer, list[dict], dict]:
+    """Fine-tune a copy of ``model`` with ``recipe``. ``train_kwargs``: ``tcfg_overrides`` (dict of
+    TrainConfig fields) and anything ``trainer.train`` accepts (out_dir, hooks, progress, device).
+    Returns (fine-tuned model, trainer records, ``trainable_report``)."""
+    tuned = prepare(model, recipe)
+    tcfg = train_config(recipe, **train_kwargs.pop("tcfg_overrides", {}))
+    records = train(tuned, train_data, val_data, tcfg, **train_kwargs)
+    return tuned, records, trainable_report(tuned)
+
+
+def trainable_report(model: MoETransformer) -> dict:
     """Parameter counts per group (trainable / frozen) and the training memory the freezing saves:
     a frozen parameter has no gradient (1x its bytes) and no Adam moments (2x its bytes)."""
     params = dict(model.named_parameters())
-    groups = param_groups(model)
     by_group = {g: {"trainable": sum(params[n].numel() for n in names if params[n].requires_grad),
                     "frozen": sum(params[n].numel() for n in names if not params[n].requires_grad)}
-                for g, names in groups.items()}
+                for g, names in model.param_groups().items()}
     frozen_bytes = sum(p.numel() * p.element_size() for p in params.values() if not p.requires_grad)
     all_bytes = sum(p.numel() * p.element_size() for p in params.values())
     return {
