@@ -22,7 +22,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig
+from moekit.config import ModelConfig, MoEConfig
 from moekit.deploy import moe_layers, replace_module
 from moekit.deploy.merge import GroupRouter
 from moekit.deploy.offload import OffloadedExperts
@@ -30,6 +30,7 @@ from moekit.deploy.prune import measure_loads, prune_model
 from moekit.deploy.quantize import Int8Experts
 from moekit.layers.moe import MoELayer
 from moekit.layers.routing import build_router
+from moekit.models.decoder import MoETransformer
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "deploy.json"
 
@@ -64,9 +65,10 @@ def build_layer(spec: dict) -> MoELayer:
     return layer
 
 
-def save_model(model: nn.Module, path: str, base_config: dict, meta: dict | None = None) -> None:
+def save_model(model: nn.Module, path: str, base_config: dict | None = None, meta: dict | None = None) -> None:
     """Write ``model`` (possibly pruned / merged / int8) to directory ``path``. ``base_config`` is the
-    dict the untransformed model is built from; ``meta`` is free-form (e.g. kept experts)."""
+    dict the untransformed model is built from (default: ``model.cfg.to_dict()``); ``meta`` is free-form."""
+    base_config = model.cfg.to_dict() if base_config is None else base_config
     os.makedirs(path, exist_ok=True)
     layers = {name: layer_spec(layer) for name, layer in moe_layers(model).items()}
     with open(os.path.join(path, META_FILE), "w") as f:
@@ -74,8 +76,13 @@ def save_model(model: nn.Module, path: str, base_config: dict, meta: dict | None
     st_save_model(model, os.path.join(path, WEIGHTS_FILE))
 
 
-def load_model(path: str, build: Callable[[dict], nn.Module]) -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by ``save_model``: ``build(base_config)`` makes the untransformed model,
+def build_transformer(base_config: dict) -> nn.Module:
+    return MoETransformer(ModelConfig.from_dict(base_config))
+
+
+def load_model(path: str, build: Callable[[dict], nn.Module] = build_transformer) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by ``save_model``: ``build(base_config)`` makes the untransformed model
+    (default: an ``MoETransformer`` from a ModelConfig dict),
     its MoE layers are replaced by the saved structures, then the tensors are loaded (strictly).
     Returns (model, meta)."""
     meta_path = os.path.join(path, META_FILE)

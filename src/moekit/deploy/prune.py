@@ -30,7 +30,7 @@ from moekit.layers.moe import MoELayer
 def measure_loads(model: nn.Module, batches: Iterable, forward: Callable | None = None) -> dict[str, Tensor]:
     """Assignments per expert (after capacity) of every MoE layer, summed over ``batches``, in eval mode.
 
-    ``forward(model, batch)`` runs one batch (default ``model(batch)``).
+    ``forward(model, batch)`` runs one batch (default ``model(inputs)``).
     """
     layers = moe_layers(model)
     counts = {name: torch.zeros(layer.cfg.num_experts, dtype=torch.float64) for name, layer in layers.items()}
@@ -45,7 +45,10 @@ def measure_loads(model: nn.Module, batches: Iterable, forward: Callable | None 
     model.eval()
     try:
         for batch in batches:
-            forward(model, batch) if forward is not None else model(batch)
+            if forward is not None:
+                forward(model, batch)
+            else:  # an (inputs, targets) pair from TokenStream, or inputs alone
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     finally:
         for h in handles:
             h.remove()
@@ -72,11 +75,10 @@ def select_experts(counts_E: Tensor, *, keep: int | None = None, min_share: floa
     return sorted(chosen.tolist())
 
 
-def resized_config(cfg: MoEConfig, num_experts: int, hidden_sizes: Sequence[int] | None = None) -> MoEConfig:
+def resized_config(cfg: MoEConfig, num_experts: int) -> MoEConfig:
     """The layer config with ``num_experts`` experts (top_k capped at it)."""
     router = dataclasses.replace(cfg.router, top_k=min(cfg.router.top_k, num_experts))
-    return dataclasses.replace(cfg, num_experts=num_experts, router=router,
-                               expert_hidden_sizes=None if hidden_sizes is None else tuple(hidden_sizes))
+    return dataclasses.replace(cfg, num_experts=num_experts, router=router)
 
 
 def combine_expert_dim(layer: MoELayer, A_GE: Tensor, *, include_router: bool = True) -> MoELayer:
@@ -93,11 +95,11 @@ def combine_expert_dim(layer: MoELayer, A_GE: Tensor, *, include_router: bool = 
     if E != layer.cfg.num_experts or not 1 <= G < E:
         raise ValueError(f"A_GE must have shape [G, E={layer.cfg.num_experts}] with 1 <= G < E, "
                          f"got {tuple(A_GE.shape)}")
-    hidden = None
-    if layer.cfg.expert_hidden_sizes is not None:
-        hidden = [layer.cfg.expert_hidden_sizes[int(A_GE[g].argmax())] for g in range(G)]
+    if len(set(layer.cfg.hidden_sizes)) > 1:
+        raise ValueError(f"MoEConfig.expert_hidden_sizes={layer.cfg.expert_hidden_sizes}: pruning/merging "
+                         "heterogeneous experts is not supported")
     ref = next(layer.parameters())
-    new = MoELayer(resized_config(layer.cfg, G, hidden)).to(device=ref.device, dtype=ref.dtype)
+    new = MoELayer(resized_config(layer.cfg, G)).to(device=ref.device, dtype=ref.dtype)
     old_sd, new_sd = layer.state_dict(), new.state_dict()
     for key, target in new_sd.items():
         v = old_sd[key]
