@@ -266,7 +266,7 @@ def exp_balancing(r: Runner, lines: list[str]) -> None:
               "z-loss stabilises logits but does not balance. Here: "
               + (f"{' and '.join(balanced)} reduce imbalance below the unbalanced {free:.2f}, as expected."
                  if len(balanced) == 2 else
-                 f"only {balanced or 'neither'} reduce imbalance below the unbalanced {free:.2f} - this disagrees "
+                 f"only {' and '.join(balanced) or 'neither'} reduce imbalance below the unbalanced {free:.2f} - this disagrees "
                  "with the literature (at a few hundred steps the bias has moved little; its step is 1e-3).")
               + f" Loss cost of balancing vs none: aux loss {cost_aux:+.4f}, aux-free bias {cost_bias:+.4f} nats; "
               + ("the bias costs less, as DeepSeek-V3 reports." if cost_bias < cost_aux else
