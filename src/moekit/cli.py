@@ -427,6 +427,244 @@ def _generate_cmd(ns) -> int:
     return 0
 
 
+# ---- fine-tuning and deployment: finetune / distill / merge / prune / extract
+def _deploy_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run folder or checkpoint folder (tokenizer.json beside it)")
+    p.add_argument("--data", nargs="*", default=None,
+                   help="text files or folders (default: the Python standard library's source files)")
+    p.add_argument("--max-bytes", type=int, default=8_000_000, help="cap on data size in bytes")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batches", type=int, default=8, help="validation batches (and batches to measure loads on)")
+
+
+def _deploy_inputs(ns):
+    """(checkpoint folder, model, tokenizer path, data) with the data encoded by the checkpoint's own tokenizer."""
+    from pathlib import Path
+
+    from moekit.train.checkpoint import load_model, resolve_checkpoint
+    from moekit.train.data import TokenStream, collect_files, default_corpus_files, read_texts, split_files, split_text
+    from moekit.train.tokenizer import Tokenizer
+
+    ckpt = resolve_checkpoint(ns.checkpoint)
+    tok_path = next((d / "tokenizer.json" for d in (Path(ns.checkpoint), ckpt, ckpt.parent)
+                     if (d / "tokenizer.json").is_file()), None)
+    if tok_path is None:
+        raise FileNotFoundError(f"no tokenizer.json beside checkpoint {str(ckpt)!r}")
+    tok = Tokenizer.load(tok_path)
+    files = default_corpus_files(ns.max_bytes) if not ns.data else collect_files(ns.data, ns.max_bytes)
+    if len(files) == 1:
+        head, tail = split_text(read_texts(files)[0], 5.0)
+        train_texts, val_texts = [head], [tail]
+    else:
+        train_files, val_files = split_files(files)
+        train_texts, val_texts = read_texts(train_files), read_texts(val_files)
+    train, val = TokenStream(tok.encode_documents(train_texts)), TokenStream(tok.encode_documents(val_texts))
+    return ckpt, load_model(ckpt).eval(), tok_path, train, val
+
+
+def _val_loss(model, val, ns) -> float:
+    from moekit.train.trainer import evaluate
+
+    return evaluate(model, val.eval_batches(ns.batches, ns.batch_size, ns.seq_len))
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    from moekit.train.finetune import FREEZE_POLICIES, RECIPES
+
+    _deploy_data_args(p)
+    p.add_argument("--recipe", default="moe", choices=sorted(RECIPES),
+                   help="preset (moe: freeze experts+routers, half batch, 3x LR, expert dropout 0.4; see "
+                        "moekit.train.finetune)")
+    p.add_argument("--freeze", choices=list(FREEZE_POLICIES), default=None, help="override the recipe's policy")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--recipe-batch-size", type=int, default=None, help="training batch (default: the recipe's)")
+    p.add_argument("--capacity-factor", type=float, default=None, help="token dropping while fine-tuning")
+    p.add_argument("--aux-coef", type=float, default=None, help="load-balancing loss coefficient (0 = off)")
+    p.add_argument("--out", required=True, help="run folder for the fine-tuned checkpoints")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("finetune", "fine-tune a checkpoint on new data with an MoE recipe (freeze policy, expert dropout, "
+                     "aux loss, token dropping); reports trainable parameters and memory saved", _finetune_args)
+def _finetune_cmd(ns) -> int:
+    import shutil
+    from pathlib import Path
+
+    from moekit.train.finetune import finetune, get_recipe
+    from moekit.train.hooks import MetricsWriter
+
+    _, model, tok_path, train, val = _deploy_inputs(ns)
+    recipe = get_recipe(ns.recipe, freeze=ns.freeze, steps=ns.steps, lr=ns.lr, batch_size=ns.recipe_batch_size,
+                        capacity_factor=ns.capacity_factor, aux_coef=ns.aux_coef)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tok_path, out / "tokenizer.json")
+    before = _val_loss(model, val, ns)
+    tuned, _, report = finetune(model, train, val, recipe, out_dir=out, hooks=[MetricsWriter(out)],
+                                progress=not ns.no_progress,
+                                tcfg_overrides={"seq_len": ns.seq_len, "eval_batches": ns.batches,
+                                                "eval_every": max(1, recipe.steps // 4)})
+    print(f"recipe: {recipe}")
+    print(f"trainable params: {report['trainable_params']:,} of {report['total_params']:,} "
+          f"({report['trainable_params'] / report['total_params']:.1%}); by group: " +
+          ", ".join(f"{g} {v['trainable']:,}/{v['trainable'] + v['frozen']:,}" for g, v in report["by_group"].items()))
+    print(f"grad + Adam memory: {report['grad_and_adam_bytes_full'] - report['grad_and_adam_bytes_saved']:,} B "
+          f"(saved {report['grad_and_adam_bytes_saved']:,} B of {report['grad_and_adam_bytes_full']:,} B by freezing)")
+    print(f"val loss: {before:.4f} -> {_val_loss(tuned, val, ns):.4f}; run folder: {out}")
+    return 0
+
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    _deploy_data_args(p)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft-target (KL) term")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch dense baseline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="run folder for the student")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("distill", "distil an MoE checkpoint into its dense twin (Hinton KD) and report how much of the MoE's "
+                    "gain over a from-scratch dense model the student keeps", _distill_args)
+def _distill_cmd(ns) -> int:
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from moekit.config import TrainConfig
+    from moekit.deploy.distill import distill, gain_retained
+    from moekit.models.decoder import MoETransformer
+    from moekit.train.trainer import train
+
+    _, teacher, tok_path, train_data, val = _deploy_inputs(ns)
+    if teacher.cfg.moe is None:
+        raise ValueError(f"checkpoint {ns.checkpoint!r} is a dense model; distill needs an MoE teacher")
+    tcfg = TrainConfig(steps=ns.steps, batch_size=ns.batch_size, seq_len=ns.seq_len, lr=ns.lr, seed=ns.seed,
+                       warmup_steps=max(1, ns.steps // 20), eval_every=0, eval_batches=ns.batches)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tok_path, out / "tokenizer.json")
+    student, _ = distill(teacher, train_data, val, tcfg, alpha=ns.alpha, temperature=ns.temperature,
+                         out_dir=out / "student", progress=not ns.no_progress, label="student")
+    l_moe, l_student = _val_loss(teacher, val, ns), _val_loss(student, val, ns)
+    print(f"MoE teacher val loss {l_moe:.4f}; KD student (dense twin, {student.num_params() / 1e6:.2f}M params) "
+          f"{l_student:.4f}")
+    if not ns.no_scratch:
+        torch.manual_seed(ns.seed)
+        scratch = MoETransformer(teacher.cfg.dense_twin())
+        train(scratch, train_data, val, tcfg, out_dir=out / "scratch", progress=not ns.no_progress, label="scratch")
+        l_scratch = _val_loss(scratch, val, ns)
+        print(f"dense from scratch {l_scratch:.4f}; gain retained (L_scratch - L_student) / (L_scratch - L_moe) = "
+              f"{gain_retained(l_scratch, l_student, l_moe):.1%}")
+    print(f"run folder: {out}")
+    return 0
+
+
+def _print_deploy_result(before, after, model, out, extra: dict) -> None:
+    from moekit.deploy import tensor_bytes
+
+    print(f"params: {before['params']:,} -> {sum(p.numel() for p in model.parameters()):,}; "
+          f"bytes: {before['bytes']:,} -> {tensor_bytes(model):,}")
+    print(f"val loss: {before['loss']:.4f} -> {after:.4f}")
+    for k, v in extra.items():
+        print(f"{k}: {v}")
+    print(f"saved: {out} (load with moekit.deploy.extract.load_model)")
+
+
+def _deploy_transform(ns, transform) -> int:
+    """Shared by merge / prune / extract: load, measure loads, transform, report, save."""
+    import shutil
+    from pathlib import Path
+
+    from moekit.deploy import tensor_bytes
+    from moekit.deploy.extract import save_model
+
+    _, model, tok_path, train, val = _deploy_inputs(ns)
+    if model.cfg.moe is None:
+        raise ValueError(f"checkpoint {ns.checkpoint!r} is a dense model; it has no experts to {ns.command}")
+    before = {"params": model.num_params(), "bytes": tensor_bytes(model), "loss": _val_loss(model, val, ns)}
+    base_cfg = model.cfg.to_dict()
+    model, extra = transform(model, train, val)
+    save_model(model, ns.dst, base_cfg, meta={"command": ns.command, **extra})
+    shutil.copy(tok_path, Path(ns.dst) / "tokenizer.json")
+    _print_deploy_result(before, _val_loss(model, val, ns), model, ns.dst, extra)
+    return 0
+
+
+def _load_batches(stream, ns):
+    return stream.eval_batches(ns.batches, ns.batch_size, ns.seq_len)
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    _deploy_data_args(p)
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--num-experts", type=int, required=True, help="experts per layer after merging")
+    p.add_argument("--strategy", choices=["frequency", "similarity"], default="frequency")
+    p.add_argument("--similarity", choices=["router", "weights"], default="router")
+    p.add_argument("--router", choices=["map", "average"], default="map",
+                   help="map: keep the router, map its choices to merged experts (routing preserved); "
+                        "average: frequency-weighted router rows (a plain smaller router)")
+
+
+@command("merge", "merge experts (routing-frequency-weighted averages of groups) and save the smaller model",
+         _merge_args)
+def _merge_cmd(ns) -> int:
+    from moekit.deploy.merge import merge_model
+    from moekit.deploy.prune import measure_loads
+
+    def transform(model, train, val):
+        loads = measure_loads(model, _load_batches(train, ns))
+        model, groups = merge_model(model, loads, ns.num_experts, strategy=ns.strategy, similarity=ns.similarity,
+                                    router=ns.router)
+        return model, {"groups": groups}
+
+    return _deploy_transform(ns, transform)
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    _deploy_data_args(p)
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--keep", type=int, default=None, help="experts to keep per layer (the most loaded)")
+    p.add_argument("--min-share", type=float, default=None, help="keep experts with load share >= this")
+
+
+@command("prune", "drop each layer's least-used experts (load measured on data), slice the router, save",
+         _prune_args)
+def _prune_cmd(ns) -> int:
+    from moekit.deploy.prune import measure_loads, prune_model
+
+    def transform(model, train, val):
+        loads = measure_loads(model, _load_batches(train, ns))
+        model, kept = prune_model(model, loads, keep=ns.keep, min_share=ns.min_share)
+        return model, {"kept": kept}
+
+    return _deploy_transform(ns, transform)
+
+
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    _deploy_data_args(p)
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--min-share", type=float, default=0.05,
+                   help="keep experts whose load share on the task data is >= this")
+
+
+@command("extract", "task sub-network: keep only the experts a task's data uses (load share >= threshold), save",
+         _extract_args)
+def _extract_cmd(ns) -> int:
+    from moekit.deploy.extract import extract_task
+
+    def transform(model, train, val):
+        model, kept, _ = extract_task(model, _load_batches(train, ns), ns.min_share)
+        return model, {"kept": kept}
+
+    return _deploy_transform(ns, transform)
+
+
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts transformers toolkit")

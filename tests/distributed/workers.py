@@ -150,7 +150,7 @@ def check_checkpoint(rank: int, world_size: int, ep_size: int) -> None:
     ep = make_layer(case, seed=rank)
     plan = parallelize(ep, ep_size)
     sd = plan.full_state_dict()
-    L, r = 8 // ep_size, plan.groups.ep_rank
+    L = 8 // ep_size
     for key, want in full.state_dict().items():
         if key in plan.expert_keys:
             # shard s comes from its copy on global rank s (EP group 0), which was built from seed s

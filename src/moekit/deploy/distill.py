@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.config import TrainConfig
+from moekit.models.decoder import MoETransformer
+from moekit.train.data import TokenStream
+from moekit.train.trainer import train
+
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, *, alpha: float = 0.5,
             temperature: float = 2.0, ignore_index: int = -100) -> Tensor:
@@ -48,3 +53,23 @@ def gain_retained(loss_dense_scratch: float, loss_student: float, loss_moe: floa
     0 = no better than training the dense model directly. NaN if the MoE has no gain."""
     gain = loss_dense_scratch - loss_moe
     return (loss_dense_scratch - loss_student) / gain if gain > 0 else float("nan")
+
+
+def distill(teacher: MoETransformer, train_data: TokenStream, val_data: TokenStream | None, tcfg: TrainConfig, *,
+            alpha: float = 0.5, temperature: float = 2.0, **train_kwargs) -> tuple[MoETransformer, list[dict]]:
+    """Train the teacher's dense twin (``ModelConfig.dense_twin()``) from scratch on ``kd_loss`` against
+    the frozen teacher's logits on the same batches; ``train_kwargs`` go to ``trainer.train``.
+    Returns (student, trainer records)."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(tcfg.seed)
+    student = MoETransformer(teacher.cfg.dense_twin())
+
+    def loss_fn(out, x, y):
+        with torch.no_grad():
+            t = teacher(x).logits
+        return kd_loss(out.logits, t, y, alpha=alpha, temperature=temperature)
+
+    records = train(student, train_data, val_data, tcfg, loss_fn=loss_fn, **train_kwargs)
+    return student, records

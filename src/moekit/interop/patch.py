@@ -12,7 +12,6 @@ it only echoes the logits moekit computed: the hooks fire exactly as before and 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from moekit.interop.hf import family_of
