@@ -167,9 +167,10 @@ def exp_moe_vs_dense(r: Runner, lines: list[str]) -> None:
               f"{', '.join('not reached' if math.isnan(s) else f'{s:.2f}x' for s in speedups)}); dense minus MoE "
               f"final loss: {gap:+.4f} nats (positive = MoE better). Switch Transformers reports ~7x at scale "
               "(hundreds of experts, billions of tokens). "
-              + ("**This disagrees at our scale: the MoE ends worse than its dense twin.** With ~128K training "
-                 "tokens each expert sees about a quarter of them, the router is still learning, and the balancing "
-                 "loss competes with the LM loss (see experiment 4: the MoE without aux loss does better)."
+              + ("**This disagrees at our scale: the MoE ends worse than its dense twin.** With "
+                 f"~{r.b.steps * r.b.batch_size * r.b.seq_len / 1e3:.0f}K training tokens each expert sees about a "
+                 "quarter of them, the router is still learning, and the balancing "
+                 "loss competes with the LM loss (experiment 4 measures what balancing costs)."
                  if gap <= 0 else
                  "At this scale the speed-up is far smaller: a few hundred steps leave most of the MoE's extra "
                  "parameters undertrained, and 8 small experts add little capacity to a 3-layer model."
