@@ -463,6 +463,17 @@ def _deploy_inputs(ns):
     return ckpt, load_model(ckpt).eval(), tok_path, train, val
 
 
+def _run_folder(path: str, tok_path):
+    """The output run folder, created, with the source checkpoint's tokenizer copied in (generate/inspect need it)."""
+    import shutil
+    from pathlib import Path
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tok_path, out / "tokenizer.json")
+    return out
+
+
 def _val_loss(model, val, ns) -> float:
     from moekit.train.trainer import evaluate
 
@@ -489,8 +500,6 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 @command("finetune", "fine-tune a checkpoint on new data with an MoE recipe (freeze policy, expert dropout, "
                      "aux loss, token dropping); reports trainable parameters and memory saved", _finetune_args)
 def _finetune_cmd(ns) -> int:
-    import shutil
-    from pathlib import Path
 
     from moekit.train.finetune import finetune, get_recipe
     from moekit.train.hooks import MetricsWriter
@@ -498,9 +507,7 @@ def _finetune_cmd(ns) -> int:
     _, model, tok_path, train, val = _deploy_inputs(ns)
     recipe = get_recipe(ns.recipe, freeze=ns.freeze, steps=ns.steps, lr=ns.lr, batch_size=ns.recipe_batch_size,
                         capacity_factor=ns.capacity_factor, aux_coef=ns.aux_coef)
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tok_path, out / "tokenizer.json")
+    out = _run_folder(ns.out, tok_path)
     before = _val_loss(model, val, ns)
     tuned, _, report = finetune(model, train, val, recipe, out_dir=out, hooks=[MetricsWriter(out)],
                                 progress=not ns.no_progress,
@@ -531,8 +538,6 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
 @command("distill", "distil an MoE checkpoint into its dense twin (Hinton KD) and report how much of the MoE's "
                     "gain over a from-scratch dense model the student keeps", _distill_args)
 def _distill_cmd(ns) -> int:
-    import shutil
-    from pathlib import Path
 
     import torch
 
@@ -546,9 +551,7 @@ def _distill_cmd(ns) -> int:
         raise ValueError(f"checkpoint {ns.checkpoint!r} is a dense model; distill needs an MoE teacher")
     tcfg = TrainConfig(steps=ns.steps, batch_size=ns.batch_size, seq_len=ns.seq_len, lr=ns.lr, seed=ns.seed,
                        warmup_steps=max(1, ns.steps // 20), eval_every=0, eval_batches=ns.batches)
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tok_path, out / "tokenizer.json")
+    out = _run_folder(ns.out, tok_path)
     student, _ = distill(teacher, train_data, val, tcfg, alpha=ns.alpha, temperature=ns.temperature,
                          out_dir=out / "student", progress=not ns.no_progress, label="student")
     l_moe, l_student = _val_loss(teacher, val, ns), _val_loss(student, val, ns)
