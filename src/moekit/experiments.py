@@ -2,7 +2,7 @@
 real text, written to a Markdown report with plots. Every number in the report comes from this run;
 seeds and configs are recorded beside it; results that disagree with the literature are said to.
 
-Full mode (default) takes ~5 minutes on an idle 2-core CPU (~18 when sharing it with other jobs);
+Full mode (default) takes 5-8 minutes on an idle 2-core CPU (~18 when sharing it with other jobs);
 ``--quick`` is a smoke-sized run for CI.
 """
 
