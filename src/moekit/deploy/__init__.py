@@ -64,7 +64,8 @@ class ComputedWeightsExperts(GroupedExperts):
     def weights_for(self, experts: list[int] | None) -> tuple[Tensor | None, Tensor, Tensor]:
         raise NotImplementedError
 
-    def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False) -> Tensor:
+    def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False,
+                scale_R: Tensor | None = None) -> Tensor:
         # experts with no rows contribute nothing: produce only the used ones (the padded layout
         # gives every expert the same C rows, keep them all so its bmm path still applies)
         used = None if uniform_rows else (counts_E > 0).nonzero().flatten().tolist()
@@ -74,7 +75,7 @@ class ComputedWeightsExperts(GroupedExperts):
             return x_RD.new_zeros(0, self.d_model)
         self._active = self.weights_for(used)
         try:
-            return super().forward(x_RD, counts_E if used is None else counts_E[used], uniform_rows)
+            return super().forward(x_RD, counts_E if used is None else counts_E[used], uniform_rows, scale_R)
         finally:
             self._active = None
 

@@ -38,9 +38,12 @@ class LocalDispatcher:
         # index_select, not x_TD[token_R]: its backward is index_add (fast), not an accumulating index_put
         return x_TD.index_select(0, token_R), counts_E, meta
 
-    def combine(self, y_RD: Tensor, meta: DispatchMeta) -> Tensor:
+    def combine(self, y_RD: Tensor, meta: DispatchMeta, weighted: bool = True) -> Tensor:
+        """Sum each token's rows, scaled by their gate weights (``weighted=False``: already scaled)."""
         y_TD = y_RD.new_zeros(meta.num_tokens, y_RD.shape[-1])
-        return y_TD.index_add(0, meta.token_R, y_RD * meta.weight_R.to(y_RD.dtype)[:, None])
+        if weighted:
+            y_RD = y_RD * meta.weight_R.to(y_RD.dtype)[:, None]
+        return y_TD.index_add(0, meta.token_R, y_RD)
 
 
 class PaddedDispatcher:

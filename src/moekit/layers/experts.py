@@ -102,7 +102,10 @@ class GroupedExperts(nn.Module):
         # grouped_mm measured fastest on CPU too (benchmarks/bench_layer.py prints every backend)
         return "grouped" if grouped_mm_supported(x_RD, self.d_model, self.hidden) else "loop"
 
-    def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False) -> Tensor:
+    def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False,
+                scale_R: Tensor | None = None) -> Tensor:
+        """``scale_R``: optional per-row factors (the gate weights) applied to the hidden activations before
+        the down projection; the projection is linear, so this equals scaling the output rows."""
         backend = self.pick_backend(x_RD, counts_E, uniform_rows)
         if backend == "grouped" and not grouped_mm_supported(x_RD, self.d_model, self.hidden):
             backend = "loop"
@@ -119,6 +122,8 @@ class GroupedExperts(nn.Module):
             h_RF = self.act(grouped_linear(x_RD, w[0], counts_E, backend)) * up_RF
         else:
             h_RF = self.act(up_RF)
+        if scale_R is not None:
+            h_RF = h_RF * scale_R.to(dtype)[:, None]
         return grouped_linear(self.dropout(h_RF), w[2], counts_E, backend)
 
 
