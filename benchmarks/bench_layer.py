@@ -112,7 +112,9 @@ def main() -> None:
             try:
                 block(x[None])
             except Exception as e:  # an implementation HF cannot run on this device/dtype
-                print(f"{name:8} {'HF ' + impl:28} unavailable: {type(e).__name__}: {str(e)[:60]}")
+                why = ("out of memory (it copies the expert weights per routed token)" if "alloc" in str(e)
+                       else f"{type(e).__name__}: {str(e)[:60]}")
+                print(f"{name:8} {'HF ' + impl:28} unavailable: {why}")
                 continue
             cases["HF " + impl] = fwd_and_fwdbwd(block, x[None], out=hf_output)
             hf_names.append("HF " + impl)
