@@ -620,6 +620,9 @@ def _merge_cmd(ns) -> int:
     from moekit.deploy.merge import merge_model
     from moekit.deploy.prune import measure_loads
 
+    if ns.num_experts < 1:
+        raise ValueError(f"--num-experts={ns.num_experts}: must be >= 1 (experts per layer after merging)")
+
     def transform(model, train, val):
         loads = measure_loads(model, _load_batches(train, ns))
         model, groups = merge_model(model, loads, ns.num_experts, strategy=ns.strategy, similarity=ns.similarity,
@@ -640,6 +643,9 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
          _prune_args)
 def _prune_cmd(ns) -> int:
     from moekit.deploy.prune import measure_loads, prune_model
+
+    if (ns.keep is None) == (ns.min_share is None):
+        raise ValueError("give exactly one of --keep N (experts per layer) or --min-share S (load share)")
 
     def transform(model, train, val):
         loads = measure_loads(model, _load_batches(train, ns))

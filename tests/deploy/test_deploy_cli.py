@@ -67,7 +67,18 @@ def test_distill_reports_gain_retained(run, capsys):
     assert "KD student" in out and "gain retained" in out
 
 
-def test_deploy_commands_name_bad_paths(run, capsys):
-    assert main(["prune", "/no/such/run", str(run / "x"), "--keep", "1"]) == 2
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "/no/such/run", "x", "--keep", "1"], "/no/such/run"),
+    (["prune", "RUN", "x"], "give exactly one of --keep N"),
+    (["prune", "RUN", "x", "--keep", "9"], "keep=9: must be an integer in [1, num_experts=4]"),
+    (["merge", "RUN", "x", "--num-experts", "0"], "--num-experts=0: must be >= 1"),
+    (["extract", "RUN", "x", "--min-share", "1.5"], "min_share=1.5: must be a load share in [0, 1]"),
+])
+def test_deploy_commands_give_one_line_errors_naming_the_argument(run, argv, message, capsys):
+    argv = [str(run / "run") if a == "RUN" else str(run / a) if a == "x" else a for a in argv]
+    if argv[1] != "/no/such/run":
+        argv += _data(run)
+    capsys.readouterr()
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "/no/such/run" in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err
