@@ -72,11 +72,17 @@ def renormalize_per_token(weight_N: Tensor, token_N: Tensor, num_tokens: int, ep
     return weight_N / sum_T[token_N].clamp_min(eps)
 
 
+NONFINITE_LOGITS = ("router logits contain NaN or Inf: the MoE input or router weights are not finite "
+                    "(check the learning rate / loss scale; router math already runs in float32)")
+
+
 def check_finite_logits(logits_TE: Tensor) -> None:
-    if not torch.isfinite(logits_TE).all():
-        raise FloatingPointError(
-            "router logits contain NaN or Inf: the MoE input or router weights are not finite "
-            "(check the learning rate / loss scale; router math already runs in float32)")
+    finite = torch.isfinite(logits_TE).all()
+    if logits_TE.device.type == "cpu":
+        if not finite:
+            raise FloatingPointError(NONFINITE_LOGITS)
+    else:  # on accelerators the check stays on the device: no host sync in every MoE layer's forward
+        torch._assert_async(finite, NONFINITE_LOGITS)
 
 
 class Router(nn.Module):
