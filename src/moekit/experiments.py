@@ -234,9 +234,12 @@ def exp_routing_capacity(r: Runner, lines: list[str]) -> None:
               f"capacity {lo} vs dropless {'hurts' if drop_hurts else 'does not hurt consistently'} "
               f"(top-1 {loss[(1, lo)] - loss[(1, hi)]:+.4f}, top-2 {loss[(2, lo)] - loss[(2, hi)]:+.4f} nats); "
               f"dropless top-2 {'beats' if top2_wins else 'does not beat'} dropless top-1 "
-              f"({loss[(2, None)] - loss[(1, None)]:+.4f} nats)"
-              + ("." if drop_hurts and top2_wins else " - this disagrees with the literature at our scale "
-                 "(dropped tokens still pass through the residual stream, and differences are near seed noise)."),
+              f"({loss[(2, None)] - loss[(1, None)]:+.4f} nats). "
+              + ("Both agree with the literature." if drop_hurts and top2_wins else
+                 f"**{'The capacity result' if not drop_hurts else 'The top-k result'}"
+                 f"{' and the top-k result' if not (drop_hurts or top2_wins) else ''} disagree"
+                 f"{'s' if drop_hurts or top2_wins else ''} with the literature at our scale** (dropped tokens "
+                 "still pass through the residual stream, and the differences are near seed noise)."),
               "", "![](experiments/capacity.png)", ""]
 
 
