@@ -35,8 +35,7 @@ from moekit.deploy.quantize import Int8Experts, quantize_experts
 from moekit.models.decoder import MoETransformer
 from moekit.models.generate import generate
 from moekit.models.presets import get_preset
-from moekit.train.data import (TokenStream, build_corpus, collect_files, default_corpus_files, read_texts,
-                               split_files, stdlib_dir)
+from moekit.train.data import TokenStream, build_corpus, read_texts, split_files
 from moekit.train.finetune import RECIPES, finetune, get_recipe
 from moekit.train.trainer import evaluate, train
 
@@ -72,19 +71,11 @@ def load_data(args, tokenizer=None) -> Data:
     """The corpus (default: stdlib source capped at --max-bytes) split by file hash, encoded with
     ``tokenizer`` (a checkpoint's) or a BPE trained on the train split; plus the task sub-domain split
     the same way (its validation files are never trained on)."""
-    if tokenizer is None:
-        corpus = build_corpus(args.data, vocab_size=args.vocab_size, max_bytes=args.max_bytes)
-        tok, train_data, val_data, desc = corpus.tokenizer, corpus.train, corpus.val, corpus.description
-        files = corpus.train_files + corpus.val_files
-    else:
-        files = collect_files(args.data, args.max_bytes) if args.data else default_corpus_files(args.max_bytes)
-        train_files, val_files = split_files(files)
-        tok = tokenizer
-        train_data = TokenStream(tok.encode_documents(read_texts(train_files)))
-        val_data = TokenStream(tok.encode_documents(read_texts(val_files)))
-        where = ", ".join(args.data) if args.data else f"Python standard library source ({stdlib_dir()})"
-        desc = (f"{where}: {len(train_files)} train / {len(val_files)} val files, "
-                f"{len(train_data):,} / {len(val_data):,} tokens, checkpoint's tokenizer (vocab {tok.vocab_size})")
+    corpus = build_corpus(args.data, vocab_size=args.vocab_size, max_bytes=args.max_bytes, tokenizer=tokenizer)
+    tok, train_data, val_data, desc = corpus.tokenizer, corpus.train, corpus.val, corpus.description
+    if tokenizer is not None:
+        desc += " (the checkpoint's tokenizer)"
+    files = corpus.train_files + corpus.val_files
     task_files = task_of(sorted(files), args.task)
     if len(task_files) < 2:
         raise SystemExit(f"--task {args.task!r}: need >= 2 corpus files with a path component named so, "
@@ -100,15 +91,11 @@ def load_data(args, tokenizer=None) -> Data:
 def train_or_load(args):
     """(model, data, description of where the model came from)."""
     if args.checkpoint:
-        from moekit.train.checkpoint import load_model, resolve_checkpoint
+        from moekit.train.checkpoint import load_model, resolve_checkpoint, tokenizer_path
         from moekit.train.tokenizer import Tokenizer
 
         ckpt = resolve_checkpoint(args.checkpoint)
-        tok_path = next((d / "tokenizer.json" for d in (Path(args.checkpoint), ckpt, ckpt.parent)
-                         if (d / "tokenizer.json").is_file()), None)
-        if tok_path is None:
-            raise SystemExit(f"no tokenizer.json beside checkpoint {str(ckpt)!r}")
-        data = load_data(args, Tokenizer.load(tok_path))
+        data = load_data(args, Tokenizer.load(tokenizer_path(args.checkpoint)))
         return load_model(ckpt).eval(), data, f"checkpoint {ckpt}"
     data = load_data(args)
     cfg = get_preset("tiny", vocab_size=data.tokenizer.vocab_size, max_seq_len=max(args.seq_len, 256))

@@ -399,21 +399,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 @command("generate", "sample text from a trained checkpoint (KV cache; greedy with --temperature 0)",
          _generate_args)
 def _generate_cmd(ns) -> int:
-    from pathlib import Path
-
     import torch
 
     from moekit.models.generate import generate
-    from moekit.train.checkpoint import load_model, resolve_checkpoint
+    from moekit.train.checkpoint import load_model, tokenizer_path
     from moekit.train.tokenizer import Tokenizer
 
-    ckpt = resolve_checkpoint(ns.checkpoint)
-    tok_path = next((d / "tokenizer.json" for d in (Path(ns.checkpoint), ckpt, ckpt.parent)
-                     if (d / "tokenizer.json").is_file()), None)
-    if tok_path is None:
-        raise FileNotFoundError(f"no tokenizer.json beside checkpoint {str(ckpt)!r}")
-    tok = Tokenizer.load(tok_path)
-    model = load_model(ckpt)
+    tok = Tokenizer.load(tokenizer_path(ns.checkpoint))
+    model = load_model(ns.checkpoint)
     # an empty prompt starts a fresh document: training saw the separator before every document
     ids = torch.tensor([tok.encode(ns.prompt) or [tok.eos_id]])
     if ns.max_new_tokens < 1:
@@ -439,28 +432,14 @@ def _deploy_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _deploy_inputs(ns):
-    """(checkpoint folder, model, tokenizer path, data) with the data encoded by the checkpoint's own tokenizer."""
-    from pathlib import Path
-
-    from moekit.train.checkpoint import load_model, resolve_checkpoint
-    from moekit.train.data import TokenStream, collect_files, default_corpus_files, read_texts, split_files, split_text
+    """(model, tokenizer path, train, val) with the data encoded by the checkpoint's own tokenizer."""
+    from moekit.train.checkpoint import load_model, tokenizer_path
+    from moekit.train.data import build_corpus
     from moekit.train.tokenizer import Tokenizer
 
-    ckpt = resolve_checkpoint(ns.checkpoint)
-    tok_path = next((d / "tokenizer.json" for d in (Path(ns.checkpoint), ckpt, ckpt.parent)
-                     if (d / "tokenizer.json").is_file()), None)
-    if tok_path is None:
-        raise FileNotFoundError(f"no tokenizer.json beside checkpoint {str(ckpt)!r}")
-    tok = Tokenizer.load(tok_path)
-    files = default_corpus_files(ns.max_bytes) if not ns.data else collect_files(ns.data, ns.max_bytes)
-    if len(files) == 1:
-        head, tail = split_text(read_texts(files)[0], 5.0)
-        train_texts, val_texts = [head], [tail]
-    else:
-        train_files, val_files = split_files(files)
-        train_texts, val_texts = read_texts(train_files), read_texts(val_files)
-    train, val = TokenStream(tok.encode_documents(train_texts)), TokenStream(tok.encode_documents(val_texts))
-    return ckpt, load_model(ckpt).eval(), tok_path, train, val
+    tok_path = tokenizer_path(ns.checkpoint)
+    corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=Tokenizer.load(tok_path))
+    return load_model(ns.checkpoint).eval(), tok_path, corpus.train, corpus.val
 
 
 def _run_folder(path: str, tok_path):
@@ -474,10 +453,14 @@ def _run_folder(path: str, tok_path):
     return out
 
 
+def _batches(stream, ns):
+    return stream.eval_batches(ns.batches, ns.batch_size, ns.seq_len)
+
+
 def _val_loss(model, val, ns) -> float:
     from moekit.train.trainer import evaluate
 
-    return evaluate(model, val.eval_batches(ns.batches, ns.batch_size, ns.seq_len))
+    return evaluate(model, _batches(val, ns))
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
@@ -500,11 +483,10 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 @command("finetune", "fine-tune a checkpoint on new data with an MoE recipe (freeze policy, expert dropout, "
                      "aux loss, token dropping); reports trainable parameters and memory saved", _finetune_args)
 def _finetune_cmd(ns) -> int:
-
     from moekit.train.finetune import finetune, get_recipe
     from moekit.train.hooks import MetricsWriter
 
-    _, model, tok_path, train, val = _deploy_inputs(ns)
+    model, tok_path, train, val = _deploy_inputs(ns)
     recipe = get_recipe(ns.recipe, freeze=ns.freeze, steps=ns.steps, lr=ns.lr, batch_size=ns.recipe_batch_size,
                         capacity_factor=ns.capacity_factor, aux_coef=ns.aux_coef)
     out = _run_folder(ns.out, tok_path)
@@ -538,7 +520,6 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
 @command("distill", "distil an MoE checkpoint into its dense twin (Hinton KD) and report how much of the MoE's "
                     "gain over a from-scratch dense model the student keeps", _distill_args)
 def _distill_cmd(ns) -> int:
-
     import torch
 
     from moekit.config import TrainConfig
@@ -546,7 +527,7 @@ def _distill_cmd(ns) -> int:
     from moekit.models.decoder import MoETransformer
     from moekit.train.trainer import train
 
-    _, teacher, tok_path, train_data, val = _deploy_inputs(ns)
+    teacher, tok_path, train_data, val = _deploy_inputs(ns)
     if teacher.cfg.moe is None:
         raise ValueError(f"checkpoint {ns.checkpoint!r} is a dense model; distill needs an MoE teacher")
     tcfg = TrainConfig(steps=ns.steps, batch_size=ns.batch_size, seq_len=ns.seq_len, lr=ns.lr, seed=ns.seed,
@@ -581,26 +562,19 @@ def _print_deploy_result(before, after, model, out, extra: dict) -> None:
 
 def _deploy_transform(ns, transform) -> int:
     """Shared by merge / prune / extract: load, measure loads, transform, report, save."""
-    import shutil
-    from pathlib import Path
-
     from moekit.deploy import tensor_bytes
     from moekit.deploy.extract import save_model
 
-    _, model, tok_path, train, val = _deploy_inputs(ns)
+    model, tok_path, train, val = _deploy_inputs(ns)
     if model.cfg.moe is None:
         raise ValueError(f"checkpoint {ns.checkpoint!r} is a dense model; it has no experts to {ns.command}")
     before = {"params": model.num_params(), "bytes": tensor_bytes(model), "loss": _val_loss(model, val, ns)}
     base_cfg = model.cfg.to_dict()
     model, extra = transform(model, train, val)
     save_model(model, ns.dst, base_cfg, meta={"command": ns.command, **extra})
-    shutil.copy(tok_path, Path(ns.dst) / "tokenizer.json")
+    _run_folder(ns.dst, tok_path)
     _print_deploy_result(before, _val_loss(model, val, ns), model, ns.dst, extra)
     return 0
-
-
-def _load_batches(stream, ns):
-    return stream.eval_batches(ns.batches, ns.batch_size, ns.seq_len)
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
@@ -624,7 +598,7 @@ def _merge_cmd(ns) -> int:
         raise ValueError(f"--num-experts={ns.num_experts}: must be >= 1 (experts per layer after merging)")
 
     def transform(model, train, val):
-        loads = measure_loads(model, _load_batches(train, ns))
+        loads = measure_loads(model, _batches(train, ns))
         model, groups = merge_model(model, loads, ns.num_experts, strategy=ns.strategy, similarity=ns.similarity,
                                     router=ns.router)
         return model, {"groups": groups}
@@ -648,7 +622,7 @@ def _prune_cmd(ns) -> int:
         raise ValueError("give exactly one of --keep N (experts per layer) or --min-share S (load share)")
 
     def transform(model, train, val):
-        loads = measure_loads(model, _load_batches(train, ns))
+        loads = measure_loads(model, _batches(train, ns))
         model, kept = prune_model(model, loads, keep=ns.keep, min_share=ns.min_share)
         return model, {"kept": kept}
 
@@ -668,7 +642,7 @@ def _extract_cmd(ns) -> int:
     from moekit.deploy.extract import extract_task
 
     def transform(model, train, val):
-        model, kept, _ = extract_task(model, _load_batches(train, ns), ns.min_share)
+        model, kept, _ = extract_task(model, _batches(train, ns), ns.min_share)
         return model, {"kept": kept}
 
     return _deploy_transform(ns, transform)

@@ -21,7 +21,7 @@ import torch
 
 from moekit.analysis import plots
 from moekit.config import CapacityConfig, LossConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig
-from moekit.deploy.distill import gain_retained, kd_loss
+from moekit.deploy.distill import gain_retained, kd_loss_fn
 from moekit.models.decoder import MoETransformer, lm_loss
 from moekit.train.data import TokenStream, build_corpus, stdlib_dir
 from moekit.train.hooks import RouterBiasUpdate
@@ -345,11 +345,7 @@ def exp_distill(r: Runner, lines: list[str]) -> None:
     cfg = base_config(r.vocab)
     teacher_row = r.cached("teacher (MoE)", cfg, r.b.seeds[0])
     teacher, teacher_loss = teacher_row["model"].eval(), teacher_row["val_loss"]
-
-    def kd(out, x, y):
-        with torch.no_grad():
-            t = teacher(x).logits
-        return kd_loss(out.logits, t, y, alpha=0.5, temperature=2.0)
+    kd = kd_loss_fn(teacher, alpha=0.5, temperature=2.0)
 
     rows, curves = [], {"MoE teacher": teacher_row["records"]}
     for s in r.b.seeds:

@@ -55,6 +55,16 @@ def gain_retained(loss_dense_scratch: float, loss_student: float, loss_moe: floa
     return (loss_dense_scratch - loss_student) / gain if gain > 0 else float("nan")
 
 
+def kd_loss_fn(teacher: MoETransformer, *, alpha: float = 0.5, temperature: float = 2.0):
+    """A trainer ``loss_fn(out, x, y)``: ``kd_loss`` against the teacher's logits on the same batch (no grad)."""
+    def loss_fn(out, x, y):
+        with torch.no_grad():
+            t = teacher(x).logits
+        return kd_loss(out.logits, t, y, alpha=alpha, temperature=temperature)
+
+    return loss_fn
+
+
 def distill(teacher: MoETransformer, train_data: TokenStream, val_data: TokenStream | None, tcfg: TrainConfig, *,
             alpha: float = 0.5, temperature: float = 2.0, **train_kwargs) -> tuple[MoETransformer, list[dict]]:
     """Train the teacher's dense twin (``ModelConfig.dense_twin()``) from scratch on ``kd_loss`` against
@@ -65,11 +75,6 @@ def distill(teacher: MoETransformer, train_data: TokenStream, val_data: TokenStr
         p.requires_grad_(False)
     torch.manual_seed(tcfg.seed)
     student = MoETransformer(teacher.cfg.dense_twin())
-
-    def loss_fn(out, x, y):
-        with torch.no_grad():
-            t = teacher(x).logits
-        return kd_loss(out.logits, t, y, alpha=alpha, temperature=temperature)
-
+    loss_fn = kd_loss_fn(teacher, alpha=alpha, temperature=temperature)
     records = train(student, train_data, val_data, tcfg, loss_fn=loss_fn, **train_kwargs)
     return student, records

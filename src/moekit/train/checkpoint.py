@@ -107,6 +107,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def tokenizer_path(path: str | Path) -> Path:
+    """The tokenizer.json of a checkpoint: in the given folder, the checkpoint folder or its run folder."""
+    ckpt = resolve_checkpoint(path)
+    found = next((d / "tokenizer.json" for d in (Path(path), ckpt, ckpt.parent) if (d / "tokenizer.json").is_file()),
+                 None)
+    if found is None:
+        raise FileNotFoundError(f"no tokenizer.json beside checkpoint {str(ckpt)!r}")
+    return found
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu"):
     """-> (ModelConfig, model state dict, trainer state dict)."""
     ckpt = resolve_checkpoint(path)

@@ -153,8 +153,9 @@ class Corpus:
 
 
 def build_corpus(paths: list[str | Path] | None = None, *, vocab_size: int = 2048, max_bytes: int = 8_000_000,
-                 val_percent: float = 5.0) -> Corpus:
-    """Files -> split -> BPE tokenizer (trained on the train split, cached) -> token streams (cached)."""
+                 val_percent: float = 5.0, tokenizer: Tokenizer | None = None) -> Corpus:
+    """Files -> split -> BPE tokenizer (trained on the train split, cached) -> token streams (cached).
+    ``tokenizer``: encode with this one instead (e.g. a checkpoint's); its token streams are not cached."""
     from moekit.train.tokenizer import cache_dir, get_tokenizer
 
     files = default_corpus_files(max_bytes) if not paths else collect_files(paths, max_bytes)
@@ -165,11 +166,16 @@ def build_corpus(paths: list[str | Path] | None = None, *, vocab_size: int = 204
     else:
         train_files, val_files = split_files(files, val_percent)
         train_texts, val_texts = read_texts(train_files), read_texts(val_files)
-    fp = corpus_fingerprint(files)
-    token_cache = cache_dir() / "tokens" / f"{fp}-{vocab_size}-{val_percent}.pt"
-    tok_key = corpus_fingerprint(train_files) + (f"-head{val_percent}" if len(files) == 1 else "")
-    tok = get_tokenizer(train_texts, vocab_size, tok_key)
-    if token_cache.is_file():
+    if tokenizer is not None:
+        tok, token_cache = tokenizer, None
+    else:
+        fp = corpus_fingerprint(files)
+        token_cache = cache_dir() / "tokens" / f"{fp}-{vocab_size}-{val_percent}.pt"
+        tok_key = corpus_fingerprint(train_files) + (f"-head{val_percent}" if len(files) == 1 else "")
+        tok = get_tokenizer(train_texts, vocab_size, tok_key)
+    if token_cache is None:
+        train, val = tok.encode_documents(train_texts), tok.encode_documents(val_texts)
+    elif token_cache.is_file():
         cached = torch.load(token_cache)
         train, val = cached["train"], cached["val"]
     else:
