@@ -99,7 +99,7 @@ def main() -> None:
     for name, w in workloads.items():
         x = torch.randn(args.tokens, w["d"])
         cases = {"dense SwiGLU (baseline)": fwd_and_fwdbwd(MLP(w["d"], w["k"] * w["h"] + w["shared"] * w["h"]), x)}
-        for disp in ("auto", "grouped", "loop", "padded"):
+        for disp in ("auto", "blockwise", "grouped", "loop", "padded"):
             cfg = MoEConfig(d_model=w["d"], num_experts=w["E"], expert_hidden=w["h"], num_shared_experts=w["shared"],
                             shared_gate=bool(w["shared"]), dispatcher=disp, router=RouterConfig(top_k=w["k"]),
                             loss=LossConfig(aux_coef=0.01))

@@ -137,7 +137,7 @@ class LossConfig:
 
 
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
-DISPATCHERS = ("auto", "grouped", "loop", "padded")
+DISPATCHERS = ("auto", "blockwise", "grouped", "loop", "padded")
 
 
 @dataclass(kw_only=True)

@@ -273,8 +273,10 @@ def trainer_setup():
     torch.manual_seed(0)
     # DeepSeek-V3 routing with aux-loss-free bias balancing: the bias update must see the global loads
     router = RouterConfig(kind="deepseek", top_k=2, score_func="sigmoid", bias_update_rate=0.05)
+    # the grouped kernels on both sides: after 6 AdamW steps, blockwise vs grouped rounding moves a weight whose
+    # gradient is ~0 by ~lr (Adam normalises the noise), which would hide what this compares: the distribution
     moe = MoEConfig(d_model=32, num_experts=4, expert_hidden=32, num_shared_experts=1, router=router,
-                    loss=LossConfig(aux_coef=0.0, z_coef=1e-3))
+                    loss=LossConfig(aux_coef=0.0, z_coef=1e-3), dispatcher="grouped")
     model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32,
                                        moe=moe))
     cfg = TrainConfig(steps=6, batch_size=4, seq_len=16, grad_accum=2, lr=1e-2, warmup_steps=2, log_every=1,

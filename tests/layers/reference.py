@@ -19,10 +19,10 @@ def expert_ffn64(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
 
 def combine_loop64(x_TD, experts, token_N, expert_N, weight_N) -> torch.Tensor:
     """y[t] = sum over assignments (t, e, w) of w * expert_e(x[t]), as a Python loop in float64."""
-    x64 = x_TD.double()
+    x64, w64 = x_TD.double(), weight_N.double()  # differentiable in x, the expert weights and weight_N
     y = torch.zeros_like(x64)
-    for t, e, w in zip(token_N.tolist(), expert_N.tolist(), weight_N.double().tolist()):
-        y[t] = y[t] + w * expert_ffn64(experts, e, x64[t])
+    for n, (t, e) in enumerate(zip(token_N.tolist(), expert_N.tolist())):
+        y[t] = y[t] + w64[n] * expert_ffn64(experts, e, x64[t])
     return y
 
 

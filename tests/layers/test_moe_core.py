@@ -33,11 +33,15 @@ def routing_from(token, expert, weight, T, E, k=1) -> Routing:
 # --------------------------------------------------------------------- dispatchers vs loop reference
 def run_dispatch(dispatcher, experts, x_TD, routing, backend):
     experts.backend = backend
+    if backend == "blockwise":  # gather, experts and combine in one pass: the dispatcher only sorts
+        counts_E, meta = dispatcher.plan(x_TD.shape[0], routing)
+        return experts.forward_blockwise(x_TD, meta.token_R, meta.weight_R, counts_E)
     x_RD, counts_E, meta = dispatcher.dispatch(x_TD, routing)
     return dispatcher.combine(experts(x_RD, counts_E, uniform_rows=meta.uniform_rows), meta)
 
 
-DISPATCH_CASES = [("local", "grouped"), ("local", "loop"), ("local", "auto"), ("padded", "bmm"), ("padded", "loop")]
+DISPATCH_CASES = [("local", "grouped"), ("local", "loop"), ("local", "auto"), ("local", "blockwise"), ("padded", "bmm"),
+                  ("padded", "loop")]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -89,8 +93,69 @@ def test_empty_experts_and_all_tokens_on_one_expert(kind, backend):
     assert torch.equal(y, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu"])
+@pytest.mark.parametrize("frozen", ["none", "experts", "x"])
+def test_blockwise_gradients_equal_float64_loop_including_gate_weights(activation, frozen):
+    """The blockwise path writes its backward by hand: every gradient (x, each weight stack, the gate weights)
+    against autograd through the float64 loop, also when only some inputs need gradients."""
+    g = torch.Generator().manual_seed(11)
+    T, E, K, D, F = 23, 5, 2, 8, 12
+    experts = GroupedExperts(E, D, F, activation, backend="blockwise")
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(T, D, generator=g)
+    token_N, expert_N, _ = topk_assignments(torch.randn(T, E, generator=g), K)
+    weight_N = torch.rand(T * K, generator=g)
+    dy = torch.randn(T, D, generator=g)
+    experts.requires_grad_(frozen != "experts")
+    x.requires_grad_(frozen != "x")
+    weight_N.requires_grad_(True)
+    inputs = [t for t in (x, weight_N, *experts.parameters()) if t.requires_grad]
+    ref = combine_loop64(x, experts, token_N, expert_N, weight_N)
+    grads_ref = torch.autograd.grad((ref * dy.double()).sum(), inputs)
+    routing = Routing(token_N, expert_N, weight_N, torch.zeros_like(token_N), torch.zeros(T, E), None, T, E, K)
+    counts_E, meta = LocalDispatcher().plan(T, routing)
+    y = experts.forward_blockwise(x, meta.token_R, meta.weight_R, counts_E)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad((y * dy).sum(), inputs), grads_ref):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference keeps no pre-activations but computes the same
+        y_ng = experts.forward_blockwise(x, meta.token_R, meta.weight_R, counts_E)
+    torch.testing.assert_close(y_ng, y.detach(), rtol=0, atol=0)
+
+
+def test_blockwise_expert_dropout_masks_hidden_units_like_nn_dropout():
+    """Training with expert dropout: the blockwise path drops hidden units with probability p and scales the
+    kept ones by 1/(1-p); outputs and gradients equal the float64 loop with the same mask."""
+    torch.manual_seed(3)
+    T, E, D, F, p = 16, 3, 6, 10, 0.4
+    experts = GroupedExperts(E, D, F, expert_dropout=p, backend="blockwise").train()
+    x = torch.randn(T, D, requires_grad=True)
+    routing = routing_from(list(range(T)), [t % E for t in range(T)], torch.rand(T), T, E)
+    counts_E, meta = LocalDispatcher().plan(T, routing)
+    torch.manual_seed(99)
+    y = experts.forward_blockwise(x, meta.token_R, meta.weight_R, counts_E)
+    torch.manual_seed(99)  # the same draw: one Bernoulli(1-p) per routed row and hidden unit
+    keep_RF = torch.empty(T, F).bernoulli_(1 - p).double() / (1 - p)
+    assert 0.3 < (keep_RF == 0).double().mean() < 0.5
+    ref = torch.zeros(T, D, dtype=torch.float64)
+    for r, (t, e) in enumerate(zip(meta.token_R.tolist(), torch.repeat_interleave(torch.arange(E), counts_E).tolist())):
+        x_D = x[t].double()
+        h = torch.nn.functional.silu(experts.w_gate_EFD[e].double() @ x_D) * (experts.w_up_EFD[e].double() @ x_D)
+        ref[t] += meta.weight_R[r].double() * (experts.w_down_EDF[e].double() @ (h * keep_RF[r]))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+    dy = torch.randn(T, D)
+    params = [x, *experts.parameters()]
+    for got, want in zip(torch.autograd.grad((y * dy).sum(), params), torch.autograd.grad((ref * dy).sum(), params)):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # eval: no dropout, the plain function
+        torch.testing.assert_close(experts.eval().forward_blockwise(x, meta.token_R, meta.weight_R, counts_E),
+                                   combine_loop64(x, experts, routing.token_N, routing.expert_N, routing.weight_N).float())
+
+
 # --------------------------------------------------------------------- whole layer vs float64 reference
-@pytest.mark.parametrize("dispatcher", ["auto", "grouped", "loop", "padded"])
+@pytest.mark.parametrize("dispatcher", ["auto", "blockwise", "grouped", "loop", "padded"])
 @pytest.mark.parametrize("seed", [0, 7])
 def test_layer_equals_float64_mixtral_reference(dispatcher, seed):
     layer = make_layer(seed, dispatcher=dispatcher, router=RouterConfig(top_k=2, renormalize=True)).eval()
@@ -101,7 +166,7 @@ def test_layer_equals_float64_mixtral_reference(dispatcher, seed):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["grouped", "loop"])
+@pytest.mark.parametrize("backend", ["grouped", "loop", "blockwise"])
 def test_fine_grained_layer_folds_gate_weights_exactly(backend):
     """Experts narrower than d_model get the gate weights on their hidden rows (before the down projection):
     outputs equal the float64 loop reference, and every gradient (router included) equals the unfolded path."""
@@ -420,7 +485,7 @@ def test_fine_grained_segmentation_keeps_total_and_active_params():
         base.fine_grained(5)
 
 
-@pytest.mark.parametrize("dispatcher", ["grouped", "loop", "padded"])
+@pytest.mark.parametrize("dispatcher", ["blockwise", "grouped", "loop", "padded"])
 def test_bf16_autocast_backends_agree(dispatcher):
     layer = make_layer(14, d_model=16, expert_hidden=32, dispatcher=dispatcher)
     ref = make_layer(14, d_model=16, expert_hidden=32, dispatcher="loop")

@@ -290,6 +290,16 @@ def test_heterogeneous_experts_each_behave_like_their_own_size():
         torch.testing.assert_close(y[sum(counts[:e]):sum(counts[:e + 1])].double(), ref, rtol=1e-5, atol=1e-6)
     y.sum().backward()
     assert ex.w_up_EFD.grad[0, 4:].abs().sum() == 0 and ex.w_down_EDF.grad[2, :, 8:].abs().sum() == 0
+    # the blockwise path (rows gathered from token rows, each expert's own units only) computes the same
+    grads = [p.grad.clone() for p in (x, *ex.parameters())]
+    ex.zero_grad()
+    x.grad = None
+    w_R = torch.ones(9)
+    yb = ex.forward_blockwise(x, torch.arange(9), w_R, counts)
+    torch.testing.assert_close(yb, y, rtol=1e-5, atol=1e-6)
+    yb.sum().backward()
+    for got, want in zip((x.grad, *(p.grad for p in ex.parameters())), grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     layer = MoELayer(MoEConfig(d_model=8, num_experts=3, expert_hidden_sizes=sizes,
                                router=RouterConfig(top_k=1)))
     assert layer(torch.randn(5, 8)).y.shape == (5, 8)

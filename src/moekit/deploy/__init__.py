@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from moekit.layers.experts import GroupedExperts
+from moekit.layers.experts import GroupedExperts, compute_dtype
 from moekit.layers.moe import MoELayer
 
 
@@ -42,7 +42,7 @@ def tensor_bytes(model: nn.Module) -> int:
 class ComputedWeightsExperts(GroupedExperts):
     """GroupedExperts whose stacked weights are produced per forward (dequantised, fetched from an
     offload cache) instead of being parameters. Only the experts that receive rows are produced, and
-    GroupedExperts.forward then runs unchanged on that subset, so every backend (grouped_mm, loop, bmm)
+    GroupedExperts.forward then runs unchanged on that subset, so every backend (grouped_mm, loop, bmm, blockwise)
     computes exactly what the resident experts compute.
 
     Subclasses implement ``weights_for(experts) -> (w_gate_XFD | None, w_up_XFD, w_down_XDF)`` for a
@@ -76,6 +76,17 @@ class ComputedWeightsExperts(GroupedExperts):
         self._active = self.weights_for(used)
         try:
             return super().forward(x_RD, counts_E if used is None else counts_E[used], uniform_rows, scale_R)
+        finally:
+            self._active = None
+
+    def forward_blockwise(self, x_TD: Tensor, token_R: Tensor, weight_R: Tensor, counts_E: Tensor) -> Tensor:
+        # rows are sorted by expert, so dropping the empty experts' (empty) blocks keeps the rest aligned
+        used = (counts_E > 0).nonzero().flatten().tolist()
+        if not used:
+            return x_TD.new_zeros(x_TD.shape, dtype=compute_dtype(x_TD))
+        self._active = self.weights_for(None if len(used) == self.num_experts else used)
+        try:
+            return super().forward_blockwise(x_TD, token_R, weight_R, counts_E[used])
         finally:
             self._active = None
 

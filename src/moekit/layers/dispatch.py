@@ -3,7 +3,8 @@
 dispatch(x_TD, routing) -> (x_RD, counts_E, meta);  combine(y_RD, meta) -> y_TD (gate-weighted sum).
 
 LocalDispatcher: stable sort of the assignments by expert, gather rows (R = N, dropless by
-  construction), combine with ``index_add_``.
+  construction), combine with ``index_add_``. ``plan`` is the sort alone, for experts that gather and
+  combine block by block themselves (GroupedExperts.forward_blockwise, the CPU default).
 PaddedDispatcher: the GShard layout: one-hot dispatch/combine tensors [T, E, C] and einsums into a
   fixed [E, C, D] buffer (C = capacity, or the largest expert load when dropless). Kept for comparison
   and for fixed-shape compilers; memory grows as T*E*C.
@@ -30,13 +31,19 @@ class DispatchMeta:
 
 
 class LocalDispatcher:
-    def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, DispatchMeta]:
+    def plan(self, num_tokens: int, routing: Routing) -> tuple[Tensor, DispatchMeta]:
+        """The sort without the gather: counts_E and each routed row's token and gate weight, by expert
+        (what GroupedExperts.forward_blockwise takes)."""
         order_R = torch.argsort(routing.expert_N, stable=True)
-        token_R = routing.token_N[order_R]
         counts_E = torch.bincount(routing.expert_N, minlength=routing.num_experts)
-        meta = DispatchMeta(num_tokens=x_TD.shape[0], token_R=token_R, weight_R=routing.weight_N[order_R])
+        meta = DispatchMeta(num_tokens=num_tokens, token_R=routing.token_N[order_R],
+                            weight_R=routing.weight_N[order_R])
+        return counts_E, meta
+
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, DispatchMeta]:
+        counts_E, meta = self.plan(x_TD.shape[0], routing)
         # index_select, not x_TD[token_R]: its backward is index_add (fast), not an accumulating index_put
-        return x_TD.index_select(0, token_R), counts_E, meta
+        return x_TD.index_select(0, meta.token_R), counts_E, meta
 
     def combine(self, y_RD: Tensor, meta: DispatchMeta, weighted: bool = True) -> Tensor:
         """Sum each token's rows, scaled by their gate weights (``weighted=False``: already scaled)."""

@@ -4,7 +4,9 @@ Weights are stacked 3-D tensors in nn.Linear layout (out, in): w_gate_EFD, w_up_
 Backends compute the same function:
   "grouped": one ``torch._grouped_mm`` per projection (CPU and CUDA);
   "loop":    a per-expert matmul loop (the readable reference, and often fastest on CPU);
-  "bmm":     batched matmul when every expert has the same row count (padded GShard layout).
+  "bmm":     batched matmul when every expert has the same row count (padded GShard layout);
+  "blockwise": gather, FFN and scatter-add fused per expert block (``forward_blockwise``, layers/blockwise.py),
+             taking token rows x_TD instead of x_RD; the default on CPU with the LocalDispatcher.
 """
 
 from __future__ import annotations
@@ -15,12 +17,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.layers.blockwise import blockwise_ffn
+
 GATED = {"swiglu": F.silu, "geglu": F.gelu}
 PLAIN = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+# each activation's derivative as aten's backward kernel: grad_in = f(grad_out, pre_activation)
+ACT_BACKWARD = {
+    F.silu: torch.ops.aten.silu_backward,
+    F.gelu: lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="none"),
+    F.relu: lambda g, x: torch.ops.aten.threshold_backward(g, x, 0.0),
+}
 
 
 def activation_fn(name: str):
     return GATED.get(name) or PLAIN[name]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype experts compute in: autocast's, else the input's. _grouped_mm and the blockwise path are not
+    on autocast's op lists, so every backend casts explicitly and computes alike."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def grouped_mm_supported(x: Tensor, *dims: int) -> bool:
@@ -94,8 +111,14 @@ class GroupedExperts(nn.Module):
             else:
                 nn.init.normal_(w, 0.0, std)
 
+    def use_blockwise(self, x_TD: Tensor) -> bool:
+        """Whether the layer should call ``forward_blockwise``: asked for, or "auto" on CPU, where keeping each
+        expert block in cache beats the grouped path (benchmarks/bench_layer.py). On CUDA one grouped_mm
+        kernel beats a Python loop over experts, so "auto" keeps the grouped path there."""
+        return self.backend == "blockwise" or (self.backend == "auto" and x_TD.device.type == "cpu")
+
     def pick_backend(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool) -> str:
-        if self.backend != "auto":
+        if self.backend not in ("auto", "blockwise"):  # blockwise needs token rows: x_RD gets the auto choice
             return self.backend
         if uniform_rows:
             return "bmm"
@@ -109,9 +132,7 @@ class GroupedExperts(nn.Module):
         backend = self.pick_backend(x_RD, counts_E, uniform_rows)
         if backend == "grouped" and not grouped_mm_supported(x_RD, self.d_model, self.hidden):
             backend = "loop"
-        dev = x_RD.device.type
-        # _grouped_mm is not on autocast's op lists: cast explicitly so every backend computes alike
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_RD.dtype
+        dtype = compute_dtype(x_RD)
         x_RD = x_RD.to(dtype)
         w = [p.to(dtype) if p is not None else None for p in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)]
         if self.unit_mask_EF is not None:
@@ -125,6 +146,20 @@ class GroupedExperts(nn.Module):
         if scale_R is not None:
             h_RF = h_RF * scale_R.to(dtype)[:, None]
         return grouped_linear(self.dropout(h_RF), w[2], counts_E, backend)
+
+    def forward_blockwise(self, x_TD: Tensor, token_R: Tensor, weight_R: Tensor, counts_E: Tensor) -> Tensor:
+        """y_TD = sum over routed rows r of weight_R[r] * expert(x_TD[token_R[r]]), rows sorted by expert
+        (``counts_E`` rows each): dispatch, experts and combine in one pass, expert block by block."""
+        dtype = compute_dtype(x_TD)
+        w = [p.to(dtype) if p is not None else None for p in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)]
+        keep_RF = None
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        if self.training and p > 0:  # the same mask nn.Dropout draws: keep with 1-p, scale by 1/(1-p)
+            keep_RF = torch.empty(token_R.shape[0], self.hidden, dtype=dtype, device=x_TD.device)
+            keep_RF.bernoulli_(1 - p).div_(1 - p)
+        # heterogeneous experts use their own first hidden_sizes[e] units (no masked compute)
+        return blockwise_ffn(x_TD.to(dtype), *w, weight_R.to(dtype), token_R, counts_E, list(self.hidden_sizes),
+                             self.act, ACT_BACKWARD[self.act], keep_RF)
 
 
 class LoopExperts(GroupedExperts):

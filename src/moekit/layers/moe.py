@@ -62,7 +62,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = build_router(cfg)
-        backend = "loop" if cfg.dispatcher == "loop" else "grouped" if cfg.dispatcher == "grouped" else "auto"
+        backend = cfg.dispatcher if cfg.dispatcher in ("loop", "grouped", "blockwise") else "auto"
         self.experts = GroupedExperts(cfg.num_experts, cfg.d_model, max(cfg.hidden_sizes), cfg.activation,
                                       cfg.expert_dropout, backend=backend, hidden_sizes=cfg.hidden_sizes)
         self.shared = None
@@ -100,6 +100,10 @@ class MoELayer(nn.Module):
         dispatcher = self._dispatcher(routing)
         if getattr(dispatcher, "pipelined", False):  # comm/compute overlap: the dispatcher drives the experts
             y_TD = dispatcher.pipeline(x_TD, kept, self.experts)
+        elif type(dispatcher) is LocalDispatcher and self.experts.use_blockwise(x_TD):
+            # gather, experts and combine fused per expert block (cache-resident; the CPU default)
+            counts_E, meta = dispatcher.plan(x_TD.shape[0], kept)
+            y_TD = self.experts.forward_blockwise(x_TD, meta.token_R, meta.weight_R, counts_E)
         else:
             x_RD, counts_E, meta = dispatcher.dispatch(x_TD, kept)
             if type(dispatcher) is LocalDispatcher and self.experts.hidden < self.cfg.d_model:
