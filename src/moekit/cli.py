@@ -130,12 +130,14 @@ def _inspect(ns) -> int:
     from pathlib import Path
 
     from moekit.analysis.report import inspect_model
-    from moekit.train.checkpoint import load_model, resolve_checkpoint
+    from moekit.train.checkpoint import load_model, resolve_checkpoint, tokenizer_path
     from moekit.train.data import build_corpus
+    from moekit.train.tokenizer import Tokenizer
 
     ckpt = resolve_checkpoint(ns.checkpoint)
     model = load_model(ckpt)
-    corpus = build_corpus(ns.data, vocab_size=model.cfg.vocab_size, max_bytes=ns.max_bytes)
+    # the data is encoded with the tokenizer the model was trained with (token ids mean nothing otherwise)
+    corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=Tokenizer.load(tokenizer_path(ns.checkpoint)))
     out = Path(ns.out) if ns.out else ckpt.parent / "inspect"
     report = inspect_model(model, corpus, out, batches=ns.batches, batch_size=ns.batch_size, seq_len=ns.seq_len)
     print(report.read_text())

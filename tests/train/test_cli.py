@@ -44,6 +44,33 @@ def test_train_resume_and_generate_from_the_command_line(docs, tmp_path, capsys)
     assert "--prompt is" in capsys.readouterr().err
 
 
+def test_inspect_encodes_other_data_with_the_checkpoints_tokenizer(docs, tmp_path, capsys, monkeypatch):
+    """inspect on data the model was not trained on: the token ids must be the checkpoint tokenizer's, not those
+    of a tokenizer trained afresh on the new data."""
+    import moekit.analysis.report as report
+    from moekit.train.tokenizer import Tokenizer
+
+    assert _train(docs, tmp_path / "run", 2) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    text = "".join(f"class Widget{i}:\n    size = {i * 7}\n" for i in range(200))
+    (other / "w.py").write_text(text)
+    seen = {}
+    real = report.inspect_model
+
+    def spy(model, corpus, out, **kw):
+        seen["corpus"] = corpus
+        return real(model, corpus, out, **kw)
+
+    monkeypatch.setattr(report, "inspect_model", spy)
+    assert main(["inspect", str(tmp_path / "run"), "--data", str(other), "--batches", "1", "--batch-size", "2",
+                 "--seq-len", "16", "--out", str(tmp_path / "insp")]) == 0
+    trained = Tokenizer.load(tmp_path / "run" / "tokenizer.json")
+    corpus = seen["corpus"]
+    assert corpus.tokenizer.encode(text[:200]) == trained.encode(text[:200])
+    assert (tmp_path / "insp" / "report.md").is_file()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "/no/such/dir", "--no-progress"], "data path '/no/such/dir' does not exist"),
     (["train", "--config", "/no/model.json", "--no-progress"], "--config '/no/model.json' does not exist"),
