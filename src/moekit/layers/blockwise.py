@@ -75,9 +75,18 @@ class BlockwiseFFN(torch.autograd.Function):
         act, act_backward, gated = ctx.act, ctx.act_backward, ctx.gated
         need_x, need_wg, need_wu, need_wd, need_s = ctx.needs_input_grad[:5]
         dx_TD = torch.zeros_like(x_TD) if need_x else None
-        dwg = torch.zeros_like(w_gate) if need_wg else None
-        dwu = torch.zeros_like(w_up) if need_wu else None
-        dwd = torch.zeros_like(w_down) if need_wd else None
+        # weight grads: each expert's block is written whole below; only what no block writes is zeroed
+        # (empty experts, units beyond a smaller expert's own size), not 3 x E x F x D floats up front
+        dwg = torch.empty_like(w_gate) if need_wg else None
+        dwu = torch.empty_like(w_up) if need_wu else None
+        dwd = torch.empty_like(w_down) if need_wd else None
+        for e, (r0, r1) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
+            f = 0 if r0 == r1 else ctx.hidden_E[e]
+            for dw in (dwg, dwu):
+                if dw is not None and f < dw.shape[1]:
+                    dw[e, f:].zero_()
+            if dwd is not None and f < dwd.shape[2]:
+                dwd[e, :, f:].zero_()
         ds_R = torch.zeros_like(scale_R) if need_s else None
         need_hidden = need_x or need_wg or need_wu  # anything upstream of the down projection
         for e, (r0, r1) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
