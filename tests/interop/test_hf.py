@@ -27,9 +27,10 @@ FAMILIES = {
 }
 
 
-def tiny_hf(model_type, seed=0):
+def tiny_hf(model_type, seed=0, **over):
+    """A tiny random HF model of the family (``over``: config fields off the family's tiny defaults)."""
     torch.manual_seed(seed)
-    kw = {**TINY, **FAMILIES[model_type]}
+    kw = {**TINY, **FAMILIES[model_type], **over}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = transformers.AutoConfig.for_model(model_type, **kw)

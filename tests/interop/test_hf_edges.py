@@ -3,31 +3,15 @@ rms_norm_eps != 1e-6), router logits and the load-balancing loss of a patched mo
 refuses instead of silently computing something else."""
 
 import json
-import warnings
 
 import pytest
 import torch
 
 from moekit.interop.hf import load_hf
 from moekit.interop.patch import patch
-from tests.interop.test_hf import FAMILIES, TINY
+from tests.interop.test_hf import tiny_hf as build
 
 transformers = pytest.importorskip("transformers")
-
-
-def build(model_type, **over):
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = transformers.AutoConfig.for_model(model_type, **{**TINY, **FAMILIES[model_type], **over})
-        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.05 if "norm" not in name else 1.0)
-        for name, b in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.normal_(0, 0.05)
-    return model
 
 
 IDS = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(4))
