@@ -6,7 +6,8 @@ Backends compute the same function:
   "loop":    a per-expert matmul loop (the readable reference, and often fastest on CPU);
   "bmm":     batched matmul when every expert has the same row count (padded GShard layout);
   "blockwise": gather, FFN and scatter-add fused per expert block (``forward_blockwise``, layers/blockwise.py),
-             taking token rows x_TD instead of x_RD; the default on CPU with the LocalDispatcher.
+             taking token rows x_TD instead of x_RD; "auto" on CPU (the LocalDispatcher calls it with token
+             rows; ``forward`` with already-gathered rows uses it with row r = token r).
 """
 
 from __future__ import annotations
@@ -118,11 +119,14 @@ class GroupedExperts(nn.Module):
         return self.backend == "blockwise" or (self.backend == "auto" and x_TD.device.type == "cpu")
 
     def pick_backend(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool) -> str:
-        if self.backend not in ("auto", "blockwise"):  # blockwise needs token rows: x_RD gets the auto choice
+        if self.backend not in ("auto", "blockwise"):
             return self.backend
-        if uniform_rows:
+        if uniform_rows and self.backend == "auto":
             return "bmm"
-        # grouped_mm measured fastest on CPU too (benchmarks/bench_layer.py prints every backend)
+        # already-gathered rows (expert parallelism, plugged-in dispatchers) run blockwise too on CPU: the
+        # per-block cache residency outweighs the extra row copy (W2 shapes: 7% faster than grouped_mm)
+        if self.use_blockwise(x_RD):
+            return "blockwise"
         return "grouped" if grouped_mm_supported(x_RD, self.d_model, self.hidden) else "loop"
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False,
@@ -130,6 +134,11 @@ class GroupedExperts(nn.Module):
         """``scale_R``: optional per-row factors (the gate weights) applied to the hidden activations before
         the down projection; the projection is linear, so this equals scaling the output rows."""
         backend = self.pick_backend(x_RD, counts_E, uniform_rows)
+        if backend == "blockwise":  # row r is its own "token": the scatter-add writes each output row once
+            rows_R = torch.arange(x_RD.shape[0], device=x_RD.device)
+            scale_R = scale_R if scale_R is not None else x_RD.new_ones(x_RD.shape[0])
+            # GroupedExperts' own method: subclasses that override it expect token rows and all experts' counts
+            return GroupedExperts.forward_blockwise(self, x_RD, rows_R, scale_R, counts_E)
         if backend == "grouped" and not grouped_mm_supported(x_RD, self.d_model, self.hidden):
             backend = "loop"
         dtype = compute_dtype(x_RD)
