@@ -504,3 +504,20 @@ def test_float64_and_zero_token_batches():
     torch.testing.assert_close(layer.eval()(x).y, combine_loop64(x, layer.experts, tok, exp, w))
     out = layer.train()(torch.randn(0, 16, dtype=torch.float64))
     assert out.y.shape == (0, 16) and torch.isfinite(out.aux.loss) and out.aux.loss.item() == 0.0
+
+
+def test_auto_backend_is_blockwise_on_cpu_and_grouped_elsewhere():
+    """"auto" picks the cache-blocked path on CPU only; on other devices (here: meta, standing in for CUDA)
+    it keeps one grouped_mm per projection; explicit choices are kept; padded (uniform) rows use bmm."""
+    ex = GroupedExperts(4, 16, 32)
+    cpu, meta = torch.empty(8, 16), torch.empty(8, 16, device="meta")
+    counts = torch.tensor([2, 2, 2, 2])
+    assert ex.use_blockwise(cpu) and ex.pick_backend(cpu, counts, False) == "blockwise"
+    assert not ex.use_blockwise(meta) and ex.pick_backend(meta.bfloat16(), counts, False) == "grouped"
+    assert ex.pick_backend(meta, counts, False) == "loop"  # off-CPU grouped_mm kernels want bf16
+    assert ex.pick_backend(cpu, counts, True) == "bmm"
+    for forced in ("grouped", "loop"):
+        ex.backend = forced
+        assert not ex.use_blockwise(cpu) and ex.pick_backend(cpu, counts, False) == forced
+    ex.backend = "blockwise"
+    assert ex.use_blockwise(meta) and ex.pick_backend(cpu, counts, True) == "blockwise"
