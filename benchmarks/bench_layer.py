@@ -127,6 +127,15 @@ def main() -> None:
             best = min(hf_names, key=lambda n: med[n]["fwd+bwd"])
             print(f"{name:8} {'HF best (' + best[3:] + ')':28} {med[best]['fwd'] / base['fwd']:7.2f} "
                   f"{med[best]['fwd+bwd'] / base['fwd+bwd']:8.2f}")
+        # achieved GFLOP/s on the active FFN FLOPs (3 matmuls forward, 6 backward: 18*T*D*H) next to one plain
+        # T x D x H matmul timed here, the ceiling a layer made of matmuls can approach
+        H = w["k"] * w["h"] + w["shared"] * w["h"]
+        a, b = torch.randn(args.tokens, w["d"]), torch.randn(w["d"], H)
+        mm_s = interleaved_medians({"mm": {"mm": lambda: a @ b}}, args.reps)["mm"]["mm"]
+        flops = 18 * args.tokens * w["d"] * H
+        print(f"{name:8} GFLOP/s fwd+bwd on active FLOPs: dense {flops / base['fwd+bwd'] / 1e9:.0f}, moekit auto "
+              f"{flops / med['moekit auto']['fwd+bwd'] / 1e9:.0f}; one {args.tokens}x{w['d']}x{H} matmul "
+              f"{2 * args.tokens * w['d'] * H / mm_s / 1e9:.0f}")
         print(flush=True)
 
 if __name__ == "__main__":
