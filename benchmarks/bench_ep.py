@@ -19,8 +19,8 @@ the exchange and of oversubscription (W=4 on 2 cores), not scaling across device
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import statistics
 import tempfile
 import time

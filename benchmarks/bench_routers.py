@@ -22,9 +22,9 @@ import torch
 from moekit.config import CapacityConfig, LossConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig
 from moekit.layers.stats import routing_stats
 from moekit.models.decoder import MoETransformer, lm_loss
+from moekit.train.data import build_corpus
 from moekit.train.hooks import RouterBiasUpdate
 from moekit.train.trainer import train
-from moekit.train.data import build_corpus
 
 ROUTERS = {
     "softmax top-2 (Mixtral)": dict(router=RouterConfig(kind="softmax_topk", top_k=2)),

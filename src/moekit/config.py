@@ -215,7 +215,7 @@ class MoEConfig:
     def hidden_sizes(self) -> tuple[int, ...]:
         return self.expert_hidden_sizes or (self.expert_hidden,) * self.num_experts
 
-    def fine_grained(self, m: int) -> "MoEConfig":
+    def fine_grained(self, m: int) -> MoEConfig:
         """Fine-grained expert segmentation (DeepSeekMoE, Dai et al. 2024, sec. 3.1): split every expert
         into m experts of hidden size expert_hidden/m and route each token to m*top_k of them. Total and
         active parameters and FLOPs stay the same; the number of possible expert combinations grows."""
@@ -230,7 +230,7 @@ class MoEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MoEConfig":
+    def from_dict(cls, d: dict) -> MoEConfig:
         return cls(**d)
 
 
@@ -316,7 +316,7 @@ class ModelConfig:
             return False
         return self.moe_layers == "all" or i % 2 == 1
 
-    def dense_twin(self) -> "ModelConfig":
+    def dense_twin(self) -> ModelConfig:
         """The dense model with the same active FLOPs per token: every MoE FFN becomes a dense FFN of
         hidden top_k * expert_hidden + num_shared_experts * shared_hidden (the active expert width)."""
         if self.moe is None:
@@ -338,7 +338,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         return cls(**d)
 
 

@@ -11,8 +11,8 @@ from moekit.deploy import moe_layers, tensor_bytes
 from moekit.deploy.merge import group_experts, merge_layer, merge_model
 from moekit.deploy.offload import cache_stats, offload_experts, resident_bytes
 from moekit.deploy.prune import measure_loads, prune_layer, prune_model, select_experts
-from moekit.layers.moe import MoELayer
 from moekit.deploy.quantize import Int8Experts, dequantize, quantize_experts, quantize_per_channel
+from moekit.layers.moe import MoELayer
 
 from ..layers.reference import combine_loop64, softmax_topk_routing64
 

@@ -5,8 +5,16 @@ re-routing, the pipelined (chunked, async) exchange, and sharded <-> single-proc
 import torch
 
 from moekit.distributed.launch import run_local
-from tests.distributed.workers import (Case, checkpoint_suite, layer_suite, tiny_lm, train_curve, train_ep,
-                                       trainer_ep, trainer_setup)
+from tests.distributed.workers import (
+    Case,
+    checkpoint_suite,
+    layer_suite,
+    tiny_lm,
+    train_curve,
+    train_ep,
+    trainer_ep,
+    trainer_setup,
+)
 
 CASES = [
     Case("top2 dropless"),

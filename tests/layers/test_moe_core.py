@@ -478,7 +478,7 @@ def test_fine_grained_segmentation_keeps_total_and_active_params():
     base = MoEConfig(d_model=8, num_experts=4, expert_hidden=24, router=RouterConfig(top_k=2))
     fine = base.fine_grained(3)
     assert (fine.num_experts, fine.expert_hidden, fine.router.top_k) == (12, 8, 6)
-    n = lambda c: sum(p.numel() for p in MoELayer(c).experts.parameters())  # noqa: E731
+    n = lambda c: sum(p.numel() for p in MoELayer(c).experts.parameters())
     assert n(fine) == n(base)
     assert fine.router.top_k * fine.expert_hidden == base.router.top_k * base.expert_hidden  # active FFN width
     with pytest.raises(ConfigError, match="fine_grained.m=5"):

@@ -47,7 +47,7 @@ def test_train_resume_and_generate_from_the_command_line(docs, tmp_path, capsys)
 def test_inspect_encodes_other_data_with_the_checkpoints_tokenizer(docs, tmp_path, capsys, monkeypatch):
     """inspect on data the model was not trained on: the token ids must be the checkpoint tokenizer's, not those
     of a tokenizer trained afresh on the new data."""
-    import moekit.analysis.report as report
+    from moekit.analysis import report
     from moekit.train.tokenizer import Tokenizer
 
     assert _train(docs, tmp_path / "run", 2) == 0

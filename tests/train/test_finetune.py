@@ -9,8 +9,16 @@ from moekit.config import ConfigError, LossConfig, ModelConfig, MoEConfig, Route
 from moekit.deploy.distill import gain_retained, kd_loss
 from moekit.models.decoder import MoETransformer, lm_loss
 from moekit.train.data import TokenStream
-from moekit.train.finetune import (FREEZE_POLICIES, FinetuneRecipe, apply_freeze, finetune, get_recipe,
-                                   optimizer_state_bytes, prepare, trainable_report)
+from moekit.train.finetune import (
+    FREEZE_POLICIES,
+    FinetuneRecipe,
+    apply_freeze,
+    finetune,
+    get_recipe,
+    optimizer_state_bytes,
+    prepare,
+    trainable_report,
+)
 from moekit.train.trainer import make_optimizer
 
 V, D = 64, 32

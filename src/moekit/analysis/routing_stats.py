@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moekit.layers.capacity import expert_capacity, apply_capacity
+from moekit.layers.capacity import apply_capacity, expert_capacity
 from moekit.layers.routing import Router, Routing
 
 
@@ -46,7 +46,7 @@ class RoutingRecorder:
         self.layers: dict[str, LayerRecord] = {}
         self._handles: list = []
 
-    def __enter__(self) -> "RoutingRecorder":
+    def __enter__(self) -> RoutingRecorder:
         for name, mod in self.model.named_modules():
             if isinstance(mod, Router):
                 self._handles.append(mod.register_forward_hook(self._hook(name)))

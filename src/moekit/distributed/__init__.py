@@ -7,8 +7,14 @@ converts between sharded and single-process checkpoints.
 
 from moekit.distributed.all_to_all import CommStats, all_to_all, exchange_counts
 from moekit.distributed.ep_dispatch import AllToAllDispatcher
-from moekit.distributed.parallelize import (ExpertParallel, ParallelGroups, build_groups, init_distributed,
-                                            parallelize, rank_zero_first)
+from moekit.distributed.parallelize import (
+                                            ExpertParallel,
+                                            ParallelGroups,
+                                            build_groups,
+                                            init_distributed,
+                                            parallelize,
+                                            rank_zero_first,
+)
 
 __all__ = ["AllToAllDispatcher", "CommStats", "ExpertParallel", "ParallelGroups", "all_to_all",
            "build_groups", "exchange_counts", "init_distributed", "parallelize", "rank_zero_first"]

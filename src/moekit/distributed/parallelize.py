@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -69,7 +69,7 @@ def init_distributed(backend: str | None = None) -> torch.device:
                              f"e.g. torchrun --nproc-per-node 2 -m moekit train --expert-parallel 2 ...")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

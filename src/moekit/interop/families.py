@@ -7,8 +7,8 @@ to a layer depends on its kind: "attn" (all layers), "dense" (dense FFN layers),
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from moekit.config import LossConfig, MLAConfig, ModelConfig, MoEConfig, RouterConfig
 

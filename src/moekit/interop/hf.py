@@ -21,6 +21,7 @@ from moekit.config import ModelConfig
 from moekit.interop.families import COMMON, FAMILIES, LAYER_NORMS, Family
 from moekit.models.decoder import MoETransformer
 
+
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():

@@ -14,7 +14,7 @@ Only the hidden pre-activations (gate and up, [R, F] each) are saved, not x_RD o
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -38,7 +38,7 @@ class Routing:
     def num_assignments(self) -> int:
         return self.token_N.numel()
 
-    def select(self, keep_N: Tensor) -> "Routing":
+    def select(self, keep_N: Tensor) -> Routing:
         """Keep only the assignments where ``keep_N`` is True."""
         return replace(self, token_N=self.token_N[keep_N], expert_N=self.expert_N[keep_N],
                        weight_N=self.weight_N[keep_N], rank_N=self.rank_N[keep_N])

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from moekit.config import ModelConfig
 from moekit.models.blocks import KVCache, RMSNorm, apply_rope, causal_attention
 
-
 # DeepSeek's latent RMSNorms use a fixed eps, not the model's rms_norm_eps (HF DeepseekV3Attention too)
 LATENT_NORM_EPS = 1e-6
 

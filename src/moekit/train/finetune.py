@@ -29,6 +29,7 @@ from moekit.config import ModelConfig, TrainConfig, check, check_choice, check_f
 from moekit.models.decoder import MoETransformer
 from moekit.train.data import TokenStream
 from moekit.train.trainer import train
+
 FREEZE_POLICIES = {"none": (), "moe": ("experts", "router"), "experts": ("experts",),
                    "non_moe": ("shared", "dense")}
 
