@@ -6,7 +6,7 @@ W1: T=4096, d=512, 8 experts h=1408, top-2            (Mixtral-shaped)   dense t
 W2: T=4096, d=512, 64 experts h=352, top-8, 1 shared  (Qwen2-MoE-shaped) dense twin h = 8*352 + 352
 Every number is a ratio to the dense SwiGLU timed in the same process (lower is better). The HF blocks
 are timed with each available experts implementation ("eager", "batched_mm", "grouped_mm"); the best
-is reported. Routing is dropless for all.
+is reported. Routing is dropless for all. "saved MB": activations autograd keeps for the backward pass.
 """
 
 from __future__ import annotations
@@ -37,6 +37,22 @@ def fwd_and_fwdbwd(module: nn.Module, x: torch.Tensor, out=lambda o: o) -> dict[
         module.zero_grad(set_to_none=True)
 
     return {"fwd": fwd, "fwd+bwd": fwdbwd}
+
+
+def saved_for_backward_mb(module: nn.Module, x: torch.Tensor, out=lambda o: o) -> float:
+    """MB of activations autograd keeps for the backward pass (every tensor saved by a forward, counted once
+    per storage; parameters and the input itself excluded): the layer's training memory beyond weights."""
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    xi = x.detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out(module(xi))
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()} | {xi.untyped_storage().data_ptr()}
+    return sum(n for ptr, n in saved.items() if ptr not in skip) / 2**20
 
 
 def interleaved_medians(cases: dict[str, dict[str, callable]], reps: int) -> dict[str, dict[str, float]]:
@@ -95,15 +111,19 @@ def main() -> None:
     }
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, T={args.tokens}, reps={args.reps}")
     print("time ratio to dense SwiGLU with equal active FLOPs (lower is better)")
-    print(f"{'workload':8} {'implementation':28} {'fwd':>7} {'fwd+bwd':>8}")
+    print(f"{'workload':8} {'implementation':28} {'fwd':>7} {'fwd+bwd':>8} {'saved MB':>9}")
     for name, w in workloads.items():
         x = torch.randn(args.tokens, w["d"])
-        cases = {"dense SwiGLU (baseline)": fwd_and_fwdbwd(MLP(w["d"], w["k"] * w["h"] + w["shared"] * w["h"]), x)}
+        dense = MLP(w["d"], w["k"] * w["h"] + w["shared"] * w["h"])
+        cases = {"dense SwiGLU (baseline)": fwd_and_fwdbwd(dense, x)}
+        saved_mb = {"dense SwiGLU (baseline)": saved_for_backward_mb(dense, x)}
         for disp in ("auto", "blockwise", "grouped", "loop", "padded"):
             cfg = MoEConfig(d_model=w["d"], num_experts=w["E"], expert_hidden=w["h"], num_shared_experts=w["shared"],
                             shared_gate=bool(w["shared"]), dispatcher=disp, router=RouterConfig(top_k=w["k"]),
                             loss=LossConfig(aux_coef=0.01))
-            cases["moekit " + disp] = fwd_and_fwdbwd(MoELayer(cfg), x, out=lambda o: o.y)
+            layer = MoELayer(cfg)
+            cases["moekit " + disp] = fwd_and_fwdbwd(layer, x, out=lambda o: o.y)
+            saved_mb["moekit " + disp] = saved_for_backward_mb(layer, x, out=lambda o: o.y)
         hf_names = []
         for impl in ("eager", "batched_mm", "grouped_mm"):
             block = hf_block(w, impl)
@@ -117,16 +137,18 @@ def main() -> None:
                 print(f"{name:8} {'HF ' + impl:28} unavailable: {why}")
                 continue
             cases["HF " + impl] = fwd_and_fwdbwd(block, x[None], out=hf_output)
+            saved_mb["HF " + impl] = saved_for_backward_mb(block, x[None], out=hf_output)
             hf_names.append("HF " + impl)
         med = interleaved_medians(cases, args.reps)
         base = med["dense SwiGLU (baseline)"]
         for case, m in med.items():
             extra = f"   [{m['fwd'] * 1e3:.0f} ms / {m['fwd+bwd'] * 1e3:.0f} ms]" if case.startswith("dense") else ""
-            print(f"{name:8} {case:28} {m['fwd'] / base['fwd']:7.2f} {m['fwd+bwd'] / base['fwd+bwd']:8.2f}{extra}")
+            print(f"{name:8} {case:28} {m['fwd'] / base['fwd']:7.2f} {m['fwd+bwd'] / base['fwd+bwd']:8.2f} "
+                  f"{saved_mb[case]:9.0f}{extra}")
         if hf_names:
             best = min(hf_names, key=lambda n: med[n]["fwd+bwd"])
             print(f"{name:8} {'HF best (' + best[3:] + ')':28} {med[best]['fwd'] / base['fwd']:7.2f} "
-                  f"{med[best]['fwd+bwd'] / base['fwd+bwd']:8.2f}")
+                  f"{med[best]['fwd+bwd'] / base['fwd+bwd']:8.2f} {saved_mb[best]:9.0f}")
         # achieved GFLOP/s on the active FFN FLOPs (3 matmuls forward, 6 backward: 18*T*D*H) next to one plain
         # T x D x H matmul timed here, the ceiling a layer made of matmuls can approach
         H = w["k"] * w["h"] + w["shared"] * w["h"]
