@@ -80,6 +80,8 @@ class BlockwiseFFN(torch.autograd.Function):
         dwg = torch.empty_like(w_gate) if need_wg else None
         dwu = torch.empty_like(w_up) if need_wu else None
         dwd = torch.empty_like(w_down) if need_wd else None
+        ds_R = torch.zeros_like(scale_R) if need_s else None
+        need_hidden = need_x or need_wg or need_wu  # anything upstream of the down projection
         for e, (r0, r1) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
             f = 0 if r0 == r1 else ctx.hidden_E[e]
             for dw in (dwg, dwu):
@@ -87,12 +89,8 @@ class BlockwiseFFN(torch.autograd.Function):
                     dw[e, f:].zero_()
             if dwd is not None and f < dwd.shape[2]:
                 dwd[e, :, f:].zero_()
-        ds_R = torch.zeros_like(scale_R) if need_s else None
-        need_hidden = need_x or need_wg or need_wu  # anything upstream of the down projection
-        for e, (r0, r1) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
             if r0 == r1:
                 continue
-            f = ctx.hidden_E[e]
             tok = token_R[r0:r1]
             u, s = u_RF[r0:r1, :f], scale_R[r0:r1, None]
             dy_nD = dy_TD.index_select(0, tok)
