@@ -42,8 +42,8 @@ def tensor_bytes(model: nn.Module) -> int:
 class ComputedWeightsExperts(GroupedExperts):
     """GroupedExperts whose stacked weights are produced per forward (dequantised, fetched from an
     offload cache) instead of being parameters. Only the experts that receive rows are produced, and
-    GroupedExperts.forward then runs unchanged on that subset, so every backend (grouped_mm, loop, bmm, blockwise)
-    computes exactly what the resident experts compute.
+    GroupedExperts.forward then runs unchanged on that subset, so every backend (grouped_mm, loop, bmm,
+    blockwise) computes exactly what the resident experts compute.
 
     Subclasses implement ``weights_for(experts) -> (w_gate_XFD | None, w_up_XFD, w_down_XDF)`` for a
     list of expert indices (all experts if None).
@@ -64,31 +64,32 @@ class ComputedWeightsExperts(GroupedExperts):
     def weights_for(self, experts: list[int] | None) -> tuple[Tensor | None, Tensor, Tensor]:
         raise NotImplementedError
 
-    def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False,
-                scale_R: Tensor | None = None) -> Tensor:
-        # experts with no rows contribute nothing: produce only the used ones (the padded layout
-        # gives every expert the same C rows, keep them all so its bmm path still applies)
-        used = None if uniform_rows else (counts_E > 0).nonzero().flatten().tolist()
+    def _on_used_experts(self, counts_E: Tensor, run, keep_all: bool = False):
+        """run(counts) with only the experts that get rows produced (``keep_all``: every expert); None if no
+        expert gets a row. Rows are sorted by expert: dropping empty experts keeps the row blocks aligned."""
+        used = None if keep_all else (counts_E > 0).nonzero().flatten().tolist()
         if used is not None and len(used) == self.num_experts:
             used = None
         if used == []:
-            return x_RD.new_zeros(0, self.d_model)
+            return None
         self._active = self.weights_for(used)
         try:
-            return super().forward(x_RD, counts_E if used is None else counts_E[used], uniform_rows, scale_R)
+            return run(counts_E if used is None else counts_E[used])
         finally:
             self._active = None
 
+    def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False,
+                scale_R: Tensor | None = None) -> Tensor:
+        # the padded layout gives every expert the same C rows: keep them all so its bmm path still applies
+        base = super().forward
+        y_RD = self._on_used_experts(counts_E, lambda c: base(x_RD, c, uniform_rows, scale_R),
+                                     keep_all=uniform_rows)
+        return x_RD.new_zeros(0, self.d_model) if y_RD is None else y_RD
+
     def forward_blockwise(self, x_TD: Tensor, token_R: Tensor, weight_R: Tensor, counts_E: Tensor) -> Tensor:
-        # rows are sorted by expert, so dropping the empty experts' (empty) blocks keeps the rest aligned
-        used = (counts_E > 0).nonzero().flatten().tolist()
-        if not used:
-            return x_TD.new_zeros(x_TD.shape, dtype=compute_dtype(x_TD))
-        self._active = self.weights_for(None if len(used) == self.num_experts else used)
-        try:
-            return super().forward_blockwise(x_TD, token_R, weight_R, counts_E[used])
-        finally:
-            self._active = None
+        base = super().forward_blockwise
+        y_TD = self._on_used_experts(counts_E, lambda c: base(x_TD, token_R, weight_R, c))
+        return x_TD.new_zeros(x_TD.shape, dtype=compute_dtype(x_TD)) if y_TD is None else y_TD
 
     def _weight(self, i: int) -> Tensor | None:
         return (self._active or self.weights_for(None))[i]
