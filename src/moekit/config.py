@@ -10,9 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration field holds a value that is not allowed."""
+from moekit.errors import ConfigError  # re-exported: config.ConfigError stays valid
 
 
 def check(ok: bool, owner: str, name: str, value: Any, allowed: str) -> None:
