@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.config import LossConfig, MoEConfig, RouterConfig
-from moekit.distributed import parallelize
+from moekit.distributed import AllToAllDispatcher, parallelize
 from moekit.distributed.launch import run_local
 from moekit.layers.moe import MoELayer
 
@@ -57,8 +57,10 @@ def worker(rank: int, world_size: int, tokens: int, reps: int, chunk_options: li
         plan.reduce_gradients()
         layer.zero_grad(set_to_none=True)
 
+    expert_parallel = isinstance(layer.dispatcher, AllToAllDispatcher)  # world size 1: the local dispatcher
+
     def use_chunks(c: int) -> None:
-        if layer.dispatcher is not None:
+        if expert_parallel:
             layer.dispatcher.num_chunks = c
 
     times = {c: {"fwd": [], "step": []} for c in chunk_options}
@@ -78,7 +80,7 @@ def worker(rank: int, world_size: int, tokens: int, reps: int, chunk_options: li
 
     use_chunks(1)
     sent = 0
-    if layer.dispatcher is not None:
+    if expert_parallel:
         before = layer.dispatcher.stats.bytes_sent
         step()
         sent = layer.dispatcher.stats.bytes_sent - before

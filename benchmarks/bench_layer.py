@@ -23,6 +23,11 @@ from moekit.layers.experts import MLP
 from moekit.layers.moe import MoELayer
 
 
+# label -> (MoEConfig.dispatcher, MoEConfig.experts)
+MOEKIT_CASES = {"auto": ("local", "auto"), "blockwise": ("local", "blockwise"), "grouped": ("local", "grouped_mm"),
+                "loop": ("local", "loop"), "padded": ("padded", "auto")}
+
+
 def fwd_and_fwdbwd(module: nn.Module, x: torch.Tensor, out=lambda o: o) -> dict[str, callable]:
     """The two closures timed for a module: forward only (no grad) and forward + backward."""
     dy = torch.randn_like(x)
@@ -117,10 +122,10 @@ def main() -> None:
         dense = MLP(w["d"], w["k"] * w["h"] + w["shared"] * w["h"])
         cases = {"dense SwiGLU (baseline)": fwd_and_fwdbwd(dense, x)}
         saved_mb = {"dense SwiGLU (baseline)": saved_for_backward_mb(dense, x)}
-        for disp in ("auto", "blockwise", "grouped", "loop", "padded"):
+        for disp, (dispatcher, experts) in MOEKIT_CASES.items():
             cfg = MoEConfig(d_model=w["d"], num_experts=w["E"], expert_hidden=w["h"], num_shared_experts=w["shared"],
-                            shared_gate=bool(w["shared"]), dispatcher=disp, router=RouterConfig(top_k=w["k"]),
-                            loss=LossConfig(aux_coef=0.01))
+                            shared_gate=bool(w["shared"]), dispatcher=dispatcher, experts=experts,
+                            router=RouterConfig(top_k=w["k"]), loss=LossConfig(aux_coef=0.01))
             layer = MoELayer(cfg)
             cases["moekit " + disp] = fwd_and_fwdbwd(layer, x, out=lambda o: o.y)
             saved_mb["moekit " + disp] = saved_for_backward_mb(layer, x, out=lambda o: o.y)

@@ -33,24 +33,27 @@ def check_fraction(owner: str, name: str, value: Any, *, closed_right: bool = Fa
     check(ok, owner, name, value, "must be in [0, 1]" if closed_right else "must be in [0, 1)")
 
 
-ROUTER_KINDS = (
-    "softmax_topk",  # Mixtral: softmax over all experts, then top-k (optionally renormalised)
-    "noisy_topk",  # Shazeer et al. 2017: noisy logits, KeepTopK, softmax over the kept ones
-    "switch",  # Fedus et al. 2021: top-1 with the softmax probability as gate
-    "gshard",  # Lepikhin et al. 2020: top-2, second expert kept with probability ~ its weight
-    "expert_choice",  # Zhou et al. 2022: every expert picks its top-C tokens
-    "sinkhorn",  # BASE-style balanced assignment via Sinkhorn at train time, top-k at eval
-    "top_p",  # dynamic routing: smallest expert set with probability mass >= p
-    "deepseek",  # DeepSeek-V3: sigmoid scores, bias for selection, group-limited, scaled weights
-    "task",  # task-level routing: a lookup from a task id given with the batch
-    "sequence",  # learned sequence-level routing (mean-pooled sequence picks the experts)
-    "soft",  # Soft MoE (Puigcerver et al. 2023): dense slot mixing, its own layer (layers/soft_moe.py)
-)
+# a router kind that is its own layer, not a registered Router: Soft MoE (Puigcerver et al. 2023) mixes
+# tokens into slots densely (layers/soft_moe.py)
+SOFT_KIND = "soft"
+# MoEConfig.dispatcher used to name the experts kernel too; configs written that way still load
+LEGACY_DISPATCHERS = {"auto": ("local", "auto"), "blockwise": ("local", "blockwise"),
+                      "grouped": ("local", "grouped_mm"), "loop": ("local", "loop")}
+
+
+def registries() -> tuple[dict, dict, dict]:
+    """The router, dispatcher and experts-backend registries (layers/), which validation reads; imported
+    on first use because they import torch."""
+    from moekit.layers.dispatch import DISPATCHERS
+    from moekit.layers.experts import EXPERTS_BACKENDS
+    from moekit.layers.routing import ROUTERS
+
+    return ROUTERS, DISPATCHERS, EXPERTS_BACKENDS
 
 
 @dataclass(kw_only=True)
 class RouterConfig:
-    """How tokens are assigned to experts (see ROUTER_KINDS)."""
+    """How tokens are assigned to experts: ``kind`` names a registered router (layers/routing.py) or "soft"."""
 
     kind: str = "softmax_topk"
     top_k: int = 2
@@ -74,7 +77,7 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         o = "RouterConfig"
-        check_choice(o, "kind", self.kind, ROUTER_KINDS)
+        check_choice(o, "kind", self.kind, (*registries()[0], SOFT_KIND))
         check_positive_int(o, "top_k", self.top_k)
         check(isinstance(self.jitter_eps, (int, float)) and 0 <= self.jitter_eps < 1, o, "jitter_eps",
               self.jitter_eps, "must be in [0, 1)")
@@ -135,7 +138,6 @@ class LossConfig:
 
 
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
-DISPATCHERS = ("auto", "blockwise", "grouped", "loop", "padded")
 
 
 @dataclass(kw_only=True)
@@ -147,12 +149,13 @@ class MoEConfig:
     expert_hidden: int = 0  # hidden size of each routed expert (ignored if expert_hidden_sizes is set)
     expert_hidden_sizes: tuple[int, ...] | None = None  # heterogeneous experts (overrides expert_hidden)
     activation: str = "swiglu"
-    bias: bool = False
+    bias: bool = False  # biases on every expert projection (routed and shared; gpt-oss)
     num_shared_experts: int = 0
     shared_hidden: int = 0  # hidden size of each shared expert (0 = expert_hidden)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared-expert output
     expert_dropout: float = 0.0  # dropout inside experts (ST-MoE: higher than dense dropout)
-    dispatcher: str = "auto"
+    dispatcher: str = "local"  # how tokens move to the experts: a registered dispatcher (layers/dispatch.py)
+    experts: str = "auto"  # which kernel computes them: a registered experts backend (layers/experts.py) or auto
     allow_noncausal: bool = False  # let a causal decoder use routers that look at later tokens
     hierarchical_groups: int = 0  # > 1: two-level MoE, a router over groups, each group an MoE layer
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -184,23 +187,19 @@ class MoEConfig:
         check(isinstance(self.shared_hidden, int) and self.shared_hidden >= 0, o, "shared_hidden",
               self.shared_hidden, "must be an integer >= 0 (0 = expert_hidden)")
         check_fraction(o, "expert_dropout", self.expert_dropout)
-        check_choice(o, "dispatcher", self.dispatcher, DISPATCHERS)
-        k = self.router.top_k
-        if self.router.kind in ("softmax_topk", "noisy_topk", "deepseek", "top_p", "sinkhorn", "task",
-                                "sequence"):
-            check(k <= self.num_experts, "RouterConfig", "top_k", k,
-                  f"must be an integer in [1, num_experts={self.num_experts}]")
-        if self.router.kind == "switch":
-            check(k == 1, "RouterConfig", "top_k", k, "must be 1 for kind='switch'")
-        if self.router.kind == "gshard":
-            check(k == 2 and self.num_experts >= 2, "RouterConfig", "top_k", k,
-                  "must be 2 (and num_experts >= 2) for kind='gshard'")
+        routers, dispatchers, backends = registries()
+        if self.dispatcher in LEGACY_DISPATCHERS:
+            check(self.experts == "auto", o, "experts", self.experts,
+                  f"must be 'auto' with the old-style dispatcher={self.dispatcher!r} (which names the experts "
+                  "backend); set dispatcher='local' and experts instead")
+            self.dispatcher, self.experts = LEGACY_DISPATCHERS[self.dispatcher]
+        check_choice(o, "dispatcher", self.dispatcher, tuple(dispatchers))
+        check_choice(o, "experts", self.experts, ("auto", *backends))
         check(self.num_experts % self.router.n_groups == 0, "RouterConfig", "n_groups", self.router.n_groups,
               f"must divide num_experts={self.num_experts}")
-        if self.router.kind == "deepseek":
-            eligible = self.router.topk_groups * (self.num_experts // self.router.n_groups)
-            check(k <= eligible, "RouterConfig", "top_k", k,
-                  f"must be <= topk_groups * num_experts / n_groups = {eligible} (experts in the kept groups)")
+        problem = routers[self.router.kind].config_problem(self) if self.router.kind in routers else None
+        if problem is not None:
+            check(False, "RouterConfig", *problem)
         g = self.hierarchical_groups
         check(isinstance(g, int) and (g == 0 or (g >= 2 and self.num_experts % g == 0)), o, "hierarchical_groups", g,
               f"must be 0 (flat) or an integer >= 2 dividing num_experts={self.num_experts}")
@@ -309,10 +308,13 @@ class ModelConfig:
             check(self.moe.d_model == self.d_model, o, "moe.d_model", self.moe.d_model,
                   f"must equal d_model={self.d_model}")
 
+    def moe_slot(self, i: int) -> bool:
+        """Whether layer i's FFN is in an MoE position of the layout (first_k_dense, moe_layers), whether or
+        not this config has an MoE (the dense twin keeps the layout and widens those FFNs)."""
+        return i >= self.first_k_dense and (self.moe_layers == "all" or i % 2 == 1)
+
     def is_moe_layer(self, i: int) -> bool:
-        if self.moe is None or i < self.first_k_dense:
-            return False
-        return self.moe_layers == "all" or i % 2 == 1
+        return self.moe is not None and self.moe_slot(i)
 
     def dense_twin(self) -> ModelConfig:
         """The dense model with the same active FLOPs per token: every MoE FFN becomes a dense FFN of
@@ -328,7 +330,7 @@ class ModelConfig:
     def ffn_hidden(self, i: int) -> int:
         """Dense FFN width of layer i (the dense twin widens former MoE layers to the active width)."""
         twin_hidden = self.extra.get("moe_layer_dense_hidden")
-        if twin_hidden and i >= self.first_k_dense and (self.moe_layers == "all" or i % 2 == 1):
+        if twin_hidden and self.moe_slot(i):
             return twin_hidden
         return self.dense_hidden
 

@@ -7,14 +7,20 @@ import torch.nn.functional as F
 
 
 def expert_ffn64(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
-    """Expert e of a GroupedExperts applied to one token, in float64."""
-    up = experts.w_up_EFD[e].double() @ x_D
+    """Expert e of a GroupedExperts applied to one token, in float64 (biases when the experts have them)."""
+
+    def proj(name: str, bias: str, v: torch.Tensor) -> torch.Tensor:
+        b = getattr(experts, bias, None)
+        out = getattr(experts, name)[e].double() @ v
+        return out if b is None else out + b[e].double()
+
+    up = proj("w_up_EFD", "b_up_EF", x_D)
     if experts.gated:
         act = F.silu if experts.activation == "swiglu" else F.gelu
-        h = act(experts.w_gate_EFD[e].double() @ x_D) * up
+        h = act(proj("w_gate_EFD", "b_gate_EF", x_D)) * up
     else:
         h = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[experts.activation](up)
-    return experts.w_down_EDF[e].double() @ h
+    return proj("w_down_EDF", "b_down_ED", h)
 
 
 def combine_loop64(x_TD, experts, token_N, expert_N, weight_N) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from moekit.config import CapacityConfig, ConfigError, LossConfig, MoEConfig, RouterConfig
 from moekit.layers import losses
 from moekit.layers.capacity import apply_capacity, expert_capacity
-from moekit.layers.dispatch import LocalDispatcher, PaddedDispatcher
+from moekit.layers.dispatch import Dispatcher, LocalDispatcher, PaddedDispatcher
 from moekit.layers.experts import MLP, GroupedExperts
 from moekit.layers.moe import MoELayer
 from moekit.layers.routing import Routing, topk_assignments
@@ -31,17 +31,18 @@ def routing_from(token, expert, weight, T, E, k=1) -> Routing:
 
 
 # --------------------------------------------------------------------- dispatchers vs loop reference
-def run_dispatch(dispatcher, experts, x_TD, routing, backend):
+def run_dispatch(kind, experts, x_TD, routing, backend):
+    """``kind``: "local", "padded", or "composed" (the protocol's default run over LocalDispatcher's own
+    dispatch and combine, which LocalDispatcher.run hands to ``experts.gathered`` instead)."""
     experts.backend = backend
-    if backend == "blockwise":  # gather, experts and combine in one pass: the dispatcher only sorts
-        counts_E, meta = dispatcher.plan(x_TD.shape[0], routing)
-        return experts.forward_blockwise(x_TD, meta.token_R, meta.weight_R, counts_E)
-    x_RD, counts_E, meta = dispatcher.dispatch(x_TD, routing)
-    return dispatcher.combine(experts(x_RD, counts_E, uniform_rows=meta.uniform_rows), meta)
+    if kind == "composed":
+        return Dispatcher.run(LocalDispatcher(), x_TD, routing, experts)
+    return (LocalDispatcher() if kind == "local" else PaddedDispatcher()).run(x_TD, routing, experts)
 
 
-DISPATCH_CASES = [("local", "grouped"), ("local", "loop"), ("local", "auto"), ("local", "blockwise"), ("padded", "bmm"),
-                  ("padded", "loop")]
+DISPATCH_CASES = [("local", "grouped_mm"), ("local", "loop"), ("local", "auto"), ("local", "blockwise"),
+                  ("composed", "grouped_mm"), ("composed", "blockwise"), ("padded", "bmm"), ("padded", "loop"),
+                  ("padded", "blockwise")]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -66,8 +67,7 @@ def test_every_dispatcher_equals_loop_reference(seed, T, E, K, D, F, activation)
 
     for kind, backend in DISPATCH_CASES:
         x = x_TD.clone().requires_grad_(True)
-        dispatcher = LocalDispatcher() if kind == "local" else PaddedDispatcher()
-        y = run_dispatch(dispatcher, experts, x, routing, backend)
+        y = run_dispatch(kind, experts, x, routing, backend)
         grads = torch.autograd.grad((y * dy_TD).sum(), [x, *experts.parameters()])
         torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5, msg=f"{kind}/{backend} output")
         for g_, r_ in zip(grads, grads_ref):
@@ -82,14 +82,13 @@ def test_empty_experts_and_all_tokens_on_one_expert(kind, backend):
     x = torch.randn(T, D)
     for expert in ([2] * T, [0, 3] * 4 + [0]):  # everything on expert 2; experts 1 and 2 empty
         routing = routing_from(list(range(T)), expert, torch.rand(T), T, E)
-        dispatcher = LocalDispatcher() if kind == "local" else PaddedDispatcher()
-        y = run_dispatch(dispatcher, experts, x, routing, backend)
+        y = run_dispatch(kind, experts, x, routing, backend)
         ref = combine_loop64(x, experts, routing.token_N, routing.expert_N, routing.weight_N)
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     # no assignments at all: output is exactly zero
     empty = routing_from([], [], [], T, E)
     empty.token_N, empty.expert_N = empty.token_N.long(), empty.expert_N.long()
-    y = run_dispatch(LocalDispatcher(), experts, x, empty, "loop" if backend == "bmm" else backend)
+    y = run_dispatch("local", experts, x, empty, "loop" if backend == "bmm" else backend)
     assert torch.equal(y, torch.zeros_like(x))
 
 
@@ -115,13 +114,13 @@ def test_blockwise_gradients_equal_float64_loop_including_gate_weights(activatio
     ref = combine_loop64(x, experts, token_N, expert_N, weight_N)
     grads_ref = torch.autograd.grad((ref * dy.double()).sum(), inputs)
     routing = Routing(token_N, expert_N, weight_N, torch.zeros_like(token_N), torch.zeros(T, E), None, T, E, K)
-    counts_E, meta = LocalDispatcher().plan(T, routing)
-    y = experts.forward_blockwise(x, meta.token_R, meta.weight_R, counts_E)
+    counts_E, meta = LocalDispatcher().plan(routing)
+    y = experts.gathered(x, meta.token_R, meta.weight_R, counts_E)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(torch.autograd.grad((y * dy).sum(), inputs), grads_ref):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # inference keeps no pre-activations but computes the same
-        y_ng = experts.forward_blockwise(x, meta.token_R, meta.weight_R, counts_E)
+        y_ng = experts.gathered(x, meta.token_R, meta.weight_R, counts_E)
     torch.testing.assert_close(y_ng, y.detach(), rtol=0, atol=0)
 
 
@@ -133,9 +132,9 @@ def test_blockwise_expert_dropout_masks_hidden_units_like_nn_dropout():
     experts = GroupedExperts(E, D, F, expert_dropout=p, backend="blockwise").train()
     x = torch.randn(T, D, requires_grad=True)
     routing = routing_from(list(range(T)), [t % E for t in range(T)], torch.rand(T), T, E)
-    counts_E, meta = LocalDispatcher().plan(T, routing)
+    counts_E, meta = LocalDispatcher().plan(routing)
     torch.manual_seed(99)
-    y = experts.forward_blockwise(x, meta.token_R, meta.weight_R, counts_E)
+    y = experts.gathered(x, meta.token_R, meta.weight_R, counts_E)
     torch.manual_seed(99)  # the same draw: one Bernoulli(1-p) per routed row and hidden unit
     keep_RF = torch.empty(T, F).bernoulli_(1 - p).double() / (1 - p)
     assert 0.3 < (keep_RF == 0).double().mean() < 0.5
@@ -150,15 +149,20 @@ def test_blockwise_expert_dropout_masks_hidden_units_like_nn_dropout():
     for got, want in zip(torch.autograd.grad((y * dy).sum(), params), torch.autograd.grad((ref * dy).sum(), params)):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # eval: no dropout, the plain function
-        torch.testing.assert_close(experts.eval().forward_blockwise(x, meta.token_R, meta.weight_R, counts_E),
+        torch.testing.assert_close(experts.eval().gathered(x, meta.token_R, meta.weight_R, counts_E),
                                    combine_loop64(x, experts, routing.token_N, routing.expert_N, routing.weight_N).float())
 
 
 # --------------------------------------------------------------------- whole layer vs float64 reference
-@pytest.mark.parametrize("dispatcher", ["auto", "blockwise", "grouped", "loop", "padded"])
+LAYER_CASES = [("local", "auto"), ("local", "blockwise"), ("local", "grouped_mm"), ("local", "loop"),
+               ("padded", "auto"), ("padded", "blockwise")]
+
+
+@pytest.mark.parametrize("dispatcher,experts", LAYER_CASES)
 @pytest.mark.parametrize("seed", [0, 7])
-def test_layer_equals_float64_mixtral_reference(dispatcher, seed):
-    layer = make_layer(seed, dispatcher=dispatcher, router=RouterConfig(top_k=2, renormalize=True)).eval()
+def test_layer_equals_float64_mixtral_reference(dispatcher, experts, seed):
+    layer = make_layer(seed, dispatcher=dispatcher, experts=experts,
+                       router=RouterConfig(top_k=2, renormalize=True)).eval()
     x = torch.randn(3, 7, 12)
     y = layer(x).y
     tok, exp, w = softmax_topk_routing64(x.view(-1, 12), layer.router.gate.weight, 2, renormalize=True)
@@ -166,11 +170,12 @@ def test_layer_equals_float64_mixtral_reference(dispatcher, seed):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["grouped", "loop", "blockwise"])
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop", "blockwise"])
 def test_fine_grained_layer_folds_gate_weights_exactly(backend):
     """Experts narrower than d_model get the gate weights on their hidden rows (before the down projection):
-    outputs equal the float64 loop reference, and every gradient (router included) equals the unfolded path."""
-    layer = make_layer(5, d_model=16, expert_hidden=8, num_experts=6, num_shared_experts=1, dispatcher=backend,
+    outputs equal the float64 loop reference, and every gradient (router included) equals the padded path,
+    which weights the unscaled expert outputs in its combine einsum."""
+    layer = make_layer(5, d_model=16, expert_hidden=8, num_experts=6, num_shared_experts=1, experts=backend,
                        router=RouterConfig(top_k=3, renormalize=True)).eval()
     x = torch.randn(2, 9, 16)
     tok, exp, w = softmax_topk_routing64(x.view(-1, 16), layer.router.gate.weight, 3, renormalize=True)
@@ -178,11 +183,8 @@ def test_fine_grained_layer_folds_gate_weights_exactly(backend):
     ref = combine_loop64(x.view(-1, 16), layer.experts, tok, exp, w) + shared64(x.view(-1, 16).double())
     torch.testing.assert_close(layer(x).y.double().view(-1, 16), ref, rtol=1e-5, atol=1e-6)
 
-    class Unfolded(LocalDispatcher):  # not exactly LocalDispatcher: the layer weights the D-wide outputs
-        pass
-
     grads = []
-    for dispatcher in (None, Unfolded()):
+    for dispatcher in (LocalDispatcher(), PaddedDispatcher()):
         layer.dispatcher = dispatcher
         xi = x.clone().requires_grad_(True)
         layer.zero_grad(set_to_none=True)
@@ -453,7 +455,9 @@ def test_layer_total_loss_is_weighted_sum_and_differentiable():
     (dict(capacity=dict(capacity_factor=0.0)), r"CapacityConfig.capacity_factor=0.0"),
     (dict(capacity=dict(capacity_factor=-1.0)), r"capacity_factor=-1.0.*> 0"),
     (dict(activation="tanh"), r"MoEConfig.activation='tanh'"),
-    (dict(dispatcher="magic"), r"MoEConfig.dispatcher"),
+    (dict(dispatcher="magic"), r"MoEConfig.dispatcher='magic'.*'local', 'padded'"),
+    (dict(experts="magic"), r"MoEConfig.experts='magic'.*'auto', .*'blockwise'"),
+    (dict(dispatcher="grouped", experts="loop"), r"MoEConfig.experts='loop'.*old-style dispatcher='grouped'"),
     (dict(router=dict(kind="nope")), r"RouterConfig.kind='nope'"),
     (dict(router=RouterConfig(kind="switch", top_k=2)), r"top_k=2.*switch"),
 ])
@@ -485,10 +489,11 @@ def test_fine_grained_segmentation_keeps_total_and_active_params():
         base.fine_grained(5)
 
 
-@pytest.mark.parametrize("dispatcher", ["blockwise", "grouped", "loop", "padded"])
-def test_bf16_autocast_backends_agree(dispatcher):
-    layer = make_layer(14, d_model=16, expert_hidden=32, dispatcher=dispatcher)
-    ref = make_layer(14, d_model=16, expert_hidden=32, dispatcher="loop")
+@pytest.mark.parametrize("dispatcher,experts", [("local", "blockwise"), ("local", "grouped_mm"), ("local", "loop"),
+                                                ("padded", "bmm")])
+def test_bf16_autocast_backends_agree(dispatcher, experts):
+    layer = make_layer(14, d_model=16, expert_hidden=32, dispatcher=dispatcher, experts=experts)
+    ref = make_layer(14, d_model=16, expert_hidden=32, experts="loop")
     x = torch.randn(3, 5, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, y_ref = layer(x).y, ref(x).y
@@ -511,13 +516,24 @@ def test_auto_backend_is_blockwise_on_cpu_and_grouped_elsewhere():
     it keeps one grouped_mm per projection; explicit choices are kept; padded (uniform) rows use bmm."""
     ex = GroupedExperts(4, 16, 32)
     cpu, meta = torch.empty(8, 16), torch.empty(8, 16, device="meta")
-    counts = torch.tensor([2, 2, 2, 2])
-    assert ex.use_blockwise(cpu) and ex.pick_backend(cpu, counts, False) == "blockwise"
-    assert not ex.use_blockwise(meta) and ex.pick_backend(meta.bfloat16(), counts, False) == "grouped"
-    assert ex.pick_backend(meta, counts, False) == "loop"  # off-CPU grouped_mm kernels want bf16
-    assert ex.pick_backend(cpu, counts, True) == "bmm"
-    for forced in ("grouped", "loop"):
+    assert ex.backend_for(cpu) == "blockwise" and ex.backend_for(meta.bfloat16()) == "grouped_mm"
+    assert ex.backend_for(meta) == "loop"  # off-CPU grouped_mm kernels want bf16
+    assert ex.backend_for(cpu, uniform_rows=True) == "bmm"
+    for forced in ("grouped_mm", "loop", "blockwise"):
         ex.backend = forced
-        assert not ex.use_blockwise(cpu) and ex.pick_backend(cpu, counts, False) == forced
-    ex.backend = "blockwise"
-    assert ex.use_blockwise(meta) and ex.pick_backend(cpu, counts, True) == "blockwise"
+        assert ex.backend_for(cpu) == ex.backend_for(meta, uniform_rows=True) == forced
+
+
+def test_old_style_dispatcher_values_still_load():
+    """Configs written when MoEConfig.dispatcher also named the experts kernel load as the same pair."""
+    for old, new in [("auto", ("local", "auto")), ("blockwise", ("local", "blockwise")),
+                     ("grouped", ("local", "grouped_mm")), ("loop", ("local", "loop")), ("padded", ("padded", "auto"))]:
+        cfg = MoEConfig.from_dict({**MoEConfig(d_model=8, expert_hidden=8).to_dict(), "dispatcher": old,
+                                   "experts": "auto"})
+        assert (cfg.dispatcher, cfg.experts) == new
+
+
+def test_bmm_backend_refuses_unequal_blocks():
+    layer = make_layer(16, experts="bmm")
+    with pytest.raises(ValueError, match="'bmm' needs equal-size expert blocks"):
+        layer(torch.randn(7, 12))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moekit.config import ConfigError, LossConfig, ModelConfig, MoEConfig, RouterConfig
-from moekit.layers.moe import build_moe_layer
+from moekit.layers.build import build_moe_layer
 from moekit.layers.routing import update_router_biases
 from moekit.layers.stats import routing_stats
 from moekit.models.decoder import MoETransformer

@@ -210,18 +210,19 @@ def spec_from_hf(cfg: dict, name: str = "") -> ArchSpec:
                     expert_inter=cfg["intermediate_size"], router_bias=True, expert_bias=True)
 
 
-MOEKIT_ROUTERS = ("softmax_topk", "switch", "noisy_topk", "gshard", "sinkhorn", "deepseek")
-
-
 def spec_from_moekit(cfg, name: str = "moekit") -> ArchSpec:
     """An ArchSpec of moekit's own MoETransformer (ModelConfig). Token-choice routers with a fixed top_k
     only: for top-p, expert-choice, Soft MoE, task/sequence routing, hierarchical or heterogeneous experts
     "active parameters per token" is not a fixed number."""
+    from moekit.layers.routing import ROUTERS  # the router registry (imports torch: only for moekit configs)
+
     m = cfg.moe
-    if m is not None and (m.router.kind not in MOEKIT_ROUTERS or m.hierarchical_groups or m.expert_hidden_sizes):
+    router = ROUTERS.get(m.router.kind) if m is not None else None
+    fixed = sorted(k for k, r in ROUTERS.items() if r.fixed_top_k)
+    if m is not None and (router is None or not router.fixed_top_k or m.hierarchical_groups or m.expert_hidden_sizes):
         raise ValueError(f"moe config (router.kind={m.router.kind!r}, hierarchical_groups={m.hierarchical_groups}, "
                          f"expert_hidden_sizes={m.expert_hidden_sizes}): the calculator needs a fixed top_k over "
-                         f"equal experts; router.kind must be one of {MOEKIT_ROUTERS}")
+                         f"equal experts; router.kind must be one of {fixed}")
     mla = cfg.mla if cfg.attention == "mla" else None
     return ArchSpec(name=name, family="moekit", vocab=cfg.vocab_size, d=cfg.d_model, n_layers=cfg.n_layers,
                     tie_embeddings=cfg.tie_embeddings, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
@@ -236,7 +237,7 @@ def spec_from_moekit(cfg, name: str = "moekit") -> ArchSpec:
                     num_experts=m.num_experts if m else 0, top_k=m.router.top_k if m else 0,
                     expert_inter=m.expert_hidden if m else 0,
                     shared_inter=m.num_shared_experts * m.shared_hidden_size if m else 0,
-                    shared_gate=bool(m and m.shared_gate), router_noise=bool(m and m.router.kind == "noisy_topk"))
+                    shared_gate=bool(m and m.shared_gate), router_noise=bool(router and router.num_gates == 2))
 
 
 def attention_params(s: ArchSpec) -> int:

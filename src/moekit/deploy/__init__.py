@@ -58,7 +58,10 @@ class ComputedWeightsExperts(GroupedExperts):
         if getattr(src, "unit_mask_EF", None) is not None:
             raise ValueError("offloaded/quantised experts do not support heterogeneous expert sizes "
                              "(MoEConfig.expert_hidden_sizes) yet")
+        if src.b_up_EF is not None:
+            raise ValueError("offloaded/quantised experts do not support expert biases (MoEConfig.bias) yet")
         self.unit_mask_EF, self.hidden_sizes = None, src.hidden_sizes
+        self.b_gate_EF = self.b_up_EF = self.b_down_ED = None
         self._active: tuple[Tensor | None, Tensor, Tensor] | None = None
 
     def weights_for(self, experts: list[int] | None) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -86,8 +89,8 @@ class ComputedWeightsExperts(GroupedExperts):
                                      keep_all=uniform_rows)
         return x_RD.new_zeros(0, self.d_model) if y_RD is None else y_RD
 
-    def forward_blockwise(self, x_TD: Tensor, token_R: Tensor, weight_R: Tensor, counts_E: Tensor) -> Tensor:
-        base = super().forward_blockwise
+    def gathered(self, x_TD: Tensor, token_R: Tensor, weight_R: Tensor, counts_E: Tensor) -> Tensor:
+        base = super().gathered
         y_TD = self._on_used_experts(counts_E, lambda c: base(x_TD, token_R, weight_R, c))
         return x_TD.new_zeros(x_TD.shape, dtype=compute_dtype(x_TD)) if y_TD is None else y_TD
 

@@ -1,4 +1,4 @@
-"""AllToAllDispatcher: expert parallelism is just another dispatcher.
+"""AllToAllDispatcher: expert parallelism is just another dispatcher (the protocol of layers/dispatch.py).
 
 The E experts are sharded over the W ranks of an expert-parallel (EP) group: rank r owns the global
 experts [r*L, (r+1)*L), L = E / W. Each rank routes its own tokens, then
@@ -16,8 +16,9 @@ Capacity filtering happens before dispatch on each rank's own tokens, so EP keep
 rank's tokens separately.
 
 Comm/compute overlap (FasterMoE, He et al. 2022, "smart scheduling"): with ``num_chunks`` > 1,
-``pipeline`` splits the tokens into contiguous chunks and starts the asynchronous exchange of chunk c+1
-before computing the experts on chunk c; the results travel back asynchronously too. Backward is
+``run`` drives the experts itself (the protocol's override point): it splits the tokens into contiguous
+chunks and starts the asynchronous exchange of chunk c+1 before computing the experts on chunk c; the
+results travel back asynchronously too. Backward is
 pipelined the same way: the gradients of chunk c+1 travel while the experts' backward runs on chunk c.
 
 Legend: T tokens, D model dim, E global experts, L local experts, W EP ranks, C chunks, R routed rows.
@@ -25,14 +26,14 @@ Legend: T tokens, D model dim, E global experts, L local experts, W EP ranks, C 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from moekit.distributed.all_to_all import CommStats, all_to_all, exchange, exchange_counts
-from moekit.layers.dispatch import DispatchMeta, LocalDispatcher
+from moekit.layers.dispatch import Dispatcher, scatter_rows
 from moekit.layers.routing import Routing
 
 
@@ -45,13 +46,17 @@ class EPChunk:
 
 
 @dataclass
-class EPMeta(DispatchMeta):
-    """``token_R`` / ``weight_R`` describe the rows as sent (sorted by chunk, then global expert)."""
+class EPMeta:
+    """The dispatch handle: ``token_R`` / ``weight_R`` describe the rows as sent (sorted by chunk, then
+    global expert)."""
 
-    chunks: list[EPChunk] = field(default_factory=list)
+    num_tokens: int
+    token_R: Tensor
+    weight_R: Tensor
+    chunks: list[EPChunk]
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(Dispatcher):
     def __init__(self, num_experts: int, group: dist.ProcessGroup | None = None, num_chunks: int = 1):
         self.group = group
         self.ep_size = dist.get_world_size(group)
@@ -64,11 +69,6 @@ class AllToAllDispatcher:
         self.num_local = num_experts // self.ep_size
         self.num_chunks = num_chunks
         self.stats = CommStats()
-
-    @property
-    def pipelined(self) -> bool:
-        """True when MoELayer should call ``pipeline`` (the dispatcher then drives the experts)."""
-        return self.num_chunks > 1
 
     def schedule(self, routing: Routing, num_chunks: int) -> EPMeta:
         """Sort the assignments by (chunk, global expert) and exchange the per-chunk counts once."""
@@ -89,8 +89,7 @@ class AllToAllDispatcher:
             local_expert_R = torch.repeat_interleave(local_WL, recv_WL.reshape(-1))
             chunks.append(EPChunk(send_CW[c], recv_CW[c], torch.argsort(local_expert_R, stable=True),
                                   recv_WL.sum(0)))
-        return EPMeta(num_tokens=T, token_R=routing.token_N[order_N], weight_R=routing.weight_N[order_N],
-                      chunks=chunks)
+        return EPMeta(T, routing.token_N[order_N], routing.weight_N[order_N], chunks)
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, EPMeta]:
         """-> rows for this rank's L local experts in contiguous blocks, their counts_L, meta."""
@@ -104,11 +103,13 @@ class AllToAllDispatcher:
         chunk = meta.chunks[0]
         y_recv_RD = torch.empty_like(y_RD).index_copy(0, chunk.order_R, y_RD)
         y_sent_RD = all_to_all(y_recv_RD, chunk.send_splits, chunk.recv_splits, self.group, self.stats)
-        return LocalDispatcher().combine(y_sent_RD, meta)
+        return scatter_rows(y_sent_RD, meta.token_R, meta.num_tokens, meta.weight_R)
 
-    def pipeline(self, x_TD: Tensor, routing: Routing, experts: nn.Module) -> Tensor:
-        """dispatch -> experts -> combine, chunked so that exchanges overlap expert compute (forward and
-        backward)."""
+    def run(self, x_TD: Tensor, routing: Routing, experts: nn.Module) -> Tensor:
+        """One chunk: the protocol's composition dispatch -> experts -> combine. More: chunked, so that the
+        exchanges overlap expert compute (forward and backward)."""
+        if self.num_chunks == 1:
+            return super().run(x_TD, routing, experts)
         meta = self.schedule(routing, self.num_chunks)
         x_sent_RD = x_TD.index_select(0, meta.token_R)
         params = [p for p in experts.parameters() if p.requires_grad]
@@ -117,7 +118,7 @@ class AllToAllDispatcher:
         else:
             y_sent_RD = torch.cat(self.run_chunks(x_sent_RD, meta, lambda c, x: experts_on_chunk(
                 experts, meta.chunks[c], x)))
-        return LocalDispatcher().combine(y_sent_RD, meta)
+        return scatter_rows(y_sent_RD, meta.token_R, meta.num_tokens, meta.weight_R)
 
     def run_chunks(self, x_sent_RD: Tensor, meta: EPMeta, compute) -> list[Tensor]:
         """For every chunk c: send its rows to their owners, ``compute(c, received rows)``, send the result

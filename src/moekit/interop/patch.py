@@ -12,6 +12,8 @@ it only echoes the logits moekit computed: the hooks fire exactly as before and 
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor, nn
 
 from moekit.interop.hf import family_of
@@ -83,7 +85,7 @@ def moe_state_from_block(block: nn.Module, layer: MoELayer) -> dict[str, Tensor]
     return out
 
 
-def patch(hf_model: nn.Module, dispatcher: str = "auto") -> nn.Module:
+def patch(hf_model: nn.Module, dispatcher: str = "local", experts: str = "auto") -> nn.Module:
     """Replace every sparse MoE block of a transformers causal LM (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
     DeepSeek-V3) by moekit's MoELayer with the same weights; returns the same model object.
 
@@ -94,7 +96,7 @@ def patch(hf_model: nn.Module, dispatcher: str = "auto") -> nn.Module:
     if config is None or not hasattr(config, "to_dict"):
         raise TypeError(f"hf_model must be a transformers PreTrainedModel, got {type(hf_model).__name__}")
     moe_cfg = family_of(config.to_dict()).to_moekit(config.to_dict()).moe
-    moe_cfg.dispatcher = dispatcher
+    moe_cfg = dataclasses.replace(moe_cfg, dispatcher=dispatcher, experts=experts)  # validated by MoEConfig
     layers = getattr(getattr(hf_model, "model", hf_model), "layers", None)
     if layers is None:
         raise ValueError(f"{type(hf_model).__name__} has no .model.layers: not a supported decoder LM")

@@ -6,137 +6,153 @@ is 46 MB, beyond the L3 cache), so the gather, every elementwise op, the combine
 stream from DRAM. Here each expert's block (a few hundred rows) is gathered, pushed through its FFN and
 added into y_TD while it is still in cache, and the backward pass walks the blocks again from the saved
 pre-activations. This is the CPU counterpart of fused gather-GEMM-scatter kernels (MegaBlocks,
-ScatterMoE); same function as the grouped path, with the gradients of x, the three weight stacks and the
-gate weights written out by hand.
+ScatterMoE); the FFN of ffn.py (activation, gating, biases), with the gradients of x, the weight and
+bias stacks and the gate weights written out by hand.
 
 Only the hidden pre-activations (gate and up, [R, F] each) are saved, not x_RD or y_RD.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
+from moekit.layers.ffn import Activation, FFNWeights, ffn_out
+
+
+def linear_into(x: Tensor, w_OI: Tensor, b_O: Tensor | None, out: Tensor | None) -> Tensor:
+    """x w^T (+ b), written into ``out`` when given (a view into the saved pre-activations)."""
+    if out is None:
+        return torch.nn.functional.linear(x, w_OI, b_O)
+    if not out.is_contiguous():
+        out.copy_(torch.nn.functional.linear(x, w_OI, b_O))
+    elif b_O is None:
+        torch.mm(x, w_OI.t(), out=out)
+    else:
+        torch.addmm(b_O, x, w_OI.t(), out=out)
+    return out
+
 
 def mm_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    """a @ b written into ``out`` (a view into a saved buffer); column slices are not contiguous."""
+    """a @ b written into ``out`` (a weight-gradient block; column slices are not contiguous)."""
     if out.is_contiguous():
         return torch.mm(a, b, out=out)
     out.copy_(a @ b)
     return out
 
 
+def sum_rows_into(g_nO: Tensor, out: Tensor | None) -> None:
+    if out is not None:
+        torch.sum(g_nO, 0, out=out)
+
+
 class BlockwiseFFN(torch.autograd.Function):
     """y_TD[t] = sum over rows r with token_R[r] = t of scale_R[r] * expert_e(r)(x_TD[t]).
 
     Rows are sorted by expert: expert e owns rows bounds[e]:bounds[e+1] and its first hidden_E[e] units.
-    ``keep_RF`` (optional) is the expert-dropout mask already divided by the keep probability. ``act`` and
-    ``act_backward(grad_out, pre_activation) -> grad_in`` are the activation and its derivative; ``gated``:
-    hidden = act(gate x) * (up x), else act(up x).
+    ``keep_RF`` (optional) is the expert-dropout mask already divided by the keep probability.
     """
 
     @staticmethod
-    def forward(ctx, x_TD: Tensor, w_gate_EFD: Tensor | None, w_up_EFD: Tensor, w_down_EDF: Tensor,
-                scale_R: Tensor, token_R: Tensor, keep_RF: Tensor | None, bounds: list[int], hidden_E: list[int],
-                act: Callable, act_backward: Callable, gated: bool) -> Tensor:
-        save = any(ctx.needs_input_grad[:5])
-        R, F_ = token_R.shape[0], w_up_EFD.shape[1]
+    def forward(ctx, x_TD: Tensor, scale_R: Tensor, w_gate: Tensor | None, w_up: Tensor, w_down: Tensor,
+                b_gate: Tensor | None, b_up: Tensor | None, b_down: Tensor | None, token_R: Tensor,
+                keep_RF: Tensor | None, bounds: list[int], hidden_E: list[int], act: Activation) -> Tensor:
+        save = any(ctx.needs_input_grad[:8])
+        w = FFNWeights(w_gate, w_up, w_down, b_gate, b_up, b_down)
+        R, F_ = token_R.shape[0], w_up.shape[1]
         y_TD = torch.zeros_like(x_TD)
         # pre-activations are kept for backward; in inference each block uses a temporary instead
         u_RF = x_TD.new_empty(R, F_) if save else None
-        g_RF = x_TD.new_empty(R, F_) if save and gated else None
+        g_RF = x_TD.new_empty(R, F_) if save and act.gated else None
         for e, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:])):
             if r0 == r1:
                 continue
             f = hidden_E[e]
+            w_e = w.expert(e, f)
             tok = token_R[r0:r1]
             x_nD = x_TD.index_select(0, tok)
-            u = x_nD @ w_up_EFD[e, :f].t() if not save else mm_into(x_nD, w_up_EFD[e, :f].t(), u_RF[r0:r1, :f])
-            if gated:
-                g = x_nD @ w_gate_EFD[e, :f].t() if not save else mm_into(x_nD, w_gate_EFD[e, :f].t(),
-                                                                          g_RF[r0:r1, :f])
-                h = act(g).mul_(u)
-            else:
-                h = act(u)
-            h.mul_(scale_R[r0:r1, None])
+            u = linear_into(x_nD, w_e.up, w_e.b_up, u_RF[r0:r1, :f] if save else None)
+            g = linear_into(x_nD, w_e.gate, w_e.b_gate, g_RF[r0:r1, :f] if save else None) if act.gated else None
+            h = act.hidden(g, u, inplace=True)
             if keep_RF is not None:
                 h.mul_(keep_RF[r0:r1, :f])
-            y_TD.index_add_(0, tok, h @ w_down_EDF[e, :, :f].t())
+            y_TD.index_add_(0, tok, ffn_out(h, w_e, scale=scale_R[r0:r1], inplace=True))
         if save:
-            ctx.save_for_backward(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, scale_R, token_R, keep_RF, g_RF, u_RF)
-            ctx.bounds, ctx.hidden_E, ctx.act, ctx.act_backward, ctx.gated = bounds, hidden_E, act, act_backward, gated
+            ctx.save_for_backward(x_TD, scale_R, w_gate, w_up, w_down, b_gate, b_up, b_down, token_R, keep_RF,
+                                  g_RF, u_RF)
+            ctx.bounds, ctx.hidden_E, ctx.act = bounds, hidden_E, act
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD: Tensor):
-        x_TD, w_gate, w_up, w_down, scale_R, token_R, keep_RF, g_RF, u_RF = ctx.saved_tensors
-        act, act_backward, gated = ctx.act, ctx.act_backward, ctx.gated
-        need_x, need_wg, need_wu, need_wd, need_s = ctx.needs_input_grad[:5]
+        x_TD, scale_R, w_gate, w_up, w_down, b_gate, b_up, b_down, token_R, keep_RF, g_RF, u_RF = ctx.saved_tensors
+        w = FFNWeights(w_gate, w_up, w_down, b_gate, b_up, b_down)
+        act = ctx.act
+        need = ctx.needs_input_grad[:8]
+        need_x, need_s = need[0], need[1]
         dx_TD = torch.zeros_like(x_TD) if need_x else None
-        # weight grads: each expert's block is written whole below; only what no block writes is zeroed
-        # (empty experts, units beyond a smaller expert's own size), not 3 x E x F x D floats up front
-        dwg = torch.empty_like(w_gate) if need_wg else None
-        dwu = torch.empty_like(w_up) if need_wu else None
-        dwd = torch.empty_like(w_down) if need_wd else None
         ds_R = torch.zeros_like(scale_R) if need_s else None
-        need_hidden = need_x or need_wg or need_wu  # anything upstream of the down projection
+        # weight grads: each expert's block is written whole below; only what no block writes is zeroed
+        # (empty experts, units beyond a smaller expert's own size), not every stack up front
+        dw = FFNWeights(*(torch.empty_like(t) if n and t is not None else None
+                          for n, t in zip(need[2:], (w_gate, w_up, w_down, b_gate, b_up, b_down))))
+        need_hidden = need_x or any(t is not None for t in (dw.gate, dw.up, dw.b_gate, dw.b_up))
         for e, (r0, r1) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
             f = 0 if r0 == r1 else ctx.hidden_E[e]
-            for dw in (dwg, dwu):
-                if dw is not None and f < dw.shape[1]:
-                    dw[e, f:].zero_()
-            if dwd is not None and f < dwd.shape[2]:
-                dwd[e, :, f:].zero_()
+            for t in (dw.gate, dw.up, dw.b_gate, dw.b_up):
+                if t is not None and f < t.shape[1]:
+                    t[e, f:].zero_()
+            if dw.down is not None and f < dw.down.shape[2]:
+                dw.down[e, :, f:].zero_()
+            if dw.b_down is not None and f == 0:
+                dw.b_down[e].zero_()
             if r0 == r1:
                 continue
+            w_e, dw_e = w.expert(e, f), dw.expert(e, f)
             tok = token_R[r0:r1]
-            u, s = u_RF[r0:r1, :f], scale_R[r0:r1, None]
+            u, s = u_RF[r0:r1, :f], scale_R[r0:r1]
+            g = g_RF[r0:r1, :f] if act.gated else None
             dy_nD = dy_TD.index_select(0, tok)
-            if gated:
-                g = g_RF[r0:r1, :f]
-                a = act(g)
-                hu = a * u  # hidden before the gate scale
-            else:
-                hu = act(u)
+            a = act.fn(g) if act.gated else None
+            hu = a * u if act.gated else act.fn(u)  # the hidden units before the gate scale
             if keep_RF is not None:
                 hu.mul_(keep_RF[r0:r1, :f])
-            if need_wd:
-                mm_into(dy_nD.t(), hu * s, dwd[e, :, :f])
+            if dw_e.down is not None:
+                mm_into(dy_nD.t(), hu * s[:, None], dw_e.down)
+            if dw_e.b_down is not None:
+                torch.mv(dy_nD.t(), s, out=dw_e.b_down)
             if not (need_s or need_hidden):
                 continue
-            dh = dy_nD @ w_down[e, :, :f]
+            dh = dy_nD @ w_e.down
             if need_s:
                 torch.sum(dh * hu, 1, out=ds_R[r0:r1])
+                if w_e.b_down is not None:
+                    ds_R[r0:r1].add_(dy_nD @ w_e.b_down)
             if not need_hidden:
                 continue
-            dh.mul_(s)
+            dh.mul_(s[:, None])
             if keep_RF is not None:
                 dh.mul_(keep_RF[r0:r1, :f])
-            if gated:
-                du = dh * a
-                dg = act_backward(dh.mul_(u), g)
-            else:
-                du = act_backward(dh, u)
-            x_nD = x_TD.index_select(0, tok) if (need_wg or need_wu) else None
-            if need_wu:
-                mm_into(du.t(), x_nD, dwu[e, :f])
-            if gated and need_wg:
-                mm_into(dg.t(), x_nD, dwg[e, :f])
+            dg, du = act.hidden_backward(dh, g, u, a)
+            x_nD = x_TD.index_select(0, tok) if (dw_e.up is not None or dw_e.gate is not None) else None
+            if dw_e.up is not None:
+                mm_into(du.t(), x_nD, dw_e.up)
+            sum_rows_into(du, dw_e.b_up)
+            if act.gated:
+                if dw_e.gate is not None:
+                    mm_into(dg.t(), x_nD, dw_e.gate)
+                sum_rows_into(dg, dw_e.b_gate)
             if need_x:
-                dx_nD = du @ w_up[e, :f]
-                if gated:
-                    dx_nD.addmm_(dg, w_gate[e, :f])
+                dx_nD = du @ w_e.up
+                if act.gated:
+                    dx_nD.addmm_(dg, w_e.gate)
                 dx_TD.index_add_(0, tok, dx_nD)
-        return dx_TD, dwg, dwu, dwd, ds_R, None, None, None, None, None, None, None
+        return (dx_TD, ds_R, dw.gate, dw.up, dw.down, dw.b_gate, dw.b_up, dw.b_down) + (None,) * 5
 
 
-def blockwise_ffn(x_TD: Tensor, w_gate_EFD: Tensor | None, w_up_EFD: Tensor, w_down_EDF: Tensor, scale_R: Tensor,
-                  token_R: Tensor, counts_E: Tensor, hidden_E: list[int], act: Callable, act_backward: Callable,
-                  keep_RF: Tensor | None = None) -> Tensor:
-    """The routed-expert output y_TD (gate-weighted sum over each token's rows), expert block by block.
-    Gated (act(gate x) * up x) when ``w_gate_EFD`` is given."""
+def blockwise_ffn(x_TD: Tensor, w: FFNWeights, scale_R: Tensor, token_R: Tensor, counts_E: Tensor,
+                  hidden_E: list[int], act: Activation, keep_RF: Tensor | None = None) -> Tensor:
+    """The routed-expert output y_TD (gate-weighted sum over each token's rows), expert block by block."""
     bounds = [0] + torch.cumsum(counts_E, 0).tolist()
-    return BlockwiseFFN.apply(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, scale_R, token_R, keep_RF, bounds,
-                              hidden_E, act, act_backward, w_gate_EFD is not None)
+    return BlockwiseFFN.apply(x_TD, scale_R, w.gate, w.up, w.down, w.b_gate, w.b_up, w.b_down, token_R, keep_RF,
+                              bounds, hidden_E, act)

@@ -14,7 +14,6 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from moekit.config import CapacityConfig
 from moekit.layers.routing import Routing
 
 
@@ -98,10 +97,11 @@ def _reroute_overflow(routing: Routing, keep_N: Tensor, order_N: Tensor, capacit
     return rerouted.select(keep_N)
 
 
-def capacity_filter(routing: Routing, cfg: CapacityConfig, training: bool) -> Routing:
-    """Apply the train or eval capacity factor from ``cfg``; None means dropless (list unchanged)."""
+def capacity_filter(routing: Routing, cfg, training: bool) -> Routing:
+    """Apply the train or eval capacity factor of CapacityConfig ``cfg``; None means dropless (list
+    unchanged). The result records the capacity it applied (``Routing.capacity``)."""
     factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
     if factor is None:
         return routing
     cap = expert_capacity(routing.num_tokens, routing.num_experts, routing.top_k, factor, cfg.min_capacity)
-    return apply_capacity(routing, cap, cfg.drop_policy, cfg.overflow)
+    return replace(apply_capacity(routing, cap, cfg.drop_policy, cfg.overflow), capacity=cap)

@@ -1,13 +1,25 @@
-"""Experts: (x_RD, counts_E) -> y_RD over contiguous per-expert row blocks.
+"""Experts: E FFNs with stacked weights, computed by a backend chosen by name from one registry.
 
-Weights are stacked 3-D tensors in nn.Linear layout (out, in): w_gate_EFD, w_up_EFD, w_down_EDF.
-Backends compute the same function:
-  "grouped": one ``torch._grouped_mm`` per projection (CPU and CUDA);
-  "loop":    a per-expert matmul loop (the readable reference, and often fastest on CPU);
-  "bmm":     batched matmul when every expert has the same row count (padded GShard layout);
-  "blockwise": gather, FFN and scatter-add fused per expert block (``forward_blockwise``, layers/blockwise.py),
-             taking token rows x_TD instead of x_RD; "auto" on CPU (the LocalDispatcher calls it with token
-             rows; ``forward`` with already-gathered rows uses it with row r = token r).
+Weights are stacked 3-D tensors in nn.Linear layout (out, in): w_gate_EFD (gated activations only),
+w_up_EFD, w_down_EDF; optional biases b_gate_EF, b_up_EF, b_down_ED (``MoEConfig.bias``). The FFN itself
+is ffn.py's, for every backend.
+
+The experts side of the dispatcher protocol (dispatch.py):
+  experts(x_RD, counts_E, uniform_rows=False, scale_R=None) -> y_RD
+      rows already moved into contiguous per-expert blocks (block e: counts_E[e] rows); ``scale_R``:
+      optional per-row factors (gate weights) on the outputs.
+  experts.gathered(x_TD, token_R, weight_R, counts_E) -> y_TD
+      gather token rows, FFN, gate-weight and scatter-add back to tokens (rows sorted by expert).
+
+Backends (``EXPERTS_BACKENDS``; ``register_experts_backend`` adds one):
+  "loop":       a Python loop over experts, the readable reference;
+  "grouped_mm": one ``torch._grouped_mm`` per projection (CPU and CUDA);
+  "bmm":        batched matmul when every expert has the same row count (the padded layout);
+  "blockwise":  gather, FFN and scatter-add fused per expert block (layers/blockwise.py);
+  "auto":       blockwise on CPU (each expert block stays in cache: benchmarks/bench_layer.py), bmm for
+                uniform (padded) rows, else grouped_mm where the kernel supports the dtype, else loop.
+A backend implements ``rows``; it may also implement ``gathered`` (the fused path), which otherwise is
+the composition gather -> rows -> scatter-add.
 """
 
 from __future__ import annotations
@@ -15,23 +27,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.layers.blockwise import blockwise_ffn
-
-GATED = {"swiglu": F.silu, "geglu": F.gelu}
-PLAIN = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-# each activation's derivative as aten's backward kernel: grad_in = f(grad_out, pre_activation)
-ACT_BACKWARD = {
-    F.silu: torch.ops.aten.silu_backward,
-    F.gelu: lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="none"),
-    F.relu: lambda g, x: torch.ops.aten.threshold_backward(g, x, 0.0),
-}
-
-
-def activation_fn(name: str):
-    return GATED.get(name) or PLAIN[name]
+from moekit.layers.dispatch import gather_rows, scatter_rows
+from moekit.layers.ffn import ACTIVATIONS, FFNWeights, ffn
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -51,37 +51,120 @@ def grouped_mm_supported(x: Tensor, *dims: int) -> bool:
     return aligned and x.dtype in dtypes  # float64 is rejected by the kernel: the loop backend serves it
 
 
-def grouped_linear(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor, backend: str) -> Tensor:
-    """y_RO: row block e of x times w[e]^T (per-expert nn.Linear without bias)."""
-    if backend == "grouped":
+class ExpertsBackend:
+    """How the experts compute. ``rows``: y_RD from rows in per-expert blocks; ``gathered``: y_TD from
+    token rows (override it to fuse the gather and the scatter-add into the expert loop)."""
+
+    uniform_rows_only = False  # True: needs every block to have the same row count (padded layout)
+
+    def rows(self, experts: GroupedExperts, x_RD: Tensor, counts_E: Tensor, scale_R: Tensor | None = None
+             ) -> Tensor:
+        raise NotImplementedError
+
+    def gathered(self, experts: GroupedExperts, x_TD: Tensor, token_R: Tensor, weight_R: Tensor,
+                 counts_E: Tensor) -> Tensor:
+        y_RD = self.rows(experts, gather_rows(x_TD, token_R), counts_E, weight_R)
+        return scatter_rows(y_RD, token_R, x_TD.shape[0])
+
+
+class LoopBackend(ExpertsBackend):
+    def rows(self, experts, x_RD, counts_E, scale_R=None):
+        sizes = counts_E.tolist()
+        x_blocks = torch.split(x_RD, sizes)
+        s_blocks = torch.split(scale_R, sizes) if scale_R is not None else [None] * len(sizes)
+        w = experts.weights(x_RD.dtype)
+        return torch.cat([ffn(x, w_e, experts.act, scale=s, dropout=experts.dropout)
+                          for x, s, w_e in zip(x_blocks, s_blocks, w.unbind())] + [x_RD.new_zeros(0, experts.d_model)])
+
+
+class GroupedMMBackend(ExpertsBackend):
+    def rows(self, experts, x_RD, counts_E, scale_R=None):
+        if not grouped_mm_supported(x_RD, experts.d_model, experts.hidden):
+            return EXPERTS_BACKENDS["loop"].rows(experts, x_RD, counts_E, scale_R)
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        y = torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
-        if y.requires_grad:  # _grouped_mm's backward rejects broadcast (stride-0) grads, e.g. from y.sum()
-            y.register_hook(lambda g: g.contiguous())
-        return y
-    if backend == "bmm":
-        E = w_EOI.shape[0]
-        return torch.bmm(x_RI.view(E, -1, x_RI.shape[-1]), w_EOI.transpose(-2, -1)).view(-1, w_EOI.shape[1])
-    blocks = torch.split(x_RI, counts_E.tolist())
-    # unbind (not w[e]): its backward stacks the E grads once instead of E full-size zero-filled copies
-    return torch.cat([xb @ w_OI.t() for xb, w_OI in zip(blocks, w_EOI.unbind(0))] +
-                     [x_RI.new_zeros(0, w_EOI.shape[1])])
+        expert_R = None
+
+        def linear(x_RI: Tensor, w_EOI: Tensor, b_EO: Tensor | None) -> Tensor:
+            nonlocal expert_R
+            y = torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
+            if y.requires_grad:  # _grouped_mm's backward rejects broadcast (stride-0) grads, e.g. from y.sum()
+                y.register_hook(lambda g: g.contiguous())
+            if b_EO is None:
+                return y
+            if expert_R is None:
+                expert_R = torch.repeat_interleave(torch.arange(counts_E.numel(), device=x_RI.device), counts_E,
+                                                   output_size=x_RI.shape[0])
+            return y + b_EO.index_select(0, expert_R)
+
+        return ffn(x_RD, experts.weights(x_RD.dtype), experts.act, linear, scale_R, experts.dropout)
+
+
+class BmmBackend(ExpertsBackend):
+    uniform_rows_only = True
+
+    def rows(self, experts, x_RD, counts_E, scale_R=None):
+        E, D = counts_E.numel(), experts.d_model
+
+        def linear(x_ECI: Tensor, w_EOI: Tensor, b_EO: Tensor | None) -> Tensor:
+            if b_EO is None:
+                return torch.bmm(x_ECI, w_EOI.transpose(-2, -1))
+            return torch.baddbmm(b_EO[:, None, :], x_ECI, w_EOI.transpose(-2, -1))
+
+        scale_EC = scale_R.view(E, -1) if scale_R is not None else None
+        y = ffn(x_RD.view(E, -1, D), experts.weights(x_RD.dtype), experts.act, linear, scale_EC, experts.dropout)
+        return y.reshape(-1, D)
+
+
+class BlockwiseBackend(ExpertsBackend):
+    def gathered(self, experts, x_TD, token_R, weight_R, counts_E):
+        dtype = x_TD.dtype
+        keep_RF = None
+        p = experts.dropout.p if isinstance(experts.dropout, nn.Dropout) else 0.0
+        if experts.training and p > 0:  # the same mask nn.Dropout draws: keep with 1-p, scale by 1/(1-p)
+            keep_RF = torch.empty(token_R.shape[0], experts.hidden, dtype=dtype, device=x_TD.device)
+            keep_RF.bernoulli_(1 - p).div_(1 - p)
+        # heterogeneous experts use their own first hidden_sizes[e] units (no masked compute)
+        return blockwise_ffn(x_TD, experts.weights(dtype, masked=False), weight_R.to(dtype), token_R, counts_E,
+                             list(experts.hidden_sizes), experts.act, keep_RF)
+
+    def rows(self, experts, x_RD, counts_E, scale_R=None):
+        # already-moved rows (expert parallelism, the padded layout) run the same blocks, row r being its own
+        # "token": the per-block cache residency outweighs the extra row copy (W2: 7% faster than grouped_mm)
+        rows_R = torch.arange(x_RD.shape[0], device=x_RD.device)
+        scale_R = scale_R if scale_R is not None else x_RD.new_ones(x_RD.shape[0])
+        return self.gathered(experts, x_RD, rows_R, scale_R, counts_E)
+
+
+EXPERTS_BACKENDS: dict[str, ExpertsBackend] = {}
+
+
+def register_experts_backend(name: str, backend: ExpertsBackend) -> None:
+    """Make ``MoEConfig(experts=name)`` (and ``GroupedExperts(backend=name)``) compute with ``backend``."""
+    EXPERTS_BACKENDS[name] = backend
+
+
+register_experts_backend("loop", LoopBackend())
+register_experts_backend("grouped_mm", GroupedMMBackend())
+register_experts_backend("bmm", BmmBackend())
+register_experts_backend("blockwise", BlockwiseBackend())
 
 
 class GroupedExperts(nn.Module):
-    """E FFN experts with stacked weights. Gated activations (SwiGLU, GeGLU) use
-    down(act(gate x) * up x) (Shazeer 2020); plain ones use down(act(up x)).
+    """E FFN experts with stacked weights (ffn.py: gated activations use down(act(gate x) * up x)).
 
     ``expert_dropout`` is dropout on the expert hidden activations (ST-MoE, Zoph et al. 2022,
     recommends a higher rate inside experts than in the dense layers when fine-tuning).
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "swiglu",
-                 expert_dropout: float = 0.0, backend: str = "auto", hidden_sizes: tuple[int, ...] | None = None):
+                 expert_dropout: float = 0.0, backend: str = "auto", hidden_sizes: tuple[int, ...] | None = None,
+                 bias: bool = False):
         super().__init__()
+        if backend != "auto" and backend not in EXPERTS_BACKENDS:
+            raise ValueError(f"backend={backend!r}: must be 'auto' or one of {sorted(EXPERTS_BACKENDS)}")
         # heterogeneous experts: stacked at the largest hidden size; units beyond expert e's own size are
         # masked out of the weights (zero output, zero gradient). One dispatch pass serves all sizes, at the
-        # cost of computing max(hidden_sizes) units for every expert.
+        # cost of computing max(hidden_sizes) units for every expert (blockwise computes each expert's own).
         if hidden_sizes is not None and len(set(hidden_sizes)) > 1:
             hidden = max(hidden_sizes)
             mask_EF = (torch.arange(hidden)[None, :] < torch.tensor(hidden_sizes)[:, None]).float()
@@ -91,106 +174,88 @@ class GroupedExperts(nn.Module):
         self.hidden_sizes = tuple(hidden_sizes) if hidden_sizes is not None else (hidden,) * num_experts
         self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
         self.activation = activation
-        self.gated = activation in GATED
-        self.act = activation_fn(activation)
+        self.act = ACTIVATIONS[activation]
+        self.gated = self.act.gated
         self.backend = backend
         self.dropout = nn.Dropout(expert_dropout) if expert_dropout > 0 else nn.Identity()
         E, D, F_ = num_experts, d_model, hidden
         self.w_gate_EFD = nn.Parameter(torch.empty(E, F_, D)) if self.gated else None
         self.w_up_EFD = nn.Parameter(torch.empty(E, F_, D))
         self.w_down_EDF = nn.Parameter(torch.empty(E, D, F_))
+        self.b_gate_EF = nn.Parameter(torch.empty(E, F_)) if bias and self.gated else None
+        self.b_up_EF = nn.Parameter(torch.empty(E, F_)) if bias else None
+        self.b_down_ED = nn.Parameter(torch.empty(E, D)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self, std: float | None = None) -> None:
-        """Each expert initialised like an nn.Linear (kaiming-uniform bound 1/sqrt(fan_in)), or N(0, std)."""
-        for w in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF):
+        """Each expert initialised like an nn.Linear (kaiming-uniform bound 1/sqrt(fan_in), biases too), or
+        weights N(0, std) and biases 0."""
+        for w, b in ((self.w_gate_EFD, self.b_gate_EF), (self.w_up_EFD, self.b_up_EF),
+                     (self.w_down_EDF, self.b_down_ED)):
             if w is None:
                 continue
             if std is None:
                 bound = 1.0 / math.sqrt(w.shape[-1])
-                nn.init.uniform_(w, -bound, bound)
+                for t in (w, b):
+                    if t is not None:
+                        nn.init.uniform_(t, -bound, bound)
             else:
                 nn.init.normal_(w, 0.0, std)
+                if b is not None:
+                    nn.init.zeros_(b)
 
-    def use_blockwise(self, x_TD: Tensor) -> bool:
-        """Whether the layer should call ``forward_blockwise``: asked for, or "auto" on CPU, where keeping each
-        expert block in cache beats the grouped path (benchmarks/bench_layer.py). On CUDA one grouped_mm
-        kernel beats a Python loop over experts, so "auto" keeps the grouped path there."""
-        return self.backend == "blockwise" or (self.backend == "auto" and x_TD.device.type == "cpu")
+    def weights(self, dtype: torch.dtype, masked: bool = True) -> FFNWeights:
+        """The stacks in ``dtype``; ``masked``: units beyond a heterogeneous expert's own size zeroed."""
+        w = FFNWeights(self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF, self.b_gate_EF, self.b_up_EF,
+                       self.b_down_ED).map(lambda t: t.to(dtype))
+        if not masked or self.unit_mask_EF is None:
+            return w
+        m_EF = self.unit_mask_EF.to(dtype)
+        return FFNWeights(None if w.gate is None else w.gate * m_EF[:, :, None], w.up * m_EF[:, :, None],
+                          w.down * m_EF[:, None, :], None if w.b_gate is None else w.b_gate * m_EF,
+                          None if w.b_up is None else w.b_up * m_EF, w.b_down)
 
-    def pick_backend(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool) -> str:
-        if self.backend not in ("auto", "blockwise"):
+    def backend_for(self, x: Tensor, uniform_rows: bool = False) -> str:
+        """The backend that computes rows like ``x``: the configured one, or the "auto" choice."""
+        if self.backend != "auto":
             return self.backend
-        if uniform_rows and self.backend == "auto":
+        if uniform_rows:
             return "bmm"
-        # already-gathered rows (expert parallelism, plugged-in dispatchers) run blockwise too on CPU: the
-        # per-block cache residency outweighs the extra row copy (W2 shapes: 7% faster than grouped_mm)
-        if self.use_blockwise(x_RD):
+        if x.device.type == "cpu":
             return "blockwise"
-        return "grouped" if grouped_mm_supported(x_RD, self.d_model, self.hidden) else "loop"
+        # on CUDA one grouped_mm kernel per projection beats a Python loop over expert blocks
+        return "grouped_mm" if grouped_mm_supported(x, self.d_model, self.hidden) else "loop"
+
+    def _backend(self, x: Tensor, uniform_rows: bool) -> ExpertsBackend:
+        name = self.backend_for(x, uniform_rows)
+        backend = EXPERTS_BACKENDS[name]
+        if backend.uniform_rows_only and not uniform_rows:
+            raise ValueError(f"experts backend {name!r} needs equal-size expert blocks (dispatcher='padded')")
+        return backend
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, uniform_rows: bool = False,
                 scale_R: Tensor | None = None) -> Tensor:
-        """``scale_R``: optional per-row factors (the gate weights) applied to the hidden activations before
-        the down projection; the projection is linear, so this equals scaling the output rows."""
-        backend = self.pick_backend(x_RD, counts_E, uniform_rows)
-        if backend == "blockwise":  # row r is its own "token": the scatter-add writes each output row once
-            rows_R = torch.arange(x_RD.shape[0], device=x_RD.device)
-            scale_R = scale_R if scale_R is not None else x_RD.new_ones(x_RD.shape[0])
-            # GroupedExperts' own method: subclasses that override it expect token rows and all experts' counts
-            return GroupedExperts.forward_blockwise(self, x_RD, rows_R, scale_R, counts_E)
-        if backend == "grouped" and not grouped_mm_supported(x_RD, self.d_model, self.hidden):
-            backend = "loop"
-        dtype = compute_dtype(x_RD)
-        x_RD = x_RD.to(dtype)
-        w = [p.to(dtype) if p is not None else None for p in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)]
-        if self.unit_mask_EF is not None:
-            m = self.unit_mask_EF.to(dtype)
-            w = [w[0] * m[:, :, None] if w[0] is not None else None, w[1] * m[:, :, None], w[2] * m[:, None, :]]
-        up_RF = grouped_linear(x_RD, w[1], counts_E, backend)
-        if self.gated:
-            h_RF = self.act(grouped_linear(x_RD, w[0], counts_E, backend)) * up_RF
-        else:
-            h_RF = self.act(up_RF)
-        if scale_R is not None:
-            h_RF = h_RF * scale_R.to(dtype)[:, None]
-        return grouped_linear(self.dropout(h_RF), w[2], counts_E, backend)
+        x_RD = x_RD.to(compute_dtype(x_RD))
+        return self._backend(x_RD, uniform_rows).rows(self, x_RD, counts_E, scale_R)
 
-    def forward_blockwise(self, x_TD: Tensor, token_R: Tensor, weight_R: Tensor, counts_E: Tensor) -> Tensor:
-        """y_TD = sum over routed rows r of weight_R[r] * expert(x_TD[token_R[r]]), rows sorted by expert
-        (``counts_E`` rows each): dispatch, experts and combine in one pass, expert block by block."""
-        dtype = compute_dtype(x_TD)
-        w = [p.to(dtype) if p is not None else None for p in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)]
-        keep_RF = None
-        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
-        if self.training and p > 0:  # the same mask nn.Dropout draws: keep with 1-p, scale by 1/(1-p)
-            keep_RF = torch.empty(token_R.shape[0], self.hidden, dtype=dtype, device=x_TD.device)
-            keep_RF.bernoulli_(1 - p).div_(1 - p)
-        # heterogeneous experts use their own first hidden_sizes[e] units (no masked compute)
-        return blockwise_ffn(x_TD.to(dtype), *w, weight_R.to(dtype), token_R, counts_E, list(self.hidden_sizes),
-                             self.act, ACT_BACKWARD[self.act], keep_RF)
-
-
-class LoopExperts(GroupedExperts):
-    """The readable reference: a Python loop over experts, always the per-expert matmul backend."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs["backend"] = "loop"
-        super().__init__(*args, **kwargs)
+    def gathered(self, x_TD: Tensor, token_R: Tensor, weight_R: Tensor, counts_E: Tensor) -> Tensor:
+        x_TD = x_TD.to(compute_dtype(x_TD))
+        return self._backend(x_TD, False).gathered(self, x_TD, token_R, weight_R, counts_E)
 
 
 class MLP(nn.Module):
-    """A dense FFN with the same activation conventions; used for shared experts and dense twins."""
+    """A dense FFN (ffn.py); used for shared experts and dense twins."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str = "swiglu", dropout: float = 0.0):
+    def __init__(self, d_model: int, hidden: int, activation: str = "swiglu", dropout: float = 0.0,
+                 bias: bool = False):
         super().__init__()
-        self.gated = activation in GATED
-        self.act = activation_fn(activation)
-        self.w_gate = nn.Linear(d_model, hidden, bias=False) if self.gated else None
-        self.w_up = nn.Linear(d_model, hidden, bias=False)
-        self.w_down = nn.Linear(hidden, d_model, bias=False)
+        self.act = ACTIVATIONS[activation]
+        self.w_gate = nn.Linear(d_model, hidden, bias=bias) if self.act.gated else None
+        self.w_up = nn.Linear(d_model, hidden, bias=bias)
+        self.w_down = nn.Linear(hidden, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.w_gate(x)) * self.w_up(x) if self.gated else self.act(self.w_up(x))
-        return self.w_down(self.dropout(h))
+        w = FFNWeights(*(None if m is None else m.weight for m in (self.w_gate, self.w_up, self.w_down)),
+                       *(None if m is None else m.bias for m in (self.w_gate, self.w_up, self.w_down)))
+        return ffn(x, w, self.act, dropout=self.dropout)

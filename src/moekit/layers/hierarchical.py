@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig, RouterConfig
 from moekit.layers.losses import switch_aux_loss
-from moekit.layers.moe import MoEAux, MoELayer, MoEOutput, flatten_tokens
+from moekit.layers.moe import MoELayer
+from moekit.layers.output import MoEAux, MoEOutput, flatten_tokens
 from moekit.layers.routing import build_router
 
 

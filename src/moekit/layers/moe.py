@@ -7,54 +7,16 @@ connection around the layer carries them), and are counted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.layers import losses
-from moekit.layers.capacity import capacity_filter, expert_capacity
-from moekit.layers.dispatch import LocalDispatcher, PaddedDispatcher
+from moekit.layers.capacity import capacity_filter
+from moekit.layers.dispatch import DISPATCHERS
 from moekit.layers.experts import MLP, GroupedExperts
+from moekit.layers.output import MoEAux, MoEOutput, flatten_tokens, seq_len_of, token_ids_T
 from moekit.layers.routing import Routing, build_router
-
-
-@dataclass
-class MoEAux:
-    logits_TE: Tensor  # float32 router logits
-    counts_E: Tensor  # assignments per expert after capacity
-    dropped_fraction: Tensor  # 0-d: share of the router's assignments removed by capacity
-    experts_per_token: Tensor  # 0-d: mean kept assignments per token
-    losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted loss terms
-    loss: Tensor | None = None  # coefficient-weighted sum, to add to the task loss
-    probs_TE: Tensor | None = None  # router scores (softmax or sigmoid) for statistics; None = softmax(logits)
-
-
-@dataclass
-class MoEOutput:
-    y: Tensor
-    aux: MoEAux
-
-
-def flatten_tokens(x: Tensor, d_model: int, name: str = "x") -> Tensor:
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got "
-                        f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
-    if x.dim() < 1 or x.shape[-1] != d_model:
-        raise ValueError(f"{name} must have shape [..., d_model={d_model}], got {tuple(x.shape)}")
-    return x.reshape(-1, d_model)
-
-
-def token_ids_T(ids: Tensor | None, lead_shape: tuple[int, ...], name: str) -> Tensor | None:
-    """Broadcast per-sequence ids [B] (or per-token [B, S]) to one id per token [T]."""
-    if ids is None:
-        return None
-    if ids.dim() == 1 and len(lead_shape) >= 1 and ids.shape[0] == lead_shape[0]:
-        ids = ids.view(-1, *([1] * (len(lead_shape) - 1))).expand(lead_shape)
-    if tuple(ids.shape) != tuple(lead_shape):
-        raise ValueError(f"{name} must have shape [B] or {list(lead_shape)}, got {list(ids.shape)}")
-    return ids.reshape(-1)
 
 
 class MoELayer(nn.Module):
@@ -62,17 +24,18 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = build_router(cfg)
-        backend = cfg.dispatcher if cfg.dispatcher in ("loop", "grouped", "blockwise") else "auto"
         self.experts = GroupedExperts(cfg.num_experts, cfg.d_model, max(cfg.hidden_sizes), cfg.activation,
-                                      cfg.expert_dropout, backend=backend, hidden_sizes=cfg.hidden_sizes)
+                                      cfg.expert_dropout, backend=cfg.experts, hidden_sizes=cfg.hidden_sizes,
+                                      bias=cfg.bias)
+        # any object implementing the dispatcher protocol (dispatch.py); moekit.distributed.parallelize plugs
+        # in the expert-parallel one (self.experts then holds only this rank's experts)
+        self.dispatcher = DISPATCHERS[cfg.dispatcher](cfg)
         self.shared = None
         self.shared_gate = None
-        # a plugged-in dispatcher overrides cfg.dispatcher (moekit.distributed.parallelize sets the
-        # expert-parallel one; self.experts then holds only this rank's experts)
-        self.dispatcher = None
         if cfg.num_shared_experts > 0:
             # n shared experts of width h are one MLP of width n*h (DeepSeekMoE, Dai et al. 2024)
-            self.shared = MLP(cfg.d_model, cfg.num_shared_experts * cfg.shared_hidden_size, cfg.activation)
+            self.shared = MLP(cfg.d_model, cfg.num_shared_experts * cfg.shared_hidden_size, cfg.activation,
+                              bias=cfg.bias)
             if cfg.shared_gate:
                 self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
 
@@ -92,44 +55,17 @@ class MoELayer(nn.Module):
         """x: [..., D]; task_ids: [B] or [...] ints (task routing); mask: [...] 1 = real token (losses)."""
         x_TD = flatten_tokens(x, self.cfg.d_model)
         lead = tuple(x.shape[:-1])
-        seq_len = lead[-1] if len(lead) >= 2 else None
-        routing = self.router(x_TD, seq_len=seq_len, task_ids_T=token_ids_T(task_ids, lead, "task_ids"))
-        mask_T = token_ids_T(mask, lead, "mask")
+        routing = self.router(x_TD, seq_len=seq_len_of(lead), task_ids_T=token_ids_T(task_ids, lead, "task_ids"))
         kept = capacity_filter(routing, self.cfg.capacity, self.training)
-
-        dispatcher = self._dispatcher(routing)
-        if getattr(dispatcher, "pipelined", False):  # comm/compute overlap: the dispatcher drives the experts
-            y_TD = dispatcher.pipeline(x_TD, kept, self.experts)
-        elif type(dispatcher) is LocalDispatcher and self.experts.use_blockwise(x_TD):
-            # gather, experts and combine fused per expert block (cache-resident; the CPU default)
-            counts_E, meta = dispatcher.plan(x_TD.shape[0], kept)
-            y_TD = self.experts.forward_blockwise(x_TD, meta.token_R, meta.weight_R, counts_E)
-        else:
-            x_RD, counts_E, meta = dispatcher.dispatch(x_TD, kept)
-            if type(dispatcher) is LocalDispatcher and self.experts.hidden < self.cfg.d_model:
-                # fine-grained experts (hidden F < D): apply the gate weights to the F-wide hidden rows instead
-                # of the D-wide outputs (the down projection is linear): less memory traffic, same function
-                y_RD = self.experts(x_RD, counts_E, scale_R=meta.weight_R)
-                y_TD = dispatcher.combine(y_RD, meta, weighted=False)
-            else:
-                y_RD = self.experts(x_RD, counts_E, uniform_rows=meta.uniform_rows)
-                y_TD = dispatcher.combine(y_RD, meta)
+        y_TD = self.dispatcher.run(x_TD, kept, self.experts)
         if self.shared is not None:
-            s_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                s_TD = torch.sigmoid(self.shared_gate(x_TD)) * s_TD
-            y_TD = y_TD + s_TD
-        return MoEOutput(y_TD.view(x.shape), self._aux(routing, kept, seq_len, mask_T))
+            y_TD = y_TD + self.shared_out(x_TD)
+        aux = self._aux(routing, kept, seq_len_of(lead), token_ids_T(mask, lead, "mask"))
+        return MoEOutput(y_TD.view(x.shape), aux)
 
-    def _dispatcher(self, routing: Routing):
-        if self.dispatcher is not None:
-            return self.dispatcher
-        if self.cfg.dispatcher != "padded":
-            return LocalDispatcher()
-        factor = self.cfg.capacity.capacity_factor if self.training else self.cfg.capacity.eval_capacity_factor
-        cap = None if factor is None else expert_capacity(routing.num_tokens, routing.num_experts, routing.top_k,
-                                                          factor, self.cfg.capacity.min_capacity)
-        return PaddedDispatcher(cap)
+    def shared_out(self, x_TD: Tensor) -> Tensor:
+        s_TD = self.shared(x_TD)
+        return s_TD if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)) * s_TD
 
     def _aux(self, routing: Routing, kept: Routing, seq_len: int | None, mask_T: Tensor | None) -> MoEAux:
         lc = self.cfg.loss
@@ -157,17 +93,3 @@ class MoELayer(nn.Module):
             loss=total,
             probs_TE=routing.probs_TE.detach(),
         )
-
-
-def build_moe_layer(cfg: MoEConfig) -> nn.Module:
-    """The MoE layer a config asks for: Soft MoE (router kind "soft"), two-level (hierarchical_groups > 1),
-    or the sparse MoELayer. All share the outer API: forward(x, ...) -> MoEOutput."""
-    if cfg.router.kind == "soft":
-        from moekit.layers.soft_moe import SoftMoELayer
-
-        return SoftMoELayer(cfg)
-    if cfg.hierarchical_groups > 1:
-        from moekit.layers.hierarchical import HierarchicalMoE
-
-        return HierarchicalMoE(cfg)
-    return MoELayer(cfg)

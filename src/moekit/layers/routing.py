@@ -1,5 +1,9 @@
 """Routers: x_TD -> Routing, a sparse assignment list (token_N, expert_N, weight_N) + router logits.
 
+A router is one ``Router`` subclass registered by name (``@register_router("name")``): ``RouterConfig.kind``
+validation, the per-kind config checks (``config_problem``) and the parameter calculator read ``ROUTERS``.
+(Soft MoE is not a router: it mixes tokens into slots and is its own layer, layers/soft_moe.py.)
+
 Router math runs in float32 even under bf16 autocast: the softmax over experts and top-k choice are
 sensitive to rounding (Fedus et al. 2021, "selective precision").
 
@@ -14,8 +18,6 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from moekit.config import MoEConfig, RouterConfig
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Routing:
     num_experts: int
     top_k: int  # nominal experts per token (for f_i normalisation and capacity)
     extra: dict[str, Tensor] = field(default_factory=dict)  # router-specific (e.g. load_prob_TE)
+    capacity: int | None = None  # per-expert limit the capacity filter applied (None = dropless)
 
     @property
     def num_assignments(self) -> int:
@@ -85,21 +88,45 @@ def check_finite_logits(logits_TE: Tensor) -> None:
         torch._assert_async(finite, NONFINITE_LOGITS)
 
 
-class Router(nn.Module):
-    """Base: a learned linear gate ``gate`` [E, D] evaluated in float32. Subclasses implement ``route``.
+ROUTERS: dict[str, type[Router]] = {}
 
+
+def register_router(name: str):
+    """Class decorator: ``RouterConfig(kind=name)`` builds this router."""
+    def add(cls: type[Router]) -> type[Router]:
+        ROUTERS[name] = cls
+        return cls
+    return add
+
+
+class Router(nn.Module):
+    """Base: a learned linear gate ``gate`` [E, D] evaluated in float32. Subclasses implement ``route``
+    (from the logits) or ``forward`` (from the tokens), and are registered with ``register_router``.
+
+    ``cfg`` is the layer's MoEConfig; the router's own options are ``cfg.router`` (a RouterConfig).
     ``causal_safe`` is False for routers whose choice for a token depends on later tokens of the same
     sequence (expert-choice, sequence-level routing): a causal decoder refuses them unless told otherwise.
+    ``fixed_top_k``: every token uses exactly top_k experts, so active parameters per token are a fixed
+    number (the calculator supports only those). ``num_gates``: [E, D] matrices the router holds.
     """
 
     causal_safe = True
+    fixed_top_k = True
+    num_gates = 1
 
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg):
         super().__init__()
-        self.cfg: RouterConfig = cfg.router
+        self.cfg = cfg.router
         self.num_experts = cfg.num_experts
         self.top_k = cfg.router.top_k
         self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+
+    @classmethod
+    def config_problem(cls, cfg) -> tuple[str, object, str] | None:
+        """The first RouterConfig field of MoEConfig ``cfg`` this router cannot use, as (field, value,
+        what is allowed); None if the config is fine. MoEConfig validation raises it as a ConfigError."""
+        k, E = cfg.router.top_k, cfg.num_experts
+        return None if k <= E else ("top_k", k, f"must be an integer in [1, num_experts={E}]")
 
     def compute_logits(self, x_TD: Tensor) -> Tensor:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -121,6 +148,7 @@ class Router(nn.Module):
         raise NotImplementedError
 
 
+@register_router("softmax_topk")
 class SoftmaxTopKRouter(Router):
     """Mixtral: p = softmax(logits); keep the top-k; optionally renormalise the kept weights to sum 1.
     With k=1 and no renormalisation this is the Switch router (gate = softmax probability)."""
@@ -135,14 +163,21 @@ class SoftmaxTopKRouter(Router):
                        logits_TE.shape[0], self.num_experts, self.top_k)
 
 
+@register_router("switch")
 class SwitchRouter(SoftmaxTopKRouter):
     """Switch Transformer top-1 (Fedus et al. 2021): gate = softmax probability of the chosen expert."""
 
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg):
         super().__init__(cfg)
         self.cfg = replace(cfg.router, renormalize=False)
 
+    @classmethod
+    def config_problem(cls, cfg):
+        k = cfg.router.top_k
+        return None if k == 1 else ("top_k", k, "must be 1 for kind='switch'")
 
+
+@register_router("noisy_topk")
 class NoisyTopKRouter(Router):
     """Noisy top-k gating (Shazeer et al. 2017, eq. 3-5).
 
@@ -151,7 +186,9 @@ class NoisyTopKRouter(Router):
     P(x, i) = Phi((clean_i - kth_excluding_i) / noise_std_i) used by the load loss (appendix A).
     """
 
-    def __init__(self, cfg: MoEConfig):
+    num_gates = 2  # the gate and the noise scale
+
+    def __init__(self, cfg):
         super().__init__(cfg)
         self.noise = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
         # start noise at softplus(0) = 0.69 * noise_std, as the paper's zero init
@@ -186,10 +223,17 @@ class NoisyTopKRouter(Router):
         return Routing(token_N, expert_N, weight_N, rank_N, clean_TE, probs_TE, T, E, k, extra)
 
 
+@register_router("gshard")
 class GShardTop2Router(Router):
     """GShard top-2 (Lepikhin et al. 2020, Algorithm 1): g1, g2 = top-2 softmax gates renormalised to
     g1 + g2 = 1; the second expert is kept only with probability min(1, 2 * g2) during training
     ("random routing"), which skips second experts with small weight. In eval both are kept."""
+
+    @classmethod
+    def config_problem(cls, cfg):
+        k = cfg.router.top_k
+        ok = k == 2 and cfg.num_experts >= 2
+        return None if ok else ("top_k", k, "must be 2 (and num_experts >= 2) for kind='gshard'")
 
     def route(self, logits_TE: Tensor, **ctx) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
@@ -205,6 +249,7 @@ class GShardTop2Router(Router):
         return r.select(keep_N)
 
 
+@register_router("expert_choice")
 class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022): S = softmax(X W^T) over experts; each expert takes the
     C tokens with the highest score for it, C = min(T, ceil(T * top_k / E)). ``top_k`` plays the paper's
@@ -215,6 +260,11 @@ class ExpertChoiceRouter(Router):
     depends on every token of the batch, later ones included (``causal_safe = False``)."""
 
     causal_safe = False
+    fixed_top_k = False
+
+    @classmethod
+    def config_problem(cls, cfg):
+        return None  # top_k is the capacity factor c: any positive value
 
     def route(self, logits_TE: Tensor, **ctx) -> Routing:
         T, E = logits_TE.shape
@@ -244,6 +294,7 @@ def sinkhorn(logits_TE: Tensor, iters: int) -> Tensor:
     return log_p.exp().to(logits_TE.dtype)
 
 
+@register_router("sinkhorn")
 class SinkhornRouter(SoftmaxTopKRouter):
     """Balanced assignment at train time (BASE layers, Lewis et al. 2021; Sinkhorn routing as in Clark et al.
     2022): experts are chosen by the top-k of the Sinkhorn-balanced matrix, gate weights are the router's
@@ -262,11 +313,14 @@ class SinkhornRouter(SoftmaxTopKRouter):
                        self.top_k, {"balanced_TE": balanced_TE})
 
 
+@register_router("top_p")
 class TopPRouter(Router):
     """Dynamic routing (Huang et al. 2024, "Harder tasks need more experts"): per token, the smallest set of
     experts, by descending probability, whose mass reaches top_p, at most top_k experts; weights renormalised
     over the kept set. ``MoEAux.experts_per_token`` reports the mean set size. Capacity (if any) is sized for
     top_k experts per token, the most a token can take."""
+
+    fixed_top_k = False
 
     def route(self, logits_TE: Tensor, **ctx) -> Routing:
         T, E = logits_TE.shape
@@ -281,6 +335,7 @@ class TopPRouter(Router):
         return Routing(token_N, expert_N, weight_N, rank_N, logits_TE, probs_TE, T, E, k)
 
 
+@register_router("deepseek")
 class DeepSeekRouter(Router):
     """DeepSeek-V2/V3 routing.
 
@@ -294,9 +349,18 @@ class DeepSeekRouter(Router):
     outside autograd (b is a buffer, so it never receives gradients).
     """
 
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg):
         super().__init__(cfg)
         self.register_buffer("bias", torch.zeros(cfg.num_experts))
+
+    @classmethod
+    def config_problem(cls, cfg):
+        r = cfg.router
+        eligible = r.topk_groups * (cfg.num_experts // r.n_groups)
+        if r.top_k > eligible:
+            return ("top_k", r.top_k,
+                    f"must be <= topk_groups * num_experts / n_groups = {eligible} (experts in the kept groups)")
+        return super().config_problem(cfg)
 
     def route(self, logits_TE: Tensor, **ctx) -> Routing:
         T, E = logits_TE.shape
@@ -329,6 +393,7 @@ class DeepSeekRouter(Router):
         self.bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
 
 
+@register_router("task")
 class TaskRouter(Router):
     """Task-level routing (Kudugunta et al. 2021, "Beyond Distillation"): every token of a task goes to the
     task's fixed k experts, task t -> experts (t*k + j) mod E, equal weights 1/k. The gate still computes
@@ -348,6 +413,7 @@ class TaskRouter(Router):
                        logits_TE.softmax(-1), T, E, k)
 
 
+@register_router("sequence")
 class SequenceRouter(Router):
     """Learned sequence-level routing: the mean of a sequence's token vectors picks its top-k experts
     (softmax, renormalised) and every token of the sequence uses them. Not causal (the mean sees the
@@ -393,25 +459,9 @@ def update_router_biases(model: nn.Module, moe_aux: list) -> None:
                 update(counts_E.detach())
 
 
-ROUTERS: dict[str, type[Router]] = {
-    "softmax_topk": SoftmaxTopKRouter,
-    "switch": SwitchRouter,
-    "noisy_topk": NoisyTopKRouter,
-    "gshard": GShardTop2Router,
-    "expert_choice": ExpertChoiceRouter,
-    "sinkhorn": SinkhornRouter,
-    "top_p": TopPRouter,
-    "deepseek": DeepSeekRouter,
-    "task": TaskRouter,
-    "sequence": SequenceRouter,
-}
 
 
-def build_router(cfg: MoEConfig) -> Router:
-    try:
-        cls = ROUTERS[cfg.router.kind]
-    except KeyError:
-        raise ValueError(f"RouterConfig.kind={cfg.router.kind!r}: no router registered; "
-                         f"available: {sorted(ROUTERS)}") from None
-    return cls(cfg)
+def build_router(cfg) -> Router:
+    """The registered router for MoEConfig ``cfg`` (``cfg.router.kind``; validated by MoEConfig)."""
+    return ROUTERS[cfg.router.kind](cfg)
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.layers.experts import MLP, GroupedExperts
-from moekit.layers.moe import MoEAux, MoEOutput, flatten_tokens
+from moekit.layers.output import MoEAux, MoEOutput, flatten_tokens
 
 
 class SoftMoELayer(nn.Module):

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ConfigError, ModelConfig
+from moekit.layers.build import build_moe_layer
 from moekit.layers.experts import MLP, GroupedExperts
-from moekit.layers.moe import MoEAux, MoELayer, build_moe_layer
+from moekit.layers.moe import MoELayer
+from moekit.layers.output import MoEAux
 from moekit.models.blocks import Attention, RMSNorm, RotaryEmbedding
 from moekit.models.mla import MLAttention
 

@@ -1,0 +1,124 @@
+"""The feed-forward network every expert computes, defined once.
+
+    gated (SwiGLU, GeGLU; Shazeer 2020):  y = W_down (act(W_gate x + b_gate) * (W_up x + b_up)) + b_down
+    plain (GELU, ReLU, SiLU):             y = W_down act(W_up x + b_up) + b_down
+
+Weights are in nn.Linear layout (out, in); biases are optional (``MoEConfig.bias``; gpt-oss has them).
+Every experts backend (experts.py), the hand-written blockwise forward and backward (blockwise.py), the
+dense ``MLP`` and the shared experts use these functions; they differ only in how a projection is
+computed (``linear``: one matmul, a grouped matmul over expert row blocks, a batched matmul).
+
+Legend: n rows, I in features, O out features, D model dim, F hidden units, E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation with its derivative as aten's backward kernel: grad_in = grad(grad_out, pre_activation)."""
+
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    grad: Callable[[Tensor, Tensor], Tensor]
+    gated: bool
+
+    def hidden(self, g: Tensor | None, u: Tensor, inplace: bool = False) -> Tensor:
+        """The hidden units from the pre-activations: act(g) * u (gated) or act(u) (``g`` is None).
+        ``inplace``: multiply into act(g)'s fresh buffer (outside autograd: the blockwise kernels)."""
+        if not self.gated:
+            return self.fn(u)
+        return self.fn(g).mul_(u) if inplace else self.fn(g) * u
+
+    def hidden_backward(self, dh: Tensor, g: Tensor | None, u: Tensor, a: Tensor | None = None
+                        ) -> tuple[Tensor | None, Tensor]:
+        """(dg, du) from dh, the gradient of ``hidden(g, u)``; ``a`` = fn(g) if already computed.
+        Overwrites ``dh`` (the blockwise backward calls it once per block and keeps nothing)."""
+        if not self.gated:
+            return None, self.grad(dh, u)
+        a = self.fn(g) if a is None else a
+        du = dh * a
+        return self.grad(dh.mul_(u), g), du
+
+
+ACTIVATIONS = {
+    "swiglu": Activation("swiglu", F.silu, torch.ops.aten.silu_backward, True),
+    "geglu": Activation("geglu", F.gelu, lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="none"), True),
+    "gelu": Activation("gelu", F.gelu, lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="none"), False),
+    "relu": Activation("relu", F.relu, lambda g, x: torch.ops.aten.threshold_backward(g, x, 0.0), False),
+    "silu": Activation("silu", F.silu, torch.ops.aten.silu_backward, False),
+}
+
+
+@dataclass
+class FFNWeights:
+    """The tensors of one FFN (2-D weights, 1-D biases) or of E stacked experts (3-D / 2-D): w_gate_(E)FD
+    (None unless gated), w_up_(E)FD, w_down_(E)DF, and biases b_gate_(E)F, b_up_(E)F, b_down_(E)D or None."""
+
+    gate: Tensor | None
+    up: Tensor
+    down: Tensor
+    b_gate: Tensor | None = None
+    b_up: Tensor | None = None
+    b_down: Tensor | None = None
+
+    def map(self, f: Callable[[Tensor], Tensor]) -> FFNWeights:
+        """The same weights with ``f`` applied to every tensor present."""
+        return FFNWeights(**{k.name: None if getattr(self, k.name) is None else f(getattr(self, k.name))
+                             for k in fields(self)})
+
+    def expert(self, e: int, f: int | None = None) -> FFNWeights:
+        """Expert e of a stack, restricted to its first ``f`` hidden units (all when None)."""
+        units = slice(None, f)
+        pick = {"gate": (e, units), "up": (e, units), "down": (e, slice(None), units), "b_gate": (e, units),
+                "b_up": (e, units), "b_down": (e,)}
+        return FFNWeights(**{k: None if getattr(self, k) is None else getattr(self, k)[i] for k, i in pick.items()})
+
+    def unbind(self) -> list[FFNWeights]:
+        """The E experts of a stack; unbind (not w[e]): its backward stacks the E gradients once instead of
+        summing E full-size zero-filled copies."""
+        parts = {k.name: getattr(self, k.name) for k in fields(self)}
+        parts = {k: [None] * self.up.shape[0] if t is None else t.unbind(0) for k, t in parts.items()}
+        return [FFNWeights(*ts) for ts in zip(*parts.values())]
+
+
+Linear = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]  # (x, w, b) -> x w^T + b, per expert block
+
+
+def ffn_hidden(x: Tensor, w: FFNWeights, act: Activation, linear: Linear = F.linear
+               ) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(gate pre-activation or None, up pre-activation, hidden units)."""
+    u = linear(x, w.up, w.b_up)
+    g = linear(x, w.gate, w.b_gate) if act.gated else None
+    return g, u, act.hidden(g, u)
+
+
+def ffn_out(h: Tensor, w: FFNWeights, linear: Linear = F.linear, scale: Tensor | None = None,
+            inplace: bool = False) -> Tensor:
+    """The down projection, times the per-row factors ``scale`` (gate weights) when given.
+
+    Narrow hidden rows (F < D, fine-grained experts) are scaled before the projection instead of the
+    wider outputs: it is linear, so the function is the same and less data moves (W2 shapes,
+    forward+backward 1.30x -> 1.24x dense). A bias is scaled with the output, so that path is bias-free.
+    ``inplace``: scale ``h`` or the output in place (outside autograd: the blockwise kernels)."""
+    if scale is None:
+        return linear(h, w.down, w.b_down)
+    s = scale.to(h.dtype)[..., None]
+    if h.shape[-1] < w.down.shape[-2] and w.b_down is None:
+        return linear(h.mul_(s) if inplace else h * s, w.down, None)
+    y = linear(h, w.down, w.b_down)
+    return y.mul_(s) if inplace else y * s
+
+
+def ffn(x: Tensor, w: FFNWeights, act: Activation, linear: Linear = F.linear, scale: Tensor | None = None,
+        dropout: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The FFN on rows x [..., I]; ``dropout`` acts on the hidden units (ST-MoE expert dropout)."""
+    h = ffn_hidden(x, w, act, linear)[2]
+    return ffn_out(h if dropout is None else dropout(h), w, linear, scale)
