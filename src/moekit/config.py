@@ -158,6 +158,8 @@ class MoEConfig:
     experts: str = "auto"  # which kernel computes them: a registered experts backend (layers/experts.py) or auto
     allow_noncausal: bool = False  # let a causal decoder use routers that look at later tokens
     hierarchical_groups: int = 0  # > 1: two-level MoE, a router over groups, each group an MoE layer
+    # the router over the groups: any registered router; None = softmax top-min(top_k, groups)
+    top_router: RouterConfig | None = None
     router: RouterConfig = field(default_factory=RouterConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -166,6 +168,8 @@ class MoEConfig:
         o = "MoEConfig"
         if isinstance(self.router, dict):
             self.router = RouterConfig(**self.router)
+        if isinstance(self.top_router, dict):
+            self.top_router = RouterConfig(**self.top_router)
         if isinstance(self.capacity, dict):
             self.capacity = CapacityConfig(**self.capacity)
         if isinstance(self.loss, dict):
@@ -203,6 +207,23 @@ class MoEConfig:
         g = self.hierarchical_groups
         check(isinstance(g, int) and (g == 0 or (g >= 2 and self.num_experts % g == 0)), o, "hierarchical_groups", g,
               f"must be 0 (flat) or an integer >= 2 dividing num_experts={self.num_experts}")
+        check(self.top_router is None or g > 1, o, "top_router", self.top_router,
+              "must be None unless hierarchical_groups > 1")
+        if g > 1:
+            self.group_configs()  # validates the top router against the G groups and the inner layers
+
+    def group_configs(self) -> tuple[MoEConfig, MoEConfig]:
+        """A hierarchical layer's (top level: its router over G "experts" = groups, one group: an MoE layer
+        over E/G experts with the configured router)."""
+        G, per_group = self.hierarchical_groups, self.num_experts // self.hierarchical_groups
+        top_router = self.top_router or RouterConfig(kind="softmax_topk", top_k=min(self.router.top_k, G))
+        top = dataclasses.replace(self, num_experts=G, router=top_router, hierarchical_groups=0, top_router=None,
+                                  num_shared_experts=0)
+        inner_router = dataclasses.replace(self.router, top_k=min(self.router.top_k, per_group), n_groups=1,
+                                           topk_groups=1)
+        inner = dataclasses.replace(self, num_experts=per_group, hierarchical_groups=0, top_router=None,
+                                    num_shared_experts=0, router=inner_router)
+        return top, inner
 
     @property
     def shared_hidden_size(self) -> int:

@@ -277,3 +277,19 @@ def test_errors_and_cli(capsys, tmp_path):
     assert cli_main(["calc", str(tmp_path / "m")]) == 0
     assert cli_main(["calc", "no-such-model"]) == 2
     assert cli_main(["calc", "mixtral-8x7b", "--ep", "3"]) == 2
+
+
+def test_moekit_expert_biases_are_counted_to_the_parameter():
+    """MoEConfig.bias puts biases on every routed and shared expert projection; the calculator counts them
+    like the meta-device model (gated and plain activations)."""
+    from moekit.config import ModelConfig, MoEConfig, RouterConfig
+    from moekit.models.decoder import MoETransformer
+
+    for activation in ("swiglu", "gelu"):
+        moe = MoEConfig(d_model=16, num_experts=4, expert_hidden=12, activation=activation, bias=True,
+                        num_shared_experts=1, shared_hidden=8, router=RouterConfig(top_k=2))
+        cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, moe=moe)
+        with torch.device("meta"):
+            model = MoETransformer(cfg)
+        c = params.count_params(params.spec_from_moekit(cfg))
+        assert (c.total, c.active) == (model.num_params(), model.num_active_params())

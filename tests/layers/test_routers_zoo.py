@@ -276,32 +276,128 @@ def test_hierarchical_moe_equals_two_level_reference():
     assert out.aux.counts_E.numel() == 6 and "aux_top" in out.aux.losses
 
 
-def test_heterogeneous_experts_each_behave_like_their_own_size():
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_heterogeneous_experts_each_behave_like_their_own_size(bias, activation):
+    """Experts of different widths: the masked stacks (loop, grouped_mm: units beyond an expert's size zeroed)
+    and blockwise (each expert's own units) against a float64 FFN of each expert's own size, outputs and
+    every gradient (the reference never touches the units beyond an expert's size, so their gradients must
+    be exactly 0 too)."""
     torch.manual_seed(6)
     sizes = (4, 16, 8)
-    ex = GroupedExperts(3, 8, max(sizes), hidden_sizes=sizes)
-    x = torch.randn(9, 8, requires_grad=True)
+    ex = GroupedExperts(3, 8, max(sizes), activation, hidden_sizes=sizes, bias=bias)
+    x = torch.randn(9, 8)
+    w_R = torch.rand(9)
     counts = torch.tensor([3, 4, 2])
-    y = ex(x, counts)
-    rows = torch.split(x, counts.tolist())
-    for e, xb in enumerate(rows):
-        h = sizes[e]
-        ref = (torch.nn.functional.silu(xb.double() @ ex.w_gate_EFD[e, :h].double().t())
-               * (xb.double() @ ex.w_up_EFD[e, :h].double().t())) @ ex.w_down_EDF[e, :, :h].double().t()
-        torch.testing.assert_close(y[sum(counts[:e]):sum(counts[:e + 1])].double(), ref, rtol=1e-5, atol=1e-6)
-    y.sum().backward()
-    assert ex.w_up_EFD.grad[0, 4:].abs().sum() == 0 and ex.w_down_EDF.grad[2, :, 8:].abs().sum() == 0
-    # the blockwise path (rows gathered from token rows, each expert's own units only) computes the same
-    grads = [p.grad.clone() for p in (x, *ex.parameters())]
-    ex.zero_grad()
-    x.grad = None
-    w_R = torch.ones(9)
-    ex.backend = "blockwise"
-    yb = ex.gathered(x, torch.arange(9), w_R, counts)
-    torch.testing.assert_close(yb, y, rtol=1e-5, atol=1e-6)
-    yb.sum().backward()
-    for got, want in zip((x.grad, *(p.grad for p in ex.parameters())), grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    dy = torch.randn(9, 8)
+    params_ = list(ex.parameters())
+    expert_R = torch.repeat_interleave(torch.arange(3), counts).tolist()
+
+    def ffn64(e, x_D):
+        h, act = sizes[e], {"swiglu": torch.nn.functional.silu, "relu": torch.nn.functional.relu}[activation]
+
+        def proj(w, b, v, rows):
+            out = w[e, rows].double() @ v if rows is not None else w[e, :, :h].double() @ v
+            return out if b is None else out + (b[e, rows] if rows is not None else b[e]).double()
+
+        up = proj(ex.w_up_EFD, ex.b_up_EF, x_D, slice(0, h))
+        hid = act(proj(ex.w_gate_EFD, ex.b_gate_EF, x_D, slice(0, h))) * up if ex.gated else act(up)
+        return proj(ex.w_down_EDF, ex.b_down_ED, hid, None)
+
+    x64 = x.double().requires_grad_(True)
+    ref = torch.stack([w_R[r].double() * ffn64(e, x64[r]) for r, e in enumerate(expert_R)])
+    want = torch.autograd.grad((ref * dy.double()).sum(), [x64, *params_])
+    for backend in ("loop", "grouped_mm", "blockwise"):
+        ex.backend = backend
+        xi = x.clone().requires_grad_(True)
+        y = ex(xi, counts, scale_R=w_R)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6, msg=backend)
+        got = torch.autograd.grad((y * dy).sum(), [xi, *params_])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-6, msg=backend)
     layer = MoELayer(MoEConfig(d_model=8, num_experts=3, expert_hidden_sizes=sizes,
                                router=RouterConfig(top_k=1)))
     assert layer(torch.randn(5, 8)).y.shape == (5, 8)
+
+
+# ------------------------------------------------------------------ mask, task_ids, seq_len in every layer type
+def test_soft_moe_padding_takes_no_slot_share_and_gets_zero():
+    """A padded sequence gives its real tokens exactly the output of the unpadded sequence (float64 formula),
+    padding rows are 0; an all-padding sequence stays finite; task_ids are refused."""
+    torch.manual_seed(7)
+    cfg = MoEConfig(d_model=8, num_experts=3, expert_hidden=12, router=RouterConfig(kind="soft", top_k=1,
+                                                                                    slots_per_expert=2))
+    layer = build_moe_layer(cfg)
+    x = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
+    y = layer(x, mask=mask).y
+    X = x[0, :4].double()
+    logits = X @ layer.phi.weight.double().t()
+    slots = torch.softmax(logits, dim=0).t() @ X
+    outs = torch.stack([expert_ffn64(layer.experts, s // 2, slots[s]) for s in range(6)])
+    torch.testing.assert_close(y[0, :4].double(), torch.softmax(logits, dim=1) @ outs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(y[0, 4:], torch.zeros(2, 8)) and torch.equal(y[1], torch.zeros(6, 8))
+    with pytest.raises(ValueError, match="task_ids"):
+        layer(x, task_ids=torch.tensor([0, 1]))
+
+
+def hierarchical(seed=8, **kw):
+    torch.manual_seed(seed)
+    router = kw.pop("router", RouterConfig(top_k=2))
+    return build_moe_layer(MoEConfig(d_model=8, num_experts=6, expert_hidden=12, hierarchical_groups=2,
+                                     router=router, **kw)).eval()
+
+
+def test_hierarchical_mask_removes_padding_from_every_loss():
+    layer = hierarchical(loss=LossConfig(aux_coef=0.01, z_coef=0.001, importance_coef=0.1))
+    x = torch.randn(1, 7, 8)
+    padded = torch.cat([x, torch.randn(1, 3, 8) * 5], dim=1)
+    mask = torch.tensor([[1] * 7 + [0] * 3])
+    out, ref = layer(padded, mask=mask), layer(x)
+    torch.testing.assert_close(out.y[:, :7], ref.y)
+    torch.testing.assert_close(out.aux.loss, ref.aux.loss)
+    assert out.aux.losses.keys() == ref.aux.losses.keys() >= {"aux_top", "z_top", "importance_top", "aux"}
+    for k in ref.aux.losses:
+        torch.testing.assert_close(out.aux.losses[k], ref.aux.losses[k], msg=k)
+
+
+def test_hierarchical_groups_route_by_task_ids():
+    """Task routing inside the groups: every token's inner experts come from its own task id."""
+    layer = hierarchical(router=RouterConfig(kind="task", top_k=1, num_tasks=3))
+    x = torch.randn(3, 4, 8)
+    task_ids = torch.tensor([0, 2, 1])
+    y = layer(x, task_ids=task_ids).y.view(-1, 8)
+    p_top = torch.softmax(x.view(-1, 8).double() @ layer.router.gate.weight.double().t(), -1)
+    ref = torch.zeros(12, 8, dtype=torch.float64)
+    for t in range(12):
+        e = task_ids[t // 4].item() % 3  # task t -> expert t mod (E/G) inside every group (k = 1)
+        g = int(p_top[t].argmax())  # top level: softmax top-min(k=1, G), renormalised: weight 1
+        ref[t] = expert_ffn64(layer.groups[g].experts, e, x.view(-1, 8)[t].double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_hierarchical_top_router_is_any_registered_router():
+    """A sequence-level top router (it needs seq_len): each sequence's tokens all go to its mean's best
+    group, weight 1; a switch top router picks one group per token with its softmax probability."""
+    layer = hierarchical(top_router=RouterConfig(kind="sequence", top_k=1), router=RouterConfig(top_k=1),
+                         allow_noncausal=True)
+    x = torch.randn(3, 5, 8)
+    y = layer(x).y
+    for b in range(3):
+        g = int(torch.argmax(layer.router.gate.weight.double() @ x[b].double().mean(0)))
+        inner = layer.groups[g]
+        for t in range(5):
+            e = int(torch.argmax(inner.router.gate.weight.double() @ x[b, t].double()))
+            torch.testing.assert_close(y[b, t].double(), expert_ffn64(inner.experts, e, x[b, t].double()),
+                                       rtol=1e-5, atol=1e-6)
+    switch = hierarchical(top_router=RouterConfig(kind="switch", top_k=1), router=RouterConfig(top_k=1))
+    xt = torch.randn(6, 8)
+    p_top = torch.softmax(xt.double() @ switch.router.gate.weight.double().t(), -1)
+    for t in range(6):
+        g = int(p_top[t].argmax())
+        inner = switch.groups[g]
+        e = int(torch.argmax(inner.router.gate.weight.double() @ xt[t].double()))
+        want = p_top[t, g] * expert_ffn64(inner.experts, e, xt[t].double())
+        torch.testing.assert_close(switch(xt).y[t].double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"RouterConfig.top_k=2: must be 1 for kind='switch'"):
+        hierarchical(top_router=RouterConfig(kind="switch", top_k=2))

@@ -82,13 +82,16 @@ def test_finetune_with_the_trainer_keeps_frozen_experts():
 
 
 def test_recipe_regularisation_is_applied():
+    """Whatever the preset's values are, the prepared model's modules carry them (the tiny model has none)."""
     model = tiny_model()
-    tuned = prepare(model, get_recipe("moe", capacity_factor=0.5))
-    assert tuned.cfg.dropout == 0.1
-    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in tuned.modules()) == 2  # one per block
+    recipe = get_recipe("moe", capacity_factor=0.5)
+    assert model.cfg.dropout != recipe.dropout and model.cfg.moe.expert_dropout != recipe.expert_dropout
+    tuned = prepare(model, recipe)
+    assert tuned.cfg.dropout == recipe.dropout
+    assert [blk.drop.p for blk in tuned.layers] == [recipe.dropout] * len(tuned.layers)  # one per block
     for layer in tuned.moe_layers():
-        assert layer.experts.dropout.p == 0.4
-        assert layer.cfg.loss.aux_coef == 0.01 and layer.cfg.capacity.capacity_factor == 0.5
+        assert layer.experts.dropout.p == recipe.expert_dropout
+        assert layer.cfg.loss.aux_coef == recipe.aux_coef and layer.cfg.capacity.capacity_factor == 0.5
     tuned.train()
     ids = torch.randint(0, V, (2, 16))
     assert float(tuned(ids).moe_aux[0].dropped_fraction) > 0.0  # token dropping is active in training

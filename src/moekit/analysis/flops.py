@@ -28,7 +28,8 @@ def matmul_params_per_token(s: ArchSpec) -> int:
     n_attn = s.n_layers + (s.n_layers - s.n_encoder_layers if s.is_encoder_decoder else 0)  # + cross-attention
     n_moe = len(s.moe_layers)
     vectors = (c.breakdown["norms"] + rel_pos_params(s) + n_attn * attention_vector_params(s)
-               + n_moe * (s.top_k * expert_bias_params(s) + (s.num_experts if s.router_bias else 0)))
+               + n_moe * (s.top_k * expert_bias_params(s) + (s.num_experts if s.router_bias else 0)
+                          + (expert_bias_params(s, s.shared_inter) if s.shared_inter else 0)))
     return c.active_with_head - vectors
 
 

@@ -237,7 +237,8 @@ def spec_from_moekit(cfg, name: str = "moekit") -> ArchSpec:
                     num_experts=m.num_experts if m else 0, top_k=m.router.top_k if m else 0,
                     expert_inter=m.expert_hidden if m else 0,
                     shared_inter=m.num_shared_experts * m.shared_hidden_size if m else 0,
-                    shared_gate=bool(m and m.shared_gate), router_noise=bool(router and router.num_gates == 2))
+                    shared_gate=bool(m and m.shared_gate), router_noise=bool(router and router.num_gates == 2),
+                    expert_bias=bool(m and m.bias))
 
 
 def attention_params(s: ArchSpec) -> int:
@@ -266,8 +267,11 @@ def attention_vector_params(s: ArchSpec) -> int:
     return n + (s.n_heads if s.attn_sinks else 0)
 
 
-def expert_bias_params(s: ArchSpec) -> int:
-    return 2 * s.expert_inter + s.d if s.expert_bias else 0
+def expert_bias_params(s: ArchSpec, inter: int | None = None) -> int:
+    """Biases of one expert of width ``inter`` (routed by default): every projection but the down one is
+    ``inter`` wide, the down one d."""
+    inter = s.expert_inter if inter is None else inter
+    return (s.expert_matrices - 1) * inter + s.d if s.expert_bias else 0
 
 
 def expert_params(s: ArchSpec) -> int:
@@ -280,7 +284,10 @@ def router_params(s: ArchSpec) -> int:
 
 
 def shared_params(s: ArchSpec) -> int:
-    return s.expert_matrices * s.d * s.shared_inter + (s.d if s.shared_gate else 0) if s.shared_inter else 0
+    if not s.shared_inter:
+        return 0
+    matrices = s.expert_matrices * s.d * s.shared_inter
+    return matrices + expert_bias_params(s, s.shared_inter) + (s.d if s.shared_gate else 0)
 
 
 def moe_layer_params(s: ArchSpec) -> int:

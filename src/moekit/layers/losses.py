@@ -104,3 +104,25 @@ def router_z_loss(logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
     """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean_t (logsumexp_i logits_ti)^2."""
     z_T = torch.logsumexp(logits_TE.float(), dim=-1) ** 2
     return _masked_mean_T(z_T, mask_T)
+
+
+def router_losses(routing, cfg, seq_len: int | None = None, mask_T: Tensor | None = None
+                  ) -> tuple[dict[str, Tensor], Tensor]:
+    """The loss terms of one ``Routing`` (the router's intended assignments, before capacity) and their
+    sum weighted by LossConfig ``cfg``: "aux" and "z" always (for logging), the others when their
+    coefficient is on ("seq_aux" needs ``seq_len``, "load" a router that estimates it)."""
+    terms: dict[str, Tensor] = {
+        "aux": switch_aux_loss(routing.probs_TE, routing.expert_N, routing.token_N, mask_T),
+        "z": router_z_loss(routing.logits_TE, mask_T),
+    }
+    if cfg.importance_coef > 0:
+        terms["importance"] = importance_loss(routing.gates_TE(), mask_T)
+    if cfg.load_coef > 0 and "load_prob_TE" in routing.extra:
+        terms["load"] = load_loss(routing.extra["load_prob_TE"], mask_T)
+    if cfg.seq_aux_coef > 0 and seq_len is not None:
+        terms["seq_aux"] = seq_aux_loss(routing.probs_TE, routing.expert_N, routing.token_N, seq_len,
+                                        routing.top_k, mask_T)
+    coef = {"aux": cfg.aux_coef, "z": cfg.z_coef, "importance": cfg.importance_coef, "load": cfg.load_coef,
+            "seq_aux": cfg.seq_aux_coef}
+    total = sum((coef[k] * v for k, v in terms.items() if coef[k] > 0), routing.logits_TE.new_zeros(()))
+    return terms, total

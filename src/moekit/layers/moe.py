@@ -68,21 +68,7 @@ class MoELayer(nn.Module):
         return s_TD if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)) * s_TD
 
     def _aux(self, routing: Routing, kept: Routing, seq_len: int | None, mask_T: Tensor | None) -> MoEAux:
-        lc = self.cfg.loss
-        terms: dict[str, Tensor] = {
-            "aux": losses.switch_aux_loss(routing.probs_TE, routing.expert_N, routing.token_N, mask_T),
-            "z": losses.router_z_loss(routing.logits_TE, mask_T),
-        }
-        if lc.importance_coef > 0:
-            terms["importance"] = losses.importance_loss(routing.gates_TE(), mask_T)
-        if lc.load_coef > 0 and "load_prob_TE" in routing.extra:
-            terms["load"] = losses.load_loss(routing.extra["load_prob_TE"], mask_T)
-        if lc.seq_aux_coef > 0 and seq_len is not None:
-            terms["seq_aux"] = losses.seq_aux_loss(routing.probs_TE, routing.expert_N, routing.token_N, seq_len,
-                                                   routing.top_k, mask_T)
-        coef = {"aux": lc.aux_coef, "z": lc.z_coef, "importance": lc.importance_coef, "load": lc.load_coef,
-                "seq_aux": lc.seq_aux_coef}
-        total = sum((coef[k] * v for k, v in terms.items() if coef[k] > 0), routing.logits_TE.new_zeros(()))
+        terms, total = losses.router_losses(routing, self.cfg.loss, seq_len, mask_T)
         n_before = max(routing.num_assignments, 1)
         return MoEAux(
             logits_TE=routing.logits_TE,

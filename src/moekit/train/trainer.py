@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.analysis.routing_stats import imbalance
 from moekit.config import ModelConfig, TrainConfig
 from moekit.models.decoder import lm_loss
 from moekit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -157,7 +158,7 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
         ctx = StepContext(model, done, counts)
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.perf_counter()
-            imb = [float(c.max() / c.float().mean().clamp_min(1e-9)) for c in counts]
+            imb = [imbalance(c) for c in counts]
             ctx.record = {"split": "train", "step": done, "loss": lm_total, "aux_loss": aux_total, "lr": lr,
                           "grad_norm": grad_norm, "tokens": done * tokens_per_step,
                           "flops": done * tokens_per_step * flops_per_token,
