@@ -60,7 +60,8 @@ ACTIVATIONS = {
 @dataclass
 class FFNWeights:
     """The tensors of one FFN (2-D weights, 1-D biases) or of E stacked experts (3-D / 2-D): w_gate_(E)FD
-    (None unless gated), w_up_(E)FD, w_down_(E)DF, and biases b_gate_(E)F, b_up_(E)F, b_down_(E)D or None."""
+    (None unless gated), w_up_(E)FD, w_down_(E)DF, and biases b_gate_(E)F, b_up_(E)F, b_down_(E)D or None.
+    (The blockwise backward also holds gradient stacks in one, None where no gradient is needed.)"""
 
     gate: Tensor | None
     up: Tensor
@@ -76,10 +77,11 @@ class FFNWeights:
 
     def expert(self, e: int, f: int | None = None) -> FFNWeights:
         """Expert e of a stack, restricted to its first ``f`` hidden units (all when None)."""
-        units = slice(None, f)
-        pick = {"gate": (e, units), "up": (e, units), "down": (e, slice(None), units), "b_gate": (e, units),
-                "b_up": (e, units), "b_down": (e,)}
-        return FFNWeights(**{k: None if getattr(self, k) is None else getattr(self, k)[i] for k, i in pick.items()})
+        u = slice(None, f)
+        g, up, down, bg, bu, bd = self.gate, self.up, self.down, self.b_gate, self.b_up, self.b_down
+        return FFNWeights(None if g is None else g[e, u], None if up is None else up[e, u],
+                          None if down is None else down[e, :, u], None if bg is None else bg[e, u],
+                          None if bu is None else bu[e, u], None if bd is None else bd[e])
 
     def unbind(self) -> list[FFNWeights]:
         """The E experts of a stack; unbind (not w[e]): its backward stacks the E gradients once instead of
