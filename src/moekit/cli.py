@@ -1,7 +1,10 @@
 """`moekit <command>`: argparse -> config -> call. The only module that prints.
 
 Each command is a function decorated with ``@command``: it receives the parsed arguments.
-Heavy imports happen inside the command so `moekit --help` stays fast.
+Heavy imports (torch above all) happen inside the commands, so `moekit --help` stays fast.
+
+Errors: a ``MoekitError`` (bad input, a damaged file) is printed as one line ``moekit CMD: error: ...``
+with exit code 2; anything else is a bug in moekit and keeps its full traceback.
 """
 
 from __future__ import annotations
@@ -11,14 +14,18 @@ import json
 import sys
 from collections.abc import Callable
 
-_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
+from moekit.errors import MoekitError, UsageError
+
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
 
 
-def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] = lambda p: None):
-    """Register ``fn(ns)`` as ``moekit NAME``; ``args(parser)`` declares its arguments."""
+def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] = lambda p: None,
+            examples: str = ""):
+    """Register ``fn(ns)`` as ``moekit NAME``; ``args(parser)`` declares its arguments; ``examples`` are
+    shown at the end of ``moekit NAME --help``."""
 
     def register(fn: Callable) -> Callable:
-        _COMMANDS[name] = (help, args, fn)
+        _COMMANDS[name] = (help, args, fn, examples)
         return fn
 
     return register
@@ -60,7 +67,10 @@ def _fmt_bytes(n: float) -> str:
 
 
 @command("calc", "exact parameters, active parameters, FLOPs and memory of an MoE model from its config",
-         _calc_args)
+         _calc_args, examples="""  moekit calc mixtral-8x7b
+  moekit calc path/to/hf_model/config.json --context 32768 --batch 8
+  moekit calc deepseek-v3 --ep 8 --dp 4 --zero1
+  moekit calc tiny --json""")
 def _calc(ns) -> int:
     from moekit.analysis import flops, memory, params
     from moekit.models.presets import PRESETS, get_preset
@@ -117,15 +127,17 @@ def _calc(ns) -> int:
 # ---- analysis: inspect
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run folder or checkpoint folder (tokenizer.json beside it)")
-    _add_data_args(p)
+    _add_data_args(p, vocab=False)  # the data is encoded with the checkpoint's own tokenizer
     p.add_argument("--batches", type=int, default=8, help="validation batches to route")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most the model's max_seq_len)")
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint run folder>/inspect)")
 
 
 @command("inspect", "routing analytics of a trained model on data: per-layer load, entropy, co-activation, "
-                    "capacity sweep, top tokens per expert; writes PNG plots and report.md", _inspect_args)
+                    "capacity sweep, top tokens per expert; writes PNG plots and report.md", _inspect_args,
+         examples="""  moekit inspect runs/a
+  moekit inspect runs/a --data my_texts/ --batches 16 --out runs/a/inspect-my-texts""")
 def _inspect(ns) -> int:
     from pathlib import Path
 
@@ -152,11 +164,12 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", choices=["moekit", "hf"], required=True, help="output format")
     p.add_argument("--model-type", default=None, help="HF family for --to hf (mixtral, qwen2_moe, qwen3_moe, olmoe, "
                                                       "deepseek_v3, llama, qwen2); default: the one it was loaded from")
-    p.add_argument("--max-shard-bytes", type=int, default=None, help="shard the HF safetensors above this size")
+    p.add_argument("--max-shard-bytes", type=int, default=None, help="shard the HF safetensors above this size in bytes (default: one file)")
 
 
 @command("convert", "convert between Hugging Face checkpoints and moekit checkpoints (identical logits)",
-         _convert_args)
+         _convert_args, examples="""  moekit convert path/to/hf_mixtral runs/mixtral --to moekit
+  moekit convert runs/a runs/a-hf --to hf --model-type mixtral""")
 def _convert(ns) -> int:
     from moekit.interop.hf import load_hf, save_hf
     from moekit.train.checkpoint import load_model, save_checkpoint
@@ -178,10 +191,10 @@ def _convert(ns) -> int:
 def _upcycle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="a dense HF Llama/Qwen2 folder or a dense moekit checkpoint")
     p.add_argument("dst", help="output folder")
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--moe-layers", choices=["all", "every_other"], default="all")
-    p.add_argument("--router-std", type=float, default=0.02)
+    p.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer, each a copy of the dense FFN")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token")
+    p.add_argument("--moe-layers", choices=["all", "every_other"], default="all", help="which FFNs become MoE layers")
+    p.add_argument("--router-std", type=float, default=0.02, help="std of the new routers' random init")
     p.add_argument("--expert-noise", type=float, default=0.0, help="relative Gaussian noise on expert copies")
     p.add_argument("--to", choices=["moekit", "hf"], default="moekit",
                    help="hf writes a Mixtral checkpoint (Llama sources only)")
@@ -193,7 +206,8 @@ def _is_hf_folder(path) -> bool:
 
 
 @command("upcycle", "sparse upcycling: turn a dense checkpoint into an MoE whose experts start as the dense FFN",
-         _upcycle_args)
+         _upcycle_args, examples="""  moekit upcycle runs/dense runs/upcycled --num-experts 8 --top-k 2
+  moekit upcycle path/to/hf_llama path/to/hf_mixtral --to hf --moe-layers every_other""")
 def _upcycle(ns) -> int:
     from pathlib import Path
 
@@ -216,18 +230,25 @@ def _upcycle(ns) -> int:
 
 # ---- experiments
 def _experiments_args(p: argparse.ArgumentParser) -> None:
-    from moekit.experiments import EXPERIMENTS
-
+    # the experiment names are checked in the command: importing moekit.experiments here would import torch
+    # for every `moekit --help`
     p.add_argument("--quick", action="store_true", help="tiny budgets (CI smoke test, < 5 minutes)")
-    p.add_argument("--out", default="docs", help="folder for experiments.md and experiments/*.png")
-    p.add_argument("--only", nargs="*", choices=sorted(EXPERIMENTS), default=None)
+    p.add_argument("--out", default="runs/experiments",
+                   help="folder for experiments.md and experiments/*.png (the committed report is docs/)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="run only these experiments (default: all)")
 
 
-@command("experiments", "reproduce the seeds' claims at small scale; writes docs/experiments.md with plots",
-         _experiments_args)
+@command("experiments", "reproduce the seeds' claims at small scale; writes experiments.md with plots",
+         _experiments_args, examples="""  moekit experiments --quick                 # smoke test into runs/experiments
+  moekit experiments --only moe_vs_dense capacity
+  moekit experiments --out docs               # regenerate the committed report""")
 def _experiments(ns) -> int:
-    from moekit.experiments import run_all
+    from moekit.experiments import EXPERIMENTS, run_all
 
+    unknown = sorted(set(ns.only or ()) - set(EXPERIMENTS))
+    if unknown:
+        raise UsageError(f"--only {' '.join(unknown)}: unknown experiment; choose from {', '.join(EXPERIMENTS)}")
     report = run_all(ns.out, ns.quick, ns.only)
     print(report.read_text())
     print(f"report: {report}")
@@ -235,28 +256,31 @@ def _experiments(ns) -> int:
 
 
 # ---- training: demo / train / compare / generate
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="*", default=None,
+def _add_data_args(p: argparse.ArgumentParser, vocab: bool = True) -> None:
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text files or folders (default: the Python standard library's source files)")
     p.add_argument("--max-bytes", type=int, default=8_000_000, help="cap on corpus size in bytes")
-    p.add_argument("--vocab-size", type=int, default=2048, help="byte-level BPE vocabulary size")
+    if vocab:
+        p.add_argument("--vocab-size", type=int, default=2048, help="byte-level BPE vocabulary size")
 
 
 def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     _add_data_args(p)
     p.add_argument("--preset", default="tiny", help="model preset (tiny, mixtral-like, deepseek-like, switch-like)")
     p.add_argument("--config", default=None, help="a ModelConfig JSON file (overrides --preset)")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of steps")
-    p.add_argument("--eval-every", type=int, default=None, help="default: steps/6")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (router stays float32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (per micro-batch "
+                                                              "when accumulating)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (warmup, then cosine decay)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of --steps)")
+    p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: --steps/6)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (router stays float32); fast on recent "
+                                                       "GPUs, slower than float32 on most CPUs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the batch order")
     p.add_argument("--out", default=None, help="run folder (default: runs/<command>-<timestamp>)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _train_config(ns):
@@ -269,7 +293,6 @@ def _train_config(ns):
 
 
 def _model_config(ns, vocab_size: int):
-    import dataclasses
     from pathlib import Path
 
     from moekit.config import ModelConfig
@@ -278,8 +301,14 @@ def _model_config(ns, vocab_size: int):
     if ns.config:
         path = Path(ns.config)
         if not path.is_file():
-            raise FileNotFoundError(f"--config {ns.config!r} does not exist (expected a ModelConfig JSON file)")
-        return dataclasses.replace(ModelConfig.from_dict(json.loads(path.read_text())), vocab_size=vocab_size)
+            raise UsageError(f"--config {ns.config!r} does not exist (expected a ModelConfig JSON file)")
+        try:
+            fields = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--config {ns.config!r} is not valid JSON: {e}") from None
+        if isinstance(fields, dict):  # the vocabulary is the tokenizer's, whatever the file says
+            fields = dict(fields, vocab_size=vocab_size)
+        return ModelConfig.from_dict(fields)
     return get_preset(ns.preset, vocab_size=vocab_size, max_seq_len=max(ns.seq_len, 256))
 
 
@@ -310,11 +339,14 @@ def _print_comparison(summary: dict) -> None:
 
 
 def _compare(ns, command: str) -> int:
+    import dataclasses
+
     from moekit.train.compare import compare_moe_dense
     from moekit.train.data import build_corpus
 
+    cfg = _model_config(ns, ns.vocab_size)  # a bad config fails before the corpus is tokenised
     corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes)
-    cfg = _model_config(ns, corpus.tokenizer.vocab_size)
+    cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
     out = _run_dir(ns, command)
     summary = compare_moe_dense(cfg, corpus, _train_config(ns), out, progress=not ns.no_progress)
     _print_comparison(summary)
@@ -323,13 +355,16 @@ def _compare(ns, command: str) -> int:
 
 
 @command("demo", "train a tiny MoE LM and its dense twin on the Python stdlib source (a few minutes on a CPU), "
-                 "print the comparison and write plots", lambda p: _add_train_args(p, steps=600))
+                 "print the comparison and write plots", lambda p: _add_train_args(p, steps=600),
+         examples="""  moekit demo
+  moekit demo --steps 100 --out runs/demo-short""")
 def _demo(ns) -> int:
     return _compare(ns, "demo")
 
 
 @command("compare", "train an MoE model and its dense twin (same active FLOPs) on the same data",
-         lambda p: _add_train_args(p, steps=600))
+         lambda p: _add_train_args(p, steps=600), examples="""  moekit compare --preset switch-like --data my_texts/
+  moekit compare --config model.json --steps 2000 --out runs/cmp""")
 def _compare_cmd(ns) -> int:
     return _compare(ns, "compare")
 
@@ -337,14 +372,20 @@ def _compare_cmd(ns) -> int:
 def _train_args(p: argparse.ArgumentParser) -> None:
     _add_train_args(p, steps=600)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100,
+                   help="checkpoint every N steps (the newest 2 are kept), at the end and when interrupted; "
+                        "0 = only at the end and when interrupted")
     p.add_argument("--dense", action="store_true", help="train the dense twin of the config instead")
     p.add_argument("--expert-parallel", type=int, default=0, metavar="N",
                    help="under torchrun: split each MoE layer's experts over N ranks (data parallel over "
-                        "world/N groups); --batch-size is the global batch. 0 = single process")
+                        "world/N groups); the batch size is the global batch; 0 = a single process")
 
 
-@command("train", "train one model (preset or config JSON) with checkpoints and metrics", _train_args)
+@command("train", "train one model (preset or config JSON) with checkpoints and metrics", _train_args,
+         examples="""  moekit train --preset tiny --steps 2000 --out runs/a
+  moekit train --preset tiny --steps 2000 --out runs/a --resume     # continue after Ctrl-C or a crash
+  moekit train --config model.json --data my_texts/ --seed 1 --out runs/b
+  torchrun --nproc-per-node 2 -m moekit train --expert-parallel 2 --out runs/ep""")
 def _train_cmd(ns) -> int:
     import dataclasses
 
@@ -356,15 +397,16 @@ def _train_cmd(ns) -> int:
     from moekit.train.trainer import train
 
     if ns.resume and not ns.out:
-        raise ValueError("--resume needs --out (the run folder to continue)")
+        raise UsageError("--resume needs --out (the run folder to continue)")
     from moekit.distributed import init_distributed, parallelize, rank_zero_first
 
     device = init_distributed() if ns.expert_parallel else "cpu"
     is_main = not ns.expert_parallel or torch.distributed.get_rank() == 0  # only rank 0 prints and writes
     say = print if is_main else (lambda *a, **k: None)
+    cfg = _model_config(ns, ns.vocab_size)  # a bad config fails before the corpus is tokenised
     with rank_zero_first():  # rank 0 fills the tokenizer/token cache, then the other ranks read it
         corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes)
-    cfg = _model_config(ns, corpus.tokenizer.vocab_size)
+    cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
     cfg = cfg.dense_twin() if ns.dense else cfg
     tcfg = dataclasses.replace(_train_config(ns), save_every=ns.save_every)
     out = _run_dir(ns, "train")
@@ -391,15 +433,17 @@ def _train_cmd(ns) -> int:
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run folder or checkpoint folder (with tokenizer.json in the run folder)")
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("--max-new-tokens", type=int, default=80)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="def ", help="text to continue ('' starts a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=80, help="tokens to sample (capped by the model's context)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the smallest set of tokens "
+                                                             "with this much probability")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
 @command("generate", "sample text from a trained checkpoint (KV cache; greedy with --temperature 0)",
-         _generate_args)
+         _generate_args, examples="""  moekit generate runs/a
+  moekit generate runs/a --prompt "def fib(" --temperature 0 --max-new-tokens 40""")
 def _generate_cmd(ns) -> int:
     import torch
 
@@ -412,9 +456,9 @@ def _generate_cmd(ns) -> int:
     # an empty prompt starts a fresh document: training saw the separator before every document
     ids = torch.tensor([tok.encode(ns.prompt) or [tok.eos_id]])
     if ns.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens={ns.max_new_tokens}: must be >= 1")
+        raise UsageError(f"--max-new-tokens={ns.max_new_tokens}: must be >= 1")
     if ids.shape[1] >= model.cfg.max_seq_len:
-        raise ValueError(f"--prompt is {ids.shape[1]} tokens; the model's max_seq_len is {model.cfg.max_seq_len}")
+        raise UsageError(f"--prompt is {ids.shape[1]} tokens; the model's max_seq_len is {model.cfg.max_seq_len}")
     n = min(ns.max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
     out = generate(model, ids, n, temperature=ns.temperature, top_p=ns.top_p,
                    generator=torch.Generator().manual_seed(ns.seed))
@@ -425,11 +469,9 @@ def _generate_cmd(ns) -> int:
 # ---- fine-tuning and deployment: finetune / distill / merge / prune / extract
 def _deploy_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run folder or checkpoint folder (tokenizer.json beside it)")
-    p.add_argument("--data", nargs="*", default=None,
-                   help="text files or folders (default: the Python standard library's source files)")
-    p.add_argument("--max-bytes", type=int, default=8_000_000, help="cap on data size in bytes")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
+    _add_data_args(p, vocab=False)  # the data is encoded with the checkpoint's own tokenizer
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most the model's max_seq_len)")
     p.add_argument("--batches", type=int, default=8, help="validation batches (and batches to measure loads on)")
 
 
@@ -466,24 +508,30 @@ def _val_loss(model, val, ns) -> float:
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    from moekit.train.finetune import FREEZE_POLICIES, RECIPES
-
+    # recipe and freeze names are checked by get_recipe: importing moekit.train.finetune here would import
+    # torch for every `moekit --help`
     _deploy_data_args(p)
-    p.add_argument("--recipe", default="moe", choices=sorted(RECIPES),
-                   help="preset (moe: freeze experts+routers, half batch, 3x LR, expert dropout 0.4; see "
-                        "moekit.train.finetune)")
-    p.add_argument("--freeze", choices=list(FREEZE_POLICIES), default=None, help="override the recipe's policy")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--recipe", default="moe",
+                   help="a recipe of moekit.train.finetune.RECIPES (moe: freeze experts+routers, half batch, 3x LR, "
+                        "expert dropout 0.4)")
+    p.add_argument("--freeze", default=None,
+                   help="override the recipe's freeze policy: none, moe (freeze experts+routers), experts (freeze "
+                        "experts), non_moe (freeze all but experts+routers)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     p.add_argument("--recipe-batch-size", type=int, default=None, help="training batch (default: the recipe's)")
-    p.add_argument("--capacity-factor", type=float, default=None, help="token dropping while fine-tuning")
-    p.add_argument("--aux-coef", type=float, default=None, help="load-balancing loss coefficient (0 = off)")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="token dropping while fine-tuning (default: the recipe's)")
+    p.add_argument("--aux-coef", type=float, default=None,
+                   help="load-balancing loss coefficient, 0 = off (default: the recipe's)")
     p.add_argument("--out", required=True, help="run folder for the fine-tuned checkpoints")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 @command("finetune", "fine-tune a checkpoint on new data with an MoE recipe (freeze policy, expert dropout, "
-                     "aux loss, token dropping); reports trainable parameters and memory saved", _finetune_args)
+                     "aux loss, token dropping); reports trainable parameters and memory saved", _finetune_args,
+         examples="""  moekit finetune runs/a --recipe moe --data my_texts/ --out runs/ft
+  moekit finetune runs/a --freeze router --steps 200 --lr 1e-3 --out runs/ft2""")
 def _finetune_cmd(ns) -> int:
     from moekit.train.finetune import finetune, get_recipe
     from moekit.train.hooks import MetricsWriter
@@ -509,18 +557,20 @@ def _finetune_cmd(ns) -> int:
 
 def _distill_args(p: argparse.ArgumentParser) -> None:
     _deploy_data_args(p)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=300, help="student training steps")
+    p.add_argument("--lr", type=float, default=3e-3, help="student peak learning rate")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft-target (KL) term")
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--temperature", type=float, default=2.0, help="softening temperature of both distributions")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch dense baseline")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the student's initialisation and batches")
     p.add_argument("--out", required=True, help="run folder for the student")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 @command("distill", "distil an MoE checkpoint into its dense twin (Hinton KD) and report how much of the MoE's "
-                    "gain over a from-scratch dense model the student keeps", _distill_args)
+                    "gain over a from-scratch dense model the student keeps", _distill_args,
+         examples="""  moekit distill runs/a --out runs/kd
+  moekit distill runs/a --data my_texts/ --steps 600 --alpha 0.7 --no-scratch --out runs/kd2""")
 def _distill_cmd(ns) -> int:
     import torch
 
@@ -531,7 +581,7 @@ def _distill_cmd(ns) -> int:
 
     teacher, tok_path, train_data, val = _deploy_inputs(ns)
     if teacher.cfg.moe is None:
-        raise ValueError(f"checkpoint {ns.checkpoint!r} is a dense model; distill needs an MoE teacher")
+        raise UsageError(f"checkpoint {ns.checkpoint!r} is a dense model; distill needs an MoE teacher")
     tcfg = TrainConfig(steps=ns.steps, batch_size=ns.batch_size, seq_len=ns.seq_len, lr=ns.lr, seed=ns.seed,
                        warmup_steps=max(1, ns.steps // 20), eval_every=0, eval_batches=ns.batches)
     out = _run_folder(ns.out, tok_path)
@@ -562,14 +612,29 @@ def _print_deploy_result(before, after, model, out, extra: dict) -> None:
     print(f"saved: {out} (load with moekit.deploy.extract.load_model)")
 
 
+def _add_dst_arg(p: argparse.ArgumentParser) -> None:
+    # optional for argparse only: `CKPT --data a b DST` puts DST into --data, _take_dst gets it back
+    p.add_argument("dst", nargs="?", help="output folder (required; may also come after --data's paths)")
+
+
+def _take_dst(ns) -> None:
+    """The output folder swallowed by --data (nargs='+') is the last of its paths: a DST is always required."""
+    if ns.dst is None:
+        if not ns.data or len(ns.data) < 2:
+            raise UsageError("missing DST, the output folder: moekit "
+                             f"{ns.command} CHECKPOINT DST [--data PATH ...]")
+        ns.dst = ns.data.pop()
+
+
 def _deploy_transform(ns, transform) -> int:
     """Shared by merge / prune / extract: load, measure loads, transform, report, save."""
     from moekit.deploy import tensor_bytes
     from moekit.deploy.extract import save_model
 
+    _take_dst(ns)
     model, tok_path, train, val = _deploy_inputs(ns)
     if model.cfg.moe is None:
-        raise ValueError(f"checkpoint {ns.checkpoint!r} is a dense model; it has no experts to {ns.command}")
+        raise UsageError(f"checkpoint {ns.checkpoint!r} is a dense model; it has no experts to {ns.command}")
     before = {"params": model.num_params(), "bytes": tensor_bytes(model), "loss": _val_loss(model, val, ns)}
     base_cfg = model.cfg.to_dict()
     model, extra = transform(model, train, val)
@@ -581,23 +646,26 @@ def _deploy_transform(ns, transform) -> int:
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
     _deploy_data_args(p)
-    p.add_argument("dst", help="output folder")
+    _add_dst_arg(p)
     p.add_argument("--num-experts", type=int, required=True, help="experts per layer after merging")
-    p.add_argument("--strategy", choices=["frequency", "similarity"], default="frequency")
-    p.add_argument("--similarity", choices=["router", "weights"], default="router")
+    p.add_argument("--strategy", choices=["frequency", "similarity"], default="frequency",
+                   help="how experts are grouped: around the most used ones, or by similarity")
+    p.add_argument("--similarity", choices=["router", "weights"], default="router",
+                   help="with --strategy similarity: compare router rows or expert weights")
     p.add_argument("--router", choices=["map", "average"], default="map",
                    help="map: keep the router, map its choices to merged experts (routing preserved); "
                         "average: frequency-weighted router rows (a plain smaller router)")
 
 
 @command("merge", "merge experts (routing-frequency-weighted averages of groups) and save the smaller model",
-         _merge_args)
+         _merge_args, examples="""  moekit merge runs/a runs/m --num-experts 4
+  moekit merge runs/a runs/m2 --num-experts 4 --strategy similarity --data my_texts/""")
 def _merge_cmd(ns) -> int:
     from moekit.deploy.merge import merge_model
     from moekit.deploy.prune import measure_loads
 
     if ns.num_experts < 1:
-        raise ValueError(f"--num-experts={ns.num_experts}: must be >= 1 (experts per layer after merging)")
+        raise UsageError(f"--num-experts={ns.num_experts}: must be >= 1 (experts per layer after merging)")
 
     def transform(model, train, val):
         loads = measure_loads(model, _batches(train, ns))
@@ -610,18 +678,19 @@ def _merge_cmd(ns) -> int:
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
     _deploy_data_args(p)
-    p.add_argument("dst", help="output folder")
+    _add_dst_arg(p)
     p.add_argument("--keep", type=int, default=None, help="experts to keep per layer (the most loaded)")
     p.add_argument("--min-share", type=float, default=None, help="keep experts with load share >= this")
 
 
 @command("prune", "drop each layer's least-used experts (load measured on data), slice the router, save",
-         _prune_args)
+         _prune_args, examples="""  moekit prune runs/a runs/p --keep 4
+  moekit prune runs/a runs/p2 --min-share 0.1 --data my_texts/""")
 def _prune_cmd(ns) -> int:
     from moekit.deploy.prune import measure_loads, prune_model
 
     if (ns.keep is None) == (ns.min_share is None):
-        raise ValueError("give exactly one of --keep N (experts per layer) or --min-share S (load share)")
+        raise UsageError("give exactly one of --keep N (experts per layer) or --min-share S (load share)")
 
     def transform(model, train, val):
         loads = measure_loads(model, _batches(train, ns))
@@ -633,13 +702,14 @@ def _prune_cmd(ns) -> int:
 
 def _extract_args(p: argparse.ArgumentParser) -> None:
     _deploy_data_args(p)
-    p.add_argument("dst", help="output folder")
+    _add_dst_arg(p)
     p.add_argument("--min-share", type=float, default=0.05,
                    help="keep experts whose load share on the task data is >= this")
 
 
 @command("extract", "task sub-network: keep only the experts a task's data uses (load share >= threshold), save",
-         _extract_args)
+         _extract_args, examples="""  moekit extract runs/a runs/t --data task_texts/
+  moekit extract runs/a --data task_texts/ more_texts/ runs/t     # DST may also follow --data's paths""")
 def _extract_cmd(ns) -> int:
     from moekit.deploy.extract import extract_task
 
@@ -651,25 +721,51 @@ def _extract_cmd(ns) -> int:
 
 
 # ----------------------------------------------------------------------------- entry point
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and appends each option's default, unless it has none (None/False)
+    or its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS or "default" in help_ \
+                or not action.option_strings:
+            return help_
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{help_} (default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts transformers toolkit")
+    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts transformers toolkit",
+                                     epilog="run `moekit COMMAND --help` for a command's options and examples",
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_, add_args, _fn) in _COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_, description=help_))
+    for name, (help_, add_args, _fn, examples) in _COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_, description=help_, formatter_class=_HelpFormatter,
+                                epilog=f"examples:\n{examples}" if examples else None))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra and getattr(ns, "dst", "") is None and len(extra) == 1 and not extra[0].startswith("-"):
+        ns.dst = extra[0]  # `CKPT --keep 2 DST`: argparse fills an optional positional only at its first chance
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if ns.command is None:
         parser.print_help()
         return 0
+    ns.argv = argv  # to print the exact command that resumes an interrupted run
     try:
         rc = _COMMANDS[ns.command][2](ns)
-    except (ValueError, FileNotFoundError) as e:  # our errors name the argument; no traceback for users
+    except MoekitError as e:  # names the argument, field or file: one line, no traceback
         print(f"moekit {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, tokenising): nothing to save
+        print(f"\nmoekit {ns.command}: interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -85,3 +86,84 @@ def test_bad_arguments_give_one_line_errors_naming_them(docs, argv, message, cap
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_help_does_not_import_torch():
+    """`moekit --help` and every `moekit CMD --help` run without importing torch (a fast, light CLI)."""
+    import subprocess
+    import sys
+
+    from moekit.cli import _COMMANDS
+
+    code = ("import sys\nfrom moekit import cli\n"
+            "for argv in [['--help']] + [[c, '--help'] for c in sys.argv[1:]]:\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *_COMMANDS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("torch imported: False")
+
+
+def test_every_option_has_help_a_shown_default_and_every_command_examples(capsys):
+    import argparse
+
+    from moekit.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in subparsers.items():
+        assert sub.epilog and f"moekit {name}" in sub.epilog, name  # usage examples
+        for action in sub._actions:
+            assert action.help, f"moekit {name} {action.option_strings or action.dest}: no help text"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split("options:")[1].split())  # argparse wraps lines
+    for option, default in [("--steps", 600), ("--batch-size", 16), ("--seq-len", 128), ("--lr", 0.003),
+                            ("--seed", 0), ("--save-every", 100), ("--expert-parallel", 0)]:
+        assert re.search(rf"{option} \S+ (?:(?! --[a-z]).)*?\(default: {default}\)", text), option
+    assert subparsers["experiments"].parse_args([]).out != "docs"  # --quick must not overwrite the committed report
+    assert "--vocab-size" not in subparsers["inspect"].format_help()  # inspect uses the checkpoint's tokenizer
+
+
+@pytest.mark.parametrize("argv, dst, data", [
+    (["extract", "runs/a", "runs/t", "--data", "x/", "y/"], "runs/t", ["x/", "y/"]),
+    (["extract", "runs/a", "--data", "x/", "y/", "runs/t"], "runs/t", ["x/", "y/"]),
+    (["prune", "runs/a", "--data", "x/", "runs/p", "--keep", "2"], "runs/p", ["x/"]),
+    (["merge", "runs/a", "--num-experts", "2", "runs/m"], "runs/m", None),
+])
+def test_output_folder_may_follow_the_data_paths(argv, dst, data, monkeypatch):
+    from moekit import cli
+
+    def deploy_transform(ns, transform):  # stands in for the real work: shows what the command received
+        cli._take_dst(ns)
+        seen.append((ns.checkpoint, ns.dst, ns.data))
+
+    seen = []
+    monkeypatch.setattr(cli, "_deploy_transform", deploy_transform)
+    assert main(argv) is not None
+    assert seen == [("runs/a", dst, data)]
+
+
+def test_missing_output_folder_is_a_one_line_error(docs, capsys):
+    assert main(["extract", "runs/a", "--data", str(docs)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moekit extract: error: missing DST") and err.count("\n") == 1
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, tmp_path, capsys):
+    from moekit import cli
+
+    def buggy(ns):
+        raise KeyError("internal")
+
+    help_, args, _fn, examples = cli._COMMANDS["calc"]
+    monkeypatch.setitem(cli._COMMANDS, "calc", (help_, args, buggy, examples))
+    with pytest.raises(KeyError, match="internal"):  # a bug is not turned into a tidy one-liner
+        main(["calc", "tiny"])
+    bad = tmp_path / "model.json"
+    bad.write_text('{"d_model": 32,, }')
+    assert main(["train", "--config", str(bad), "--data", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err and "not valid JSON" in err
+    assert main(["experiments", "--only", "nonsense"]) == 2
+    assert "--only nonsense: unknown experiment" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moekit.config import ConfigError, ModelConfig, MoEConfig, RouterConfig, TrainConfig
+from moekit.errors import CheckpointError, UsageError
 from moekit.models.decoder import MoETransformer
 from moekit.train import checkpoint as ckpt
 from moekit.train.data import TokenStream, build_corpus, collect_files, split_files, stdlib_dir
@@ -112,10 +113,10 @@ def test_checkpoint_roundtrip_and_bad_paths(tmp_path):
     cfg, _, state = ckpt.load_checkpoint(path)
     assert cfg == model.cfg and state["step"] == 5
     assert json.loads((path / "config.json").read_text())["moe"]["num_experts"] == 4
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         ckpt.load_checkpoint(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a moekit checkpoint"):
+    with pytest.raises(CheckpointError, match="not a moekit checkpoint"):
         ckpt.load_checkpoint(tmp_path / "empty")
 
 
@@ -151,7 +152,7 @@ def test_user_corpus_and_clear_errors(tmp_path, monkeypatch):
         (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 400)
     corpus = build_corpus([tmp_path], vocab_size=300, val_percent=20.0)
     assert len(corpus.train_files) + len(corpus.val_files) == 4 and len(corpus.val) > 0
-    with pytest.raises(FileNotFoundError, match="data path '/no/such/dir' does not exist"):
+    with pytest.raises(UsageError, match="data path '/no/such/dir' does not exist"):
         collect_files(["/no/such/dir"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="contain no text files"):

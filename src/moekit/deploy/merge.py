@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 from moekit.deploy import moe_layers, replace_module
 from moekit.deploy.prune import combine_expert_dim
+from moekit.errors import UsageError
 from moekit.layers.moe import MoELayer
 from moekit.layers.routing import Router, Routing
 
@@ -64,7 +65,7 @@ def group_experts(num_groups: int, *, counts_E: Tensor, sim_EE: Tensor, strategy
     """Partition the E experts into ``num_groups`` groups (see the module docstring). Sorted lists."""
     E = sim_EE.shape[0]
     if not (isinstance(num_groups, int) and 1 <= num_groups <= E):
-        raise ValueError(f"num_groups={num_groups!r}: must be an integer in [1, num_experts={E}]")
+        raise UsageError(f"num_groups={num_groups!r}: must be an integer in [1, num_experts={E}]")
     if strategy == "frequency":
         centres = torch.argsort(counts_E.double(), descending=True, stable=True)[:num_groups].tolist()
         groups = {c: [c] for c in centres}
@@ -145,7 +146,7 @@ def merge_layer(layer: MoELayer, groups: Sequence[Sequence[int]], counts_E: Tens
     if router not in ROUTER_MODES:
         raise ValueError(f"router={router!r}: must be one of {list(ROUTER_MODES)}")
     if isinstance(layer.router, GroupRouter):
-        raise ValueError("layer is already merged; merge the original model again with fewer groups")
+        raise UsageError("layer is already merged; merge the original model again with fewer groups")
     E = layer.cfg.num_experts
     A_GE = merge_matrix(groups, counts_E, E)
     if len(groups) == E:

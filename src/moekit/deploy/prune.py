@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.deploy import ComputedWeightsExperts, moe_layers, replace_module
+from moekit.errors import UsageError
 from moekit.layers.experts import GroupedExperts
 from moekit.layers.moe import MoELayer
 
@@ -60,16 +61,16 @@ def select_experts(counts_E: Tensor, *, keep: int | None = None, min_share: floa
     """Experts to keep: the ``keep`` most loaded, or every expert with load share >= ``min_share``
     (share = counts_e / sum counts). Always at least the most loaded one. Sorted indices."""
     if (keep is None) == (min_share is None):
-        raise ValueError("select_experts: give exactly one of keep= (number of experts) or min_share= (load share)")
+        raise UsageError("select_experts: give exactly one of keep= (number of experts) or min_share= (load share)")
     E = counts_E.numel()
     order = torch.argsort(counts_E.double(), descending=True, stable=True)
     if keep is not None:
         if not (isinstance(keep, int) and 1 <= keep <= E):
-            raise ValueError(f"keep={keep!r}: must be an integer in [1, num_experts={E}]")
+            raise UsageError(f"keep={keep!r}: must be an integer in [1, num_experts={E}]")
         chosen = order[:keep]
     else:
         if not (0.0 <= min_share <= 1.0):
-            raise ValueError(f"min_share={min_share!r}: must be a load share in [0, 1]")
+            raise UsageError(f"min_share={min_share!r}: must be a load share in [0, 1]")
         share_E = counts_E.double() / counts_E.double().sum().clamp_min(1e-30)
         chosen = order[: max(1, int((share_E >= min_share).sum()))]
     return sorted(chosen.tolist())
@@ -96,7 +97,7 @@ def combine_expert_dim(layer: MoELayer, A_GE: Tensor, *, include_router: bool = 
         raise ValueError(f"A_GE must have shape [G, E={layer.cfg.num_experts}] with 1 <= G < E, "
                          f"got {tuple(A_GE.shape)}")
     if len(set(layer.cfg.hidden_sizes)) > 1:
-        raise ValueError(f"MoEConfig.expert_hidden_sizes={layer.cfg.expert_hidden_sizes}: pruning/merging "
+        raise UsageError(f"MoEConfig.expert_hidden_sizes={layer.cfg.expert_hidden_sizes}: pruning/merging "
                          "heterogeneous experts is not supported")
     ref = next(layer.parameters())
     new = MoELayer(resized_config(layer.cfg, G)).to(device=ref.device, dtype=ref.dtype)

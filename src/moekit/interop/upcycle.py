@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from moekit.config import LossConfig, MoEConfig, RouterConfig
+from moekit.errors import UsageError
 from moekit.models.decoder import MoETransformer
 
 
@@ -21,9 +22,9 @@ def upcycle(dense: MoETransformer, num_experts: int = 8, top_k: int = 2, *, moe_
             router_std: float = 0.02, expert_noise: float = 0.0, aux_coef: float = 0.01,
             seed: int = 0) -> MoETransformer:
     if dense.cfg.moe is not None:
-        raise ValueError("upcycle expects a dense model (ModelConfig.moe is None)")
+        raise UsageError("upcycle expects a dense model (ModelConfig.moe is None)")
     if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        raise UsageError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
     c = dense.cfg
     moe = MoEConfig(d_model=c.d_model, num_experts=num_experts, expert_hidden=c.dense_hidden,
                     router=RouterConfig(top_k=top_k, renormalize=True), loss=LossConfig(aux_coef=aux_coef))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moekit.errors import UsageError
+
 
 def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> Tensor:
     """Greedy when temperature == 0; otherwise sample from softmax(logits / T) restricted to the smallest
     set of tokens whose probability mass reaches top_p (Holtzman et al. 2020)."""
     if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+        raise UsageError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
     if temperature == 0:
         return logits_BV.argmax(-1)
     probs = torch.softmax(logits_BV.float() / temperature, dim=-1)
@@ -32,7 +34,7 @@ def generate(model, prompt_ids: Tensor, max_new_tokens: int, *, temperature: flo
         prompt_ids = prompt_ids[None]
     total = prompt_ids.shape[1] + max_new_tokens
     if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({prompt_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+        raise UsageError(f"prompt ({prompt_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_seq_len={model.cfg.max_seq_len}")
     was_training = model.training
     model.eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moekit.config import CapacityConfig, LossConfig, ModelConfig, MoEConfig, RouterConfig
+from moekit.config import CapacityConfig, ConfigError, LossConfig, ModelConfig, MoEConfig, RouterConfig
 
 
 def tiny(vocab_size: int = 2048) -> ModelConfig:
@@ -54,6 +54,6 @@ PRESETS = {"tiny": tiny, "mixtral-like": mixtral_like, "deepseek-like": deepseek
 def get_preset(name: str, vocab_size: int | None = None, **overrides) -> ModelConfig:
     """A preset's ModelConfig; ``overrides`` replace top-level ModelConfig fields."""
     if name not in PRESETS:
-        raise ValueError(f"preset={name!r}: unknown; available: {sorted(PRESETS)}")
+        raise ConfigError(f"preset={name!r}: unknown; available: {sorted(PRESETS)}")
     cfg = PRESETS[name]() if vocab_size is None else PRESETS[name](vocab_size)
     return dataclasses.replace(cfg, **overrides) if overrides else cfg

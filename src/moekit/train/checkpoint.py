@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moekit.config import ModelConfig
+from moekit.errors import CheckpointError
 
 LATEST = "latest"
 
@@ -98,11 +99,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder whose ``latest`` names one."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
     if (path / LATEST).is_file():
         path = path / (path / LATEST).read_text().strip()
     if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a moekit checkpoint (expected model.safetensors and "
+        raise CheckpointError(f"{str(path)!r} is not a moekit checkpoint (expected model.safetensors and "
                                 f"config.json, or a run folder with a '{LATEST}' file)")
     return path
 
@@ -113,7 +114,7 @@ def tokenizer_path(path: str | Path) -> Path:
     found = next((d / "tokenizer.json" for d in (Path(path), ckpt, ckpt.parent) if (d / "tokenizer.json").is_file()),
                  None)
     if found is None:
-        raise FileNotFoundError(f"no tokenizer.json beside checkpoint {str(ckpt)!r}")
+        raise CheckpointError(f"no tokenizer.json beside checkpoint {str(ckpt)!r}")
     return found
 
 

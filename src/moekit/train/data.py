@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from moekit.errors import UsageError
+
 if TYPE_CHECKING:
     from moekit.train.tokenizer import Tokenizer
 
@@ -52,13 +54,13 @@ def collect_files(paths: list[str | Path], max_bytes: int | None = None) -> list
     for raw in paths:
         p = Path(raw).expanduser()
         if not p.exists():
-            raise FileNotFoundError(f"data path {str(raw)!r} does not exist (expected a text file or a folder)")
+            raise UsageError(f"data path {str(raw)!r} does not exist (expected a text file or a folder)")
         if p.is_file():
             out.append(p)
         else:
             out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES))
     if not out:
-        raise ValueError(f"data paths {[str(p) for p in paths]} contain no text files "
+        raise UsageError(f"data paths {[str(p) for p in paths]} contain no text files "
                          f"(looked for suffixes {list(TEXT_SUFFIXES)})")
     if max_bytes is not None:
         kept, total = [], 0
@@ -101,7 +103,7 @@ def split_text(text: str, val_percent: float) -> tuple[str, str]:
     line_break = text.rfind("\n", 0, cut)
     cut = line_break + 1 if line_break > 0 else cut
     if cut <= 0 or cut >= len(text):
-        raise ValueError(f"the single data file is too short ({len(text)} characters) to split into train/val")
+        raise UsageError(f"the single data file is too short ({len(text)} characters) to split into train/val")
     return text[:cut], text[cut:]
 
 
@@ -130,7 +132,7 @@ class TokenStream:
         """Inputs and next-token targets [B, S], random windows fixed by (seed, index)."""
         n = self.tokens.numel() - seq_len - 1
         if n <= 0:
-            raise ValueError(f"corpus split has {self.tokens.numel()} tokens, fewer than seq_len+1={seq_len + 1}")
+            raise UsageError(f"corpus split has {self.tokens.numel()} tokens, fewer than seq_len+1={seq_len + 1}")
         g = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
         starts = torch.randint(0, n + 1, (batch_size,), generator=g)
         idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.config import ModelConfig, TrainConfig, check, check_choice, check_fraction, check_positive_int
+from moekit.config import ConfigError, ModelConfig, TrainConfig, check, check_choice, check_fraction, check_positive_int
 from moekit.models.decoder import MoETransformer
 from moekit.train.data import TokenStream
 from moekit.train.trainer import train
@@ -83,7 +83,7 @@ RECIPES: dict[str, FinetuneRecipe] = {
 def get_recipe(name: str, **overrides) -> FinetuneRecipe:
     """A preset from RECIPES with some fields replaced (None values ignored)."""
     if name not in RECIPES:
-        raise ValueError(f"recipe={name!r}: must be one of {sorted(RECIPES)}")
+        raise ConfigError(f"recipe={name!r}: must be one of {sorted(RECIPES)}")
     return dataclasses.replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 

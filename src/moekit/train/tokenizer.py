@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from moekit.errors import UsageError
+
 DOC_SEPARATOR = "<|endoftext|>"
 
 
@@ -59,7 +61,7 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 300:
-        raise ValueError(f"vocab_size={vocab_size}: must be >= 300 (256 byte tokens + merges + specials)")
+        raise UsageError(f"--vocab-size / vocab_size={vocab_size}: must be >= 300 (256 byte tokens + merges + specials)")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
