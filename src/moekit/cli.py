@@ -10,7 +10,9 @@ with exit code 2; anything else is a bug in moekit and keeps its full traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 from collections.abc import Callable
 
@@ -280,6 +282,7 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
                                                        "GPUs, slower than float32 on most CPUs")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the batch order")
     p.add_argument("--out", default=None, help="run folder (default: runs/<command>-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -293,6 +296,7 @@ def _train_config(ns):
 
 
 def _model_config(ns, vocab_size: int):
+    """The model of --config or --preset, its context checked against --seq-len (before any data is read)."""
     from pathlib import Path
 
     from moekit.config import ModelConfig
@@ -308,8 +312,29 @@ def _model_config(ns, vocab_size: int):
             raise UsageError(f"--config {ns.config!r} is not valid JSON: {e}") from None
         if isinstance(fields, dict):  # the vocabulary is the tokenizer's, whatever the file says
             fields = dict(fields, vocab_size=vocab_size)
-        return ModelConfig.from_dict(fields)
-    return get_preset(ns.preset, vocab_size=vocab_size, max_seq_len=max(ns.seq_len, 256))
+        cfg, source = ModelConfig.from_dict(fields), f"--config {ns.config}"
+    else:
+        cfg, source = get_preset(ns.preset, vocab_size=vocab_size), f"preset {ns.preset}"
+    if ns.seq_len > cfg.max_seq_len:
+        raise UsageError(f"--seq-len {ns.seq_len}: longer than the model's context ({source}: max_seq_len="
+                         f"{cfg.max_seq_len}); use a shorter --seq-len or a --config with a larger max_seq_len")
+    return cfg
+
+
+def _check_memory(ns, vocab_size: int) -> None:
+    """Refuse a batch whose logits alone cannot fit in RAM (e.g. --seq-len 100000 from a large-context config)
+    instead of swapping for minutes: float32 logits, their log-softmax and its gradient, B x S x V each."""
+    import os
+
+    need = 3 * 4 * ns.batch_size * ns.seq_len * vocab_size
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return
+    if need > ram:
+        raise UsageError(f"--batch-size {ns.batch_size} x --seq-len {ns.seq_len} x vocab {vocab_size}: the logits "
+                         f"alone need ~{need / 1e9:.0f} GB, more than this machine's {ram / 1e9:.0f} GB of RAM; "
+                         f"lower --batch-size or --seq-len")
 
 
 def _run_dir(ns, command: str):
@@ -317,6 +342,100 @@ def _run_dir(ns, command: str):
     from pathlib import Path
 
     return Path(ns.out) if ns.out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# what a folder written by train/compare/demo holds (compare and demo: one run per subfolder)
+_RUN_MARKERS = ("latest", "tokenizer.json", "metrics.jsonl", "summary.json", "ckpt-*", "*/latest", "*/tokenizer.json")
+
+
+def _check_run_dir(out, resume: bool, overwrite: bool) -> None:
+    """One run per folder: a second run would mix its metrics into the first's and replace its tokenizer."""
+    if resume:
+        if not ((out / "latest").is_file() or any(out.glob("ckpt-*"))):
+            raise UsageError(f"--resume: {out} holds no checkpoint to continue; drop --resume to start a new run")
+        return
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not any(any(out.glob(m)) for m in _RUN_MARKERS):
+        raise UsageError(f"--out {out}: the folder is not empty and holds no moekit run; choose a new folder")
+    if not overwrite:
+        raise UsageError(f"--out {out} already holds a run: continue it with --resume, or replace it with "
+                         f"--overwrite")
+
+
+def _check_resume_config(out, cfg) -> None:
+    """--resume with another --preset/--config would fail later with a tensor size mismatch: say what differs."""
+    import dataclasses
+
+    from moekit.config import ModelConfig
+    from moekit.train.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(out) / "config.json"
+    saved = ModelConfig.from_dict(json.loads(path.read_text()))
+    diff = [f"{f.name} {getattr(saved, f.name)!r} there, {getattr(cfg, f.name)!r} now"
+            for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)]
+    if diff:
+        raise UsageError(f"--resume: {out} was trained with another model ({'; '.join(diff)}); resume with "
+                         f"the same --preset/--config/--data, or start a new run in another --out")
+
+
+@contextlib.contextmanager
+def _new_run_folder(out, overwrite: bool):
+    """Create the run folder (emptied first with --overwrite); if the command fails before any checkpoint
+    is written, remove it again: no stray folders holding only a tokenizer."""
+    import shutil
+
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        if created and not any(any(out.glob(m)) for m in ("latest", "*/latest")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+class _StopOnSignal:
+    """First SIGINT/SIGTERM: ask the training loop to stop after the current step (it saves a checkpoint).
+    Second: the signal's default action, so the process ends at once, even inside a long kernel."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:  # the trainer's should_stop
+        return self.requested
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              f"(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        self._previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (e.g. main() called from a worker thread): no handlers
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _resume_command(ns, out) -> str:
+    """The command line that continues this run: the same arguments, with --out, --resume, no --overwrite."""
+    import shlex
+
+    argv = [a for a in ns.argv if not (a.startswith("--ov") and "--overwrite".startswith(a))]
+    argv += [] if ns.out else ["--out", str(out)]
+    argv += [] if ns.resume else ["--resume"]
+    return "moekit " + shlex.join(argv)
 
 
 def _print_comparison(summary: dict) -> None:
@@ -343,12 +462,23 @@ def _compare(ns, command: str) -> int:
 
     from moekit.train.compare import compare_moe_dense
     from moekit.train.data import build_corpus
+    from moekit.train.trainer import TrainingInterrupted
 
-    cfg = _model_config(ns, ns.vocab_size)  # a bad config fails before the corpus is tokenised
-    corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes)
-    cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
     out = _run_dir(ns, command)
-    summary = compare_moe_dense(cfg, corpus, _train_config(ns), out, progress=not ns.no_progress)
+    _check_run_dir(out, resume=False, overwrite=ns.overwrite)
+    cfg = _model_config(ns, ns.vocab_size)  # a bad config fails before the corpus is tokenised
+    _check_memory(ns, cfg.vocab_size)
+    corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes)
+    corpus.check_seq_len(ns.seq_len)
+    cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
+    try:
+        with _new_run_folder(out, ns.overwrite), _StopOnSignal() as stop:
+            summary = compare_moe_dense(cfg, corpus, _train_config(ns), out, progress=not ns.no_progress,
+                                        should_stop=stop)
+    except TrainingInterrupted as e:
+        print(f"moekit {command}: interrupted at step {e.step}; the models trained so far are in {out} "
+              f"(a comparison cannot be resumed: run it again)", file=sys.stderr)
+        return 130
     _print_comparison(summary)
     print(f"run folder: {out}")
     return 0
@@ -398,36 +528,53 @@ def _train_cmd(ns) -> int:
 
     if ns.resume and not ns.out:
         raise UsageError("--resume needs --out (the run folder to continue)")
+    if ns.resume and ns.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: continue the run or replace it")
     from moekit.distributed import init_distributed, parallelize, rank_zero_first
+    from moekit.train.trainer import TrainingInterrupted
 
     device = init_distributed() if ns.expert_parallel else "cpu"
     is_main = not ns.expert_parallel or torch.distributed.get_rank() == 0  # only rank 0 prints and writes
     say = print if is_main else (lambda *a, **k: None)
+    out = _run_dir(ns, "train")
+    _check_run_dir(out, ns.resume, ns.overwrite)  # every rank, before rank 0 creates anything
     cfg = _model_config(ns, ns.vocab_size)  # a bad config fails before the corpus is tokenised
+    _check_memory(ns, cfg.vocab_size)
     with rank_zero_first():  # rank 0 fills the tokenizer/token cache, then the other ranks read it
         corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes)
+    corpus.check_seq_len(ns.seq_len)
     cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
     cfg = cfg.dense_twin() if ns.dense else cfg
+    if ns.resume:
+        _check_resume_config(out, cfg)
     tcfg = dataclasses.replace(_train_config(ns), save_every=ns.save_every)
-    out = _run_dir(ns, "train")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        corpus.tokenizer.save(out / "tokenizer.json")
+    say(f"corpus: {corpus.description}")
 
     torch.manual_seed(ns.seed)
     model = MoETransformer(cfg)
-    say(f"corpus: {corpus.description}")
     say(f"model: {model.num_params() / 1e6:.2f}M params, {model.num_active_params() / 1e6:.2f}M active; "
         f"run folder: {out}")
     plan = parallelize(model, ns.expert_parallel) if ns.expert_parallel else None
-    records = train(model, corpus.train, corpus.val, tcfg, out_dir=out, resume=ns.resume,
-                    progress=not ns.no_progress and is_main, device=device, parallel=plan,
-                    hooks=([MetricsWriter(out)] if is_main else []) + [RouterBiasUpdate()])
+    folder = _new_run_folder(out, ns.overwrite) if is_main else contextlib.nullcontext()
+    try:
+        with folder, _StopOnSignal() as stop:
+            if is_main and not ns.resume:  # `moekit generate` needs it beside the checkpoints
+                corpus.tokenizer.save(out / "tokenizer.json")
+            records = train(model, corpus.train, corpus.val, tcfg, out_dir=out, resume=ns.resume,
+                            progress=not ns.no_progress and is_main, device=device, parallel=plan,
+                            hooks=([MetricsWriter(out)] if is_main else []) + [RouterBiasUpdate()],
+                            should_stop=stop)
+    except TrainingInterrupted as e:
+        if is_main:
+            print(f"moekit train: interrupted after step {e.step} of {tcfg.steps}; checkpoint saved: "
+                  f"{e.checkpoint}\ncontinue with: {_resume_command(ns, out)}", file=sys.stderr)
+        return 130
+    finally:
+        if ns.expert_parallel:
+            torch.distributed.destroy_process_group()
     vals = [r for r in records if r["split"] == "val"]
     if vals:
         say(f"step {vals[-1]['step']}: val loss {vals[-1]['val_loss']:.4f} (ppl {vals[-1]['val_ppl']:.2f})")
-    if ns.expert_parallel:
-        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -9,6 +9,7 @@ import torch
 
 from moekit.analysis import flops, memory, params
 from moekit.cli import main as cli_main
+from moekit.errors import UsageError
 
 transformers = pytest.importorskip("transformers")
 
@@ -257,7 +258,7 @@ def test_training_memory_layouts():
 def test_errors_and_cli(capsys, tmp_path):
     with pytest.raises(ValueError, match="model_type='bert'"):
         params.spec_from_hf({"model_type": "bert"})
-    with pytest.raises(FileNotFoundError, match="neither a config.json path nor a shipped config"):
+    with pytest.raises(UsageError, match="neither a config.json path nor a shipped config"):
         params.load_config("no-such-model")
     bad = tmp_path / "config.json"
     bad.write_text("{not json")

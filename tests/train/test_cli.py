@@ -17,24 +17,33 @@ def docs(tmp_path_factory):
         yield folder
 
 
-def _train(docs, out, steps, *extra):
+def _model_json(docs):
     model_json = docs.parent / "model.json"  # a small model through --config (the vocabulary follows the data)
     model_json.write_text(json.dumps(ModelConfig(
         vocab_size=300, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
         moe=MoEConfig(d_model=32, num_experts=4, expert_hidden=32, router=RouterConfig(top_k=2))).to_dict()))
-    return main(["train", "--data", str(docs), "--config", str(model_json), "--vocab-size", "300", "--steps", str(steps), "--batch-size", "2",
-                 "--seq-len", "16", "--save-every", "2", "--eval-every", "2", "--out", str(out), "--no-progress", *extra])
+    return model_json
+
+
+def _tiny_train_args(docs, steps):
+    return ["train", "--data", str(docs), "--config", str(_model_json(docs)), "--vocab-size", "300",
+            "--steps", str(steps), "--batch-size", "2", "--seq-len", "16", "--no-progress"]
+
+
+def _train(docs, out, steps, *extra):
+    return main([*_tiny_train_args(docs, steps), "--save-every", "2", "--eval-every", "2", "--out", str(out), *extra])
+
+
+def _losses(run):
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in recs]
 
 
 def test_train_resume_and_generate_from_the_command_line(docs, tmp_path, capsys):
     assert _train(docs, tmp_path / "full", 4) == 0
     assert _train(docs, tmp_path / "half", 2) == 0
     assert _train(docs, tmp_path / "half", 4, "--resume") == 0
-    def losses(run):
-        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in recs]
-
-    assert losses(tmp_path / "half") == losses(tmp_path / "full")  # the resumed run appends exactly the uninterrupted run's records
+    assert _losses(tmp_path / "half") == _losses(tmp_path / "full")  # the resumed run appends exactly the uninterrupted run's records
     assert (tmp_path / "half" / "latest").read_text() == "ckpt-000004"
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "half"), "--prompt", "def f0", "--max-new-tokens", "6",
@@ -167,3 +176,84 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, tmp
     assert err.count("\n") == 1 and str(bad) in err and "not valid JSON" in err
     assert main(["experiments", "--only", "nonsense"]) == 2
     assert "--only nonsense: unknown experiment" in capsys.readouterr().err
+
+
+def test_ctrl_c_under_default_flags_saves_and_resume_matches_an_uninterrupted_run(docs, tmp_path):
+    """SIGINT to `moekit train` (no --save-every): the step finishes, a checkpoint is saved, the exact
+    `--resume` command is printed (no traceback); running it logs the losses of an uninterrupted run."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = 60  # far more than can run between the first logged step and the signal's arrival
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "moekit", *_tiny_train_args(docs, steps), "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no training step logged"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    stopped = int(re.search(rf"interrupted after step (\d+) of {steps}", err).group(1))
+    assert 0 < stopped < steps
+    assert (run / "latest").read_text().strip() == f"ckpt-{stopped:06d}"
+    resume = shlex.split(err.split("continue with: ")[1].splitlines()[0])
+    assert resume[0] == "moekit" and resume[-1] == "--resume"
+    done = subprocess.run([sys.executable, "-m", "moekit", *resume[1:]], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert main([*_tiny_train_args(docs, steps), "--out", str(tmp_path / "full")]) == 0
+    assert _losses(run) == _losses(tmp_path / "full")
+
+
+def test_training_into_an_existing_run_is_refused_unless_overwrite(docs, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(docs, run, 4) == 0
+    capsys.readouterr()
+    assert _train(docs, run, 2) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert [s for s, *_ in _losses(run) if s == 4]  # the first run is untouched
+    assert _train(docs, run, 2, "--overwrite") == 0
+    assert max(s for s, *_ in _losses(run)) == 2  # only the new run's metrics
+    assert (run / "latest").read_text().strip() == "ckpt-000002"
+    assert main(["generate", str(run), "--max-new-tokens", "3"]) == 0  # a loadable run
+    assert main(["train", "--preset", "tiny", "--data", str(docs), "--vocab-size", "300", "--steps", "4",
+                 "--out", str(run), "--resume", "--no-progress"]) == 2  # another model than the run's
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained with another model" in err and "d_model 32 there, 128 now" in err
+
+
+def test_a_failed_run_leaves_no_folder(docs, tmp_path, monkeypatch):
+    from moekit.train import trainer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the training loop")
+
+    monkeypatch.setattr(trainer, "train", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        _train(docs, tmp_path / "new", 2)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--preset", "tiny", "--seq-len", "100000"], "--seq-len 100000: longer than the model's context "
+                                                  "(preset tiny: max_seq_len=256)"),
+    (["--config", "BIG", "--seq-len", "100000"], "--seq-len 100000: the training split has only"),
+    (["--config", "BIG", "--batch-size", "100000000"], "the logits alone need"),
+])
+def test_sequence_length_and_memory_limits_are_checked_up_front(docs, tmp_path, extra, message, capsys):
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(dict(json.loads(_model_json(docs).read_text()), max_seq_len=200_000)))
+    extra = [str(big) if a == "BIG" else a for a in extra]
+    assert main(["train", "--data", str(docs), "--vocab-size", "300", "--out", str(tmp_path / "r"), "--no-progress",
+                 *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()

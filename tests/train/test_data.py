@@ -43,3 +43,21 @@ def test_single_user_file_is_split_by_position(tmp_path, monkeypatch):
     # the second build comes from the caches and is identical
     again = build_corpus([book], vocab_size=300, val_percent=10.0)
     assert again.train.tokens.equal(corpus.train.tokens) and again.val.tokens.equal(corpus.val.tokens)
+
+
+def test_binary_or_non_utf8_files_are_refused_naming_the_file(tmp_path):
+    from moekit.errors import UsageError
+    from moekit.train.data import read_text
+
+    exe = tmp_path / "renamed_executable.txt"
+    exe.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    with pytest.raises(UsageError, match="renamed_executable.txt.*binary"):
+        build_corpus([exe])
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("".join(chr(c) for c in range(0xC0, 0x100)).encode("latin-1") * 20)
+    with pytest.raises(UsageError, match="latin1.txt.*not UTF-8 text"):
+        read_text(latin)
+    # a UTF-8 file with one stray byte and a literal U+FFFD stays usable text
+    ok = tmp_path / "ok.txt"
+    ok.write_bytes("déjà vu \ufffd ".encode() * 200 + b"\xff")
+    assert read_text(ok).startswith("déjà vu \ufffd")

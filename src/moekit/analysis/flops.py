@@ -19,6 +19,7 @@ from moekit.analysis.params import (
     expert_bias_params,
     rel_pos_params,
 )
+from moekit.errors import UsageError
 
 
 def matmul_params_per_token(s: ArchSpec) -> int:
@@ -35,7 +36,7 @@ def matmul_params_per_token(s: ArchSpec) -> int:
 
 def attention_flops_per_token(s: ArchSpec, context: int) -> int:
     if context < 0:
-        raise ValueError(f"context={context}: must be >= 0 (positions attended)")
+        raise UsageError(f"context={context}: must be >= 0 (positions attended)")
     if s.attention == "mla":
         qk_dim, v_dim = s.qk_nope_dim + s.qk_rope_dim, s.v_head_dim
     else:

@@ -18,6 +18,7 @@ sequence and recomputation).
 from __future__ import annotations
 
 from moekit.analysis.params import ArchSpec, count_params
+from moekit.errors import UsageError
 
 BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
 WEIGHT_GRAD_BYTES = 4.0  # bf16 weights + bf16 grads
@@ -26,7 +27,7 @@ OPTIMIZER_BYTES = 12.0  # fp32 master weights + Adam m, v
 
 def weight_bytes(total_params: int, int4_group: int = 128) -> dict[str, float]:
     if int4_group < 1:
-        raise ValueError(f"int4_group={int4_group}: must be >= 1 (weights per scale)")
+        raise UsageError(f"int4_group={int4_group}: must be >= 1 (weights per scale)")
     out = {k: total_params * v for k, v in BYTES.items()}
     out["int4"] += total_params / int4_group * 2  # one bf16 scale per group
     return out
@@ -43,7 +44,7 @@ def kv_cache_bytes_per_token(s: ArchSpec, bytes_per_value: float = 2.0) -> float
 
 def kv_cache_bytes(s: ArchSpec, batch: int, context: int, bytes_per_value: float = 2.0) -> float:
     if batch < 1 or context < 0:
-        raise ValueError(f"batch={batch}, context={context}: need batch >= 1 and context >= 0")
+        raise UsageError(f"batch={batch}, context={context}: need batch >= 1 and context >= 0")
     per_layer = _kv_values_per_token_layer(s) * bytes_per_value
     total = 0.0
     for i in range(s.n_layers):
@@ -58,11 +59,11 @@ def kv_cache_bytes(s: ArchSpec, batch: int, context: int, bytes_per_value: float
 def training_bytes_per_gpu(s: ArchSpec, ep: int = 1, dp: int = 1, zero1: bool = False) -> dict[str, float]:
     """Weights + grads + optimizer states per GPU (bytes) on ep x dp GPUs (see the module docstring)."""
     if not (isinstance(ep, int) and isinstance(dp, int) and ep >= 1 and dp >= 1):
-        raise ValueError(f"ep={ep} and dp={dp}: must be integers >= 1")
+        raise UsageError(f"ep={ep} and dp={dp}: must be integers >= 1")
     if s.num_experts and s.num_experts % ep:
-        raise ValueError(f"ep={ep} must divide num_experts={s.num_experts}")
+        raise UsageError(f"ep={ep} must divide num_experts={s.num_experts}")
     if not s.num_experts and ep > 1:
-        raise ValueError(f"ep={ep}: a dense model has no experts to shard; use ep=1")
+        raise UsageError(f"ep={ep}: a dense model has no experts to shard; use ep=1")
     c = count_params(s)
     expert_local = c.breakdown["routed_experts"] / ep
     other = c.total - c.breakdown["routed_experts"]

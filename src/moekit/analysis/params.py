@@ -24,6 +24,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from moekit.errors import UsageError
+
 HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "llama4",
                "switch_transformers", "llama", "qwen2", "qwen3")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -136,7 +138,7 @@ def spec_from_hf(cfg: dict, name: str = "") -> ArchSpec:
     """Normalise an HF config.json dict into an ArchSpec (model_type dispatch)."""
     mt = cfg.get("model_type")
     if mt not in HF_FAMILIES:
-        raise ValueError(f"model_type={mt!r}: not supported by the calculator; supported: {list(HF_FAMILIES)}")
+        raise UsageError(f"model_type={mt!r}: not supported by the calculator; supported: {list(HF_FAMILIES)}")
     name = name or mt
     if mt == "switch_transformers":
         return _spec_switch(cfg, name)
@@ -220,7 +222,7 @@ def spec_from_moekit(cfg, name: str = "moekit") -> ArchSpec:
     router = ROUTERS.get(m.router.kind) if m is not None else None
     fixed = sorted(k for k, r in ROUTERS.items() if r.fixed_top_k)
     if m is not None and (router is None or not router.fixed_top_k or m.hierarchical_groups or m.expert_hidden_sizes):
-        raise ValueError(f"moe config (router.kind={m.router.kind!r}, hierarchical_groups={m.hierarchical_groups}, "
+        raise UsageError(f"moe config (router.kind={m.router.kind!r}, hierarchical_groups={m.hierarchical_groups}, "
                          f"expert_hidden_sizes={m.expert_hidden_sizes}): the calculator needs a fixed top_k over "
                          f"equal experts; router.kind must be one of {fixed}")
     mla = cfg.mla if cfg.attention == "mla" else None
@@ -385,13 +387,13 @@ def load_config(name_or_path: str | Path) -> tuple[dict, str]:
     if not p.is_file():
         shipped = CONFIG_DIR / f"{str(name_or_path).lower()}.json"
         if not shipped.is_file():
-            raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a config.json path nor a shipped "
+            raise UsageError(f"config {str(name_or_path)!r} is neither a config.json path nor a shipped "
                                     f"config; shipped: {shipped_configs()}")
         p = shipped
     try:
         return json.loads(p.read_text()), p.stem if p.name != "config.json" else p.parent.name
     except json.JSONDecodeError as e:
-        raise ValueError(f"config {str(p)!r} is not valid JSON: {e}") from None
+        raise UsageError(f"config {str(p)!r} is not valid JSON: {e}") from None
 
 
 def shipped_configs() -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from moekit.errors import UsageError
 from moekit.layers.capacity import apply_capacity, expert_capacity
 from moekit.layers.routing import Router, Routing
 
@@ -51,7 +52,7 @@ class RoutingRecorder:
             if isinstance(mod, Router):
                 self._handles.append(mod.register_forward_hook(self._hook(name)))
         if not self._handles:
-            raise ValueError("model has no MoE routers to record (no moekit Router modules found)")
+            raise UsageError("model has no MoE routers to record (no moekit Router modules found)")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,7 +17,7 @@ from moekit.train.trainer import train, train_flops_per_token
 
 
 def train_one(label: str, cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConfig, out_dir: Path,
-              progress: bool = False, hooks: list = ()) -> dict:
+              progress=False, hooks: list = (), should_stop=None) -> dict:
     """Train one model from scratch (seeded) into out_dir/label; returns its summary row."""
     torch.manual_seed(train_cfg.seed)
     model = MoETransformer(cfg)
@@ -26,7 +26,7 @@ def train_one(label: str, cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
     corpus.tokenizer.save(run_dir / "tokenizer.json")  # `moekit generate` needs it beside the checkpoints
     t0 = time.perf_counter()
     records = train(model, corpus.train, corpus.val, train_cfg, out_dir=run_dir, progress=progress, label=label,
-                    hooks=[MetricsWriter(run_dir), RouterBiasUpdate(), *hooks])
+                    hooks=[MetricsWriter(run_dir), RouterBiasUpdate(), *hooks], should_stop=should_stop)
     seconds = time.perf_counter() - t0
     final_val = [r for r in records if r["split"] == "val"][-1]
     train_rows = [r for r in records if r["split"] == "train"]
@@ -52,14 +52,15 @@ def train_one(label: str, cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
 
 
 def compare_moe_dense(moe_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConfig, out_dir: str | Path,
-                      progress: bool = False) -> dict:
-    """MoE vs its dense twin on identical batches; writes summary.json and plots to out_dir."""
+                      progress: bool = False, should_stop=None) -> dict:
+    """MoE vs its dense twin on identical batches; writes summary.json and plots to out_dir.
+    ``should_stop``: see ``train`` (an interrupted comparison raises ``TrainingInterrupted``)."""
     from moekit.analysis import plots
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [train_one("moe", moe_cfg, corpus, train_cfg, out_dir, progress),
-            train_one("dense", moe_cfg.dense_twin(), corpus, train_cfg, out_dir, progress)]
+    rows = [train_one("moe", moe_cfg, corpus, train_cfg, out_dir, progress, should_stop=should_stop),
+            train_one("dense", moe_cfg.dense_twin(), corpus, train_cfg, out_dir, progress, should_stop=should_stop)]
     runs = {r["label"]: r["records"] for r in rows}
     files = [plots.loss_curves(runs, out_dir / "loss_vs_steps.png", x="step"),
              plots.loss_curves(runs, out_dir / "loss_vs_flops.png", x="flops")]

@@ -107,8 +107,26 @@ def split_text(text: str, val_percent: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+# a text file that is not UTF-8 (Latin-1 accents, a stray byte) decodes with a few replacement characters;
+# beyond this share of its characters the file is binary or in another encoding, and training on it is noise
+MAX_UNDECODABLE = 0.01
+
+
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8 (undecodable bytes replaced); a binary file is a UsageError naming it."""
+    raw = path.read_bytes()
+    if b"\x00" in raw:  # NUL never occurs in text; executables, archives, tensors and UTF-16 all have it
+        raise UsageError(f"data file {str(path)!r} is binary (it contains NUL bytes), not text; give text files")
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())  # replacements made, not ones in the file
+    if bad > MAX_UNDECODABLE * max(len(text), 1):
+        raise UsageError(f"data file {str(path)!r} is not UTF-8 text ({bad / len(text):.0%} of its characters do "
+                         f"not decode); convert it to UTF-8 or leave it out")
+    return text
+
+
 def read_texts(files: list[Path]) -> list[str]:
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    return [read_text(f) for f in files]
 
 
 def corpus_fingerprint(files: list[Path]) -> str:
@@ -152,6 +170,13 @@ class Corpus:
     train_files: list[Path]
     val_files: list[Path]
     description: str
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Every batch is seq_len + 1 consecutive tokens of one split: both splits must be longer."""
+        for name, stream in (("training", self.train), ("validation", self.val)):
+            if len(stream) <= seq_len:
+                raise UsageError(f"--seq-len {seq_len}: the {name} split has only {len(stream):,} tokens "
+                                 f"(needs > {seq_len}); use a shorter --seq-len or more --data")
 
 
 def build_corpus(paths: list[str | Path] | None = None, *, vocab_size: int = 2048, max_bytes: int = 8_000_000,

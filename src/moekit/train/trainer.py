@@ -5,6 +5,9 @@
 
 Determinism: the batch at step i depends only on (seed, i); checkpoints hold weights, optimizer state
 and RNG state, so ``resume=True`` reproduces an uninterrupted run's losses exactly.
+
+Stopping: ``should_stop()`` is asked after every step (the CLI sets it from SIGINT/SIGTERM). When it says
+yes, the step is finished, a checkpoint is saved (with ``out_dir``) and ``TrainingInterrupted`` is raised.
 """
 
 from __future__ import annotations
@@ -71,6 +74,16 @@ def autocast(bf16: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+class TrainingInterrupted(Exception):
+    """``train`` stopped early because ``should_stop()`` said so; ``checkpoint`` holds step ``step``
+    (None without ``out_dir``)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"training stopped after step {step}"
+                         + (f"; checkpoint {checkpoint}" if checkpoint else " (no out_dir: nothing saved)"))
+        self.step, self.checkpoint = step, checkpoint
+
+
 @dataclass
 class StepContext:
     """What hooks see after each optimizer step."""
@@ -85,8 +98,11 @@ class StepContext:
 def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, hooks: list = (), resume: bool = False, progress: bool = False,
           device: str | torch.device = "cpu", label: str = "train", parallel=None,
-          loss_fn=None) -> list[dict]:
+          loss_fn=None, should_stop=None) -> list[dict]:
     """Train ``model`` in place; returns the logged records (train and eval).
+
+    ``should_stop() -> bool``: asked after every step; True saves a checkpoint and raises
+    ``TrainingInterrupted`` (see the module docstring).
 
     ``loss_fn(output, x, y) -> loss`` replaces the LM loss (e.g. knowledge distillation); router losses
     are still added.
@@ -143,9 +159,11 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
             layer_counts = [a.counts_E.detach() for a in out.moe_aux]
             counts = layer_counts if not counts else [c + d for c, d in zip(counts, layer_counts)]
             dropped += [float(a.dropped_fraction) for a in out.moe_aux]
+        stop = float(should_stop is not None and should_stop())
         if parallel is not None:
             parallel.reduce_gradients()
-            lm_total, aux_total, *dropped = parallel.mean_over_ranks([lm_total, aux_total, *dropped])
+            # the stop request rides on this all-reduce: every rank stops after the same step, no extra collective
+            lm_total, aux_total, stop, *dropped = parallel.mean_over_ranks([lm_total, aux_total, stop, *dropped])
             counts = parallel.sum_over_ranks(counts)  # global loads: replicated router biases stay identical
         clip = parallel.clip_grad_norm_ if parallel is not None else functools.partial(
             torch.nn.utils.clip_grad_norm_, [p for p in model.parameters() if p.requires_grad])
@@ -182,15 +200,20 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
             for hook in hooks:
                 if hasattr(hook, "after_eval"):
                     hook.after_eval(ctx)
-        if out_dir is not None and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+        saved = None
+        if out_dir is not None and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or stop):
             weights, opt_state = (None, opt.state_dict()) if parallel is None else (
                 parallel.full_state_dict(), parallel.full_optimizer_state_dict(opt))  # collective: all ranks
             if parallel is None or parallel.is_main:  # rank 0 writes the single-process layout
-                save_checkpoint(out_dir, done, model, model.cfg,
-                                {"optimizer": opt_state, "rng": rng_state(), "train_config": vars(cfg)},
-                                state_dict=weights)
+                saved = save_checkpoint(out_dir, done, model, model.cfg,
+                                        {"optimizer": opt_state, "rng": rng_state(), "train_config": vars(cfg)},
+                                        state_dict=weights)
         if bar is not None:
             bar.update(1)
+        if stop and done < cfg.steps:
+            if bar is not None:
+                bar.close()
+            raise TrainingInterrupted(done, saved)
     if bar is not None:
         bar.close()
     return records
