@@ -337,6 +337,15 @@ def _check_memory(ns, vocab_size: int) -> None:
                          f"lower --batch-size or --seq-len")
 
 
+def _warn_bf16_on_cpu(ns, device) -> None:
+    """bf16 autocast pays off on GPUs and on CPUs with bf16 matrix units; elsewhere it costs time."""
+    if ns.bf16 and str(device).startswith("cpu"):
+        # measured with the tiny preset on a 2-vCPU AMD EPYC without bf16 units: 5.7x and 10.9x in two runs
+        print("warning: --bf16 on a CPU: a training step of the tiny preset took 6-11x the float32 time on the "
+              "CPU we measured (no bf16 matrix units); drop --bf16 unless your CPU has AMX or AVX512-BF16",
+              file=sys.stderr)
+
+
 def _run_dir(ns, command: str):
     import time
     from pathlib import Path
@@ -440,7 +449,6 @@ def _resume_command(ns, out) -> str:
 
 def _print_comparison(summary: dict) -> None:
     rows = summary["rows"]
-    print(f"\ncorpus: {summary['corpus']}")
     hdr = f"{'model':6} {'params':>9} {'active':>9} {'train GFLOP/tok':>15} {'val loss':>9} {'val ppl':>8} " \
           f"{'tokens/s':>9} {'time':>7}"
     print(hdr)
@@ -452,7 +460,8 @@ def _print_comparison(summary: dict) -> None:
     moe, dense = rows[0], rows[1]
     verdict = "lower" if moe["val_loss"] < dense["val_loss"] else "NOT lower"
     print(f"\nMoE val loss is {verdict} than the dense twin's at the same steps "
-          f"({moe['val_loss']:.4f} vs {dense['val_loss']:.4f}, {dense['val_loss'] - moe['val_loss']:+.4f} nats); "
+          f"({moe['val_loss']:.4f} vs {dense['val_loss']:.4f}, {dense['val_loss'] - moe['val_loss']:+.4f} nats) "
+          f"at {moe['train_flops_per_token'] / dense['train_flops_per_token']:.3f}x its training FLOPs per token; "
           f"MoE tokens/s = {moe['tokens_per_s'] / dense['tokens_per_s']:.2f}x dense")
     print("plots: " + ", ".join(summary["plots"]))
 
@@ -468,8 +477,10 @@ def _compare(ns, command: str) -> int:
     _check_run_dir(out, resume=False, overwrite=ns.overwrite)
     cfg = _model_config(ns, ns.vocab_size)  # a bad config fails before the corpus is tokenised
     _check_memory(ns, cfg.vocab_size)
-    corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes)
+    _warn_bf16_on_cpu(ns, "cpu")
+    corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes, progress=not ns.no_progress)
     corpus.check_seq_len(ns.seq_len)
+    print(f"corpus: {corpus.description}", flush=True)
     cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
     try:
         with _new_run_folder(out, ns.overwrite), _StopOnSignal() as stop:
@@ -540,15 +551,18 @@ def _train_cmd(ns) -> int:
     _check_run_dir(out, ns.resume, ns.overwrite)  # every rank, before rank 0 creates anything
     cfg = _model_config(ns, ns.vocab_size)  # a bad config fails before the corpus is tokenised
     _check_memory(ns, cfg.vocab_size)
+    if is_main:
+        _warn_bf16_on_cpu(ns, device)
     with rank_zero_first():  # rank 0 fills the tokenizer/token cache, then the other ranks read it
-        corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes)
+        corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes,
+                              progress=not ns.no_progress and is_main)
     corpus.check_seq_len(ns.seq_len)
     cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
     cfg = cfg.dense_twin() if ns.dense else cfg
     if ns.resume:
         _check_resume_config(out, cfg)
     tcfg = dataclasses.replace(_train_config(ns), save_every=ns.save_every)
-    say(f"corpus: {corpus.description}")
+    say(f"corpus: {corpus.description}", flush=True)
 
     torch.manual_seed(ns.seed)
     model = MoETransformer(cfg)

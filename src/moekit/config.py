@@ -339,21 +339,25 @@ class ModelConfig:
 
     def dense_twin(self) -> ModelConfig:
         """The dense model with the same active FLOPs per token: every MoE FFN becomes a dense FFN of
-        hidden top_k * expert_hidden + num_shared_experts * shared_hidden (the active expert width)."""
+        hidden top_k * expert_hidden + num_shared_experts * shared_hidden (the active expert width) and the
+        experts' activation (a plain GELU FFN has 2 matrices, a SwiGLU one 3: the width alone is not enough)."""
         if self.moe is None:
             return self
         m = self.moe
         active_hidden = m.router.top_k * m.expert_hidden + m.num_shared_experts * m.shared_hidden_size
-        extra = dict(self.extra, moe_layer_dense_hidden=active_hidden)
+        extra = dict(self.extra, moe_layer_dense_hidden=active_hidden, moe_layer_dense_activation=m.activation)
         return dataclasses.replace(self, moe=None, extra=extra, moe_layers=self.moe_layers,
                                    first_k_dense=self.first_k_dense)
 
     def ffn_hidden(self, i: int) -> int:
         """Dense FFN width of layer i (the dense twin widens former MoE layers to the active width)."""
         twin_hidden = self.extra.get("moe_layer_dense_hidden")
-        if twin_hidden and self.moe_slot(i):
-            return twin_hidden
-        return self.dense_hidden
+        return twin_hidden if twin_hidden and self.moe_slot(i) else self.dense_hidden
+
+    def ffn_activation(self, i: int) -> str:
+        """Dense FFN activation of layer i: SwiGLU, or the experts' one in a dense twin's former MoE layers."""
+        twin_activation = self.extra.get("moe_layer_dense_activation")
+        return twin_activation if twin_activation and self.moe_slot(i) else "swiglu"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -63,6 +63,7 @@ class ArchSpec:
     dense_inter: int = 0
     dense_inter_overrides: dict[int, int] = field(default_factory=dict)  # layer -> hidden (moekit dense twins)
     dense_matrices: int = 3  # 3 for gated (SwiGLU) FFNs, 2 for plain (ReLU/GELU) ones
+    dense_matrices_overrides: dict[int, int] = field(default_factory=dict)  # layer -> matrices (GELU twins)
     expert_matrices: int = 3
     moe_layers: list[int] = field(default_factory=list)
     num_experts: int = 0
@@ -235,6 +236,8 @@ def spec_from_moekit(cfg, name: str = "moekit") -> ArchSpec:
                     v_head_dim=mla.v_head_dim if mla else 0,
                     dense_inter=cfg.dense_hidden, moe_layers=[i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)],
                     dense_inter_overrides={i: cfg.ffn_hidden(i) for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)},
+                    dense_matrices_overrides={i: 3 if cfg.ffn_activation(i) in ("swiglu", "geglu") else 2
+                                              for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)},
                     expert_matrices=3 if (m is None or m.activation in ("swiglu", "geglu")) else 2,
                     num_experts=m.num_experts if m else 0, top_k=m.router.top_k if m else 0,
                     expert_inter=m.expert_hidden if m else 0,
@@ -347,7 +350,8 @@ def count_params(s: ArchSpec) -> ParamCount:
         "lm_head": 0 if s.tie_embeddings else s.vocab * s.d,
         "attention": s.n_layers * attention_params(s) + cross + rel_pos_params(s),
         "norms": norm_count(s) * s.d,
-        "dense_ffn": sum(s.dense_matrices * s.d * s.dense_inter_overrides.get(i, s.dense_inter)
+        "dense_ffn": sum(s.dense_matrices_overrides.get(i, s.dense_matrices) * s.d
+                         * s.dense_inter_overrides.get(i, s.dense_inter)
                          for i in range(s.n_layers) if i not in s.moe_layers),
         "routed_experts": n_moe * s.num_experts * expert_params(s),
         "shared_experts": n_moe * shared_params(s),

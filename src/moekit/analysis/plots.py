@@ -23,21 +23,27 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def loss_curves(runs: dict[str, list[dict]], path: str | Path, x: str = "step") -> Path:
-    """Train loss (thin) and validation loss (markers) of several runs against steps or training FLOPs."""
+def _integer_ticks(ax, n_x: int | None = None, n_y: int | None = None) -> None:
+    """A tick and a label at every integer index (experts, layers): no -0.5 ticks, no skipped experts."""
+    for n, set_ticks, axis in ((n_x, ax.set_xticks, "x"), (n_y, ax.set_yticks, "y")):
+        if n is not None:
+            set_ticks(range(n))
+            ax.tick_params(axis=axis, labelsize=8 if n <= 32 else 6)
+
+
+def loss_curves(runs: dict[str, list[dict]], path: str | Path) -> Path:
+    """Train loss (thin) and validation loss (markers) of several runs against steps."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (label, records) in enumerate(runs.items()):
         color = f"C{i}"
         tr = [r for r in records if r.get("split") == "train"]
         va = [r for r in records if r.get("split") == "val"]
-        ax.plot([r[x] for r in tr], [r["loss"] for r in tr], color=color, alpha=0.35, lw=1)
-        ax.plot([r[x] for r in va], [r["val_loss"] for r in va], "o-", color=color, label=f"{label} (val)")
-    ax.set_xlabel("training FLOPs" if x == "flops" else "step")
-    if x == "flops":
-        ax.set_xscale("log")
+        ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], color=color, alpha=0.35, lw=1)
+        ax.plot([r["step"] for r in va], [r["val_loss"] for r in va], "o-", color=color, label=f"{label} (val)")
+    ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"loss vs {'FLOPs' if x == 'flops' else 'steps'} (thin: train, markers: validation)")
+    ax.set_title("loss vs steps (thin: train, markers: validation)")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
@@ -52,8 +58,9 @@ def load_heatmap(load_LE, path: str | Path, title: str = "expert load (share of 
     share = load / np.clip(load.sum(1, keepdims=True), 1e-12, None)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * share.shape[1] + 2), max(2.5, 0.45 * share.shape[0] + 1.5)))
     im = ax.imshow(share, cmap="viridis", aspect="auto")
+    _integer_ticks(ax, n_x=share.shape[1], n_y=share.shape[0])
     ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
+    ax.set_ylabel("MoE layer (in model order)")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="share")
     return _save(fig, path)
@@ -66,6 +73,7 @@ def load_histogram(counts_E, path: str | Path, title: str) -> Path:
     ax.bar(range(len(counts)), counts, color="C0")
     mean = sum(counts) / max(len(counts), 1)
     ax.axhline(mean, color="C3", ls="--", lw=1, label="balanced")
+    _integer_ticks(ax, n_x=len(counts))
     ax.set_xlabel("expert")
     ax.set_ylabel("assignments")
     ax.set_title(title)
@@ -77,6 +85,7 @@ def matrix(m_EE, path: str | Path, title: str, label: str = "tokens") -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4.2))
     im = ax.imshow(m_EE, cmap="magma")
+    _integer_ticks(ax, n_x=len(m_EE), n_y=len(m_EE))
     ax.set_xlabel("expert")
     ax.set_ylabel("expert")
     ax.set_title(title)
@@ -85,12 +94,14 @@ def matrix(m_EE, path: str | Path, title: str, label: str = "tokens") -> Path:
 
 
 def xy_lines(series: dict[str, tuple[list, list]], path: str | Path, xlabel: str, ylabel: str, title: str,
-             logx: bool = False) -> Path:
-    """Generic line plot: label -> (xs, ys)."""
+             logx: bool = False, hline: float | None = None) -> Path:
+    """Generic line plot: label -> (xs, ys); ``hline``: a reference level (e.g. 0 for a difference)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, "o-", label=label)
+    if hline is not None:
+        ax.axhline(hline, color="0.4", lw=1, ls="--")
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

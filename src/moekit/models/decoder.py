@@ -35,7 +35,7 @@ class Block(nn.Module):
         self.attn = ATTENTION[cfg.attention](cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(i)
-        self.ffn = build_moe_layer(cfg.moe) if self.is_moe else MLP(cfg.d_model, cfg.ffn_hidden(i), "swiglu")
+        self.ffn = build_moe_layer(cfg.moe) if self.is_moe else MLP(cfg.d_model, cfg.ffn_hidden(i), cfg.ffn_activation(i))
         if self.is_moe and not self.ffn.causal_safe and not cfg.moe.allow_noncausal:
             raise ConfigError(f"MoEConfig.router.kind={cfg.moe.router.kind!r} (or this layer type) lets a token's "
                               "output depend on later tokens, which leaks the future in a causal decoder LM; "

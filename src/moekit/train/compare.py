@@ -59,11 +59,26 @@ def compare_moe_dense(moe_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [train_one("moe", moe_cfg, corpus, train_cfg, out_dir, progress, should_stop=should_stop),
-            train_one("dense", moe_cfg.dense_twin(), corpus, train_cfg, out_dir, progress, should_stop=should_stop)]
+    bar = None
+    if progress:  # one bar (and ETA) over both runs
+        from tqdm import tqdm
+
+        bar = tqdm(total=2 * train_cfg.steps, dynamic_ncols=True)
+    try:
+        rows = [train_one("moe", moe_cfg, corpus, train_cfg, out_dir, bar or False, should_stop=should_stop),
+                train_one("dense", moe_cfg.dense_twin(), corpus, train_cfg, out_dir, bar or False,
+                          should_stop=should_stop)]
+    finally:
+        if bar is not None:
+            bar.close()
     runs = {r["label"]: r["records"] for r in rows}
-    files = [plots.loss_curves(runs, out_dir / "loss_vs_steps.png", x="step"),
-             plots.loss_curves(runs, out_dir / "loss_vs_flops.png", x="flops")]
+    files = [plots.loss_curves(runs, out_dir / "loss_vs_steps.png")]
+    # both models spend the same FLOPs per token, so loss vs FLOPs would repeat loss vs steps: plot the gap
+    val_moe, val_dense = ([r for r in rows[i]["records"] if r["split"] == "val"] for i in (0, 1))
+    files.append(plots.xy_lines({"dense - MoE": ([r["step"] for r in val_moe],
+                                                 [d["val_loss"] - m["val_loss"] for m, d in zip(val_moe, val_dense)])},
+                                out_dir / "val_loss_gap.png", "step", "val loss gap (nats/token)",
+                                "dense twin minus MoE validation loss (above 0: MoE ahead)", hline=0.0))
     moe_train = [r for r in rows[0]["records"] if r["split"] == "train"]
     files.append(plots.xy_lines({"MoE": ([r["step"] for r in moe_train], [r["imbalance"] for r in moe_train])},
                                 out_dir / "imbalance.png", "step", "load imbalance (max/mean, mean over layers)",

@@ -180,9 +180,10 @@ class Corpus:
 
 
 def build_corpus(paths: list[str | Path] | None = None, *, vocab_size: int = 2048, max_bytes: int = 8_000_000,
-                 val_percent: float = 5.0, tokenizer: Tokenizer | None = None) -> Corpus:
+                 val_percent: float = 5.0, tokenizer: Tokenizer | None = None, progress: bool = False) -> Corpus:
     """Files -> split -> BPE tokenizer (trained on the train split, cached) -> token streams (cached).
-    ``tokenizer``: encode with this one instead (e.g. a checkpoint's); its token streams are not cached."""
+    ``tokenizer``: encode with this one instead (e.g. a checkpoint's); its token streams are not cached.
+    ``progress``: progress bars while the tokenizer trains and the texts are encoded (seconds to minutes)."""
     from moekit.train.tokenizer import cache_dir, get_tokenizer
 
     files = default_corpus_files(max_bytes) if not paths else collect_files(paths, max_bytes)
@@ -199,18 +200,17 @@ def build_corpus(paths: list[str | Path] | None = None, *, vocab_size: int = 204
         fp = corpus_fingerprint(files)
         token_cache = cache_dir() / "tokens" / f"{fp}-{vocab_size}-{val_percent}.pt"
         tok_key = corpus_fingerprint(train_files) + (f"-head{val_percent}" if len(files) == 1 else "")
-        tok = get_tokenizer(train_texts, vocab_size, tok_key)
-    if token_cache is None:
-        train, val = tok.encode_documents(train_texts), tok.encode_documents(val_texts)
-    elif token_cache.is_file():
+        tok = get_tokenizer(train_texts, vocab_size, tok_key, progress)
+    if token_cache is not None and token_cache.is_file():
         cached = torch.load(token_cache)
         train, val = cached["train"], cached["val"]
     else:
-        train, val = tok.encode_documents(train_texts), tok.encode_documents(val_texts)
-        token_cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = token_cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"train": train, "val": val}, tmp)
-        os.replace(tmp, token_cache)
+        train, val = tok.encode_documents(train_texts, progress), tok.encode_documents(val_texts, progress)
+        if token_cache is not None:
+            token_cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = token_cache.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"train": train, "val": val}, tmp)
+            os.replace(tmp, token_cache)
     where = "Python standard library source (" + str(stdlib_dir()) + ")" if not paths else ", ".join(map(str, paths))
     split = ("1 file split by position" if len(files) == 1
              else f"{len(train_files)} train / {len(val_files)} val files")

@@ -35,12 +35,24 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
-    def encode_documents(self, texts: list[str]) -> torch.Tensor:
-        """All documents as one stream, each followed by the separator token."""
+    def encode_documents(self, texts: list[str], progress: bool = False) -> torch.Tensor:
+        """All documents as one stream, each followed by the separator token. ``progress``: a bar over the
+        characters (documents are encoded in chunks; every document is encoded on its own either way)."""
         ids: list[int] = []
-        for enc in self.hf.encode_batch(texts):
-            ids.extend(enc.ids)
-            ids.append(self.eos_id)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(map(len, texts)), desc="tokenising", unit="char", unit_scale=True, leave=False)
+        chunk = 64
+        for i in range(0, len(texts), chunk):
+            for enc in self.hf.encode_batch(texts[i:i + chunk]):
+                ids.extend(enc.ids)
+                ids.append(self.eos_id)
+            if bar is not None:
+                bar.update(sum(map(len, texts[i:i + chunk])))
+        if bar is not None:
+            bar.close()
         return torch.tensor(ids, dtype=torch.long)
 
     def save(self, path: str | Path) -> None:
@@ -56,7 +68,7 @@ class Tokenizer:
         return cls(HFTokenizer.from_file(str(path)))
 
 
-def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: list[str], vocab_size: int, progress: bool = False) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -66,17 +78,17 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[DOC_SEPARATOR],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
     tok.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(tok)
 
 
-def get_tokenizer(texts: list[str], vocab_size: int, fingerprint: str) -> Tokenizer:
+def get_tokenizer(texts: list[str], vocab_size: int, fingerprint: str, progress: bool = False) -> Tokenizer:
     """Load the cached tokenizer for (fingerprint, vocab_size) or train and cache it (atomic write)."""
     path = cache_dir() / "tokenizers" / f"bpe-{fingerprint}-{vocab_size}.json"
     if path.is_file():
         return Tokenizer.load(path)
-    tok = train_bpe(texts, vocab_size)
+    tok = train_bpe(texts, vocab_size, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tok.save(tmp)

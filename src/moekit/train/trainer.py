@@ -96,13 +96,16 @@ class StepContext:
 
 
 def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: TrainConfig, *,
-          out_dir: str | Path | None = None, hooks: list = (), resume: bool = False, progress: bool = False,
+          out_dir: str | Path | None = None, hooks: list = (), resume: bool = False, progress=False,
           device: str | torch.device = "cpu", label: str = "train", parallel=None,
           loss_fn=None, should_stop=None) -> list[dict]:
     """Train ``model`` in place; returns the logged records (train and eval).
 
     ``should_stop() -> bool``: asked after every step; True saves a checkpoint and raises
     ``TrainingInterrupted`` (see the module docstring).
+
+    ``progress``: True shows a progress bar for this run; a tqdm bar shared by several runs is advanced
+    (and labelled) instead, and left open.
 
     ``loss_fn(output, x, y) -> loss`` replaces the LM loss (e.g. knowledge distillation); router losses
     are still added.
@@ -135,7 +138,7 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     val_batches = val_data.eval_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len) if val_data else []
     records: list[dict] = []
-    bar = _progress_bar(progress, start, cfg.steps, label)
+    bar, own_bar = _progress_bar(progress, start, cfg.steps, label)
     t_last, tokens_since = time.perf_counter(), 0
 
     for step in range(start, cfg.steps):
@@ -211,17 +214,21 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
         if bar is not None:
             bar.update(1)
         if stop and done < cfg.steps:
-            if bar is not None:
+            if own_bar:
                 bar.close()
             raise TrainingInterrupted(done, saved)
-    if bar is not None:
+    if own_bar:
         bar.close()
     return records
 
 
-def _progress_bar(enabled: bool, start: int, total: int, label: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
+def _progress_bar(progress, start: int, total: int, label: str):
+    """-> (bar or None, whether this run owns it)."""
+    if isinstance(progress, bool) or progress is None:
+        if not progress:
+            return None, False
+        from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc=label, dynamic_ncols=True, leave=True)
+        return tqdm(total=total, initial=start, desc=label, dynamic_ncols=True, leave=True), True
+    progress.set_description(label)
+    return progress, False
