@@ -152,6 +152,7 @@ def _inspect(ns) -> int:
     model = load_model(ckpt)
     # the data is encoded with the tokenizer the model was trained with (token ids mean nothing otherwise)
     corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=Tokenizer.load(tokenizer_path(ns.checkpoint)))
+    _check_checkpoint_seq_len(ns, model, corpus)
     out = Path(ns.out) if ns.out else ckpt.parent / "inspect"
     report = inspect_model(model, corpus, out, batches=ns.batches, batch_size=ns.batch_size, seq_len=ns.seq_len)
     print(report.read_text())
@@ -449,6 +450,7 @@ def _resume_command(ns, out) -> str:
 
 def _print_comparison(summary: dict) -> None:
     rows = summary["rows"]
+    print()
     hdr = f"{'model':6} {'params':>9} {'active':>9} {'train GFLOP/tok':>15} {'val loss':>9} {'val ppl':>8} " \
           f"{'tokens/s':>9} {'time':>7}"
     print(hdr)
@@ -460,8 +462,8 @@ def _print_comparison(summary: dict) -> None:
     moe, dense = rows[0], rows[1]
     verdict = "lower" if moe["val_loss"] < dense["val_loss"] else "NOT lower"
     print(f"\nMoE val loss is {verdict} than the dense twin's at the same steps "
-          f"({moe['val_loss']:.4f} vs {dense['val_loss']:.4f}, {dense['val_loss'] - moe['val_loss']:+.4f} nats) "
-          f"at {moe['train_flops_per_token'] / dense['train_flops_per_token']:.3f}x its training FLOPs per token; "
+          f"({moe['val_loss']:.4f} vs {dense['val_loss']:.4f}, {dense['val_loss'] - moe['val_loss']:+.4f} nats); "
+          f"MoE training FLOPs/token = {moe['train_flops_per_token'] / dense['train_flops_per_token']:.3f}x dense; "
           f"MoE tokens/s = {moe['tokens_per_s'] / dense['tokens_per_s']:.2f}x dense")
     print("plots: " + ", ".join(summary["plots"]))
 
@@ -644,7 +646,16 @@ def _deploy_inputs(ns):
 
     tok_path = tokenizer_path(ns.checkpoint)
     corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=Tokenizer.load(tok_path))
-    return load_model(ns.checkpoint).eval(), tok_path, corpus.train, corpus.val
+    model = load_model(ns.checkpoint).eval()
+    _check_checkpoint_seq_len(ns, model, corpus)
+    return model, tok_path, corpus.train, corpus.val
+
+
+def _check_checkpoint_seq_len(ns, model, corpus) -> None:
+    if ns.seq_len > model.cfg.max_seq_len:
+        raise UsageError(f"--seq-len {ns.seq_len}: longer than the checkpoint's context (max_seq_len="
+                         f"{model.cfg.max_seq_len}); use a shorter --seq-len")
+    corpus.check_seq_len(ns.seq_len)
 
 
 def _run_folder(path: str, tok_path):

@@ -47,5 +47,5 @@ def test_compare_with_gelu_top1_experts_reports_matched_flops(tmp_path, capsys, 
     assert abs(dense / moe - 1) < 0.01
     out = capsys.readouterr().out
     assert out.startswith("corpus: ")  # printed before training, not after
-    assert f"at {moe / dense:.3f}x its training FLOPs per token" in out
+    assert f"MoE training FLOPs/token = {moe / dense:.3f}x dense" in out
     assert (tmp_path / "cmp" / "val_loss_gap.png").is_file() and not (tmp_path / "cmp" / "loss_vs_flops.png").exists()

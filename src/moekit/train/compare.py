@@ -63,7 +63,7 @@ def compare_moe_dense(moe_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
     if progress:  # one bar (and ETA) over both runs
         from tqdm import tqdm
 
-        bar = tqdm(total=2 * train_cfg.steps, dynamic_ncols=True)
+        bar = tqdm(total=2 * train_cfg.steps, desc="moe", dynamic_ncols=True)
     try:
         rows = [train_one("moe", moe_cfg, corpus, train_cfg, out_dir, bar or False, should_stop=should_stop),
                 train_one("dense", moe_cfg.dense_twin(), corpus, train_cfg, out_dir, bar or False,
