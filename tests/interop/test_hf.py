@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from moekit.errors import CheckpointError
 from moekit.interop.hf import load_hf, save_hf
 
 transformers = pytest.importorskip("transformers")
@@ -75,7 +76,7 @@ def test_sharded_checkpoints_load_and_missing_shards_are_named(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(ids).logits, ours(ids).logits)
     (tmp_path / "sharded" / shards[1]).unlink()
-    with pytest.raises(FileNotFoundError, match=f"missing: \\['{shards[1]}'\\]"):
+    with pytest.raises(CheckpointError, match=f"missing: \\['{shards[1]}'\\]"):
         load_hf(tmp_path / "sharded")
 
 
@@ -85,10 +86,10 @@ def _saved(hf, path):
 
 
 def test_bad_folders_give_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_hf(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match="has no config.json"):
         load_hf(tmp_path / "empty")
     folder = _saved(tiny_hf("olmoe"), tmp_path / "olmoe")
     cfg = json.loads((folder / "config.json").read_text())
@@ -96,11 +97,11 @@ def test_bad_folders_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="model_type='bert': not supported"):
         load_hf(folder)
     (folder / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 40}))
-    with pytest.raises(ValueError, match=r"experts.0.gate_proj.weight' has shape \(32, 32\), expected \(40, 32\)"):
+    with pytest.raises(CheckpointError, match=r"experts.0.gate_proj.weight' has shape \(32, 32\), expected \(40, 32\)"):
         load_hf(folder)
     (folder / "config.json").write_text(json.dumps(cfg))
     (folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_hf(folder)
 
 

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moekit.config import ModelConfig
+from moekit.errors import CheckpointError, ConfigError, UsageError
 from moekit.interop.families import COMMON, FAMILIES, LAYER_NORMS, Family
 from moekit.models.decoder import MoETransformer
 
@@ -25,17 +26,17 @@ from moekit.models.decoder import MoETransformer
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no config.json (expected a Hugging Face model folder)")
+        raise CheckpointError(f"{str(folder)!r} has no config.json (expected a Hugging Face model folder)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from None
 
 
 def family_of(cfg: dict) -> Family:
     mt = cfg.get("model_type")
     if mt not in FAMILIES:
-        raise ValueError(f"config.json model_type={mt!r}: not supported; supported: {sorted(FAMILIES)}")
+        raise ConfigError(f"config.json model_type={mt!r}: not supported; supported: {sorted(FAMILIES)}")
     return FAMILIES[mt]
 
 
@@ -46,13 +47,13 @@ def weight_files(folder: Path) -> list[Path]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
-            raise FileNotFoundError(f"{str(folder)!r}: shards listed in model.safetensors.index.json are missing: "
+            raise CheckpointError(f"{str(folder)!r}: shards listed in model.safetensors.index.json are missing: "
                                     f"{missing}")
         return [folder / s for s in shards]
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
-    raise FileNotFoundError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json")
+    raise CheckpointError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json")
 
 
 def key_pairs(fam: Family, hf_cfg: dict, mcfg: ModelConfig) -> list[tuple[str, str]]:
@@ -77,7 +78,7 @@ def _split_stacked(key: str) -> tuple[str, int | None]:
 def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> MoETransformer:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"HF checkpoint folder {str(folder)!r} does not exist")
+        raise CheckpointError(f"HF checkpoint folder {str(folder)!r} does not exist")
     hf_cfg = read_config(folder)
     fam = family_of(hf_cfg)
     mcfg = fam.to_moekit(hf_cfg)
@@ -93,13 +94,13 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> MoETransf
     used = set()
     for hk, mk in key_pairs(fam, hf_cfg, mcfg):
         if hk not in tensors:
-            raise KeyError(f"{str(folder)!r}: tensor {hk!r} is missing from the checkpoint")
+            raise CheckpointError(f"{str(folder)!r}: tensor {hk!r} is missing from the checkpoint")
         used.add(hk)
         base, e = _split_stacked(mk)
         t = tensors[hk].to(dtype)
         want = shapes[base][1:] if e is not None else shapes[base]
         if tuple(t.shape) != tuple(want):
-            raise ValueError(f"{str(folder)!r}: tensor {hk!r} has shape {tuple(t.shape)}, expected {tuple(want)} "
+            raise CheckpointError(f"{str(folder)!r}: tensor {hk!r} has shape {tuple(t.shape)}, expected {tuple(want)} "
                              f"from config.json")
         if e is None:
             state[base] = t
@@ -110,7 +111,7 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> MoETransf
     # MTP modules (DeepSeek-V3 layers >= num_hidden_layers) and rotary caches are not part of the model
     extra = [k for k in tensors if k not in used and not _ignorable(k, mcfg.n_layers)]
     if extra:
-        raise ValueError(f"{str(folder)!r}: unexpected tensors not covered by the {fam.model_type} key map: "
+        raise CheckpointError(f"{str(folder)!r}: unexpected tensors not covered by the {fam.model_type} key map: "
                          f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
     model = MoETransformer(mcfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -138,7 +139,7 @@ def check_exportable(fam: Family, hf_cfg: dict, mcfg: ModelConfig, sd: dict, pai
     tied = {"lm_head.weight"} if mcfg.tie_embeddings else set()
     left = sorted(k for k in sd if k not in covered | tied and not k.endswith("unit_mask_EF"))
     if left:
-        raise ValueError(f"model_type={fam.model_type!r} cannot hold these moekit tensors (attention bias, q/k "
+        raise UsageError(f"model_type={fam.model_type!r} cannot hold these moekit tensors (attention bias, q/k "
                          f"norms, dense layers, ...): {left[:6]}{' ...' if len(left) > 6 else ''}")
     back = fam.to_moekit(hf_cfg).moe
     if mcfg.moe is not None and back is not None:
@@ -147,7 +148,7 @@ def check_exportable(fam: Family, hf_cfg: dict, mcfg: ModelConfig, sd: dict, pai
         diff += [(f, getattr(mcfg.moe, f), getattr(back, f)) for f in ("activation", "shared_gate", "bias")
                  if getattr(mcfg.moe, f) != getattr(back, f)]
         if diff:
-            raise ValueError(f"model_type={fam.model_type!r} cannot express this MoE config: "
+            raise UsageError(f"model_type={fam.model_type!r} cannot express this MoE config: "
                              + ", ".join(f"MoEConfig.{n}={a!r} (the format implies {b!r})" for n, a, b in diff))
 
 
@@ -156,7 +157,7 @@ def save_hf(model: MoETransformer, folder: str | Path, model_type: str | None = 
     """Write config.json + safetensors (sharded with an index above ``max_shard_bytes``) atomically."""
     model_type = model_type or getattr(model, "hf_model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(f"model_type={model_type!r}: choose one of {sorted(FAMILIES)}")
+        raise UsageError(f"model_type={model_type!r}: choose one of {sorted(FAMILIES)}")
     fam = FAMILIES[model_type]
     hf_cfg = fam.to_hf(model.cfg)
     sd = model.state_dict()
