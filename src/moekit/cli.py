@@ -360,9 +360,11 @@ _RUN_MARKERS = ("latest", "tokenizer.json", "metrics.jsonl", "summary.json", "ck
 
 def _check_run_dir(out, resume: bool, overwrite: bool) -> None:
     """One run per folder: a second run would mix its metrics into the first's and replace its tokenizer."""
+    has_checkpoint = (out / "latest").is_file() or any(out.glob("ckpt-*"))
     if resume:
-        if not ((out / "latest").is_file() or any(out.glob("ckpt-*"))):
-            raise UsageError(f"--resume: {out} holds no checkpoint to continue; drop --resume to start a new run")
+        if not has_checkpoint:
+            raise UsageError(f"--resume: {out} holds no checkpoint to continue; start the run again "
+                             f"{'with --overwrite' if out.is_dir() and any(out.iterdir()) else 'without --resume'}")
         return
     if not out.is_dir() or not any(out.iterdir()):
         return
@@ -370,7 +372,8 @@ def _check_run_dir(out, resume: bool, overwrite: bool) -> None:
         raise UsageError(f"--out {out}: the folder is not empty and holds no moekit run; choose a new folder")
     if not overwrite:
         raise UsageError(f"--out {out} already holds a run: continue it with --resume, or replace it with "
-                         f"--overwrite")
+                         f"--overwrite" if has_checkpoint else
+                         f"--out {out} holds a run stopped before its first checkpoint: replace it with --overwrite")
 
 
 def _check_resume_config(out, cfg) -> None:

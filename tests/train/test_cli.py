@@ -257,3 +257,17 @@ def test_sequence_length_and_memory_limits_are_checked_up_front(docs, tmp_path, 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_replaced(docs, tmp_path, capsys):
+    """A hard kill (second Ctrl-C, SIGKILL) before the first checkpoint leaves the tokenizer and maybe metrics:
+    neither a plain start nor --resume can use the folder, and both say to --overwrite it."""
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / "tokenizer.json").write_text("{}")
+    for extra, message in ([], "stopped before its first checkpoint: replace it with --overwrite"), \
+                          (["--resume"], "holds no checkpoint to continue; start the run again with --overwrite"):
+        assert _train(docs, run, 2, *extra) == 2
+        assert message in capsys.readouterr().err
+    assert _train(docs, run, 2, "--overwrite") == 0
+    assert (run / "latest").read_text().strip() == "ckpt-000002"
