@@ -1,115 +1,150 @@
-"""``patch(hf_model)``: swap the MoE blocks of a loaded transformers model for moekit's MoELayer in place.
+"""``patch(hf_model)``: swap the sparse MoE blocks of a loaded transformers model for moekit's MoELayer in place.
 
-The HF model keeps its attention, embeddings, generation and loss code; only ``model.layers[i].mlp`` (the
-sparse MoE block) changes. Weights are copied from the HF block by one declarative table (HF block tensor
--> MoELayer tensor, with the split of HF's fused ``gate_up_proj``), so outputs are identical.
+The HF model keeps its attention, embeddings, dense FFN layers, generation and loss code; only the modules of
+the family's sparse-block class (``patch_families.PATCH_FAMILIES``) change. Weights come from the HF block by the
+entry's key map, so outputs and gradients are the same function.
 
 Router logits: transformers collects them with forward hooks on instances of its router class
-(``output_router_logits=True`` -> ``outputs.router_logits`` and the load-balancing loss). The HF router
-module is kept as ``block.gate``, its weight shared with moekit's router, and re-classed so that calling
-it only echoes the logits moekit computed: the hooks fire exactly as before and see the same tensor.
+(``output_router_logits=True`` -> ``outputs.router_logits`` and the load-balancing loss). The HF router module
+is kept under its own name (``block.gate``, ``block.router``: some recorders match the module path), its weight
+shared with moekit's router, and re-classed so that calling it only echoes the logits moekit computed: the hooks
+fire exactly as before and see the same tensor.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import re
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from moekit.interop.hf import family_of
+from moekit.config import LossConfig, MoEConfig
+from moekit.errors import UsageError
+from moekit.interop.patch_families import NOT_PATCHABLE, PATCH_FAMILIES, TRANSFORMS, PatchEntry
 from moekit.layers.moe import MoELayer
 
-# (HF block tensor, MoELayer tensor, transform); transforms act on the HF tensor
-BLOCK_KEYS = [
-    ("gate.weight", "router.gate.weight", None),
-    ("gate.e_score_correction_bias", "router.bias", None),  # DeepSeek-V3 selection bias
-    ("experts.gate_up_proj", "experts.w_gate_EFD", "first_half"),  # [E, 2F, D]: gate rows, then up rows
-    ("experts.gate_up_proj", "experts.w_up_EFD", "second_half"),
-    ("experts.down_proj", "experts.w_down_EDF", None),
-    ("shared_expert.gate_proj.weight", "shared.w_gate.weight", None),  # Qwen2-MoE
-    ("shared_expert.up_proj.weight", "shared.w_up.weight", None),
-    ("shared_expert.down_proj.weight", "shared.w_down.weight", None),
-    ("shared_expert_gate.weight", "shared_gate.weight", None),
-    ("shared_experts.gate_proj.weight", "shared.w_gate.weight", None),  # DeepSeek-V3
-    ("shared_experts.up_proj.weight", "shared.w_up.weight", None),
-    ("shared_experts.down_proj.weight", "shared.w_down.weight", None),
-]
-TRANSFORMS = {None: lambda t: t, "first_half": lambda t: t.chunk(2, dim=-2)[0],
-              "second_half": lambda t: t.chunk(2, dim=-2)[1]}
 
-
-class _RouterLogitsEcho:
-    """Mixed in front of the HF router class: forward(logits) returns HF's (logits, weights, indices) shape
-    with the logits moekit computed, so transformers' output-recording hooks (index 0) see them."""
-
+def _echo(router: nn.Module, logits_index: int) -> nn.Module:
+    """Re-class the HF router so forward(logits) returns its output tuple with moekit's logits at the index
+    transformers' recorder reads (0 for most routers, 1 for Llama 4, 4 for JetMoE)."""
     def forward(self, logits_TE: Tensor):
-        return logits_TE, None, None
+        return (None,) * logits_index + (logits_TE,)
 
-
-def _echo(router: nn.Module) -> nn.Module:
-    router.__class__ = type(f"Echo{type(router).__name__}", (_RouterLogitsEcho, type(router)), {})
+    router.__class__ = type(f"Echo{type(router).__name__}", (type(router),), {"forward": forward})
     return router
 
 
 class PatchedMoEBlock(nn.Module):
     """moekit's MoELayer behind the HF block interface: hidden_states [B, S, D] -> [B, S, D]."""
 
-    def __init__(self, moe: MoELayer, hf_router: nn.Module):
+    def __init__(self, moe: MoELayer, router_name: str, hf_router: nn.Module, router_weight: nn.Parameter,
+                 logits_index: int, jitter_eps: float = 0.0, output_bias: nn.Parameter | None = None):
         super().__init__()
         self.moe = moe
-        self.gate = _echo(hf_router)
-        self.moe.router.gate.weight = self.gate.weight  # one parameter, visible under both names
+        self.moe.router.gate.weight = router_weight  # one parameter, also the HF router's
+        self.router_name = router_name
+        self.add_module(router_name, _echo(hf_router, logits_index))
+        # Mixtral/DBRX multiply the block input (router and experts see it) by U(1-eps, 1+eps) in training
+        self.jitter_eps = jitter_eps
+        self.bias = output_bias
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        out = self.moe(hidden_states)
-        logits_TE = out.aux.logits_TE
-        self.gate(logits_TE.to(hidden_states.dtype))
-        return out.y
+        x = hidden_states
+        if self.training and self.jitter_eps > 0:
+            # in place, as transformers does: MiniMax reuses the block input as its residual, so the noise
+            # reaches the residual too
+            x *= torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        out = self.moe(x)
+        getattr(self, self.router_name)(out.aux.logits_TE.to(x.dtype))
+        return out.y if self.bias is None else out.y + self.bias
 
 
-def moe_state_from_block(block: nn.Module, layer: MoELayer) -> dict[str, Tensor]:
-    """MoELayer state dict built from an HF sparse MoE block by BLOCK_KEYS; shapes checked."""
+def entry_for(config: Any) -> PatchEntry:
+    mt = getattr(config, "model_type", None)
+    if mt in NOT_PATCHABLE:
+        raise UsageError(f"model_type={mt!r}: patch cannot reproduce this family: {NOT_PATCHABLE[mt]}")
+    if mt not in PATCH_FAMILIES:
+        raise UsageError(f"model_type={mt!r}: no patch entry; patchable: {sorted(PATCH_FAMILIES)}")
+    return PATCH_FAMILIES[mt]
+
+
+def block_tensors(entry: PatchEntry, block: nn.Module) -> dict[str, Tensor]:
+    """MoELayer tensors from an HF block by the entry's key map; every HF tensor must find a place."""
     src = block.state_dict()
-    want = layer.state_dict()
-    out = {}
-    for hk, mk, transform in BLOCK_KEYS:
-        if hk in src and mk in want:
-            t = TRANSFORMS[transform](src[hk])
-            if tuple(t.shape) != tuple(want[mk].shape):
-                raise ValueError(f"HF block tensor {hk!r} gives shape {tuple(t.shape)} for {mk!r}, expected "
-                                 f"{tuple(want[mk].shape)}")
-            out[mk] = t
-    missing = sorted(set(want) - set(out))
-    if missing:
-        raise ValueError(f"HF block {type(block).__name__} has no tensors for moekit's {missing}")
+    E = _num_experts(entry, src)
+    out = {mk: TRANSFORMS[t](src[hk], E) for hk, mk, t in entry.keys if hk in src}
+    left = sorted(set(src) - {hk for hk, _, _ in entry.keys} - {entry.output_bias})
+    if left:
+        raise UsageError(f"{type(block).__name__} holds tensors moekit's MoELayer has no place for: {left}; "
+                         "patching would change the outputs")
     return out
 
 
-def patch(hf_model: nn.Module, dispatcher: str = "local", experts: str = "auto") -> nn.Module:
-    """Replace every sparse MoE block of a transformers causal LM (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-    DeepSeek-V3) by moekit's MoELayer with the same weights; returns the same model object.
+def _num_experts(entry: PatchEntry, src: dict[str, Tensor]) -> int:
+    router_key = next(hk for hk, mk, _ in entry.keys if mk == "router.gate.weight")
+    return src[router_key].shape[0]
 
-    The patched blocks' parameters are moekit's (``mlp.moe.*``); export with ``moekit.interop.hf.save_hf``
-    after ``load_hf``-style conversion, not with ``save_pretrained``.
+
+def moe_config(entry: PatchEntry, text_cfg: Any, layer: int, tensors: dict[str, Tensor],
+               dispatcher: str) -> MoEConfig:
+    E, D = tensors["router.gate.weight"].shape
+    shared = tensors.get("shared.w_up.weight")
+    return MoEConfig(d_model=D, num_experts=E, expert_hidden=tensors["experts.w_up_EFD"].shape[1],
+                     activation=entry.activation(text_cfg), num_shared_experts=int(shared is not None),
+                     shared_hidden=0 if shared is None else shared.shape[0],
+                     shared_gate="shared_gate.weight" in tensors, dispatcher=dispatcher,
+                     router=entry.gating(text_cfg, layer), loss=LossConfig(aux_coef=0.0))
+
+
+def _logits_index(hf_model: nn.Module, router: nn.Module) -> int:
+    specs = getattr(hf_model, "_can_record_outputs", None) or {}
+    specs = specs.get("router_logits", [])
+    for spec in specs if isinstance(specs, list) else [specs]:
+        target = getattr(spec, "target_class", spec)
+        if isinstance(target, type) and isinstance(router, target):
+            return getattr(spec, "index", 1)  # a bare class records index 1 (transformers' rule)
+    return 0
+
+
+def _layer_index(name: str) -> int:
+    found = re.findall(r"\.(\d+)(?:\.|$)", name)
+    return int(found[-1]) if found else 0
+
+
+def patched_block(hf_model: nn.Module, entry: PatchEntry, block: nn.Module, layer: int,
+                  dispatcher: str = "auto") -> PatchedMoEBlock:
+    text_cfg = hf_model.config.get_text_config()
+    tensors = block_tensors(entry, block)
+    cfg = moe_config(entry, text_cfg, layer, tensors, dispatcher)
+    w = tensors["experts.w_up_EFD"]
+    moe = MoELayer(cfg).to(device=w.device, dtype=w.dtype)
+    moe.router.float()  # router maths and the DeepSeek selection bias stay float32, as in HF
+    missing, unexpected = moe.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - {"router.bias"}:  # DeepSeek-V2 has no selection bias: moekit's stays 0
+        raise RuntimeError(f"{entry.block} key map: MoELayer tensors missing {missing}, unexpected {unexpected}")
+    router = block.get_submodule(entry.router)
+    router_key = next(hk for hk, mk, _ in entry.keys if mk == "router.gate.weight")
+    bias = block.get_parameter(entry.output_bias) if entry.output_bias else None
+    patched = PatchedMoEBlock(moe, entry.router, router, block.get_parameter(router_key), _logits_index(hf_model, router),
+                              entry.jitter_eps(text_cfg), bias)
+    return patched.train(block.training)
+
+
+def patch(hf_model: nn.Module, dispatcher: str = "auto") -> nn.Module:
+    """Replace every sparse MoE block of a transformers model (any family in ``PATCH_FAMILIES``) by moekit's
+    MoELayer with the same weights; returns the same model object.
+
+    The patched blocks' parameters are moekit's (``...mlp.moe.*``); to get an HF checkpoint back, convert with
+    ``moekit.interop.hf``, not ``save_pretrained``.
     """
     config = getattr(hf_model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
+    if config is None or not hasattr(config, "get_text_config"):
         raise TypeError(f"hf_model must be a transformers PreTrainedModel, got {type(hf_model).__name__}")
-    moe_cfg = family_of(config.to_dict()).to_moekit(config.to_dict()).moe
-    moe_cfg = dataclasses.replace(moe_cfg, dispatcher=dispatcher, experts=experts)  # validated by MoEConfig
-    layers = getattr(getattr(hf_model, "model", hf_model), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(hf_model).__name__} has no .model.layers: not a supported decoder LM")
-    n = 0
-    for layer in layers:
-        block = layer.mlp
-        if isinstance(block, PatchedMoEBlock) or not hasattr(block, "experts"):
-            continue  # already patched, or a dense layer (DeepSeek first_k_dense, Qwen mlp_only_layers)
-        ref = block.gate.weight
-        moe = MoELayer(moe_cfg).to(device=ref.device, dtype=ref.dtype)
-        moe.load_state_dict(moe_state_from_block(block, moe))
-        layer.mlp = PatchedMoEBlock(moe, block.gate).train(block.training)
-        n += 1
-    if n == 0:
-        raise ValueError(f"{type(hf_model).__name__}: no sparse MoE blocks found to patch")
+    entry = entry_for(config)
+    blocks = [(name, m) for name, m in hf_model.named_modules() if type(m).__name__ == entry.block]
+    for name, block in blocks:
+        hf_model.set_submodule(name, patched_block(hf_model, entry, block, _layer_index(name), dispatcher))
+    if not blocks and not any(isinstance(m, PatchedMoEBlock) for m in hf_model.modules()):
+        raise UsageError(f"{type(hf_model).__name__}: no {entry.block} modules found to patch")
     return hf_model

@@ -1,0 +1,187 @@
+"""What ``patch`` needs to know about each transformers MoE family: one declarative entry per family.
+
+An entry names the family's sparse MoE block class, the block's router attribute (transformers records
+``router_logits`` with hooks on that module), a key map from the block's tensors to MoELayer tensors with a
+linear reshape rule each, and the gating details (``RouterConfig``) read from the family's transformers config
+object, so every default is transformers' own. The number of experts, widths and the shared expert come from
+the block's tensors (some families vary them per layer).
+
+Gating shapes that are the same function under another name map onto one moekit router:
+- top-k of the logits, then softmax over the k kept (Granite, JetMoE) = softmax, top-k, renormalise;
+- DBRX's p=1 norm of the kept (positive) softmax weights = renormalise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from moekit.config import RouterConfig
+from moekit.errors import ConfigError
+
+# reshape rules, HF tensor -> moekit tensor; each is linear, so it maps gradients the same way (tests rely on it)
+TRANSFORMS: dict[str, Callable[[Tensor, int], Tensor]] = {
+    "same": lambda t, E: t,
+    "first_half": lambda t, E: t.chunk(2, dim=-2)[0],  # fused [E, 2F, D]: gate rows, then up rows
+    "second_half": lambda t, E: t.chunk(2, dim=-2)[1],
+    "flat": lambda t, E: t.reshape(-1),  # [1, E] -> [E]
+    "rows_EFD": lambda t, E: t.view(E, -1, t.shape[-1]),  # DBRX: experts stacked along rows [E*F, D]
+    "rows_EFD_T": lambda t, E: t.view(E, -1, t.shape[-1]).transpose(1, 2),  # DBRX w2 [E*F, D] -> [E, D, F]
+}
+
+Key = tuple[str, str, str]  # (HF tensor under the block, MoELayer tensor, TRANSFORMS name)
+
+FUSED_EXPERTS: tuple[Key, ...] = (
+    ("experts.gate_up_proj", "experts.w_gate_EFD", "first_half"),
+    ("experts.gate_up_proj", "experts.w_up_EFD", "second_half"),
+    ("experts.down_proj", "experts.w_down_EDF", "same"),
+)
+
+
+def shared_keys(prefix: str) -> tuple[Key, ...]:
+    return tuple((f"{prefix}.{h}.weight", f"shared.{m}.weight", "same")
+                 for h, m in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")))
+
+
+def _get(cfg: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _per_layer(value: Any, layer: int) -> Any:
+    return value[layer] if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------- gating: HF config (+ layer index) -> RouterConfig
+def softmax_topk(renorm_field: str | None, default: bool = True, k_field: str = "num_experts_per_tok"):
+    """Softmax over all experts, top-k, optionally renormalised (Mixtral, Qwen-MoE, OLMoE, Hunyuan)."""
+    def gating(cfg: Any, layer: int) -> RouterConfig:
+        renorm = default if renorm_field is None else bool(_get(cfg, renorm_field, default=default))
+        return RouterConfig(kind="softmax_topk", top_k=int(_per_layer(getattr(cfg, k_field), layer)),
+                            renormalize=renorm)
+    return gating
+
+
+def topk_softmax(cfg: Any, layer: int) -> RouterConfig:
+    """Top-k of the logits, softmax over the kept k (Granite, JetMoE): softmax top-k renormalised."""
+    return RouterConfig(kind="softmax_topk", top_k=int(cfg.num_experts_per_tok), renormalize=True)
+
+
+def deepseek_v3(cfg: Any, layer: int) -> RouterConfig:
+    """Sigmoid scores, selection bias, group-limited (sum of the two best per group), renormalised, scaled."""
+    return RouterConfig(kind="deepseek", score_func="sigmoid", top_k=int(cfg.num_experts_per_tok),
+                        n_groups=int(_get(cfg, "n_group", default=1)), topk_groups=int(_get(cfg, "topk_group", default=1)),
+                        renormalize=bool(cfg.norm_topk_prob), routed_scaling_factor=float(cfg.routed_scaling_factor))
+
+
+def deepseek_v2(cfg: Any, layer: int) -> RouterConfig:
+    """Softmax scores, greedy or group-limited greedy (best expert per group), scaled, never renormalised."""
+    grouped = cfg.topk_method == "group_limited_greedy"
+    if cfg.topk_method not in ("greedy", "group_limited_greedy"):
+        raise ConfigError(f"config.topk_method={cfg.topk_method!r}: patch knows 'greedy' and 'group_limited_greedy'")
+    return RouterConfig(kind="deepseek", score_func="softmax", top_k=int(cfg.num_experts_per_tok),
+                        n_groups=int(cfg.n_group) if grouped else 1, topk_groups=int(cfg.topk_group) if grouped else 1,
+                        renormalize=False, routed_scaling_factor=float(cfg.routed_scaling_factor))
+
+
+def ernie(cfg: Any, layer: int) -> RouterConfig:
+    """Softmax scores, selection by score + correction bias, kept weights renormalised (clamped at moe_norm_min,
+    which a sum of k >= 2 softmax weights never reaches)."""
+    k = int(cfg.num_experts_per_tok)
+    if k < 2:  # moekit's softmax DeepSeek router leaves a single weight unnormalised; ERNIE divides it to 1
+        raise ConfigError(f"config.num_experts_per_tok={k}: patch supports ERNIE-4.5-MoE with top-k >= 2")
+    return RouterConfig(kind="deepseek", score_func="softmax", top_k=k, renormalize=True)
+
+
+def dbrx(cfg: Any, layer: int) -> RouterConfig:
+    ffn = cfg.ffn_config
+    p = ffn.moe_normalize_expert_weights
+    if p not in (None, 1, 1.0):
+        raise ConfigError(f"config.ffn_config.moe_normalize_expert_weights={p!r}: patch supports 1 (renormalise) "
+                          "or None")
+    return RouterConfig(kind="softmax_topk", top_k=int(ffn.moe_top_k), renormalize=p is not None)
+
+
+# ---------------------------------------------------------------- activations
+def hidden_act(field_name: str = "hidden_act") -> Callable[[Any], str]:
+    def act(cfg: Any) -> str:
+        name = getattr(cfg, field_name)
+        if isinstance(name, dict):  # DBRX: ffn_act_fn = {"name": ...}
+            name = name.get("name", "silu")
+        if name not in ("silu", "gelu"):
+            raise ConfigError(f"config.{field_name}={name!r}: patch supports gated 'silu' (SwiGLU) and 'gelu' (GeGLU)")
+        return {"silu": "swiglu", "gelu": "geglu"}[name]
+    return act
+
+
+@dataclass(frozen=True)
+class PatchEntry:
+    block: str  # transformers class of the sparse MoE block
+    router: str  # the block's router module (transformers hooks it to record router_logits)
+    keys: tuple[Key, ...]  # every tensor of the block, mapped
+    gating: Callable[[Any, int], RouterConfig]  # (HF text config, layer index) -> RouterConfig
+    activation: Callable[[Any], str] = field(default_factory=hidden_act)
+    jitter: str | None = None  # config field (dotted): training-time multiplicative noise on the block input
+    output_bias: str | None = None  # HF tensor added to the block output (JetMoE)
+
+    def jitter_eps(self, cfg: Any) -> float:
+        if self.jitter is None:
+            return 0.0
+        for name in self.jitter.split("."):
+            cfg = getattr(cfg, name, None)
+        return float(cfg or 0.0)
+
+
+def standard(prefix: str, gating, *, gate: str = "gate", router_key: str = "gate.weight", extra: tuple = (),
+             **kw) -> PatchEntry:
+    """A transformers v5 block: router weight [E, D], fused experts.gate_up_proj / experts.down_proj."""
+    return PatchEntry(block=prefix, router=gate, keys=((router_key, "router.gate.weight", "same"),) + FUSED_EXPERTS
+                      + extra, gating=gating, **kw)
+
+
+QWEN_SHARED = shared_keys("shared_expert") + (("shared_expert_gate.weight", "shared_gate.weight", "same"),)
+DEEPSEEK_SHARED = shared_keys("shared_experts")
+E_SCORE_BIAS = (("gate.e_score_correction_bias", "router.bias", "same"),)
+
+PATCH_FAMILIES: dict[str, PatchEntry] = {
+    "mixtral": standard("MixtralSparseMoeBlock", softmax_topk(None), jitter="router_jitter_noise"),
+    "minimax": standard("MiniMaxSparseMoeBlock", softmax_topk(None), jitter="router_jitter_noise"),
+    "qwen2_moe": standard("Qwen2MoeSparseMoeBlock", softmax_topk("norm_topk_prob"), extra=QWEN_SHARED),
+    "qwen3_moe": standard("Qwen3MoeSparseMoeBlock", softmax_topk("norm_topk_prob")),
+    "qwen3_next": standard("Qwen3NextSparseMoeBlock", softmax_topk("norm_topk_prob"), extra=QWEN_SHARED),
+    "olmoe": standard("OlmoeSparseMoeBlock", softmax_topk("norm_topk_prob")),
+    "flex_olmo": standard("FlexOlmoSparseMoeBlock", softmax_topk("norm_topk_prob")),
+    "hunyuan_v1_moe": standard("HunYuanMoEV1Moe", softmax_topk(None, k_field="moe_topk"), router_key="gate.wg.weight",
+                               extra=shared_keys("shared_mlp")),
+    "granitemoe": standard("GraniteMoeMoE", topk_softmax, gate="router", router_key="router.weight"),
+    "granitemoeshared": standard("GraniteMoeSharedMoE", topk_softmax, gate="router", router_key="router.weight"),
+    "deepseek_v2": standard("DeepseekV2Moe", deepseek_v2, extra=DEEPSEEK_SHARED),
+    "deepseek_v3": standard("DeepseekV3MoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "glm4_moe": standard("Glm4MoeMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "dots1": standard("Dots1MoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "ernie4_5_moe": standard("Ernie4_5_MoeSparseMoeBlock", ernie, extra=(
+        ("gate.moe_statics.e_score_correction_bias", "router.bias", "flat"),) + shared_keys("shared_experts")),
+    "jetmoe": PatchEntry(block="JetMoeMoE", router="router", keys=(
+        ("router.layer.weight", "router.gate.weight", "same"),
+        ("input_linear.weight", "experts.w_gate_EFD", "first_half"),
+        ("input_linear.weight", "experts.w_up_EFD", "second_half"),
+        ("output_linear.weight", "experts.w_down_EDF", "same")),
+        gating=topk_softmax, activation=hidden_act("activation_function"), output_bias="bias"),
+    "dbrx": PatchEntry(block="DbrxFFN", router="router", keys=(
+        ("router.layer.weight", "router.gate.weight", "same"),
+        ("experts.mlp.w1", "experts.w_gate_EFD", "rows_EFD"),
+        ("experts.mlp.v1", "experts.w_up_EFD", "rows_EFD"),
+        ("experts.mlp.w2", "experts.w_down_EDF", "rows_EFD_T")),
+        gating=dbrx, activation=lambda cfg: hidden_act("ffn_act_fn")(cfg.ffn_config),
+        jitter="ffn_config.moe_jitter_eps"),
+}
+
+# families whose MoE block moekit's MoELayer does not compute; the tests in tests/interop/test_patch_families.py
+# measure each reason
+NOT_PATCHABLE: dict[str, str] = {}

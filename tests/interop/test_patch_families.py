@@ -1,0 +1,150 @@
+"""``patch`` against transformers' own modules, one tiny random model per family (from_config, no hub).
+
+For every entry of PATCH_FAMILIES: the patched model gives the unpatched model's logits and the same gradient
+for every parameter (float32, eval mode), expert gradients compared through the entry's key map; a bf16 model
+patches and runs. Families with training-time input jitter draw the same noise as transformers.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from moekit.interop.patch import PatchedMoEBlock, patch
+from moekit.interop.patch_families import PATCH_FAMILIES, TRANSFORMS
+
+transformers = pytest.importorskip("transformers")
+
+V = 96
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=V,
+            max_position_embeddings=64, tie_word_embeddings=False)
+MOE = dict(num_experts_per_tok=2, intermediate_size=24)
+FAMILIES = {
+    "mixtral": dict(MOE, num_local_experts=4, router_jitter_noise=0.1),
+    "minimax": dict(MOE, num_local_experts=4, router_jitter_noise=0.1, head_dim=8,
+                    layer_types=["full_attention", "linear_attention"]),
+    "qwen2_moe": dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      norm_topk_prob=False),
+    "qwen3_moe": dict(MOE, num_experts=4, moe_intermediate_size=16, head_dim=8, mlp_only_layers=[0]),
+    "qwen3_next": dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
+                       layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+                       linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8),
+    "olmoe": dict(MOE, num_experts=4, norm_topk_prob=True),
+    "flex_olmo": dict(MOE, num_experts=4, pad_token_id=0, eos_token_id=0),
+    "hunyuan_v1_moe": dict(MOE, num_experts=4, moe_topk=2, head_dim=8),
+    "granitemoe": dict(MOE, num_local_experts=4),
+    "granitemoeshared": dict(MOE, num_local_experts=4, shared_intermediate_size=24),
+    "deepseek_v2": dict(MOE, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=16, n_group=4,
+                        topk_group=2, topk_method="group_limited_greedy", routed_scaling_factor=1.5,
+                        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+                        qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
+    "deepseek_v3": dict(MOE, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=16, n_group=4,
+                        topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, kv_lora_rank=16,
+                        q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
+    "glm4_moe": dict(MOE, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=16, n_group=2, topk_group=1,
+                     routed_scaling_factor=1.5, first_k_dense_replace=1, head_dim=8),
+    "dots1": dict(MOE, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=16, n_group=2, topk_group=1,
+                  routed_scaling_factor=2.0, first_k_dense_replace=1, head_dim=8),
+    "ernie4_5_moe": dict(MOE, moe_num_experts=4, moe_num_shared_experts=1, moe_intermediate_size=16,
+                         moe_layer_start_index=0, head_dim=8),
+    "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24, kv_channels=8,
+                   num_key_value_heads=2),
+    "dbrx": dict(d_model=32, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64,
+                 attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0), ffn_config=dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2,
+                                                                 moe_jitter_eps=0.1)),
+}
+
+
+def tiny_hf(model_type, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    kw = {**(TINY if model_type != "dbrx" else {}), **FAMILIES[model_type]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.AutoConfig.for_model(model_type, **kw)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # HF zero-inits some tensors (routers, correction biases): randomise everything
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and "rotary" not in name and "inv_freq" not in name:
+                t.normal_(1.0 if "norm" in name and t.dim() == 1 else 0.0, 0.1 if "norm" in name else 0.05)
+    return model.to(dtype)
+
+
+def ids_labels(seed=1):
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(seed))
+    return ids, ids
+
+
+def grad_pairs(ref, patched):
+    """(name, reference gradient, patched gradient) for every parameter of the reference model."""
+    blocks = {n: m for n, m in patched.named_modules() if isinstance(m, PatchedMoEBlock)}
+    entry = PATCH_FAMILIES[ref.config.model_type]
+    got = dict(patched.named_parameters(remove_duplicate=False))
+    for name, p in ref.named_parameters():
+        if not p.requires_grad:  # ERNIE's correction bias: a frozen parameter in HF, a buffer in moekit
+            continue
+        prefix = next((b for b in blocks if name.startswith(b + ".")), None)
+        if prefix is None:
+            yield name, p.grad, got[name].grad
+            continue
+        sub = name[len(prefix) + 1:]
+        if sub == entry.output_bias:
+            yield name, p.grad, got[name].grad
+            continue
+        E = blocks[prefix].moe.cfg.num_experts
+        rules = [(mk, t) for hk, mk, t in entry.keys if hk == sub]
+        assert rules, f"{name} has no rule in the {ref.config.model_type} key map"
+        for mk, t in rules:
+            yield f"{name} -> {mk}", TRANSFORMS[t](p.grad, E), got[f"{prefix}.moe.{mk}"].grad
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_patch_matches_hf_forward_and_backward(model_type):
+    ref = tiny_hf(model_type)
+    model = patch(copy.deepcopy(ref))
+    n = sum(isinstance(m, PatchedMoEBlock) for m in model.modules())
+    assert n >= 1 and not any(type(m).__name__ == PATCH_FAMILIES[model_type].block for m in model.modules())
+    ids, labels = ids_labels()
+    want = ref(ids, labels=labels, output_router_logits=True)
+    got = model(ids, labels=labels, output_router_logits=True)
+    assert (got.logits - want.logits).abs().max().item() <= 1e-5
+    # transformers' hooks still collect the router logits (and its load-balancing loss, part of .loss)
+    assert len(got.router_logits) == len(want.router_logits) >= n
+    for a, b in zip(got.router_logits, want.router_logits):
+        assert (a - b).abs().max().item() <= 1e-5
+    want.loss.backward()
+    got.loss.backward()
+    pairs = list(grad_pairs(ref, model))
+    assert len(pairs) >= len(list(ref.parameters()))
+    for name, g_ref, g in pairs:
+        assert g_ref is not None and g is not None, name
+        assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-6), f"{name}: {(g - g_ref).abs().max().item()}"
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_patch_runs_in_bf16(model_type):
+    ref = tiny_hf(model_type, dtype=torch.bfloat16)
+    model = patch(copy.deepcopy(ref))
+    ids, labels = ids_labels()
+    with torch.no_grad():
+        want = ref(ids).logits.float()
+        got = model(ids).logits.float()
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    # bf16 rounding differs (moekit computes router logits in float32, which may flip a near-tie choice)
+    assert (got - want).abs().mean().item() <= 0.05 * want.abs().mean().item()
+
+
+@pytest.mark.parametrize("model_type", [m for m in sorted(FAMILIES) if PATCH_FAMILIES[m].jitter])
+def test_training_jitter_draws_the_same_noise(model_type):
+    ref = tiny_hf(model_type).train()
+    model = patch(copy.deepcopy(ref))
+    assert all(b.jitter_eps == 0.1 for b in model.modules() if isinstance(b, PatchedMoEBlock))
+    ids, _ = ids_labels()
+    torch.manual_seed(5)
+    want = ref(ids).logits
+    torch.manual_seed(5)
+    got = model(ids).logits
+    torch.manual_seed(6)
+    other = model(ids).logits
+    assert (got - want).abs().max().item() <= 1e-5
+    assert (other - want).abs().max().item() > 1e-4  # the noise is really drawn
