@@ -56,9 +56,10 @@ FAMILIES = {
 }
 
 
-def tiny_hf(model_type, dtype=torch.float32, seed=0):
+def tiny_hf(model_type, dtype=torch.float32, seed=0, **over):
+    """A tiny random HF model of the family (``over``: config fields off the tiny defaults)."""
     torch.manual_seed(seed)
-    kw = {**(TINY if model_type != "dbrx" else {}), **FAMILIES[model_type]}
+    kw = {**(TINY if model_type != "dbrx" else {}), **FAMILIES[model_type], **over}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = transformers.AutoConfig.for_model(model_type, **kw)

@@ -44,7 +44,11 @@ class PatchedMoEBlock(nn.Module):
         self.moe = moe
         self.moe.router.gate.weight = router_weight  # one parameter, also the HF router's
         self.router_name = router_name
-        self.add_module(router_name, _echo(hf_router, logits_index))
+        router = _echo(hf_router, logits_index)
+        for m in router.modules():  # its tensors now live in moekit's router: one copy for prune/merge/state dicts
+            m._parameters.clear()
+            m._buffers.clear()
+        self.add_module(router_name, router)
         # Mixtral/DBRX multiply the block input (router and experts see it) by U(1-eps, 1+eps) in training
         self.jitter_eps = jitter_eps
         self.bias = output_bias
@@ -107,7 +111,7 @@ def _logits_index(hf_model: nn.Module, router: nn.Module) -> int:
     return 0
 
 
-def _layer_index(name: str) -> int:
+def layer_index(name: str) -> int:
     found = re.findall(r"\.(\d+)(?:\.|$)", name)
     return int(found[-1]) if found else 0
 
@@ -144,7 +148,7 @@ def patch(hf_model: nn.Module, dispatcher: str = "auto") -> nn.Module:
     entry = entry_for(config)
     blocks = [(name, m) for name, m in hf_model.named_modules() if type(m).__name__ == entry.block]
     for name, block in blocks:
-        hf_model.set_submodule(name, patched_block(hf_model, entry, block, _layer_index(name), dispatcher))
+        hf_model.set_submodule(name, patched_block(hf_model, entry, block, layer_index(name), dispatcher))
     if not blocks and not any(isinstance(m, PatchedMoEBlock) for m in hf_model.modules()):
         raise UsageError(f"{type(hf_model).__name__}: no {entry.block} modules found to patch")
     return hf_model

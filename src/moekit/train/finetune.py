@@ -20,12 +20,17 @@ nor Adam moments (2 tensors per parameter) are ever allocated for them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from moekit.config import ConfigError, ModelConfig, TrainConfig, check, check_choice, check_fraction, check_positive_int
+from moekit.config import (ConfigError, ModelConfig, MoEConfig, TrainConfig, check, check_choice, check_fraction,
+                           check_positive_int)
+from moekit.deploy import moe_layers, replace_module
+from moekit.layers.moe import MoELayer
 from moekit.models.decoder import MoETransformer
 from moekit.train.data import TokenStream
 from moekit.train.trainer import train
@@ -102,23 +107,36 @@ def finetune_config(cfg: ModelConfig, recipe: FinetuneRecipe) -> ModelConfig:
     capacity (evaluation stays as configured, dropless by default)."""
     if recipe.dropout is not None:
         cfg = dataclasses.replace(cfg, dropout=recipe.dropout)
-    m = cfg.moe
-    if m is None:
-        return cfg
+    return cfg if cfg.moe is None else dataclasses.replace(cfg, moe=finetune_moe_config(cfg.moe, recipe))
+
+
+def finetune_moe_config(m: MoEConfig, recipe: FinetuneRecipe) -> MoEConfig:
+    """One MoE layer's config with the recipe's expert dropout, aux-loss coefficient and training capacity."""
     if recipe.expert_dropout is not None:
         m = dataclasses.replace(m, expert_dropout=recipe.expert_dropout)
     if recipe.aux_coef is not None:
         m = dataclasses.replace(m, loss=dataclasses.replace(m.loss, aux_coef=recipe.aux_coef))
     if recipe.capacity_factor is not None:
         m = dataclasses.replace(m, capacity=dataclasses.replace(m.capacity, capacity_factor=recipe.capacity_factor))
-    return dataclasses.replace(cfg, moe=m)
+    return m
 
 
-def prepare(model: MoETransformer, recipe: FinetuneRecipe) -> MoETransformer:
+def prepare(model: nn.Module, recipe: FinetuneRecipe) -> nn.Module:
     """A copy of ``model`` rebuilt with ``finetune_config`` (dropout modules, capacity and loss settings
-    live in the config) holding the same weights, with the freeze policy applied."""
-    tuned = MoETransformer(finetune_config(model.cfg, recipe)).to(next(model.parameters()).device)
-    tuned.load_state_dict(model.state_dict())
+    live in the config) holding the same weights, with the freeze policy applied.
+
+    Other models holding MoELayers (a patched transformers model, ``interop.patched_lm``) keep their own
+    modules; only their MoE layers are rebuilt with ``finetune_moe_config`` (the dense ``dropout`` is theirs)."""
+    if isinstance(model, MoETransformer):
+        tuned = MoETransformer(finetune_config(model.cfg, recipe)).to(next(model.parameters()).device)
+        tuned.load_state_dict(model.state_dict())
+    else:
+        tuned = copy.deepcopy(model)
+        for name, layer in moe_layers(tuned).items():
+            with torch.device("meta"):
+                new = MoELayer(finetune_moe_config(layer.cfg, recipe))
+            new.load_state_dict(layer.state_dict(), assign=True)  # the layer's own tensors, dtypes and device
+            tuned = replace_module(tuned, name, new)
     apply_freeze(tuned, recipe.freeze)
     return tuned
 
