@@ -11,8 +11,11 @@ import warnings
 import pytest
 import torch
 
-from moekit.interop.patch import PatchedMoEBlock, patch
-from moekit.interop.patch_families import PATCH_FAMILIES, TRANSFORMS
+from moekit.config import RouterConfig
+from moekit.interop.patch import PatchedMoEBlock, moe_config, patch
+from moekit.layers.moe import MoELayer
+from moekit.interop.patch_families import (FUSED_EXPERTS, PATCH_FAMILIES, TRANSFORMS, shared_keys, softmax_topk,
+                                           topk_softmax)
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,8 +54,8 @@ FAMILIES = {
     "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24, kv_channels=8,
                    num_key_value_heads=2),
     "dbrx": dict(d_model=32, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64,
-                 attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0), ffn_config=dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2,
-                                                                 moe_jitter_eps=0.1)),
+                 attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2, moe_jitter_eps=0.1)),
 }
 
 
@@ -149,3 +152,72 @@ def test_training_jitter_draws_the_same_noise(model_type):
     other = model(ids).logits
     assert (got - want).abs().max().item() <= 1e-5
     assert (other - want).abs().max().item() > 1e-4  # the noise is really drawn
+
+
+NEAREST = {  # each NOT_PATCHABLE family's block, mapped onto the closest MoELayer moekit has
+    "llama4_text": (dict(intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=1,
+                         head_dim=8), "Llama4TextMoe", "router",
+                    (("router.weight", "router.gate.weight", "same"),
+                     ("experts.gate_up_proj", "experts.w_gate_EFD", "T_first_half"),
+                     ("experts.gate_up_proj", "experts.w_up_EFD", "T_second_half"),
+                     ("experts.down_proj", "experts.w_down_EDF", "T")) + shared_keys("shared_expert"),
+                    lambda cfg, i: RouterConfig(kind="deepseek", score_func="sigmoid", top_k=1, renormalize=False)),
+    "phimoe": (dict(MOE, num_local_experts=4), "PhimoeSparseMoeBlock", "router",
+               (("router.weight", "router.gate.weight", "same"),) + FUSED_EXPERTS, softmax_topk(None)),
+    "gpt_oss": (dict(MOE, num_local_experts=4, head_dim=8), "GptOssMLP", "router",
+                (("router.weight", "router.gate.weight", "same"),
+                 ("experts.gate_up_proj", "experts.w_gate_EFD", "T_even"),
+                 ("experts.gate_up_proj", "experts.w_up_EFD", "T_odd"),
+                 ("experts.down_proj", "experts.w_down_EDF", "T")), topk_softmax),
+}
+LAYOUTS = {"T": lambda t, E: t.transpose(1, 2), "T_first_half": lambda t, E: t.chunk(2, dim=-1)[0].transpose(1, 2),
+           "T_second_half": lambda t, E: t.chunk(2, dim=-1)[1].transpose(1, 2),
+           "T_even": lambda t, E: t[..., ::2].transpose(1, 2), "T_odd": lambda t, E: t[..., 1::2].transpose(1, 2)}
+
+
+@pytest.mark.parametrize("model_type", sorted(NEAREST))
+def test_not_patchable_families_are_refused_and_the_nearest_moe_layer_differs(model_type, monkeypatch):
+    """The README's reasons, measured: the closest MoELayer (same experts, closest router) computes another
+    function than the family's block, so patch refuses the family with the reason instead."""
+    from moekit.errors import UsageError
+    from moekit.interop.patch import patched_block
+    from moekit.interop.patch_families import NOT_PATCHABLE, PatchEntry
+
+    over, block_cls, router, keys, gating = NEAREST[model_type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.AutoConfig.for_model(model_type, **{**TINY, **over})
+        hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    assert model_type in NOT_PATCHABLE or hf.config.model_type in NOT_PATCHABLE
+    with pytest.raises(UsageError, match="patch cannot reproduce this family"):
+        patch(hf)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, t in hf.named_parameters():
+            t.normal_(0.0, 0.05 if "bias" not in name else 0.0)  # gpt-oss biases 0: its activation alone differs
+    block = next(m for m in hf.modules() if type(m).__name__ == block_cls)
+    for k, f in LAYOUTS.items():
+        monkeypatch.setitem(TRANSFORMS, k, f)
+    src = block.state_dict()
+    tensors = {mk: TRANSFORMS[t](src[hk], len(src["router.weight"])) for hk, mk, t in keys}
+    entry = PatchEntry(block=block_cls, router=router, keys=keys, gating=gating)
+    moe = MoELayer(moe_config(entry, hf.config, 0, tensors, "auto"))
+    missing, unexpected = moe.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"router.bias"}
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        want = block(x)
+        want = (want[0] if isinstance(want, tuple) else want).reshape(x.shape)
+        got = moe(x).y
+    assert (got - want).abs().max().item() > 1e-3, "the nearest MoELayer computes the family's block: patch it"
+    if model_type == "llama4_text":  # the same experts and router gating the expert *input* give Llama 4 exactly
+        x_TD, w = x.reshape(-1, 32), moe.experts
+        r = moe.router(x_TD)
+        with torch.no_grad():
+            gx = [(e, g * x_TD[t]) for t, e, g in zip(r.token_N.tolist(), r.expert_N.tolist(), r.weight_N)]
+            rows = [w.w_down_EDF[e] @ (torch.nn.functional.silu(w.w_gate_EFD[e] @ v) * (w.w_up_EFD[e] @ v))
+                    for e, v in gx]
+            y_TD = torch.stack(rows) + moe.shared(x_TD)
+        assert (y_TD - want.reshape(-1, 32)).abs().max().item() <= 1e-5
+    print(f"{model_type}: nearest MoELayer max |diff| {(got - want).abs().max().item():.3g}, "
+          f"output scale {want.abs().max().item():.3g}")

@@ -130,7 +130,8 @@ def patched_block(hf_model: nn.Module, entry: PatchEntry, block: nn.Module, laye
     router = block.get_submodule(entry.router)
     router_key = next(hk for hk, mk, _ in entry.keys if mk == "router.gate.weight")
     bias = block.get_parameter(entry.output_bias) if entry.output_bias else None
-    patched = PatchedMoEBlock(moe, entry.router, router, block.get_parameter(router_key), _logits_index(hf_model, router),
+    patched = PatchedMoEBlock(moe, entry.router, router, block.get_parameter(router_key),
+                              _logits_index(hf_model, router),
                               entry.jitter_eps(text_cfg), bias)
     return patched.train(block.training)
 

@@ -76,7 +76,8 @@ def topk_softmax(cfg: Any, layer: int) -> RouterConfig:
 def deepseek_v3(cfg: Any, layer: int) -> RouterConfig:
     """Sigmoid scores, selection bias, group-limited (sum of the two best per group), renormalised, scaled."""
     return RouterConfig(kind="deepseek", score_func="sigmoid", top_k=int(cfg.num_experts_per_tok),
-                        n_groups=int(_get(cfg, "n_group", default=1)), topk_groups=int(_get(cfg, "topk_group", default=1)),
+                        n_groups=int(_get(cfg, "n_group", default=1)),
+                        topk_groups=int(_get(cfg, "topk_group", default=1)),
                         renormalize=bool(cfg.norm_topk_prob), routed_scaling_factor=float(cfg.routed_scaling_factor))
 
 
@@ -184,4 +185,13 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
 
 # families whose MoE block moekit's MoELayer does not compute; the tests in tests/interop/test_patch_families.py
 # measure each reason
-NOT_PATCHABLE: dict[str, str] = {}
+NOT_PATCHABLE: dict[str, str] = {
+    "llama4_text": "Llama 4 multiplies each routed token's expert *input* by its sigmoid gate; moekit's experts "
+                   "weight their outputs, which differs for a nonlinear FFN",
+    "llama4": "Llama 4 multiplies each routed token's expert *input* by its sigmoid gate; moekit's experts weight "
+              "their outputs, which differs for a nonlinear FFN",
+    "phimoe": "PhiMoE routes with SparseMixer (second expert picked among those within a jitter threshold of the "
+              "first, weights from masked softmaxes, a Heun straight-through gradient in training), not top-k",
+    "gpt_oss": "gpt-oss experts use a clamped SwiGLU (alpha=1.702, limit, up+1) with per-expert biases and a "
+               "router bias; moekit's FFN has no such activation or biases",
+}
