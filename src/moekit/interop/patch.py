@@ -91,13 +91,13 @@ def _num_experts(entry: PatchEntry, src: dict[str, Tensor]) -> int:
 
 
 def moe_config(entry: PatchEntry, text_cfg: Any, layer: int, tensors: dict[str, Tensor],
-               dispatcher: str) -> MoEConfig:
+               dispatcher: str = "local", experts: str = "auto") -> MoEConfig:
     E, D = tensors["router.gate.weight"].shape
     shared = tensors.get("shared.w_up.weight")
     return MoEConfig(d_model=D, num_experts=E, expert_hidden=tensors["experts.w_up_EFD"].shape[1],
                      activation=entry.activation(text_cfg), num_shared_experts=int(shared is not None),
                      shared_hidden=0 if shared is None else shared.shape[0],
-                     shared_gate="shared_gate.weight" in tensors, dispatcher=dispatcher,
+                     shared_gate="shared_gate.weight" in tensors, dispatcher=dispatcher, experts=experts,
                      router=entry.gating(text_cfg, layer), loss=LossConfig(aux_coef=0.0))
 
 
@@ -117,10 +117,10 @@ def layer_index(name: str) -> int:
 
 
 def patched_block(hf_model: nn.Module, entry: PatchEntry, block: nn.Module, layer: int,
-                  dispatcher: str = "auto") -> PatchedMoEBlock:
+                  dispatcher: str = "local", experts: str = "auto") -> PatchedMoEBlock:
     text_cfg = hf_model.config.get_text_config()
     tensors = block_tensors(entry, block)
-    cfg = moe_config(entry, text_cfg, layer, tensors, dispatcher)
+    cfg = moe_config(entry, text_cfg, layer, tensors, dispatcher, experts)
     w = tensors["experts.w_up_EFD"]
     moe = MoELayer(cfg).to(device=w.device, dtype=w.dtype)
     moe.router.float()  # router maths and the DeepSeek selection bias stay float32, as in HF
@@ -136,7 +136,7 @@ def patched_block(hf_model: nn.Module, entry: PatchEntry, block: nn.Module, laye
     return patched.train(block.training)
 
 
-def patch(hf_model: nn.Module, dispatcher: str = "auto") -> nn.Module:
+def patch(hf_model: nn.Module, dispatcher: str = "local", experts: str = "auto") -> nn.Module:
     """Replace every sparse MoE block of a transformers model (any family in ``PATCH_FAMILIES``) by moekit's
     MoELayer with the same weights; returns the same model object.
 
@@ -149,7 +149,8 @@ def patch(hf_model: nn.Module, dispatcher: str = "auto") -> nn.Module:
     entry = entry_for(config)
     blocks = [(name, m) for name, m in hf_model.named_modules() if type(m).__name__ == entry.block]
     for name, block in blocks:
-        hf_model.set_submodule(name, patched_block(hf_model, entry, block, layer_index(name), dispatcher))
+        hf_model.set_submodule(name, patched_block(hf_model, entry, block, layer_index(name),
+                                                         dispatcher, experts))
     if not blocks and not any(isinstance(m, PatchedMoEBlock) for m in hf_model.modules()):
         raise UsageError(f"{type(hf_model).__name__}: no {entry.block} modules found to patch")
     return hf_model

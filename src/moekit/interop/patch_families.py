@@ -73,12 +73,39 @@ def topk_softmax(cfg: Any, layer: int) -> RouterConfig:
     return RouterConfig(kind="softmax_topk", top_k=int(cfg.num_experts_per_tok), renormalize=True)
 
 
-def deepseek_v3(cfg: Any, layer: int) -> RouterConfig:
-    """Sigmoid scores, selection bias, group-limited (sum of the two best per group), renormalised, scaled."""
-    return RouterConfig(kind="deepseek", score_func="sigmoid", top_k=int(cfg.num_experts_per_tok),
-                        n_groups=int(_get(cfg, "n_group", default=1)),
-                        topk_groups=int(_get(cfg, "topk_group", default=1)),
-                        renormalize=bool(cfg.norm_topk_prob), routed_scaling_factor=float(cfg.routed_scaling_factor))
+def sigmoid_topk(renorm_field: str | None = "norm_topk_prob", scale_field: str | None = "routed_scaling_factor"):
+    """Sigmoid scores, selection by score + bias (0 where the family has none), group-limited where the config
+    has n_group (sum of the two best per group), renormalised (always if ``renorm_field`` is None), scaled."""
+    def gating(cfg: Any, layer: int) -> RouterConfig:
+        return RouterConfig(kind="deepseek", score_func="sigmoid", top_k=int(cfg.num_experts_per_tok),
+                            n_groups=int(_get(cfg, "n_group", default=1)),
+                            topk_groups=int(_get(cfg, "topk_group", default=1)),
+                            renormalize=True if renorm_field is None else bool(getattr(cfg, renorm_field)),
+                            routed_scaling_factor=1.0 if scale_field is None else float(getattr(cfg, scale_field)))
+    return gating
+
+
+deepseek_v3 = sigmoid_topk()
+
+
+def laguna(cfg: Any, layer: int) -> RouterConfig:
+    """Sigmoid + correction bias, renormalised; the block scales the routed output (= the gate weights)."""
+    if cfg.moe_router_logit_softcapping or cfg.moe_apply_router_weight_on_input:
+        raise ConfigError(f"config.moe_router_logit_softcapping={cfg.moe_router_logit_softcapping}, "
+                          f"moe_apply_router_weight_on_input={cfg.moe_apply_router_weight_on_input}: patch supports "
+                          "0 and False (moekit's router has no soft cap and weights expert outputs)")
+    return sigmoid_topk(None, "moe_routed_scaling_factor")(cfg, layer)
+
+
+def cohere2_moe(cfg: Any, layer: int) -> RouterConfig:
+    """Top-k of the logits, then softmax over the k (= softmax top-k renormalised) or sigmoid (renormalised
+    if norm_topk_prob); a shared expert must be summed, not averaged."""
+    if cfg.num_shared_experts and cfg.shared_expert_combination_strategy != "sum":
+        raise ConfigError(f"config.shared_expert_combination_strategy={cfg.shared_expert_combination_strategy!r}: "
+                          "patch supports 'sum' (moekit adds the shared expert)")
+    if cfg.expert_selection_fn == "sigmoid":
+        return sigmoid_topk("norm_topk_prob", None)(cfg, layer)
+    return topk_softmax(cfg, layer)
 
 
 def deepseek_v2(cfg: Any, layer: int) -> RouterConfig:
@@ -166,6 +193,28 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "deepseek_v3": standard("DeepseekV3MoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
     "glm4_moe": standard("Glm4MoeMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
     "dots1": standard("Dots1MoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "deepseek_v32": standard("DeepseekV32MoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "glm4_moe_lite": standard("Glm4MoeLiteMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "glm_moe_dsa": standard("GlmMoeDsaMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "solar_open": standard("SolarOpenMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "exaone_moe": standard("ExaoneMoeSparseMoEBlock", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "mimo_v2_flash": standard("MiMoV2FlashMoE", deepseek_v3, extra=E_SCORE_BIAS),
+    "mellum": standard("MellumSparseMoeBlock", softmax_topk("norm_topk_prob")),
+    "granitemoe_swa": standard("GraniteMoeSWAMoE", topk_softmax, gate="router", router_key="router.weight"),
+    "granitemoehybrid": standard("GraniteMoeHybridMoE", topk_softmax, gate="router", router_key="router.weight"),
+    "qwen3_5_moe_text": standard("Qwen3_5MoeSparseMoeBlock", softmax_topk(None), extra=QWEN_SHARED),
+    "minimax_m2": standard("MiniMaxM2SparseMoeBlock", sigmoid_topk(None, None), jitter="router_jitter_noise",
+                           extra=(("e_score_correction_bias", "router.bias", "same"),)),
+    "hy_v3": standard("HYV3MoE", sigmoid_topk(None, "router_scaling_factor"),
+                      extra=(("e_score_correction_bias", "router.bias", "same"),) + DEEPSEEK_SHARED),
+    "flint": standard("FlintSparseMoeBlock", sigmoid_topk("norm_topk_prob", None), extra=shared_keys("shared_expert")),
+    "laguna": standard("LagunaSparseMoeBlock", laguna, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "cohere2_moe": standard("Cohere2MoeSparseMoeBlock", cohere2_moe, extra=DEEPSEEK_SHARED),
+    "jamba": standard("JambaSparseMoeBlock", softmax_topk(None, default=False), gate="router",
+                      router_key="router.weight"),
+    "afmoe": standard("AfmoeSparseMoeBlock", sigmoid_topk(None, "route_scale"), gate="router",
+                      router_key="router.gate.weight",
+                      extra=(("expert_bias", "router.bias", "same"),) + DEEPSEEK_SHARED),
     "ernie4_5_moe": standard("Ernie4_5_MoeSparseMoeBlock", ernie, extra=(
         ("gate.moe_statics.e_score_correction_bias", "router.bias", "flat"),) + shared_keys("shared_experts")),
     "jetmoe": PatchEntry(block="JetMoeMoE", router="router", keys=(

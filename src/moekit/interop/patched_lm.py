@@ -72,7 +72,8 @@ class PatchedLM(nn.Module):
                            first_k_dense=min(blocks) if blocks else 0)
 
 
-def load_patched(folder: str | Path, dtype: torch.dtype = torch.float32, dispatcher: str = "auto") -> PatchedLM:
+def load_patched(folder: str | Path, dtype: torch.dtype = torch.float32, dispatcher: str = "local",
+                 experts: str = "auto") -> PatchedLM:
     """An HF model folder (config.json + weights, as ``save_pretrained`` writes it) -> PatchedLM."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -82,7 +83,7 @@ def load_patched(folder: str | Path, dtype: torch.dtype = torch.float32, dispatc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return PatchedLM(patch(hf.eval(), dispatcher=dispatcher))
+    return PatchedLM(patch(hf.eval(), dispatcher=dispatcher, experts=experts))
 
 
 def is_hf_folder(path: str | Path) -> bool:
