@@ -22,7 +22,6 @@ from moekit.config import LossConfig, MoEConfig, RouterConfig
 from moekit.layers.experts import MLP
 from moekit.layers.moe import MoELayer
 
-
 # label -> (MoEConfig.dispatcher, MoEConfig.experts)
 MOEKIT_CASES = {"auto": ("local", "auto"), "blockwise": ("local", "blockwise"), "grouped": ("local", "grouped_mm"),
                 "loop": ("local", "loop"), "padded": ("padded", "auto")}

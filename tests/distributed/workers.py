@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from moekit.config import CapacityConfig, LossConfig, ModelConfig, MoEConfig, RouterConfig
 from moekit.distributed import AllToAllDispatcher, parallelize
-from moekit.layers.capacity import capacity_filter
 from moekit.layers.build import build_moe_layer
+from moekit.layers.capacity import capacity_filter
 from moekit.layers.moe import MoELayer
 from moekit.models.decoder import MoETransformer, lm_loss
 

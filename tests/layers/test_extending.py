@@ -1,6 +1,7 @@
 """Extending moekit without editing src/: a toy router, a toy dispatcher and a toy experts backend are
 registered from this file and checked against the float64 loop reference. README.md ("Extending the core")
 shows the three snippets between the ``example:`` markers verbatim; a test below keeps them in sync."""
+# ruff: noqa: I001  (each example keeps its own imports, as a reader would write them)
 
 import dataclasses
 import re

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moekit.config import ConfigError, LossConfig, ModelConfig, MoEConfig, RouterConfig
-from moekit.layers.experts import GroupedExperts
 from moekit.layers.build import build_moe_layer
+from moekit.layers.experts import GroupedExperts
 from moekit.layers.moe import MoELayer
 from moekit.layers.routing import sinkhorn
 from moekit.models.decoder import MoETransformer

@@ -126,7 +126,7 @@ class PaddedDispatcher(Dispatcher):
         return x_ECD.reshape(E * C, -1), torch.full_like(counts_E, C), combine_TEC
 
     def combine(self, y_RD: Tensor, combine_TEC: Tensor) -> Tensor:
-        T, E, C = combine_TEC.shape
+        _, E, C = combine_TEC.shape
         return torch.einsum("tec,ecd->td", combine_TEC, y_RD.view(E, C, -1))
 
 

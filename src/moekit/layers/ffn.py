@@ -14,7 +14,7 @@ Legend: n rows, I in features, O out features, D model dim, F hidden units, E ex
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ ACTIVATIONS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class FFNWeights:
     """The tensors of one FFN (2-D weights, 1-D biases) or of E stacked experts (3-D / 2-D): w_gate_(E)FD
     (None unless gated), w_up_(E)FD, w_down_(E)DF, and biases b_gate_(E)F, b_up_(E)F, b_down_(E)D or None.
@@ -72,8 +72,8 @@ class FFNWeights:
 
     def map(self, f: Callable[[Tensor], Tensor]) -> FFNWeights:
         """The same weights with ``f`` applied to every tensor present."""
-        return FFNWeights(**{k.name: None if getattr(self, k.name) is None else f(getattr(self, k.name))
-                             for k in fields(self)})
+        return FFNWeights(*(None if t is None else f(t) for t in (self.gate, self.up, self.down, self.b_gate,
+                                                                  self.b_up, self.b_down)))
 
     def expert(self, e: int, f: int | None = None) -> FFNWeights:
         """Expert e of a stack, restricted to its first ``f`` hidden units (all when None)."""
@@ -86,9 +86,10 @@ class FFNWeights:
     def unbind(self) -> list[FFNWeights]:
         """The E experts of a stack; unbind (not w[e]): its backward stacks the E gradients once instead of
         summing E full-size zero-filled copies."""
-        parts = {k.name: getattr(self, k.name) for k in fields(self)}
-        parts = {k: [None] * self.up.shape[0] if t is None else t.unbind(0) for k, t in parts.items()}
-        return [FFNWeights(*ts) for ts in zip(*parts.values())]
+        E = self.up.shape[0]
+        parts = [[None] * E if t is None else t.unbind(0)
+                 for t in (self.gate, self.up, self.down, self.b_gate, self.b_up, self.b_down)]
+        return [FFNWeights(*ts) for ts in zip(*parts)]
 
 
 Linear = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]  # (x, w, b) -> x w^T + b, per expert block
@@ -112,7 +113,7 @@ def ffn_out(h: Tensor, w: FFNWeights, linear: Linear = F.linear, scale: Tensor |
     ``inplace``: scale ``h`` or the output in place (outside autograd: the blockwise kernels)."""
     if scale is None:
         return linear(h, w.down, w.b_down)
-    s = scale.to(h.dtype)[..., None]
+    s = (scale if scale.dtype == h.dtype else scale.to(h.dtype))[..., None]  # no cast op per expert block
     if h.shape[-1] < w.down.shape[-2] and w.b_down is None:
         return linear(h.mul_(s) if inplace else h * s, w.down, None)
     y = linear(h, w.down, w.b_down)
