@@ -23,6 +23,22 @@ def expert_ffn64(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
     return proj("w_down_EDF", "b_down_ED", h)
 
 
+def mlp64(mlp, x_TD: torch.Tensor) -> torch.Tensor:
+    """A dense MLP (gated or plain, biases if it has them) applied row by row in float64."""
+
+    def proj(lin, v):
+        out = lin.weight.double() @ v
+        return out if lin.bias is None else out + lin.bias.double()
+
+    act = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}[mlp.act.name]
+    rows = []
+    for x_D in x_TD.double():
+        up = proj(mlp.w_up, x_D)
+        h = act(proj(mlp.w_gate, x_D)) * up if mlp.w_gate is not None else act(up)
+        rows.append(proj(mlp.w_down, h))
+    return torch.stack(rows) if rows else x_TD.double().new_zeros(0, mlp.w_down.weight.shape[0])
+
+
 def combine_loop64(x_TD, experts, token_N, expert_N, weight_N) -> torch.Tensor:
     """y[t] = sum over assignments (t, e, w) of w * expert_e(x[t]), as a Python loop in float64."""
     x64, w64 = x_TD.double(), weight_N.double()  # differentiable in x, the expert weights and weight_N
