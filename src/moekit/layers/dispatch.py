@@ -6,7 +6,9 @@ The dispatcher protocol (the contract every dispatcher implements; ``MoELayer`` 
     The one entry point ``MoELayer`` calls. y_TD[t] = sum over the kept assignments (t, e, w) of
     ``w * expert_e(x_TD[t])``; 0 for a token without assignments (dropped by capacity: the residual
     carries it). Differentiable w.r.t. x_TD, ``routing.weight_N`` and the expert parameters.
-    The default is the composition ``combine(experts(*dispatch(x_TD, routing)[:2]), handle)``. Override
+    y_TD is in the experts' compute dtype (autocast's, else x's). The default is the composition
+    ``x_RD, counts_E, handle = dispatch(...)``; ``combine(experts(x_RD, counts_E, uniform_rows=...), handle)``.
+    Host syncs are allowed only where a NOTE says why (the padded buffer's shape). Override
     ``run`` only when the dispatcher must drive the experts itself:
       - the overlapped all-to-all runs the experts chunk by chunk while the next chunk travels;
       - ``LocalDispatcher`` hands gather, experts and combine to ``experts.gathered`` in one call, so that
