@@ -113,8 +113,9 @@ class BlockwiseFFN(torch.autograd.Function):
             u, s = u_RF[r0:r1, :f], scale_R[r0:r1]
             g = g_RF[r0:r1, :f] if act.gated else None
             dy_nD = dy_TD.index_select(0, tok)
+            # the hidden units before the gate scale: act.hidden(g, u), keeping act(g) for hidden_backward
             a = act.fn(g) if act.gated else None
-            hu = a * u if act.gated else act.fn(u)  # the hidden units before the gate scale
+            hu = a * u if act.gated else act.fn(u)
             if keep_RF is not None:
                 hu.mul_(keep_RF[r0:r1, :f])
             if dw_e.down is not None:
