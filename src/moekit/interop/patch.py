@@ -46,8 +46,8 @@ class PatchedMoEBlock(nn.Module):
         self.router_name = router_name
         router = _echo(hf_router, logits_index)
         for m in router.modules():  # its tensors now live in moekit's router: one copy for prune/merge/state dicts
-            m._parameters.clear()
-            m._buffers.clear()
+            for tensors in (m._parameters, m._buffers):
+                tensors.update(dict.fromkeys(tensors))  # None, like an nn.Linear without bias
         self.add_module(router_name, router)
         # Mixtral/DBRX multiply the block input (router and experts see it) by U(1-eps, 1+eps) in training
         self.jitter_eps = jitter_eps

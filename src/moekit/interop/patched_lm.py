@@ -29,6 +29,7 @@ class PatchedLM(nn.Module):
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf = hf_model
+        self.train(hf_model.training)  # train()/eval() on the wrapper reach the HF model (dropout, jitter)
 
     def forward(self, ids: Tensor) -> LMOutput:
         records = []
@@ -92,3 +93,20 @@ def is_hf_folder(path: str | Path) -> bool:
 
     cfg = Path(path) / "config.json"
     return cfg.is_file() and "model_type" in json.loads(cfg.read_text())
+
+
+def hf_base_config(model: PatchedLM) -> dict:
+    """``deploy.extract.save_model``'s ``base_config`` for a (pruned, merged, ...) patched HF model: the HF
+    config it was built from; ``load_model(path, build_patched)`` rebuilds it."""
+    return {"hf_config": model.hf.config.to_dict()}
+
+
+def build_patched(base_config: dict) -> PatchedLM:
+    """The untransformed patched model of ``hf_base_config``: transformers builds it from the config (its
+    weights are then replaced by the saved tensors), then ``patch``."""
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.AutoConfig.for_model(**base_config["hf_config"])
+        return PatchedLM(patch(transformers.AutoModelForCausalLM.from_config(cfg).eval()))
