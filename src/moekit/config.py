@@ -2,11 +2,22 @@
 
 Validation errors are ``ConfigError`` (a ``ValueError``) and name the field, the value given and
 what is allowed, e.g. ``RouterConfig.top_k=9: must be an integer in [1, num_experts=8]``.
+
+One generic mechanism checks every field: ``validate(self)`` (first line of each ``__post_init__``)
+checks the value against the field's annotation (a bool must be a bool, an int an int, a float a
+finite number, nested configs may be given as dicts, JSON lists become tuples) and against the range
+or choices declared next to the field with ``spec(...)``. ``__post_init__`` then only adds the checks
+that involve several fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,14 +34,105 @@ def check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
     check(value in choices, owner, name, value, f"must be one of {list(choices)}")
 
 
-def check_positive_int(owner: str, name: str, value: Any) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, owner, name, value,
-          "must be a positive integer")
+@dataclass(frozen=True)
+class Allowed:
+    """What a field accepts beyond its type: a range (bounds open or closed) or a set of choices."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple | None = None
+    note: str = ""  # appended to the message, e.g. "or None for dropless"
+
+    def ok(self, v: Any) -> bool:
+        if self.choices is not None:
+            return v in self.choices
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def describe(self, integer: bool) -> str:
+        if self.choices is not None:
+            text = f"must be one of {list(self.choices)}"
+        else:
+            what = "an integer" if integer else "a number"
+            lo = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+            hi = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+            if lo and hi:
+                text = f"must be {what} in {lo}, {hi}"
+            elif lo:
+                text = f"must be {what} {'>=' if lo[0] == '[' else '>'} {lo[1:]}"
+            else:
+                text = f"must be {what} {'<=' if hi[-1] == ']' else '<'} {hi[:-1]}"
+        return f"{text}, {self.note}" if self.note else text
 
 
-def check_fraction(owner: str, name: str, value: Any, *, closed_right: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and 0.0 <= value and (value <= 1.0 if closed_right else value < 1.0)
-    check(ok, owner, name, value, "must be in [0, 1]" if closed_right else "must be in [0, 1)")
+def spec(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **allowed) -> Any:
+    """A dataclass field whose value must also satisfy ``Allowed(**allowed)`` (checked by ``validate``)."""
+    return field(default=default, default_factory=factory, metadata={"allowed": Allowed(**allowed)})
+
+
+_TYPE_OK = {bool: lambda v: type(v) is bool,  # True == 1, but "renormalize": 1 or "no" is a mistake
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+_TYPE_TEXT = {bool: "true or false (a bool)", int: "an integer", float: "a finite number", str: "a string",
+              dict: "a dict (JSON object)"}
+
+
+def _conform(owner: str, name: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against annotation ``tp``; returned converted (dict -> config, list -> tuple)."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        tp, args = inner, typing.get_args(inner)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return from_dict(tp, value)
+        check(isinstance(value, tp), owner, name, value, f"must be a {tp.__name__} or a dict of its fields")
+        return value
+    if typing.get_origin(tp) is tuple:
+        check(isinstance(value, (list, tuple)), owner, name, value, "must be a list")
+        return tuple(_conform(owner, f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
+    ok = _TYPE_OK.get(tp, lambda v: isinstance(v, tp))(value)
+    check(ok, owner, name, value, f"must be {_TYPE_TEXT.get(tp, tp.__name__)}")
+    return value
+
+
+@functools.cache
+def _field_types(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls))
+
+
+def validate(obj: Any) -> None:
+    """Check (and normalise in place) every field of config dataclass ``obj``: its annotated type first,
+    then the ``Allowed`` range or choices given by ``spec``."""
+    owner = type(obj).__name__
+    for f, tp in _field_types(type(obj)):
+        value = _conform(owner, f.name, getattr(obj, f.name), tp)
+        setattr(obj, f.name, value)
+        allowed = f.metadata.get("allowed")
+        if allowed is not None and value is not None:
+            check(allowed.ok(value), owner, f.name, value, allowed.describe(integer=int in (tp, *typing.get_args(tp))))
+
+
+def from_dict(cls: type, d: Any) -> Any:
+    """``cls(**d)`` with unknown and missing fields reported by name (e.g. a typo in a JSON config)."""
+    name = cls.__name__
+    if not isinstance(d, dict):
+        raise ConfigError(f"{name}: expected a JSON object (dict) of its fields, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in d:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(fields)}"
+            raise ConfigError(f"{name}: unknown field {key!r} ({hint})")
+    for f in fields.values():
+        if f.name not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{name}.{f.name}: missing (a required field)")
+    return cls(**d)
 
 
 # a router kind that is its own layer, not a registered Router: Soft MoE (Puigcerver et al. 2023) mixes
@@ -56,43 +158,30 @@ class RouterConfig:
     """How tokens are assigned to experts: ``kind`` names a registered router (layers/routing.py) or "soft"."""
 
     kind: str = "softmax_topk"
-    top_k: int = 2
+    top_k: int = spec(2, ge=1)
     renormalize: bool = True  # renormalise the kept top-k weights to sum to 1 (Mixtral does)
-    jitter_eps: float = 0.0  # Switch: multiply router input by U(1-eps, 1+eps) in training
-    noise_std: float = 1.0  # noisy_topk: scale of the N(0,1) * softplus(x W_noise) noise
+    jitter_eps: float = spec(0.0, ge=0, lt=1)  # Switch: multiply router input by U(1-eps, 1+eps) in training
+    noise_std: float = spec(1.0, ge=0)  # noisy_topk: scale of the N(0,1) * softplus(x W_noise) noise
     # top_p
-    top_p: float = 0.5
+    top_p: float = spec(0.5, gt=0, le=1)
     # expert_choice / sinkhorn
-    sinkhorn_iters: int = 8
+    sinkhorn_iters: int = spec(8, ge=1)
     # deepseek
-    score_func: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3 uses sigmoid)
-    n_groups: int = 1  # group-limited routing: experts split into n_groups groups
-    topk_groups: int = 1  # ... of which the best topk_groups are eligible per token
-    routed_scaling_factor: float = 1.0
-    bias_update_rate: float = 0.0  # aux-loss-free balancing step gamma (0 = no bias)
+    score_func: str = spec("softmax", choices=("softmax", "sigmoid"))  # DeepSeek-V3 uses sigmoid
+    n_groups: int = spec(1, ge=1)  # group-limited routing: experts split into n_groups groups
+    topk_groups: int = spec(1, ge=1)  # ... of which the best topk_groups are eligible per token
+    routed_scaling_factor: float = spec(1.0, gt=0)
+    bias_update_rate: float = spec(0.0, ge=0)  # aux-loss-free balancing step gamma (0 = no bias)
     # task routing
-    num_tasks: int = 1
+    num_tasks: int = spec(1, ge=1)
     # soft MoE
-    slots_per_expert: int = 1
+    slots_per_expert: int = spec(1, ge=1)
 
     def __post_init__(self) -> None:
-        o = "RouterConfig"
-        check_choice(o, "kind", self.kind, (*registries()[0], SOFT_KIND))
-        check_positive_int(o, "top_k", self.top_k)
-        check(isinstance(self.jitter_eps, (int, float)) and 0 <= self.jitter_eps < 1, o, "jitter_eps",
-              self.jitter_eps, "must be in [0, 1)")
-        check(self.noise_std >= 0, o, "noise_std", self.noise_std, "must be >= 0")
-        check(0 < self.top_p <= 1, o, "top_p", self.top_p, "must be in (0, 1]")
-        check_positive_int(o, "sinkhorn_iters", self.sinkhorn_iters)
-        check_choice(o, "score_func", self.score_func, ("softmax", "sigmoid"))
-        check_positive_int(o, "n_groups", self.n_groups)
-        check(isinstance(self.topk_groups, int) and 1 <= self.topk_groups <= self.n_groups, o, "topk_groups",
-              self.topk_groups, f"must be an integer in [1, n_groups={self.n_groups}]")
-        check(self.routed_scaling_factor > 0, o, "routed_scaling_factor", self.routed_scaling_factor,
-              "must be > 0")
-        check(self.bias_update_rate >= 0, o, "bias_update_rate", self.bias_update_rate, "must be >= 0")
-        check_positive_int(o, "num_tasks", self.num_tasks)
-        check_positive_int(o, "slots_per_expert", self.slots_per_expert)
+        validate(self)
+        check_choice("RouterConfig", "kind", self.kind, (*registries()[0], SOFT_KIND))
+        check(self.topk_groups <= self.n_groups, "RouterConfig", "topk_groups", self.topk_groups,
+              f"must be an integer in [1, n_groups={self.n_groups}]")
 
 
 @dataclass(kw_only=True)
@@ -103,38 +192,28 @@ class CapacityConfig:
     Switch/GShard (capacity_factor=1.0 gives exactly the balanced share).
     """
 
-    capacity_factor: float | None = None  # training; None = dropless (MegaBlocks-style)
-    eval_capacity_factor: float | None = None  # evaluation; None = dropless
-    drop_policy: str = "position"  # "position": earlier tokens win; "priority": higher gate wins
-    overflow: str = "drop"  # "drop" | "reroute" (to the next-best expert with room)
-    min_capacity: int = 1
+    capacity_factor: float | None = spec(None, gt=0, note="or None for dropless")  # training
+    eval_capacity_factor: float | None = spec(None, gt=0, note="or None for dropless")  # evaluation
+    drop_policy: str = spec("position", choices=("position", "priority"))  # priority: higher gate wins
+    overflow: str = spec("drop", choices=("drop", "reroute"))  # reroute: to the next-best expert with room
+    min_capacity: int = spec(1, ge=0)
 
     def __post_init__(self) -> None:
-        o = "CapacityConfig"
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            v = getattr(self, name)
-            check(v is None or (isinstance(v, (int, float)) and v > 0), o, name, v,
-                  "must be > 0, or None for dropless")
-        check_choice(o, "drop_policy", self.drop_policy, ("position", "priority"))
-        check_choice(o, "overflow", self.overflow, ("drop", "reroute"))
-        check(isinstance(self.min_capacity, int) and self.min_capacity >= 0, o, "min_capacity",
-              self.min_capacity, "must be an integer >= 0")
+        validate(self)
 
 
 @dataclass(kw_only=True)
 class LossConfig:
     """Coefficients of the router losses added to the task loss (0 = off)."""
 
-    aux_coef: float = 0.01  # Switch/GShard load-balancing loss  N * sum_i f_i P_i
-    seq_aux_coef: float = 0.0  # DeepSeek-V2/V3 sequence-level balance loss
-    importance_coef: float = 0.0  # Shazeer 2017 importance loss (CV^2 of gate sums)
-    load_coef: float = 0.0  # Shazeer 2017 load loss (CV^2 of smooth load estimate)
-    z_coef: float = 0.0  # ST-MoE router z-loss
+    aux_coef: float = spec(0.01, ge=0)  # Switch/GShard load-balancing loss  N * sum_i f_i P_i
+    seq_aux_coef: float = spec(0.0, ge=0)  # DeepSeek-V2/V3 sequence-level balance loss
+    importance_coef: float = spec(0.0, ge=0)  # Shazeer 2017 importance loss (CV^2 of gate sums)
+    load_coef: float = spec(0.0, ge=0)  # Shazeer 2017 load loss (CV^2 of smooth load estimate)
+    z_coef: float = spec(0.0, ge=0)  # ST-MoE router z-loss
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            check(isinstance(v, (int, float)) and v >= 0, "LossConfig", f.name, v, "must be a number >= 0")
+        validate(self)
 
 
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
@@ -144,20 +223,20 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
 class MoEConfig:
     """One MoE layer replacing an FFN of width d_model."""
 
-    d_model: int
-    num_experts: int = 8
-    expert_hidden: int = 0  # hidden size of each routed expert (ignored if expert_hidden_sizes is set)
+    d_model: int = spec(ge=1)
+    num_experts: int = spec(8, ge=1)
+    expert_hidden: int = spec(0, ge=0)  # hidden size of each routed expert (ignored if expert_hidden_sizes is set)
     expert_hidden_sizes: tuple[int, ...] | None = None  # heterogeneous experts (overrides expert_hidden)
-    activation: str = "swiglu"
+    activation: str = spec("swiglu", choices=ACTIVATIONS)
     bias: bool = False  # biases on every expert projection (routed and shared; gpt-oss)
-    num_shared_experts: int = 0
-    shared_hidden: int = 0  # hidden size of each shared expert (0 = expert_hidden)
+    num_shared_experts: int = spec(0, ge=0)
+    shared_hidden: int = spec(0, ge=0, note="0 = expert_hidden")  # hidden size of each shared expert
     shared_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared-expert output
-    expert_dropout: float = 0.0  # dropout inside experts (ST-MoE: higher than dense dropout)
+    expert_dropout: float = spec(0.0, ge=0, lt=1)  # dropout inside experts (ST-MoE: higher than dense dropout)
     dispatcher: str = "local"  # how tokens move to the experts: a registered dispatcher (layers/dispatch.py)
     experts: str = "auto"  # which kernel computes them: a registered experts backend (layers/experts.py) or auto
     allow_noncausal: bool = False  # let a causal decoder use routers that look at later tokens
-    hierarchical_groups: int = 0  # > 1: two-level MoE, a router over groups, each group an MoE layer
+    hierarchical_groups: int = spec(0, ge=0)  # > 1: two-level MoE, a router over groups, each group an MoE layer
     # the router over the groups: any registered router; None = softmax top-min(top_k, groups)
     top_router: RouterConfig | None = None
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -165,32 +244,15 @@ class MoEConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
+        validate(self)
         o = "MoEConfig"
-        if isinstance(self.router, dict):
-            self.router = RouterConfig(**self.router)
-        if isinstance(self.top_router, dict):
-            self.top_router = RouterConfig(**self.top_router)
-        if isinstance(self.capacity, dict):
-            self.capacity = CapacityConfig(**self.capacity)
-        if isinstance(self.loss, dict):
-            self.loss = LossConfig(**self.loss)
-        if isinstance(self.expert_hidden_sizes, list):
-            self.expert_hidden_sizes = tuple(self.expert_hidden_sizes)
-        check_positive_int(o, "d_model", self.d_model)
-        check_positive_int(o, "num_experts", self.num_experts)
         if self.expert_hidden_sizes is None:
-            check_positive_int(o, "expert_hidden", self.expert_hidden)
+            check(self.expert_hidden >= 1, o, "expert_hidden", self.expert_hidden,
+                  "must be a positive integer (or give expert_hidden_sizes)")
         else:
-            check(len(self.expert_hidden_sizes) == self.num_experts
-                  and all(isinstance(h, int) and h >= 1 for h in self.expert_hidden_sizes), o,
+            check(len(self.expert_hidden_sizes) == self.num_experts and min(self.expert_hidden_sizes) >= 1, o,
                   "expert_hidden_sizes", self.expert_hidden_sizes,
                   f"must hold num_experts={self.num_experts} positive integers")
-        check_choice(o, "activation", self.activation, ACTIVATIONS)
-        check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0, o,
-              "num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
-        check(isinstance(self.shared_hidden, int) and self.shared_hidden >= 0, o, "shared_hidden",
-              self.shared_hidden, "must be an integer >= 0 (0 = expert_hidden)")
-        check_fraction(o, "expert_dropout", self.expert_dropout)
         routers, dispatchers, backends = registries()
         if self.dispatcher in LEGACY_DISPATCHERS:
             check(self.experts == "auto", o, "experts", self.experts,
@@ -205,7 +267,7 @@ class MoEConfig:
         if problem is not None:
             check(False, "RouterConfig", *problem)
         g = self.hierarchical_groups
-        check(isinstance(g, int) and (g == 0 or (g >= 2 and self.num_experts % g == 0)), o, "hierarchical_groups", g,
+        check((g == 0 or (g >= 2 and self.num_experts % g == 0)), o, "hierarchical_groups", g,
               f"must be 0 (flat) or an integer >= 2 dividing num_experts={self.num_experts}")
         check(self.top_router is None or g > 1, o, "top_router", self.top_router,
               "must be None unless hierarchical_groups > 1")
@@ -249,7 +311,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MoEConfig:
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 ATTENTION_KINDS = ("gqa", "mla")  # mla: DeepSeek-V2/V3 multi-head latent attention (models/mla.py)
@@ -261,70 +323,56 @@ class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2, Liu et al. 2024): low-rank compressed queries and keys/values,
     a decoupled RoPE key shared by all heads."""
 
-    q_lora_rank: int = 0  # 0 = full-rank query projection (DeepSeek-V2-Lite)
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
+    q_lora_rank: int = spec(0, ge=0, note="0 = no query compression")  # DeepSeek-V2-Lite: 0
+    kv_lora_rank: int = spec(512, ge=1)
+    qk_nope_head_dim: int = spec(128, ge=1)
+    qk_rope_head_dim: int = spec(64, ge=1)
+    v_head_dim: int = spec(128, ge=1)
     rope_interleave: bool = True  # DeepSeek checkpoints store the RoPE dims as interleaved pairs
 
     def __post_init__(self) -> None:
-        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            check_positive_int("MLAConfig", name, getattr(self, name))
-        check(isinstance(self.q_lora_rank, int) and self.q_lora_rank >= 0, "MLAConfig", "q_lora_rank",
-              self.q_lora_rank, "must be an integer >= 0 (0 = no query compression)")
+        validate(self)
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
     """A decoder-only Transformer LM; the FFN of the chosen layers is an MoE layer (``moe``)."""
 
-    vocab_size: int
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0  # grouped-query attention; 0 = n_heads (multi-head)
-    head_dim: int = 0  # 0 = d_model // n_heads
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    dense_hidden: int = 0  # FFN hidden size of dense layers; 0 = 4 * d_model
+    vocab_size: int = spec(ge=1)
+    d_model: int = spec(128, ge=1)
+    n_layers: int = spec(4, ge=1)
+    n_heads: int = spec(4, ge=1)
+    n_kv_heads: int = spec(0, ge=0, note="0 = n_heads")  # grouped-query attention; 0 = n_heads (multi-head)
+    head_dim: int = spec(0, ge=0, note="0 = d_model // n_heads")
+    max_seq_len: int = spec(256, ge=1)
+    rope_theta: float = spec(10000.0, gt=0)
+    norm_eps: float = spec(1e-6, gt=0)
+    dense_hidden: int = spec(0, ge=0, note="0 = 4 * d_model")  # FFN hidden size of dense layers
     moe: MoEConfig | None = None  # None = a dense model
-    moe_layers: str = "all"  # "all" | "every_other" (Switch/GShard: layers 1, 3, 5, ...)
-    first_k_dense: int = 0  # DeepSeek: the first k layers keep a dense FFN
-    attention: str = "gqa"
+    moe_layers: str = spec("all", choices=("all", "every_other"))  # every_other: Switch/GShard layers 1, 3, 5, ...
+    first_k_dense: int = spec(0, ge=0)  # DeepSeek: the first k layers keep a dense FFN
+    attention: str = spec("gqa", choices=ATTENTION_KINDS)
     mla: MLAConfig | None = None  # required when attention == "mla"
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
-    qk_norm: str = "none"  # "per_head" (Qwen3: RMSNorm over head_dim) | "full" (OLMoE: over the projection)
+    qk_norm: str = spec("none", choices=QK_NORMS)  # "per_head" (Qwen3: over head_dim) | "full" (OLMoE)
     tie_embeddings: bool = False
-    dropout: float = 0.0
-    init_std: float = 0.02
+    dropout: float = spec(0.0, ge=0, lt=1)
+    init_std: float = spec(0.02, gt=0)
     extra: dict = field(default_factory=dict)  # family-specific options (e.g. MLA ranks), kept verbatim
 
     def __post_init__(self) -> None:
+        validate(self)
         o = "ModelConfig"
-        if isinstance(self.moe, dict):
-            self.moe = MoEConfig.from_dict(self.moe)
-        if isinstance(self.mla, dict):
-            self.mla = MLAConfig(**self.mla)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            check_positive_int(o, name, getattr(self, name))
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.d_model // self.n_heads
         self.dense_hidden = self.dense_hidden or 4 * self.d_model
         check(self.n_heads % self.n_kv_heads == 0, o, "n_kv_heads", self.n_kv_heads,
               f"must divide n_heads={self.n_heads}")
-        check_positive_int(o, "head_dim", self.head_dim)
-        check(self.rope_theta > 0, o, "rope_theta", self.rope_theta, "must be > 0")
-        check_choice(o, "moe_layers", self.moe_layers, ("all", "every_other"))
-        check(isinstance(self.first_k_dense, int) and 0 <= self.first_k_dense <= self.n_layers, o,
-              "first_k_dense", self.first_k_dense, f"must be an integer in [0, n_layers={self.n_layers}]")
-        check_choice(o, "attention", self.attention, ATTENTION_KINDS)
-        check_choice(o, "qk_norm", self.qk_norm, QK_NORMS)
+        check(self.head_dim >= 1, o, "head_dim", self.head_dim, "must be a positive integer")
+        check(self.first_k_dense <= self.n_layers, o, "first_k_dense", self.first_k_dense,
+              f"must be an integer in [0, n_layers={self.n_layers}]")
         check(self.attention != "mla" or self.mla is not None, o, "mla", self.mla,
               "must be an MLAConfig when attention='mla'")
-        check_fraction(o, "dropout", self.dropout)
-        check(self.init_std > 0, o, "init_std", self.init_std, "must be > 0")
         if self.moe is not None:
             check(self.moe.d_model == self.d_model, o, "moe.d_model", self.moe.d_model,
                   f"must equal d_model={self.d_model}")
@@ -364,41 +412,30 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     """The training loop: AdamW, linear warmup + cosine decay, clipping, accumulation, eval, checkpoints."""
 
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = no clipping
+    steps: int = spec(300, ge=1)
+    batch_size: int = spec(16, ge=1)
+    seq_len: int = spec(128, ge=1)
+    grad_accum: int = spec(1, ge=1)
+    lr: float = spec(3e-3, gt=0)
+    min_lr_ratio: float = spec(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = spec(30, ge=0)
+    weight_decay: float = spec(0.1, ge=0)
+    beta1: float = spec(0.9, ge=0, lt=1)
+    beta2: float = spec(0.95, ge=0, lt=1)
+    grad_clip: float = spec(1.0, ge=0, note="0 = no clipping")
     bf16: bool = False  # bf16 autocast (router stays float32)
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 0  # 0 = only at the end
-    log_every: int = 10
-    seed: int = 0
+    eval_every: int = spec(100, ge=0)
+    eval_batches: int = spec(8, ge=1)
+    save_every: int = spec(0, ge=0)  # 0 = only at the end
+    log_every: int = spec(10, ge=1)
+    seed: int = spec(0, ge=0)
 
     def __post_init__(self) -> None:
-        o = "TrainConfig"
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
-            check_positive_int(o, name, getattr(self, name))
-        for name in ("eval_every", "save_every", "warmup_steps"):
-            v = getattr(self, name)
-            check(isinstance(v, int) and v >= 0, o, name, v, "must be an integer >= 0")
-        check(self.lr > 0, o, "lr", self.lr, "must be > 0")
-        check(0 <= self.min_lr_ratio <= 1, o, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        check(self.weight_decay >= 0, o, "weight_decay", self.weight_decay, "must be >= 0")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, o, "beta1/beta2", (self.beta1, self.beta2),
-              "must be in [0, 1)")
-        check(self.grad_clip >= 0, o, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        validate(self)

@@ -69,11 +69,12 @@ class MoELayer(nn.Module):
 
     def _aux(self, routing: Routing, kept: Routing, seq_len: int | None, mask_T: Tensor | None) -> MoEAux:
         terms, total = losses.router_losses(routing, self.cfg.loss, seq_len, mask_T)
-        n_before = max(routing.num_assignments, 1)
+        n_before = routing.num_assignments
         return MoEAux(
             logits_TE=routing.logits_TE,
             counts_E=kept.counts_E(),
-            dropped_fraction=routing.logits_TE.new_tensor(1.0 - kept.num_assignments / n_before),
+            # no assignments (zero tokens): nothing was dropped
+            dropped_fraction=routing.logits_TE.new_tensor(1.0 - kept.num_assignments / n_before if n_before else 0.0),
             experts_per_token=routing.logits_TE.new_tensor(kept.num_assignments / max(routing.num_tokens, 1)),
             losses={k: v.detach() for k, v in terms.items()},
             loss=total,

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.config import (ConfigError, ModelConfig, MoEConfig, TrainConfig, check, check_choice, check_fraction,
-                           check_positive_int)
+from moekit.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, check, spec, validate
 from moekit.deploy import moe_layers, replace_module
 from moekit.layers.moe import MoELayer
 from moekit.models.decoder import MoETransformer
@@ -43,32 +42,19 @@ FREEZE_POLICIES = {"none": (), "moe": ("experts", "router"), "experts": ("expert
 class FinetuneRecipe:
     """A fine-tuning recipe; fields None keep what the model already has."""
 
-    freeze: str = "none"  # see FREEZE_POLICIES
-    lr: float = 3e-4
-    batch_size: int = 16
-    steps: int = 200
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    dropout: float | None = None  # dense dropout (attention and FFN outputs on the residual stream)
-    expert_dropout: float | None = None  # dropout inside routed experts
-    aux_coef: float | None = None  # load-balancing loss coefficient (0 = off)
-    capacity_factor: float | None = None  # training capacity: token dropping as regulariser; None = dropless
+    freeze: str = spec("none", choices=tuple(FREEZE_POLICIES))
+    lr: float = spec(3e-4, gt=0)
+    batch_size: int = spec(16, ge=1)
+    steps: int = spec(200, ge=1)
+    weight_decay: float = spec(0.0, ge=0)
+    warmup_steps: int = spec(10, ge=0)
+    dropout: float | None = spec(None, ge=0, lt=1)  # dense dropout (attention and FFN outputs on the residual stream)
+    expert_dropout: float | None = spec(None, ge=0, lt=1)  # dropout inside routed experts
+    aux_coef: float | None = spec(None, ge=0)  # load-balancing loss coefficient (0 = off)
+    capacity_factor: float | None = spec(None, gt=0, note="or None for dropless")  # token dropping as regulariser
 
     def __post_init__(self) -> None:
-        o = "FinetuneRecipe"
-        check_choice(o, "freeze", self.freeze, tuple(FREEZE_POLICIES))
-        check(isinstance(self.lr, (int, float)) and self.lr > 0, o, "lr", self.lr, "must be > 0")
-        check_positive_int(o, "batch_size", self.batch_size)
-        check_positive_int(o, "steps", self.steps)
-        check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, o, "warmup_steps", self.warmup_steps,
-              "must be an integer >= 0")
-        check(self.weight_decay >= 0, o, "weight_decay", self.weight_decay, "must be >= 0")
-        for name in ("dropout", "expert_dropout"):
-            if getattr(self, name) is not None:
-                check_fraction(o, name, getattr(self, name))
-        check(self.aux_coef is None or self.aux_coef >= 0, o, "aux_coef", self.aux_coef, "must be >= 0 or None")
-        check(self.capacity_factor is None or self.capacity_factor > 0, o, "capacity_factor",
-              self.capacity_factor, "must be > 0, or None for dropless")
+        validate(self)
 
 
 # The dense baseline and MoE variants relative to it: MoE gets half the batch and 3x the LR (ST-MoE
@@ -94,7 +80,7 @@ def get_recipe(name: str, **overrides) -> FinetuneRecipe:
 
 def apply_freeze(model: MoETransformer, policy: str) -> list[str]:
     """Set requires_grad per ``policy``; returns the frozen parameter names."""
-    check_choice("FinetuneRecipe", "freeze", policy, tuple(FREEZE_POLICIES))
+    check(policy in FREEZE_POLICIES, "FinetuneRecipe", "freeze", policy, f"must be one of {list(FREEZE_POLICIES)}")
     groups = model.param_groups()
     frozen = {n for g in FREEZE_POLICIES[policy] for n in groups[g]}
     for name, p in model.named_parameters():
