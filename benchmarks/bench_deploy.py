@@ -27,7 +27,7 @@ from safetensors.torch import save_model as st_save_model
 from moekit.config import TrainConfig
 from moekit.deploy import moe_layers
 from moekit.deploy.distill import distill, gain_retained
-from moekit.deploy.extract import WEIGHTS_FILE, extract_task, save_model
+from moekit.deploy.extract import extract_task
 from moekit.deploy.merge import merge_model
 from moekit.deploy.offload import CacheStats, OffloadedExperts, cache_stats, offload_experts, resident_bytes
 from moekit.deploy.prune import measure_loads, prune_model
@@ -35,6 +35,7 @@ from moekit.deploy.quantize import Int8Experts, quantize_experts
 from moekit.models.decoder import MoETransformer
 from moekit.models.generate import generate
 from moekit.models.presets import get_preset
+from moekit.train.checkpoint import WEIGHTS, save_model
 from moekit.train.data import TokenStream, build_corpus, read_texts, split_files
 from moekit.train.finetune import RECIPES, finetune, get_recipe
 from moekit.train.trainer import evaluate, train
@@ -132,11 +133,10 @@ def disk_bytes(model: torch.nn.Module, folder: str, extra_files: tuple[str, ...]
     resident part plus the experts file it reads from."""
     os.makedirs(folder, exist_ok=True)
     if any(isinstance(m.experts, OffloadedExperts) for m in moe_layers(model).values()):
-        path = os.path.join(folder, WEIGHTS_FILE)
-        st_save_model(model, path)
+        st_save_model(model, os.path.join(folder, WEIGHTS))
     else:
-        save_model(model, folder)
-    return os.path.getsize(os.path.join(folder, WEIGHTS_FILE)) + sum(os.path.getsize(f) for f in extra_files)
+        save_model(folder, model)
+    return os.path.getsize(os.path.join(folder, WEIGHTS)) + sum(os.path.getsize(f) for f in extra_files)
 
 
 def reset_cache_stats(model: torch.nn.Module) -> None:

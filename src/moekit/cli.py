@@ -37,6 +37,18 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _add_verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the model folder's files against its manifest checksums (faster)")
+
+
+def _load_model(ns, path=None):
+    """The model of a folder moekit wrote (checksums checked unless --no-verify)."""
+    from moekit.train.checkpoint import load_model
+
+    return load_model(ns.checkpoint if path is None else path, verify=not ns.no_verify)
+
+
 # ----------------------------------------------------------------------------- commands
 # (one block per command; keep each block self-contained)
 
@@ -134,6 +146,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most the model's max_seq_len)")
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint run folder>/inspect)")
+    _add_verify_arg(p)
 
 
 @command("inspect", "routing analytics of a trained model on data: per-layer load, entropy, co-activation, "
@@ -144,12 +157,12 @@ def _inspect(ns) -> int:
     from pathlib import Path
 
     from moekit.analysis.report import inspect_model
-    from moekit.train.checkpoint import load_model, resolve_checkpoint, tokenizer_path
+    from moekit.train.checkpoint import resolve_checkpoint, tokenizer_path
     from moekit.train.data import build_corpus
     from moekit.train.tokenizer import Tokenizer
 
     ckpt = resolve_checkpoint(ns.checkpoint)
-    model = load_model(ckpt)
+    model = _load_model(ns, ckpt)
     # the data is encoded with the tokenizer the model was trained with (token ids mean nothing otherwise)
     corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=Tokenizer.load(tokenizer_path(ns.checkpoint)))
     _check_checkpoint_seq_len(ns, model, corpus)
@@ -168,24 +181,26 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-type", default=None, help="HF family for --to hf (mixtral, qwen2_moe, qwen3_moe, olmoe, "
                                                       "deepseek_v3, llama, qwen2); default: the one it was loaded from")
     p.add_argument("--max-shard-bytes", type=int, default=None, help="shard the HF safetensors above this size in bytes (default: one file)")
+    _add_verify_arg(p)
 
 
 @command("convert", "convert between Hugging Face checkpoints and moekit checkpoints (identical logits)",
          _convert_args, examples="""  moekit convert path/to/hf_mixtral runs/mixtral --to moekit
   moekit convert runs/a runs/a-hf --to hf --model-type mixtral""")
 def _convert(ns) -> int:
+    from pathlib import Path
+
     from moekit.interop.hf import load_hf, save_hf
-    from moekit.train.checkpoint import load_model, save_checkpoint
+    from moekit.train.checkpoint import load_checkpoint, save_checkpoint
 
     if ns.to == "moekit":
         model = load_hf(ns.src)
+        _copy_tokenizer(Path(ns.src), Path(ns.dst))
         path = save_checkpoint(ns.dst, 0, model, model.cfg, {"source": str(ns.src), "hf_model_type":
                                                               model.hf_model_type})
     else:
-        from moekit.train.checkpoint import load_checkpoint
-
-        model = load_model(ns.src)
-        model_type = ns.model_type or load_checkpoint(ns.src)[2].get("hf_model_type")
+        model = _load_model(ns, ns.src)
+        model_type = ns.model_type or load_checkpoint(ns.src, verify=False)[2].get("hf_model_type")
         path = save_hf(model, ns.dst, model_type, max_shard_bytes=ns.max_shard_bytes)
     print(f"wrote {path} ({model.num_params():,} parameters, {model.num_active_params():,} active)")
     return 0
@@ -201,11 +216,29 @@ def _upcycle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-noise", type=float, default=0.0, help="relative Gaussian noise on expert copies")
     p.add_argument("--to", choices=["moekit", "hf"], default="moekit",
                    help="hf writes a Mixtral checkpoint (Llama sources only)")
+    _add_verify_arg(p)
 
 
 def _is_hf_folder(path) -> bool:
     cfg = path / "config.json"
     return cfg.is_file() and "model_type" in json.loads(cfg.read_text())
+
+
+def _copy_tokenizer(src, dst) -> None:
+    """Put the source model's tokenizer.json (moekit's, or an HF folder's) into run folder ``dst``, so that
+    generate / inspect / finetune can encode text for the written model; none is copied if there is none."""
+    import shutil
+
+    from moekit.errors import CheckpointError
+    from moekit.train.checkpoint import tokenizer_path
+
+    try:
+        tok = src / "tokenizer.json" if _is_hf_folder(src) else tokenizer_path(src)
+    except CheckpointError:
+        return
+    if tok.is_file():
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tok, dst / "tokenizer.json")
 
 
 @command("upcycle", "sparse upcycling: turn a dense checkpoint into an MoE whose experts start as the dense FFN",
@@ -216,15 +249,16 @@ def _upcycle(ns) -> int:
 
     from moekit.interop.hf import load_hf, save_hf
     from moekit.interop.upcycle import upcycle
-    from moekit.train.checkpoint import load_model, save_checkpoint
+    from moekit.train.checkpoint import save_checkpoint
 
     src = Path(ns.src)
-    dense = load_hf(src) if _is_hf_folder(src) else load_model(src)
+    dense = load_hf(src) if _is_hf_folder(src) else _load_model(ns, src)
     moe = upcycle(dense, ns.num_experts, ns.top_k, moe_layers=ns.moe_layers, router_std=ns.router_std,
                   expert_noise=ns.expert_noise)
     if ns.to == "hf":
         path = save_hf(moe, ns.dst, "mixtral")
     else:
+        _copy_tokenizer(src, Path(ns.dst))
         path = save_checkpoint(ns.dst, 0, moe, moe.cfg, {"upcycled_from": str(src)})
     print(f"upcycled {dense.num_params():,} dense parameters into {moe.num_params():,} "
           f"({moe.num_active_params():,} active, {ns.num_experts} experts, top-{ns.top_k}): {path}")
@@ -376,19 +410,17 @@ def _check_run_dir(out, resume: bool, overwrite: bool) -> None:
                          f"--out {out} holds a run stopped before its first checkpoint: replace it with --overwrite")
 
 
-def _check_resume_config(out, cfg) -> None:
+def _check_resume_config(ckpt, cfg) -> None:
     """--resume with another --preset/--config would fail later with a tensor size mismatch: say what differs."""
     import dataclasses
 
-    from moekit.config import ModelConfig
-    from moekit.train.checkpoint import resolve_checkpoint
+    from moekit.train.checkpoint import read_config
 
-    path = resolve_checkpoint(out) / "config.json"
-    saved = ModelConfig.from_dict(json.loads(path.read_text()))
+    saved = read_config(ckpt)
     diff = [f"{f.name} {getattr(saved, f.name)!r} there, {getattr(cfg, f.name)!r} now"
             for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)]
     if diff:
-        raise UsageError(f"--resume: {out} was trained with another model ({'; '.join(diff)}); resume with "
+        raise UsageError(f"--resume: {ckpt} was trained with another model ({'; '.join(diff)}); resume with "
                          f"the same --preset/--config/--data, or start a new run in another --out")
 
 
@@ -517,7 +549,9 @@ def _compare_cmd(ns) -> int:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     _add_train_args(p, steps=600)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest intact checkpoint")
+    _add_verify_arg(p)
     p.add_argument("--save-every", type=int, default=100,
                    help="checkpoint every N steps (the newest 2 are kept), at the end and when interrupted; "
                         "0 = only at the end and when interrupted")
@@ -564,10 +598,17 @@ def _train_cmd(ns) -> int:
     corpus.check_seq_len(ns.seq_len)
     cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
     cfg = cfg.dense_twin() if ns.dense else cfg
-    if ns.resume:
-        _check_resume_config(out, cfg)
     tcfg = dataclasses.replace(_train_config(ns), save_every=ns.save_every)
     say(f"corpus: {corpus.description}", flush=True)
+    resume = False
+    if ns.resume:  # the newest checkpoint whose files match their checksums; say which ones were skipped
+        from moekit.train.checkpoint import newest_intact
+
+        resume, damaged = newest_intact(out, verify=not ns.no_verify)
+        for path, why in damaged:
+            say(f"checkpoint {path} is damaged: {why}")
+        say(f"resuming from {resume}" + (" (the newest intact checkpoint)" if damaged else ""))
+        _check_resume_config(resume, cfg)
 
     torch.manual_seed(ns.seed)
     model = MoETransformer(cfg)
@@ -579,7 +620,7 @@ def _train_cmd(ns) -> int:
         with folder, _StopOnSignal() as stop:
             if is_main and not ns.resume:  # `moekit generate` needs it beside the checkpoints
                 corpus.tokenizer.save(out / "tokenizer.json")
-            records = train(model, corpus.train, corpus.val, tcfg, out_dir=out, resume=ns.resume,
+            records = train(model, corpus.train, corpus.val, tcfg, out_dir=out, resume=resume,
                             progress=not ns.no_progress and is_main, device=device, parallel=plan,
                             hooks=([MetricsWriter(out)] if is_main else []) + [RouterBiasUpdate()],
                             should_stop=stop)
@@ -605,6 +646,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the smallest set of tokens "
                                                              "with this much probability")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_verify_arg(p)
 
 
 @command("generate", "sample text from a trained checkpoint (KV cache; greedy with --temperature 0)",
@@ -614,11 +656,11 @@ def _generate_cmd(ns) -> int:
     import torch
 
     from moekit.models.generate import generate
-    from moekit.train.checkpoint import load_model, tokenizer_path
+    from moekit.train.checkpoint import tokenizer_path
     from moekit.train.tokenizer import Tokenizer
 
+    model = _load_model(ns)
     tok = Tokenizer.load(tokenizer_path(ns.checkpoint))
-    model = load_model(ns.checkpoint)
     # an empty prompt starts a fresh document: training saw the separator before every document
     ids = torch.tensor([tok.encode(ns.prompt) or [tok.eos_id]])
     if ns.max_new_tokens < 1:
@@ -639,17 +681,18 @@ def _deploy_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most the model's max_seq_len)")
     p.add_argument("--batches", type=int, default=8, help="validation batches (and batches to measure loads on)")
+    _add_verify_arg(p)
 
 
 def _deploy_inputs(ns):
     """(model, tokenizer path, train, val) with the data encoded by the checkpoint's own tokenizer."""
-    from moekit.train.checkpoint import load_model, tokenizer_path
+    from moekit.train.checkpoint import tokenizer_path
     from moekit.train.data import build_corpus
     from moekit.train.tokenizer import Tokenizer
 
+    model = _load_model(ns)
     tok_path = tokenizer_path(ns.checkpoint)
     corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=Tokenizer.load(tok_path))
-    model = load_model(ns.checkpoint).eval()
     _check_checkpoint_seq_len(ns, model, corpus)
     return model, tok_path, corpus.train, corpus.val
 
@@ -760,6 +803,8 @@ def _distill_cmd(ns) -> int:
     tcfg = TrainConfig(steps=ns.steps, batch_size=ns.batch_size, seq_len=ns.seq_len, lr=ns.lr, seed=ns.seed,
                        warmup_steps=max(1, ns.steps // 20), eval_every=0, eval_batches=ns.batches)
     out = _run_folder(ns.out, tok_path)
+    for label in ("student",) + (() if ns.no_scratch else ("scratch",)):  # run folders: generate needs the tokenizer
+        _run_folder(out / label, tok_path)
     student, _ = distill(teacher, train_data, val, tcfg, alpha=ns.alpha, temperature=ns.temperature,
                          out_dir=out / "student", progress=not ns.no_progress, label="student")
     l_moe, l_student = _val_loss(teacher, val, ns), _val_loss(student, val, ns)
@@ -784,7 +829,7 @@ def _print_deploy_result(before, after, model, out, extra: dict) -> None:
     print(f"val loss: {before['loss']:.4f} -> {after:.4f}")
     for k, v in extra.items():
         print(f"{k}: {v}")
-    print(f"saved: {out} (load with moekit.deploy.extract.load_model)")
+    print(f"saved: {out} (a model folder: moekit generate / inspect / finetune take it)")
 
 
 def _add_dst_arg(p: argparse.ArgumentParser) -> None:
@@ -804,17 +849,15 @@ def _take_dst(ns) -> None:
 def _deploy_transform(ns, transform) -> int:
     """Shared by merge / prune / extract: load, measure loads, transform, report, save."""
     from moekit.deploy import tensor_bytes
-    from moekit.deploy.extract import save_model
+    from moekit.train.checkpoint import save_model
 
     _take_dst(ns)
     model, tok_path, train, val = _deploy_inputs(ns)
     if model.cfg.moe is None:
         raise UsageError(f"checkpoint {ns.checkpoint!r} is a dense model; it has no experts to {ns.command}")
     before = {"params": model.num_params(), "bytes": tensor_bytes(model), "loss": _val_loss(model, val, ns)}
-    base_cfg = model.cfg.to_dict()
     model, extra = transform(model, train, val)
-    save_model(model, ns.dst, base_cfg, meta={"command": ns.command, **extra})
-    _run_folder(ns.dst, tok_path)
+    save_model(ns.dst, model, state={"command": ns.command, **extra}, tokenizer=tok_path)
     _print_deploy_result(before, _val_loss(model, val, ns), model, ns.dst, extra)
     return 0
 

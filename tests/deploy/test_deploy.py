@@ -221,7 +221,8 @@ def test_int8_elementwise_bound_and_output_error():
 
 # ------------------------------------------------------------------------------------ save / load
 def test_save_load_roundtrip_of_transformed_models(tmp_path):
-    from moekit.deploy.extract import extract_task, load_model, save_model
+    from moekit.deploy.extract import extract_task
+    from moekit.train.checkpoint import load_model, save_model
 
     model = make(9)
     block_experts(model, [2])
@@ -238,9 +239,8 @@ def test_save_load_roundtrip_of_transformed_models(tmp_path):
         return Stack(MoEConfig.from_dict(cfg)).eval()
 
     for name, m in variants.items():
-        save_model(m, str(tmp_path / name), model.blocks[0]["moe"].cfg.to_dict(), meta={"variant": name})
-        loaded, meta = load_model(str(tmp_path / name), build)
-        assert meta == {"variant": name}
+        save_model(tmp_path / name, m, config=model.blocks[0]["moe"].cfg.to_dict())
+        loaded = load_model(tmp_path / name, build=build)
         assert torch.equal(loaded(x), m(x)), name
     assert (tmp_path / "merge_avg_int8" / "model.safetensors").stat().st_size < (
         tmp_path / "merge_map" / "model.safetensors").stat().st_size

@@ -6,7 +6,10 @@ import torch
 
 from moekit.config import LossConfig, ModelConfig, MoEConfig, RouterConfig
 from moekit.deploy import moe_layers
-from moekit.deploy.extract import extract_task, load_model, save_model
+import json
+
+from moekit.deploy.extract import extract_task
+from moekit.train.checkpoint import load_model, save_model
 from moekit.deploy.merge import merge_model
 from moekit.deploy.offload import cache_stats, offload_experts
 from moekit.deploy.prune import measure_loads
@@ -45,7 +48,8 @@ def test_transformed_lm_roundtrip(tmp_path):
     variants = {"merged": merge_model(copy.deepcopy(model), loads, 3)[0],
                 "extracted_int8": quantize_experts(extract_task(copy.deepcopy(model), batches, min_share=0.1)[0])}
     for name, m in variants.items():
-        save_model(m, str(tmp_path / name), meta={"v": name})
-        loaded, meta = load_model(str(tmp_path / name))
-        assert meta == {"v": name} and isinstance(loaded, MoETransformer)
+        save_model(tmp_path / name, m, state={"v": name})
+        loaded = load_model(tmp_path / name)
+        assert json.loads((tmp_path / name / "trainer_state.json").read_text()) == {"v": name}
+        assert isinstance(loaded, MoETransformer)
         assert torch.equal(loaded(batches[0]).logits, m(batches[0]).logits), name

@@ -87,7 +87,7 @@ def test_inspect_encodes_other_data_with_the_checkpoints_tokenizer(docs, tmp_pat
     (["train", "--preset", "huge", "--no-progress"], "preset='huge': unknown"),
     (["train", "--lr", "-1", "--no-progress"], "TrainConfig.lr=-1"),
     (["train", "--resume", "--no-progress"], "--resume needs --out"),
-    (["generate", "/no/run"], "checkpoint path '/no/run' does not exist"),
+    (["generate", "/no/run"], "/no/run: does not exist"),
 ])
 def test_bad_arguments_give_one_line_errors_naming_them(docs, argv, message, capsys):
     if argv[0] == "train" and "--data" not in argv:

@@ -116,7 +116,7 @@ def test_checkpoint_roundtrip_and_bad_paths(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         ckpt.load_checkpoint(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="not a moekit checkpoint"):
+    with pytest.raises(CheckpointError, match="not a moekit model folder"):
         ckpt.load_checkpoint(tmp_path / "empty")
 
 

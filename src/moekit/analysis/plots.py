@@ -54,8 +54,10 @@ def load_heatmap(load_LE, path: str | Path, title: str = "expert load (share of 
     import numpy as np
 
     plt = _plt()
-    load = np.asarray(load_LE, dtype=float)
-    share = load / np.clip(load.sum(1, keepdims=True), 1e-12, None)
+    load = np.full((len(load_LE), max(len(r) for r in load_LE)), np.nan)  # layers pruned to fewer experts:
+    for i, row in enumerate(load_LE):  # their missing columns stay NaN, drawn blank
+        load[i, :len(row)] = row
+    share = load / np.clip(np.nansum(load, 1, keepdims=True), 1e-12, None)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * share.shape[1] + 2), max(2.5, 0.45 * share.shape[0] + 1.5)))
     im = ax.imshow(share, cmap="viridis", aspect="auto")
     _integer_ticks(ax, n_x=share.shape[1], n_y=share.shape[0])

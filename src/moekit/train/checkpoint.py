@@ -1,32 +1,110 @@
-"""Atomic checkpoints: safetensors weights + JSON config + optimizer/RNG/trainer state.
+"""The one model format: every folder moekit writes (training checkpoints, finetune / distill runs, prune /
+merge / extract / upcycle / convert outputs) is read by ``load_model``.
 
-Layout of a run folder:
-    run/ckpt-000200/{model.safetensors, config.json, trainer_state.pt}
-    run/latest            (text file naming the newest complete checkpoint folder)
-A checkpoint is written into a temporary folder beside its final name, every file fsynced, then the
-folder is renamed (atomic on POSIX) and only then ``latest`` is replaced (os.replace, atomic). A crash
-at any moment leaves ``latest`` pointing at a complete checkpoint.
+A model folder holds
+    model.safetensors      parameters and buffers (tied tensors once)
+    config.json            the ModelConfig the (untransformed) model is built from
+    layers.json            optional: MoE layers the config alone does not describe (pruned, merged, int8)
+    trainer_state.json     optional: step, RNG states, optimizer hyper-parameters, notes (JSON, never pickle)
+    optimizer.safetensors  optional: the optimizer's tensors (AdamW moments)
+    tokenizer.json         optional: the tokenizer the model was trained with
+    manifest.json          size and sha256 of every other file, written last; checked on load
+Nothing in a folder is unpickled, so loading one cannot run code.
+
+A run folder holds model folders ``ckpt-NNNNNN``, ``checkpoints.txt`` (their names in the order they were
+written), ``latest`` (the newest) and the run's tokenizer and metrics. Every folder is written into a
+temporary folder beside its final name, every file fsynced, then renamed (atomic on POSIX); ``latest`` is
+replaced (os.replace, atomic) only after that, so a crash at any moment leaves ``latest`` naming a complete
+checkpoint. Temporary folders left by a crash are removed at the next save (and when training starts).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from moekit.config import ModelConfig
-from moekit.errors import CheckpointError
+from moekit.deploy.layout import build_model, build_transformer, model_layout
+from moekit.errors import CheckpointError, ConfigError, UsageError
 
-LATEST = "latest"
+log = logging.getLogger(__name__)
+
+WEIGHTS, CONFIG, LAYERS, STATE, OPTIMIZER = ("model.safetensors", "config.json", "layers.json", "trainer_state.json",
+                                             "optimizer.safetensors")
+TOKENIZER, MANIFEST = "tokenizer.json", "manifest.json"
+LATEST, HISTORY = "latest", "checkpoints.txt"
+HASH = "sha256"
 
 
-def _fsync_dir(path: Path) -> None:
+# ----------------------------------------------------------------------------- RNG and optimizer state as JSON
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+# Per-device generators (CUDA, XPU, ...): device support registers kind -> (get_all, set_all) here, where
+# get_all() returns one ByteTensor state per device; rng_state saves them under "devices"[kind].
+DEVICE_RNG: dict[str, tuple[Callable[[], list[torch.Tensor]], Callable[[list[torch.Tensor]], None]]] = {}
+
+
+def rng_state() -> dict:
+    """Every RNG a training step draws from, as JSON-ready values."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": _b64(torch.get_rng_state()), "python": [version, list(mt), gauss],
+            "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "devices": {kind: [_b64(t) for t in get()] for kind, (get, _) in DEVICE_RNG.items()}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    for kind, states in state.get("devices", {}).items():
+        if kind in DEVICE_RNG:  # saved on a device this process does not use: nothing to restore
+            DEVICE_RNG[kind][1]([_unb64(s) for s in states])
+
+
+def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """optimizer.state_dict() -> (tensors for safetensors, JSON rest). State keys keep their type in JSON."""
+    keys = list(sd["state"])
+    tensors = {f"{i}/{k}": v.detach().contiguous().cpu() for i, key in enumerate(keys)
+               for k, v in sd["state"][key].items() if torch.is_tensor(v)}
+    scalars = [{k: v for k, v in sd["state"][key].items() if not torch.is_tensor(v)} for key in keys]
+    return tensors, {"state_keys": keys, "state_scalars": scalars, "param_groups": sd["param_groups"]}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {key: dict(scalars) for key, scalars in zip(meta["state_keys"], meta["state_scalars"])}
+    for name, t in tensors.items():
+        i, k = name.split("/", 1)
+        state[meta["state_keys"][int(i)]][k] = t
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}  # betas
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------- writing
+def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -37,21 +115,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def file_digest(path: Path) -> str:
     with open(path, "rb") as f:
-        os.fsync(f.fileno())
+        return hashlib.file_digest(f, HASH).hexdigest()
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+def _table_digest(files: dict) -> str:
+    """Checksum of the manifest's own table, so that damage to the manifest is reported as such."""
+    return hashlib.new(HASH, json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-
-
-def model_tensors(model: torch.nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+def model_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """state_dict (or the given one, e.g. gathered from expert-parallel ranks) with tied tensors stored once
     (safetensors refuses shared storage)."""
     seen, out = set(), {}
@@ -64,79 +138,256 @@ def model_tensors(model: torch.nn.Module, state_dict: dict | None = None) -> dic
     return out
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, model_cfg: ModelConfig,
-                    trainer_state: dict | None = None, keep_last: int = 2,
-                    state_dict: dict | None = None) -> Path:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"ckpt-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=run_dir))
+def remove_stale_temps(parent: str | Path, name: str = "") -> None:
+    """Delete the temporary files and folders a killed save of ``parent/<name>...`` left behind (default:
+    all of them, for a run folder, where every ``.*.tmp-*`` entry is moekit's)."""
+    for p in Path(parent).glob(f".{name}*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def save_model(path: str | Path, model: nn.Module, *, config: dict | None = None, state: dict | None = None,
+               optimizer: dict | None = None, tokenizer: str | Path | None = None,
+               state_dict: dict | None = None) -> Path:
+    """Write ``model`` (possibly pruned / merged / int8) as a model folder at ``path``, atomically.
+
+    ``config``: the dict the untransformed model is built from (default ``model.cfg.to_dict()``);
+    ``state``: JSON-ready trainer state or notes; ``optimizer``: an optimizer state dict;
+    ``tokenizer``: a tokenizer.json to copy in; ``state_dict``: tensors to save instead of the model's."""
+    path = Path(path)
+    if path.exists() and not _is_model_folder(path) and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"{path}: exists and is not a moekit model folder; give a new or empty folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_file(model_tensors(model, state_dict), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
-        torch.save(dict(trainer_state or {}, step=step), tmp / "trainer_state.pt")
+        save_file(model_tensors(model, state_dict), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(model.cfg.to_dict() if config is None else config, indent=2))
+        layout = model_layout(model)
+        if layout:
+            (tmp / LAYERS).write_text(json.dumps(layout, indent=1))
+        state = dict(state or {})
+        if optimizer is not None:
+            tensors, state["optimizer"] = _split_optimizer(optimizer)
+            save_file(tensors, str(tmp / OPTIMIZER))
+        if state:
+            (tmp / STATE).write_text(json.dumps(state, indent=1))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        files = {f.name: {"size": f.stat().st_size, HASH: file_digest(f)} for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"format": "moekit model folder", "version": 1, "files": files,
+                                                "files_" + HASH: _table_digest(files)}, indent=1))
         for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step: move the old one aside first
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+            _fsync(f)
+        _fsync(tmp)
+        if path.exists():  # replacing a model folder of the same name: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-old-", dir=path.parent))
+            os.rename(path, old / path.name)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(run_dir)
-    pointer_tmp = run_dir / f".{LATEST}.tmp"
-    pointer_tmp.write_text(final.name)
-    _fsync_file(pointer_tmp)
-    os.replace(pointer_tmp, run_dir / LATEST)
-    _fsync_dir(run_dir)
-    for old in sorted(run_dir.glob("ckpt-*"))[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder whose ``latest`` names one."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
-        raise CheckpointError(f"{str(path)!r} is not a moekit checkpoint (expected model.safetensors and "
-                                f"config.json, or a run folder with a '{LATEST}' file)")
+    _fsync(path.parent)
     return path
 
 
+def _is_model_folder(path: Path) -> bool:
+    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+
+
+def history(run_dir: Path) -> list[str]:
+    """Checkpoint folder names in the order they were written (oldest first); folders written before
+    ``checkpoints.txt`` existed come first, by modification time."""
+    listed = (run_dir / HISTORY).read_text(errors="replace").split() if (run_dir / HISTORY).is_file() else []
+    listed = [n for n in listed if n.startswith("ckpt-") and Path(n).name == n]  # never a path outside run_dir
+    unlisted = sorted((p for p in run_dir.glob("ckpt-*") if p.is_dir() and p.name not in listed),
+                      key=lambda p: p.stat().st_mtime_ns)
+    return [p.name for p in unlisted] + [n for n in listed if (run_dir / n).is_dir()]
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, model_cfg: ModelConfig,
+                    trainer_state: dict | None = None, keep_last: int = 2, state_dict: dict | None = None) -> Path:
+    """Write ``run_dir/ckpt-<step>`` and point ``latest`` at it; keep the ``keep_last`` most recently written
+    checkpoints (0 = all). ``trainer_state``: JSON-ready values, except "optimizer" (an optimizer state
+    dict, its tensors go to optimizer.safetensors). The run folder's tokenizer.json is copied in."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run_dir)
+    state = dict(trainer_state or {}, step=step)
+    optimizer = state.pop("optimizer", None)
+    tokenizer = run_dir / TOKENIZER
+    final = save_model(run_dir / f"ckpt-{step:06d}", model, config=model_cfg.to_dict(), state=state,
+                       optimizer=optimizer, tokenizer=tokenizer if tokenizer.is_file() else None,
+                       state_dict=state_dict)
+    order = [n for n in history(run_dir) if n != final.name] + [final.name]
+    keep = order[-keep_last:] if keep_last > 0 else order
+    _replace_atomically(run_dir / HISTORY, "".join(f"{n}\n" for n in keep))
+    _replace_atomically(run_dir / LATEST, final.name)
+    _fsync(run_dir)
+    for name in order[:-len(keep)]:  # never the newest: it is the last of ``order``
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- finding and checking
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model folder, or a run folder whose ``latest`` names one."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist (expected a model folder or a run folder)")
+    if (path / LATEST).is_file():
+        name = (path / LATEST).read_text(errors="replace").strip()
+        if not name or Path(name).name != name or not (path / name).is_dir():
+            raise CheckpointError(f"{path / LATEST}: names {name!r}, which is not a checkpoint folder in {path}")
+        path = path / name
+    if _is_model_folder(path):
+        return path
+    inside = sorted(p for p in path.iterdir() if (p / LATEST).is_file() or (p / CONFIG).is_file()) \
+        if path.is_dir() else []
+    if inside:  # e.g. a demo / compare folder holding moe/ and dense/
+        raise CheckpointError(f"{path} holds {len(inside)} models; pass one of them: "
+                              + ", ".join(str(p) for p in inside))
+    raise CheckpointError(f"{path} is not a moekit model folder (expected {WEIGHTS} and {CONFIG}, or a run "
+                          f"folder with a '{LATEST}' file)")
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Check every file of a model folder against its manifest; CheckpointError naming the first bad file."""
+    folder = Path(folder)
+    manifest = _read_json(folder / MANIFEST, missing=f"missing, so the folder's files cannot be checked (written "
+                                                     f"by an older moekit or by hand); use --no-verify to load it "
+                                                     f"unchecked")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{folder / MANIFEST}: not a moekit manifest (no 'files' table)")
+    if manifest.get("files_" + HASH) != _table_digest(files):
+        raise CheckpointError(f"{folder / MANIFEST}: damaged (its table does not match its own checksum)")
+    for name in (WEIGHTS, CONFIG, LAYERS, STATE, OPTIMIZER, TOKENIZER):
+        if name not in files and (folder / name).exists():
+            raise CheckpointError(f"{folder / name}: not listed in {MANIFEST} (added after the folder was saved)")
+    for name, entry in files.items():
+        f = folder / name
+        if Path(name).name != name or not isinstance(entry, dict):
+            raise CheckpointError(f"{folder / MANIFEST}: bad entry {name!r}")
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in {MANIFEST})")
+        if f.stat().st_size != entry.get("size"):
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {entry.get('size')} "
+                                  f"(truncated or damaged)")
+        if file_digest(f) != entry.get(HASH):
+            raise CheckpointError(f"{f}: {HASH} checksum mismatch (the file changed after it was saved: damaged "
+                                  f"or edited)")
+
+
+def newest_intact(run_dir: str | Path, verify: bool = True) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest checkpoint of a run folder that passes ``verify_checkpoint``, and the newer ones that did not, each
+    with the reason (``verify=False``: the one ``latest`` names). CheckpointError if none is intact."""
+    run_dir = Path(run_dir)
+    if not verify:
+        return resolve_checkpoint(run_dir), []
+    damaged = []
+    for name in reversed(history(run_dir)):
+        try:
+            verify_checkpoint(run_dir / name)
+            return run_dir / name, damaged
+        except CheckpointError as e:
+            damaged.append((run_dir / name, str(e)))
+    if not damaged:
+        resolve_checkpoint(run_dir)  # raises the "not a model folder" error
+    raise CheckpointError(f"{run_dir}: no intact checkpoint (" + "; ".join(r for _, r in damaged) + ")")
+
+
+def _read_json(file: Path, missing: str = "missing"):
+    if not file.is_file():
+        raise CheckpointError(f"{file}: {missing}")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def _read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file), device=device)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def tokenizer_path(path: str | Path) -> Path:
-    """The tokenizer.json of a checkpoint: in the given folder, the checkpoint folder or its run folder."""
+    """The tokenizer.json of a model: in the model folder, the given folder or the run folder."""
     ckpt = resolve_checkpoint(path)
-    found = next((d / "tokenizer.json" for d in (Path(path), ckpt, ckpt.parent) if (d / "tokenizer.json").is_file()),
-                 None)
+    found = next((d / TOKENIZER for d in (ckpt, Path(path), ckpt.parent) if (d / TOKENIZER).is_file()), None)
     if found is None:
-        raise CheckpointError(f"no tokenizer.json beside checkpoint {str(ckpt)!r}")
+        raise CheckpointError(f"{ckpt}: no {TOKENIZER} in it or its run folder (the tokenizer the model was "
+                              f"trained with is needed to turn text into token ids; copy it there)")
     return found
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu"):
-    """-> (ModelConfig, model state dict, trainer state dict)."""
+# ----------------------------------------------------------------------------- loading
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a model folder (unchecked; errors name config.json)."""
+    return _config(resolve_checkpoint(path), ModelConfig.from_dict)
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu", verify: bool = True):
+    """-> (ModelConfig, model tensors, trainer state with "optimizer" rebuilt as an optimizer state dict)."""
     ckpt = resolve_checkpoint(path)
-    cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    tensors = load_file(str(ckpt / "model.safetensors"), device=map_location)
-    state_file = ckpt / "trainer_state.pt"
-    state = torch.load(state_file, map_location=map_location, weights_only=False) if state_file.is_file() else {}
+    if verify:
+        verify_checkpoint(ckpt)
+    cfg = _config(ckpt, ModelConfig.from_dict)
+    tensors = _read_tensors(ckpt / WEIGHTS, map_location)
+    state = _read_json(ckpt / STATE) if (ckpt / STATE).is_file() else {}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt / STATE}: expected a JSON object")
+    if "optimizer" in state:
+        try:
+            state["optimizer"] = _join_optimizer(_read_tensors(ckpt / OPTIMIZER, map_location), state["optimizer"])
+        except (KeyError, ValueError, IndexError, TypeError) as e:
+            raise CheckpointError(f"{ckpt / STATE}: optimizer entry does not match {OPTIMIZER} ({e!r})") from None
     return cfg, tensors, state
 
 
-def load_model(path: str | Path, map_location: str = "cpu"):
-    """Build the model from a checkpoint's config and load its weights (tied weights re-tied)."""
-    from moekit.models.decoder import MoETransformer
+def _config(ckpt: Path, parse: Callable):
+    try:
+        return parse(_read_json(ckpt / CONFIG))
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt / CONFIG}: {e}") from None
 
-    cfg, tensors, _ = load_checkpoint(path, map_location)
-    model = MoETransformer(cfg)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"checkpoint {str(path)!r} does not match its config: missing {sorted(set(missing) - tied)}, "
-                         f"unexpected {sorted(unexpected)}")
-    return model
+
+def load_model(path: str | Path, *, verify: bool = True,
+               build: Callable[[dict], nn.Module] = build_transformer) -> nn.Module:
+    """The model of any folder moekit writes (run folder, checkpoint, prune/merge/extract/upcycle/convert
+    output), in eval mode. ``build(config dict)`` makes the untransformed model (default: MoETransformer);
+    the MoE layers listed in layers.json are rebuilt, then the tensors are loaded strictly."""
+    ckpt = resolve_checkpoint(path)
+    if verify:
+        verify_checkpoint(ckpt)
+    layout = _read_json(ckpt / LAYERS) if (ckpt / LAYERS).is_file() else {}
+    model = _config(ckpt, lambda config: build_model(config, layout, build))
+    tensors = _read_tensors(ckpt / WEIGHTS, "cpu")
+    _check_tensors(model, tensors, ckpt / WEIGHTS)
+    model.load_state_dict(tensors, strict=False)
+    return model.eval()
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """One-line CheckpointError unless ``tensors`` fill every entry of the model's state dict with the right
+    shape (an entry may be absent if it shares storage with one present: tied embeddings)."""
+    own = model.state_dict()
+    present = {own[k].data_ptr() for k in tensors if k in own}
+    missing = [k for k, t in own.items() if k not in tensors and t.data_ptr() not in present]
+    unexpected = [k for k in tensors if k not in own]
+    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in tensors
+             if k in own and tensors[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{file}: does not match {CONFIG}: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}, wrong shape {wrong[:3]}")

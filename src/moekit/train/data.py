@@ -202,7 +202,7 @@ def build_corpus(paths: list[str | Path] | None = None, *, vocab_size: int = 204
         tok_key = corpus_fingerprint(train_files) + (f"-head{val_percent}" if len(files) == 1 else "")
         tok = get_tokenizer(train_texts, vocab_size, tok_key, progress)
     if token_cache is not None and token_cache.is_file():
-        cached = torch.load(token_cache)
+        cached = torch.load(token_cache, weights_only=True)  # tensors only: loading cannot run code
         train, val = cached["train"], cached["val"]
     else:
         train, val = tok.encode_documents(train_texts, progress), tok.encode_documents(val_texts, progress)

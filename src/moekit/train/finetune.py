@@ -29,6 +29,7 @@ from torch import nn
 
 from moekit.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, check, spec, validate
 from moekit.deploy import moe_layers, replace_module
+from moekit.deploy.layout import build_model, model_layout
 from moekit.layers.moe import MoELayer
 from moekit.models.decoder import MoETransformer
 from moekit.train.data import TokenStream
@@ -109,12 +110,15 @@ def finetune_moe_config(m: MoEConfig, recipe: FinetuneRecipe) -> MoEConfig:
 
 def prepare(model: nn.Module, recipe: FinetuneRecipe) -> nn.Module:
     """A copy of ``model`` rebuilt with ``finetune_config`` (dropout modules, capacity and loss settings
-    live in the config) holding the same weights, with the freeze policy applied.
+    live in the config; pruned / merged / int8 layers keep their structure) holding the same weights, with
+    the freeze policy applied.
 
     Other models holding MoELayers (a patched transformers model, ``interop.patched_lm``) keep their own
     modules; only their MoE layers are rebuilt with ``finetune_moe_config`` (the dense ``dropout`` is theirs)."""
     if isinstance(model, MoETransformer):
-        tuned = MoETransformer(finetune_config(model.cfg, recipe)).to(next(model.parameters()).device)
+        layout = {name: dict(spec, config=finetune_moe_config(MoEConfig.from_dict(spec["config"]), recipe).to_dict())
+                  for name, spec in model_layout(model).items()}
+        tuned = build_model(finetune_config(model.cfg, recipe).to_dict(), layout).to(next(model.parameters()).device)
         tuned.load_state_dict(model.state_dict())
     else:
         tuned = copy.deepcopy(model)

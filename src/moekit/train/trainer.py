@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,12 @@ import torch
 from moekit.analysis.routing_stats import imbalance
 from moekit.config import ModelConfig, TrainConfig
 from moekit.models.decoder import lm_loss
-from moekit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from moekit.errors import UsageError
+from moekit.train.checkpoint import (load_checkpoint, newest_intact, remove_stale_temps, rng_state, save_checkpoint,
+                                     set_rng_state)
 from moekit.train.data import TokenStream
+
+log = logging.getLogger(__name__)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -96,8 +101,8 @@ class StepContext:
 
 
 def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: TrainConfig, *,
-          out_dir: str | Path | None = None, hooks: list = (), resume: bool = False, progress=False,
-          device: str | torch.device = "cpu", label: str = "train", parallel=None,
+          out_dir: str | Path | None = None, hooks: list = (), resume: bool | str | Path = False,
+          progress=False, device: str | torch.device = "cpu", label: str = "train", parallel=None,
           loss_fn=None, should_stop=None) -> list[dict]:
     """Train ``model`` in place; returns the logged records (train and eval).
 
@@ -110,6 +115,9 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
     ``loss_fn(output, x, y) -> loss`` replaces the LM loss (e.g. knowledge distillation); router losses
     are still added.
 
+    ``resume``: True continues from the newest intact checkpoint in ``out_dir`` (damaged newer ones are
+    logged as warnings and skipped); a checkpoint path continues from that one (already checked by the caller).
+
     ``parallel``: the ``ExpertParallel`` returned by ``moekit.distributed.parallelize(model, ep)``. Each rank
     then trains on its 1/W of every batch (``batch_size`` stays the global batch), gradients are reduced
     over the ranks, logged values are global, and checkpoints hold the single-process (gathered) layout.
@@ -118,10 +126,16 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
     model.to(device).train()
     opt = make_optimizer(model, cfg)
     start = 0
+    if out_dir is not None:
+        remove_stale_temps(out_dir)  # left by a save that was killed
     if resume:
         if out_dir is None:
-            raise ValueError("resume=True needs out_dir (the run folder holding the checkpoints)")
-        _, tensors, state = load_checkpoint(out_dir)
+            raise UsageError("resume=True needs out_dir (the run folder holding the checkpoints)")
+        if resume is True:
+            ckpt, damaged = newest_intact(out_dir)
+            for path, why in damaged:
+                log.warning("checkpoint %s is damaged (%s); resuming from %s", path, why, ckpt)
+        _, tensors, state = load_checkpoint(ckpt if resume is True else resume, verify=resume is True)
         if parallel is not None:  # checkpoints are single-process: take this rank's experts
             tensors, state["optimizer"] = (parallel.shard_state_dict(tensors),
                                            parallel.shard_optimizer_state_dict(state["optimizer"], opt))
