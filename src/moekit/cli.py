@@ -191,7 +191,7 @@ def _convert(ns) -> int:
     from pathlib import Path
 
     from moekit.interop.hf import load_hf, save_hf
-    from moekit.train.checkpoint import load_checkpoint, save_checkpoint
+    from moekit.train.checkpoint import read_state, save_checkpoint
 
     if ns.to == "moekit":
         model = load_hf(ns.src)
@@ -200,7 +200,7 @@ def _convert(ns) -> int:
                                                               model.hf_model_type})
     else:
         model = _load_model(ns, ns.src)
-        model_type = ns.model_type or load_checkpoint(ns.src, verify=False)[2].get("hf_model_type")
+        model_type = ns.model_type or read_state(ns.src).get("hf_model_type")
         path = save_hf(model, ns.dst, model_type, max_shard_bytes=ns.max_shard_bytes)
     print(f"wrote {path} ({model.num_params():,} parameters, {model.num_active_params():,} active)")
     return 0

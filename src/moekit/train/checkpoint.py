@@ -138,10 +138,10 @@ def model_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[str,
     return out
 
 
-def remove_stale_temps(parent: str | Path, name: str = "") -> None:
-    """Delete the temporary files and folders a killed save of ``parent/<name>...`` left behind (default:
-    all of them, for a run folder, where every ``.*.tmp-*`` entry is moekit's)."""
-    for p in Path(parent).glob(f".{name}*.tmp-*"):
+def remove_stale_temps(parent: str | Path, name: str = "*") -> None:
+    """Delete the temporary files and folders a killed save of ``parent/<name>`` left behind (default: all
+    of them, for a run folder, where every ``.*.tmp-*`` entry is moekit's)."""
+    for p in Path(parent).glob(f".{name}.tmp-*"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -289,13 +289,17 @@ def verify_checkpoint(folder: str | Path) -> None:
 
 
 def newest_intact(run_dir: str | Path, verify: bool = True) -> tuple[Path, list[tuple[Path, str]]]:
-    """The newest checkpoint of a run folder that passes ``verify_checkpoint``, and the newer ones that did not, each
-    with the reason (``verify=False``: the one ``latest`` names). CheckpointError if none is intact."""
+    """The checkpoint ``latest`` names or, if it fails ``verify_checkpoint``, the newest earlier one that passes;
+    and the ones that failed, each with the reason (``verify=False``: the one ``latest`` names). CheckpointError
+    if none is intact."""
     run_dir = Path(run_dir)
     if not verify:
         return resolve_checkpoint(run_dir), []
-    damaged = []
-    for name in reversed(history(run_dir)):
+    damaged, order = [], history(run_dir)
+    latest = (run_dir / LATEST).read_text(errors="replace").strip() if (run_dir / LATEST).is_file() else None
+    if latest in order:  # start from what ``latest`` names (it may have been pointed back by hand)
+        order = order[:order.index(latest) + 1]
+    for name in reversed(order):
         try:
             verify_checkpoint(run_dir / name)
             return run_dir / name, damaged
@@ -338,6 +342,16 @@ def read_config(path: str | Path) -> ModelConfig:
     return _config(resolve_checkpoint(path), ModelConfig.from_dict)
 
 
+def read_state(path: str | Path) -> dict:
+    """The JSON trainer state / notes of a model folder (unchecked; {} if it has none): e.g. the step, or the
+    HF family a converted model came from."""
+    file = resolve_checkpoint(path) / STATE
+    state = _read_json(file) if file.is_file() else {}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return state
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu", verify: bool = True):
     """-> (ModelConfig, model tensors, trainer state with "optimizer" rebuilt as an optimizer state dict)."""
     ckpt = resolve_checkpoint(path)
@@ -345,9 +359,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", verify: bool = 
         verify_checkpoint(ckpt)
     cfg = _config(ckpt, ModelConfig.from_dict)
     tensors = _read_tensors(ckpt / WEIGHTS, map_location)
-    state = _read_json(ckpt / STATE) if (ckpt / STATE).is_file() else {}
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{ckpt / STATE}: expected a JSON object")
+    state = read_state(ckpt)
     if "optimizer" in state:
         try:
             state["optimizer"] = _join_optimizer(_read_tensors(ckpt / OPTIMIZER, map_location), state["optimizer"])

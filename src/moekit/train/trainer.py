@@ -54,7 +54,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     """AdamW over trainable params; no weight decay on vectors (norms, biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("model has no trainable parameters (everything is frozen)")
+        raise UsageError("model has no trainable parameters (everything is frozen): unfreeze some (e.g. --freeze none)")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
