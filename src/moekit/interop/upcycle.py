@@ -26,10 +26,9 @@ def upcycle(dense: MoETransformer, num_experts: int = 8, top_k: int = 2, *, moe_
     if not 1 <= top_k <= num_experts:
         raise UsageError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
     c = dense.cfg
-    # the experts copy the dense FFNs they replace (a dense twin's are narrower than dense_hidden); which
-    # layers those are is the config's rule, asked of the config with a placeholder MoE
-    becomes_moe = dataclasses.replace(c, moe=MoEConfig(d_model=c.d_model, expert_hidden=1), moe_layers=moe_layers)
-    widths = {dense.layers[i].ffn.w_up.weight.shape[0] for i in range(c.n_layers) if becomes_moe.is_moe_layer(i)}
+    # the experts copy the dense FFNs they replace (a dense twin's are narrower than dense_hidden)
+    slots = dataclasses.replace(c, moe_layers=moe_layers)
+    widths = {dense.layers[i].ffn.w_up.weight.shape[0] for i in range(c.n_layers) if slots.moe_slot(i)}
     if len(widths) != 1:
         raise UsageError(f"upcycle: the FFNs that become MoE layers have hidden sizes {sorted(widths)}; "
                          f"experts of one size need one (try --moe-layers all or every_other)")
