@@ -8,11 +8,12 @@ inspect and distill run on the patched model with the HF model's own logits as t
 import pytest
 import torch
 
-from moekit.deploy.extract import extract_task, load_model, save_model
+from moekit.deploy.extract import extract_task
 from moekit.deploy.merge import merge_model
 from moekit.deploy.prune import measure_loads, prune_model
 from moekit.interop.hf import load_hf
 from moekit.interop.patched_lm import PatchedLM, build_patched, hf_base_config, load_patched
+from moekit.train.checkpoint import load_model, read_state, save_model
 from moekit.train.data import Corpus, TokenStream
 from moekit.train.finetune import finetune, get_recipe
 from moekit.train.tokenizer import train_bpe
@@ -58,9 +59,9 @@ def test_hf_folder_loads_patched_and_prunes(model_type, tmp_path):
     out = logits(model, ids)
     assert torch.isfinite(out).all() and (out - logits(hf, ids)).abs().max().item() > 1e-6
     # the pruned model saves in moekit's deploy format and rebuilds through transformers + patch
-    save_model(model, str(tmp_path / "pruned"), hf_base_config(model), meta={"kept": kept})
-    again, meta = load_model(str(tmp_path / "pruned"), build_patched)
-    assert meta["kept"] == kept and torch.equal(logits(again, ids), out)
+    save_model(tmp_path / "pruned", model, config=hf_base_config(model), state={"kept": kept})
+    again = load_model(tmp_path / "pruned", build=build_patched)
+    assert read_state(tmp_path / "pruned")["kept"] == kept and torch.equal(logits(again, ids), out)
 
 
 def native_and_patched(model_type, tmp_path):

@@ -43,11 +43,10 @@ def build_layer(spec: dict) -> MoELayer:
     return layer
 
 
-def model_layout(model: nn.Module) -> dict[str, dict]:
-    """Qualified name -> spec of every MoE layer that differs from what the model's config builds (all of
-    them when the model has no ModelConfig, e.g. a bare stack of layers)."""
-    cfg = getattr(model, "cfg", None)
-    plain = {"config": cfg.moe.to_dict(), "int8": False} if isinstance(cfg, ModelConfig) and cfg.moe else None
+def model_layout(model: nn.Module, config: dict) -> dict[str, dict]:
+    """Qualified name -> spec of every MoE layer that ``build_model(config, {})`` would not build as it is:
+    for an MoETransformer the layers that differ from ``config["moe"]``, for other models all of them."""
+    plain = {"config": config.get("moe"), "int8": False} if isinstance(model, MoETransformer) else None
     specs = {name: layer_spec(layer) for name, layer in moe_layers(model).items()}
     return {name: spec for name, spec in specs.items() if spec != plain}
 

@@ -96,8 +96,8 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def hf_base_config(model: PatchedLM) -> dict:
-    """``deploy.extract.save_model``'s ``base_config`` for a (pruned, merged, ...) patched HF model: the HF
-    config it was built from; ``load_model(path, build_patched)`` rebuilds it."""
+    """``train.checkpoint.save_model``'s ``config`` for a (pruned, merged, ...) patched HF model: the HF
+    config it was built from; ``load_model(path, build=build_patched)`` rebuilds it."""
     return {"hf_config": model.hf.config.to_dict()}
 
 

@@ -168,8 +168,9 @@ def save_model(path: str | Path, model: nn.Module, *, config: dict | None = None
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         save_file(model_tensors(model, state_dict), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(model.cfg.to_dict() if config is None else config, indent=2))
-        layout = model_layout(model)
+        config = model.cfg.to_dict() if config is None else config
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        layout = model_layout(model, config)
         if layout:
             (tmp / LAYERS).write_text(json.dumps(layout, indent=1))
         state = dict(state or {})

@@ -117,7 +117,7 @@ def prepare(model: nn.Module, recipe: FinetuneRecipe) -> nn.Module:
     modules; only their MoE layers are rebuilt with ``finetune_moe_config`` (the dense ``dropout`` is theirs)."""
     if isinstance(model, MoETransformer):
         layout = {name: dict(spec, config=finetune_moe_config(MoEConfig.from_dict(spec["config"]), recipe).to_dict())
-                  for name, spec in model_layout(model).items()}
+                  for name, spec in model_layout(model, model.cfg.to_dict()).items()}
         tuned = build_model(finetune_config(model.cfg, recipe).to_dict(), layout).to(next(model.parameters()).device)
         tuned.load_state_dict(model.state_dict())
     else:
