@@ -5,7 +5,7 @@ Run:  python benchmarks/bench_deploy.py [--steps 300] [--checkpoint RUN_DIR] [--
 Trains the "tiny" preset briefly on the default corpus (or loads a `moekit demo` checkpoint), then
 prints for the original and each variant: parameters, size on disk (safetensors), resident memory
 (parameters + buffers + offload caches), tokens/s (eval forward over the validation batches, timed
-round-robin with the original in the same process, min over rounds; the ratio column is vs the original),
+round-robin with the original in the same process, median over rounds; the ratio column is vs the original),
 validation loss, and loss on a held-out task sub-domain (one package of the corpus, default asyncio).
 A decoding table shows where the offload LRU cache pays (batch 1, one token at a time); fine-tuning
 recipes and distillation are reported in their own tables.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import tempfile
 import time
@@ -24,9 +25,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model as st_save_model
 
+from moekit.analysis.timing import Timing, ratio, round_robin
 from moekit.config import TrainConfig
 from moekit.deploy import moe_layers
-from moekit.deploy.distill import distill, gain_retained
+from moekit.deploy.distill import distill_vs_scratch
 from moekit.deploy.extract import extract_task
 from moekit.deploy.merge import merge_model
 from moekit.deploy.offload import CacheStats, OffloadedExperts, cache_stats, offload_experts, resident_bytes
@@ -59,7 +61,7 @@ class Variant:
     model: torch.nn.Module
     note: str = ""
     disk: int = 0
-    seconds: float = float("inf")
+    timing: Timing | None = None
     stats: CacheStats = field(default_factory=CacheStats)
 
 
@@ -146,24 +148,21 @@ def reset_cache_stats(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def forward_pass(model, batches) -> float:
-    t0 = time.perf_counter()
+def forward_pass(model, batches) -> None:
     for x, _ in batches:
         model(x)
-    return time.perf_counter() - t0
 
 
-def time_round_robin(variants: list[Variant], batches, rounds: int) -> None:
-    """Min time per variant of one eval forward pass over ``batches``, variants interleaved per round
-    (so that load from other processes hits all of them alike); cache stats over the timed passes."""
+def time_round_robin(variants: list[Variant], batches, reps: int) -> dict:
+    """Eval-forward time of every variant over ``batches`` by the shared harness (round-robin, one warm-up
+    round, median); cache stats over all passes. Returns the harness's {name: Timing}."""
     for v in variants:
         v.model.eval()
         reset_cache_stats(v.model)
-    for _ in range(rounds):
-        for v in variants:
-            v.seconds = min(v.seconds, forward_pass(v.model, batches))
+    times = round_robin({v.name: functools.partial(forward_pass, v.model, batches) for v in variants}, reps=reps)
     for v in variants:
-        v.stats = cache_stats(v.model)
+        v.timing, v.stats = times[v.name], cache_stats(v.model)
+    return times
 
 
 def fmt_mb(n: float) -> str:
@@ -225,7 +224,7 @@ def main_table(variants: list[Variant], data: Data, args, tmp: str) -> None:
         if not v.disk:
             v.disk = disk_bytes(v.model, os.path.join(tmp, f"variant-{i}"))
     losses = [(evaluate(v.model, val_batches), evaluate(v.model, task_batches)) for v in variants]
-    time_round_robin(variants, val_batches, args.rounds)
+    times = time_round_robin(variants, val_batches, args.rounds)
     tokens = sum(x.numel() for x, _ in val_batches)
     base, (base_val, base_task) = variants[0], losses[0]
     hdr = (f"{'variant':34} {'params':>8} {'disk MB':>8} {'res. MB':>8} {'tok/s':>7} {'x orig':>6} "
@@ -234,7 +233,8 @@ def main_table(variants: list[Variant], data: Data, args, tmp: str) -> None:
     print("-" * len(hdr))
     for v, (lv, lt) in zip(variants, losses):
         print(f"{v.name:34} {weight_count(v.model) / 1e6:7.2f}M {fmt_mb(v.disk):>8} "
-              f"{fmt_mb(resident_bytes(v.model)):>8} {tokens / v.seconds:7.0f} {base.seconds / v.seconds:6.2f} "
+              f"{fmt_mb(resident_bytes(v.model)):>8} {tokens / v.timing.median:7.0f} "
+              f"{ratio(times, base.name, v.name).median:6.2f} "
               f"{lv:8.4f} {fmt_delta(lv - base_val)} {lt:9.4f} {fmt_delta(lt - base_task)}")
     print("\nnotes:")
     for v in variants:
@@ -247,18 +247,20 @@ def decode_table(variants: list[Variant], data: Data, args) -> None:
     """Greedy decoding, batch 1, KV cache: one token per forward, so each layer needs only top-k experts
     per step and consecutive tokens reuse them; this is the regime the LRU cache is for."""
     prompt = data.val.tokens[: args.prompt_len][None]
-    rows = {}
-    for _ in range(args.rounds):
-        for v in variants:
+    outs, stats = {}, {}
+
+    def decode(v):
+        def fn():
             reset_cache_stats(v.model)
-            t0 = time.perf_counter()
-            out = generate(v.model, prompt, args.new_tokens)
-            dt = time.perf_counter() - t0
-            if v.name not in rows or dt < rows[v.name][0]:
-                rows[v.name] = (dt, out, cache_stats(v.model))
+            outs[v.name] = generate(v.model, prompt, args.new_tokens)
+            stats[v.name] = cache_stats(v.model)
+        return fn
+
+    times = round_robin({v.name: decode(v) for v in variants}, reps=args.rounds)
+    rows = {v.name: (times[v.name].median, outs[v.name], stats[v.name]) for v in variants}
     ref = rows[variants[0].name][1]
     print(f"\ngreedy decoding, batch 1: {args.prompt_len}-token prompt + {args.new_tokens} new tokens, KV cache "
-          f"(min over {args.rounds} rounds)")
+          f"(median of {args.rounds} round-robin rounds after one warm-up)")
     hdr = f"{'variant':34} {'tok/s':>7} {'x orig':>6} {'cache hit rate':>14} {'same tokens as original':>24}"
     print(hdr)
     print("-" * len(hdr))
@@ -302,29 +304,19 @@ def finetune_table(original, data: Data, args) -> None:
 
 def distill_section(teacher, data: Data, args) -> Variant:
     """KD student (dense twin) and a from-scratch dense twin, same steps and batches; returns the student."""
-    val_batches = data.val.eval_batches(args.batches, args.batch_size, args.seq_len)
     tcfg = train_config(args, args.distill_steps)
-    t0 = time.perf_counter()
-    student, _ = distill(teacher, data.train, None, tcfg, alpha=args.alpha, temperature=args.temperature)
-    t_kd = time.perf_counter() - t0
-    torch.manual_seed(tcfg.seed)
-    scratch = MoETransformer(teacher.cfg.dense_twin())
-    t0 = time.perf_counter()
-    train(scratch, data.train, None, tcfg)
-    t_scratch = time.perf_counter() - t0
-    l_moe, l_kd, l_scratch = (evaluate(m, val_batches) for m in (teacher, student, scratch))
-    print(f"\ndistillation into the dense twin ({student.num_params() / 1e6:.2f}M params): {tcfg.steps} steps x "
+    r = distill_vs_scratch(teacher, data.train, data.val.eval_batches(args.batches, args.batch_size, args.seq_len),
+                           tcfg, alpha=args.alpha, temperature=args.temperature)
+    print(f"\ndistillation into the dense twin ({r.student.num_params() / 1e6:.2f}M params): {tcfg.steps} steps x "
           f"{tcfg.batch_size} x {tcfg.seq_len}, alpha {args.alpha}, temperature {args.temperature}")
     hdr = f"{'model':38} {'val loss':>8} {'train time':>10}"
     print(hdr)
     print("-" * len(hdr))
-    print(f"{'MoE teacher (the original)':38} {l_moe:8.4f} {'-':>10}")
-    print(f"{'dense twin, KD from the teacher':38} {l_kd:8.4f} {t_kd:9.0f}s")
-    print(f"{'dense twin from scratch (same steps)':38} {l_scratch:8.4f} {t_scratch:9.0f}s")
-    print(f"gain retained (L_scratch - L_student) / (L_scratch - L_teacher) = "
-          f"{gain_retained(l_scratch, l_kd, l_moe):.1%}")
-    student.eval()
-    return Variant("KD dense student", student,
+    print(f"{'MoE teacher (the original)':38} {r.loss_teacher:8.4f} {'-':>10}")
+    print(f"{'dense twin, KD from the teacher':38} {r.loss_student:8.4f} {r.seconds_student:9.0f}s")
+    print(f"{'dense twin from scratch (same steps)':38} {r.loss_scratch:8.4f} {r.seconds_scratch:9.0f}s")
+    print(f"gain retained (L_scratch - L_student) / (L_scratch - L_teacher) = {r.gain_retained:.1%}")
+    return Variant("KD dense student", r.student,
                    f"dense twin (one FFN of the active width) distilled for {tcfg.steps} steps; see the table above")
 
 
@@ -346,7 +338,7 @@ def parse_args():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=8, help="eval batch size (loads, losses, timing)")
     ap.add_argument("--batches", type=int, default=8, help="eval batches (loads, losses, timing)")
-    ap.add_argument("--rounds", type=int, default=7, help="timing rounds (min is reported)")
+    ap.add_argument("--rounds", type=int, default=7, help="timing rounds after one warm-up (median is reported)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--ft-steps", type=int, default=40, help="fine-tuning steps per recipe (0 = skip)")
@@ -387,7 +379,7 @@ def main() -> None:
             finetune_table(original, data, args)
         if args.distill_steps:
             variants.append(distill_section(original, data, args))
-        print(f"\ndeployment variants (tok/s: eval forward over the val batches, min of {args.rounds} "
+        print(f"\ndeployment variants (tok/s: eval forward over the val batches, median of {args.rounds} "
               f"round-robin rounds; resident = parameters + buffers + offload caches)")
         main_table(variants, data, args, tmp)
         by_name = {v.name: v for v in variants}

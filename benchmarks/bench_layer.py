@@ -1,27 +1,45 @@
-"""MoE layer speed vs a dense SwiGLU of equal active FLOPs and vs HF transformers' MoE blocks.
+"""MoE layer speed against the best dense FFN of equal active FLOPs, against HF transformers' MoE blocks, and
+against a measured matmul ceiling; plus how each slows down when another process is busy on the same cores.
 
-Run:  python benchmarks/bench_layer.py [--reps 5] [--tokens 4096]
+Run:  python benchmarks/bench_layer.py [--reps 7] [--tokens 4096] [--threads N] [--no-compile] [--no-contention]
 
 W1: T=4096, d=512, 8 experts h=1408, top-2            (Mixtral-shaped)   dense twin h = 2*1408
 W2: T=4096, d=512, 64 experts h=352, top-8, 1 shared  (Qwen2-MoE-shaped) dense twin h = 8*352 + 352
-Every number is a ratio to the dense SwiGLU timed in the same process (lower is better). The HF blocks
-are timed with each available experts implementation ("eager", "batched_mm", "grouped_mm"); the best
-is reported. Routing is dropless for all. "saved MB": activations autograd keeps for the backward pass.
+
+Dense baselines, all with the dense twin's hidden size H (the MoE's active width):
+- plain: nn.Linear SwiGLU under autograd;
+- row-chunked: the same module applied to 512-row chunks (smaller intermediates, cache-friendlier);
+- fused 1-expert: moekit's own blockwise kernel with one expert of hidden H and every token on it;
+- compiled: torch.compile of the plain module, when compilation works on this machine.
+Every MoE ratio is to the BEST dense (lowest fwd+bwd median); the ratio to plain is printed beside it.
+All cases of a workload are timed round-robin by ``moekit.analysis.timing`` (warm-up, median, spread =
+half the max-min range over the rounds, in %); ratios are per-round ratios, so load drift cancels.
+Matmul ceiling: the best GFLOP/s over several matmul shapes at the same thread count; the layer's
+achieved GFLOP/s counts active FLOPs only (forward 3 matmuls, backward 6: 18*T*D*H).
+Contention: a busy process (matmuls on as many threads as torch uses here) runs while plain dense and
+moekit auto are timed again; slowdown = busy / idle median; target: moekit's slowdown <= 1.5x dense's.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import contextlib
+import subprocess
+import sys
 
 import torch
 from torch import nn
 
+from moekit.analysis.timing import best, ratio, round_robin
 from moekit.config import LossConfig, MoEConfig, RouterConfig
 from moekit.layers.experts import MLP
 from moekit.layers.moe import MoELayer
 
+WORKLOADS = {
+    "W1": dict(d=512, E=8, h=1408, k=2, shared=0),
+    "W2": dict(d=512, E=64, h=352, k=8, shared=1),
+}
+DENSE = ("dense plain", "dense row-chunked", "dense fused 1-expert", "dense compiled")
 # label -> (MoEConfig.dispatcher, MoEConfig.experts)
 MOEKIT_CASES = {"auto": ("local", "auto"), "blockwise": ("local", "blockwise"), "grouped": ("local", "grouped_mm"),
                 "loop": ("local", "loop"), "padded": ("padded", "auto")}
@@ -59,19 +77,41 @@ def saved_for_backward_mb(module: nn.Module, x: torch.Tensor, out=lambda o: o) -
     return sum(n for ptr, n in saved.items() if ptr not in skip) / 2**20
 
 
-def interleaved_medians(cases: dict[str, dict[str, callable]], reps: int) -> dict[str, dict[str, float]]:
-    """Median seconds per closure, timing all cases round-robin so machine-load drift hits them alike."""
-    times = {name: {k: [] for k in fns} for name, fns in cases.items()}
-    for name, fns in cases.items():  # warm-up (first-call allocations, thread pools)
-        for fn in fns.values():
-            fn()
-    for _ in range(reps):
-        for name, fns in cases.items():
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name][k].append(time.perf_counter() - t0)
-    return {name: {k: statistics.median(v) for k, v in ts.items()} for name, ts in times.items()}
+class RowChunked(nn.Module):
+    """The same FFN applied to row chunks: intermediates of chunk x H instead of T x H."""
+
+    def __init__(self, ffn: nn.Module, rows: int = 512):
+        super().__init__()
+        self.ffn, self.rows = ffn, rows
+
+    def forward(self, x):
+        return torch.cat([self.ffn(c) for c in x.split(self.rows)])
+
+
+def moe_layer(w: dict, dispatcher: str, experts: str) -> MoELayer:
+    cfg = MoEConfig(d_model=w["d"], num_experts=w["E"], expert_hidden=w["h"], num_shared_experts=w["shared"],
+                    shared_gate=bool(w["shared"]), dispatcher=dispatcher, experts=experts,
+                    router=RouterConfig(top_k=w["k"]), loss=LossConfig(aux_coef=0.01))
+    return MoELayer(cfg)
+
+
+def dense_cases(w: dict, x: torch.Tensor, compile_: bool = True) -> dict[str, nn.Module]:
+    """The dense baselines (see the module docstring) with hidden H = the MoE's active width."""
+    H = w["k"] * w["h"] + w["shared"] * w["h"]
+    plain = MLP(w["d"], H)
+    fused = MoELayer(MoEConfig(d_model=w["d"], num_experts=1, expert_hidden=H, experts="blockwise",
+                               router=RouterConfig(top_k=1), loss=LossConfig(aux_coef=0.0)))
+    cases = {"dense plain": (plain, lambda o: o), "dense row-chunked": (RowChunked(MLP(w["d"], H)), lambda o: o),
+             "dense fused 1-expert": (fused, lambda o: o.y)}
+    if not compile_:
+        return cases
+    try:
+        compiled = torch.compile(MLP(w["d"], H))
+        compiled(x.detach().requires_grad_(True)).sum().backward()  # compile now: fails here if it cannot
+        cases["dense compiled"] = (compiled, lambda o: o)
+    except Exception as e:  # no C++ compiler, unsupported platform: report and go on without it
+        print(f"  (torch.compile unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80]})")
+    return cases
 
 
 def hf_block(workload: dict, impl: str) -> nn.Module | None:
@@ -100,69 +140,106 @@ def hf_output(o):
     return o[0] if isinstance(o, tuple) else o
 
 
+def matmul_ceiling(T: int, D: int, H: int, reps: int) -> tuple[float, str]:
+    """Best GFLOP/s over matmul shapes the layer's work resembles, timed round-robin at this thread count."""
+    shapes = {f"{m}x{k}x{n}": (m, k, n) for m, k, n in
+              [(T, D, H), (T, H, D), (H, T, D), (T // 4, D, H), (1024, 1024, 1024), (2048, 2048, 2048)]}
+    mats = {name: (torch.randn(m, k), torch.randn(k, n)) for name, (m, k, n) in shapes.items()}
+    times = round_robin({name: (lambda a=a, b=b: a @ b) for name, (a, b) in mats.items()}, reps=reps)
+    gflops = {name: 2 * m * k * n / times[name].median / 1e9 for name, (m, k, n) in shapes.items()}
+    top = max(gflops, key=gflops.get)
+    return gflops[top], top
+
+
+@contextlib.contextmanager
+def busy_process(threads: int):
+    """Another process doing matmuls on ``threads`` threads until the block ends (the contention case)."""
+    code = (f"import torch; torch.set_num_threads({threads}); a = torch.randn(1024, 1024)\n"
+            "while True: a @ a")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run_workload(name: str, w: dict, args) -> None:
+    x = torch.randn(args.tokens, w["d"])
+    modules = dense_cases(w, x, args.compile)
+    for label, (dispatcher, experts) in MOEKIT_CASES.items():
+        modules["moekit " + label] = (moe_layer(w, dispatcher, experts), lambda o: o.y)
+    hf_names = []
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        block = hf_block(w, impl)
+        if block is None:
+            break
+        try:
+            block(x[None])
+        except Exception as e:  # an implementation HF cannot run on this device/dtype
+            why = ("out of memory (it copies the expert weights per routed token)" if "alloc" in str(e)
+                   else f"{type(e).__name__}: {str(e)[:60]}")
+            print(f"{name:4} {'HF ' + impl:22} unavailable: {why}")
+            continue
+        modules["HF " + impl] = (block, hf_output)
+        hf_names.append("HF " + impl)
+    xs = {n: (x[None] if n.startswith("HF") else x) for n in modules}
+    closures = {n: fwd_and_fwdbwd(m, xs[n], out) for n, (m, out) in modules.items()}
+    saved = {n: saved_for_backward_mb(m, xs[n], out) for n, (m, out) in modules.items()}
+    times = {kind: round_robin({n: c[kind] for n, c in closures.items()}, reps=args.reps, warmup=args.warmup)
+             for kind in ("fwd", "fwd+bwd")}
+    dense = [n for n in DENSE if n in modules]
+    base = best(times["fwd+bwd"], dense)
+    print(f"{name}: best dense = {base} ({times['fwd+bwd'][base].ms()} fwd+bwd); ratios = median of per-round "
+          "ratios ±half their range")
+    print(f"{'':4} {'implementation':22} {'fwd / best':>12} {'fwd+bwd / best':>15} {'fwd+bwd / plain':>16} "
+          f"{'fwd+bwd ms':>14} {'saved MB':>9}")
+    for n in modules:
+        print(f"{name:4} {n:22} {ratio(times['fwd'], n, base).x():>12} {ratio(times['fwd+bwd'], n, base).x():>15} "
+              f"{ratio(times['fwd+bwd'], n, 'dense plain').x():>16} {times['fwd+bwd'][n].ms():>14} {saved[n]:9.0f}")
+    if hf_names:
+        hf = best(times["fwd+bwd"], hf_names)
+        print(f"{name:4} moekit auto vs HF best ({hf[3:]}): {ratio(times['fwd+bwd'], hf, 'moekit auto').x()} faster "
+              "(fwd+bwd)")
+    H = w["k"] * w["h"] + w["shared"] * w["h"]
+    ceiling, shape = matmul_ceiling(args.tokens, w["d"], H, args.reps)
+    flops = 18 * args.tokens * w["d"] * H
+    achieved = {n: flops / times["fwd+bwd"][n].median / 1e9 for n in ("moekit auto", base)}
+    print(f"{name:4} matmul ceiling {ceiling:.0f} GFLOP/s (best shape {shape}); fwd+bwd on active FLOPs: moekit auto "
+          f"{achieved['moekit auto']:.0f} GFLOP/s = {achieved['moekit auto'] / ceiling:.0%} of the ceiling, "
+          f"{base} {achieved[base]:.0f} GFLOP/s = {achieved[base] / ceiling:.0%}")
+    if args.contention:
+        pair = {n: closures[n]["fwd+bwd"] for n in ("dense plain", "moekit auto")}
+        idle = round_robin(pair, reps=args.reps, warmup=args.warmup)
+        with busy_process(torch.get_num_threads()):
+            loaded = round_robin(pair, reps=args.reps, warmup=args.warmup)
+        slow = {n: loaded[n].median / idle[n].median for n in pair}
+        print(f"{name:4} contention (a busy {torch.get_num_threads()}-thread process on the same cores): slowdown "
+              f"dense plain {slow['dense plain']:.2f}x, moekit auto {slow['moekit auto']:.2f}x -> moekit/dense "
+              f"{slow['moekit auto'] / slow['dense plain']:.2f} (target <= 1.5)")
+    print(flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--only", nargs="+", choices=sorted(WORKLOADS), default=sorted(WORKLOADS))
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the torch.compile dense baseline (compiling takes minutes)")
+    ap.add_argument("--no-contention", dest="contention", action="store_false",
+                    help="skip the run with a competing busy process")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    workloads = {
-        "W1": dict(d=512, E=8, h=1408, k=2, shared=0),
-        "W2": dict(d=512, E=64, h=352, k=8, shared=1),
-    }
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, T={args.tokens}, reps={args.reps}")
-    print("time ratio to dense SwiGLU with equal active FLOPs (lower is better)")
-    print(f"{'workload':8} {'implementation':28} {'fwd':>7} {'fwd+bwd':>8} {'saved MB':>9}")
-    for name, w in workloads.items():
-        x = torch.randn(args.tokens, w["d"])
-        dense = MLP(w["d"], w["k"] * w["h"] + w["shared"] * w["h"])
-        cases = {"dense SwiGLU (baseline)": fwd_and_fwdbwd(dense, x)}
-        saved_mb = {"dense SwiGLU (baseline)": saved_for_backward_mb(dense, x)}
-        for disp, (dispatcher, experts) in MOEKIT_CASES.items():
-            cfg = MoEConfig(d_model=w["d"], num_experts=w["E"], expert_hidden=w["h"], num_shared_experts=w["shared"],
-                            shared_gate=bool(w["shared"]), dispatcher=dispatcher, experts=experts,
-                            router=RouterConfig(top_k=w["k"]), loss=LossConfig(aux_coef=0.01))
-            layer = MoELayer(cfg)
-            cases["moekit " + disp] = fwd_and_fwdbwd(layer, x, out=lambda o: o.y)
-            saved_mb["moekit " + disp] = saved_for_backward_mb(layer, x, out=lambda o: o.y)
-        hf_names = []
-        for impl in ("eager", "batched_mm", "grouped_mm"):
-            block = hf_block(w, impl)
-            if block is None:
-                break
-            try:
-                block(x[None])
-            except Exception as e:  # an implementation HF cannot run on this device/dtype
-                why = ("out of memory (it copies the expert weights per routed token)" if "alloc" in str(e)
-                       else f"{type(e).__name__}: {str(e)[:60]}")
-                print(f"{name:8} {'HF ' + impl:28} unavailable: {why}")
-                continue
-            cases["HF " + impl] = fwd_and_fwdbwd(block, x[None], out=hf_output)
-            saved_mb["HF " + impl] = saved_for_backward_mb(block, x[None], out=hf_output)
-            hf_names.append("HF " + impl)
-        med = interleaved_medians(cases, args.reps)
-        base = med["dense SwiGLU (baseline)"]
-        for case, m in med.items():
-            extra = f"   [{m['fwd'] * 1e3:.0f} ms / {m['fwd+bwd'] * 1e3:.0f} ms]" if case.startswith("dense") else ""
-            print(f"{name:8} {case:28} {m['fwd'] / base['fwd']:7.2f} {m['fwd+bwd'] / base['fwd+bwd']:8.2f} "
-                  f"{saved_mb[case]:9.0f}{extra}")
-        if hf_names:
-            best = min(hf_names, key=lambda n: med[n]["fwd+bwd"])
-            print(f"{name:8} {'HF best (' + best[3:] + ')':28} {med[best]['fwd'] / base['fwd']:7.2f} "
-                  f"{med[best]['fwd+bwd'] / base['fwd+bwd']:8.2f} {saved_mb[best]:9.0f}")
-        # achieved GFLOP/s on the active FFN FLOPs (3 matmuls forward, 6 backward: 18*T*D*H) next to one plain
-        # T x D x H matmul timed here, the ceiling a layer made of matmuls can approach
-        H = w["k"] * w["h"] + w["shared"] * w["h"]
-        a, b = torch.randn(args.tokens, w["d"]), torch.randn(w["d"], H)
-        mm_s = interleaved_medians({"mm": {"mm": lambda: a @ b}}, args.reps)["mm"]["mm"]
-        flops = 18 * args.tokens * w["d"] * H
-        print(f"{name:8} GFLOP/s fwd+bwd on active FLOPs: dense {flops / base['fwd+bwd'] / 1e9:.0f}, moekit auto "
-              f"{flops / med['moekit auto']['fwd+bwd'] / 1e9:.0f}; one {args.tokens}x{w['d']}x{H} matmul "
-              f"{2 * args.tokens * w['d'] * H / mm_s / 1e9:.0f}")
-        print(flush=True)
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, T={args.tokens}, reps={args.reps}, "
+          f"warm-up rounds={args.warmup}")
+    for name in args.only:
+        run_workload(name, WORKLOADS[name], args)
+
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
 """HF MoE models vs the same models patched with moekit (``moekit.patch``): forward and forward+backward
-time, as ratios to the unpatched HF model in the same run. HF runs with its fastest experts implementation.
+time, as ratios to the unpatched HF model with its fastest experts implementation, all timed round-robin in
+the same run (``moekit.analysis.timing``: warm-up, median ±half the range over rounds).
 
 Run:  python benchmarks/bench_patch.py [--reps 5]
 """
@@ -8,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 
 import torch
 
 import moekit
+from moekit.analysis.timing import best, ratio, round_robin
 
 SHAPES = {
     "mixtral": dict(hidden_size=512, intermediate_size=1408, num_local_experts=8, num_experts_per_tok=2),
@@ -24,14 +24,16 @@ SHAPES = {
 }
 
 
-def timed(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def closures(model, ids) -> dict:
+    def fwd():
+        with torch.no_grad():
+            model(ids)
+
+    def fwdbwd():
+        model(ids).logits.float().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return {"fwd": fwd, "fwd+bwd": fwdbwd}
 
 
 def main() -> None:
@@ -39,6 +41,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -48,7 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (1, args.tokens))
     print(f"{args.layers} layers, {args.tokens} tokens, torch threads {torch.get_num_threads()}")
-    print("| model | HF experts impl | HF fwd ms | patched fwd | HF fwd+bwd ms | patched fwd+bwd |")
+    print("| model | HF experts impl | HF fwd | patched fwd / HF | HF fwd+bwd | patched fwd+bwd / HF |")
     print("|---|---|---|---|---|---|")
     for mt, shape in SHAPES.items():
         with warnings.catch_warnings():
@@ -56,21 +59,18 @@ def main() -> None:
             cfg = transformers.AutoConfig.for_model(mt, num_hidden_layers=args.layers, num_attention_heads=8,
                                                     num_key_value_heads=8, vocab_size=1000,
                                                     max_position_embeddings=args.tokens, **shape)
-        best = None
+        models = {}
         for impl in ("eager", "grouped_mm"):
-            cfg._experts_implementation = impl
-            hf = transformers.AutoModelForCausalLM.from_config(cfg)
-            with torch.no_grad():
-                f = timed(lambda: hf(ids), args.reps)
-            fb = timed(lambda: hf(ids).logits.float().mean().backward(), args.reps)
-            if best is None or fb < best[2]:
-                best = (impl, f, fb, hf)
-        impl, f, fb, hf = best
-        patched = moekit.patch(copy.deepcopy(hf))
-        with torch.no_grad():
-            pf = timed(lambda: patched(ids), args.reps)
-        pfb = timed(lambda: patched(ids).logits.float().mean().backward(), args.reps)
-        print(f"| {mt} | {impl} | {f * 1e3:.0f} | {pf / f:.2f}x | {fb * 1e3:.0f} | {pfb / fb:.2f}x |", flush=True)
+            c = copy.deepcopy(cfg)  # each model keeps its config: one object per implementation
+            c._experts_implementation = impl
+            models["HF " + impl] = transformers.AutoModelForCausalLM.from_config(c)
+        models["patched"] = moekit.patch(copy.deepcopy(models["HF eager"]))
+        cases = {n: closures(m, ids) for n, m in models.items()}
+        times = {k: round_robin({n: c[k] for n, c in cases.items()}, reps=args.reps, warmup=args.warmup)
+                 for k in ("fwd", "fwd+bwd")}
+        hf = best(times["fwd+bwd"], ["HF eager", "HF grouped_mm"])
+        print(f"| {mt} | {hf[3:]} | {times['fwd'][hf].ms()} | {ratio(times['fwd'], 'patched', hf).x()} | "
+              f"{times['fwd+bwd'][hf].ms()} | {ratio(times['fwd+bwd'], 'patched', hf).x()} |", flush=True)
 
 
 if __name__ == "__main__":

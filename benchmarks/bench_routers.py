@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
 import torch
 
+from moekit.analysis.timing import ratio, round_robin
 from moekit.config import CapacityConfig, LossConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig
 from moekit.layers.stats import routing_stats
 from moekit.models.decoder import MoETransformer, lm_loss
@@ -56,6 +56,7 @@ ROUTERS = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=10, help="timing rounds (after one warm-up round)")
     args = ap.parse_args()
     corpus = build_corpus(vocab_size=2048, max_bytes=4_000_000)
     tcfg = TrainConfig(steps=args.steps, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=args.steps // 20,
@@ -76,32 +77,29 @@ def main() -> None:
                      sum(r["dropped"] for r in train_rows) / len(train_rows)])
         models[name] = model
         print(f"done: {name}", flush=True)
-    # step time: forward + backward on one fixed batch, all routers timed round-robin so load drift hits
-    # them alike (training above ran sequentially on a shared machine); the minimum of 20 rounds, as other
-    # processes only ever add time
+    # step time: forward + backward on one fixed batch, all routers timed round-robin by the shared harness
+    # (training above ran sequentially on a shared machine, so its wall times do not compare)
     x, y = corpus.train.batch(0, tcfg.batch_size, tcfg.seq_len)
-    times = {n: [] for n in models}
     experts_per_token = {}
-    for rep in range(21):
-        for n, m in models.items():
-            t0 = time.perf_counter()
+    for n, m in models.items():  # trained routers in training mode (GShard's random 2nd expert, top-p's dynamic k)
+        experts_per_token[n] = statistics.mean(routing_stats(a)["experts_per_token"] for a in m(x).moe_aux)
+
+    def step(m):
+        def fn():
             out = m(x)
             (lm_loss(out.logits, y) + out.aux_loss).backward()
             m.zero_grad(set_to_none=True)
-            if rep:  # first round is warm-up
-                times[n].append(time.perf_counter() - t0)
-            else:  # trained routers in training mode (GShard's random second expert, top-p's dynamic k)
-                ept = [routing_stats(a)["experts_per_token"] for a in out.moe_aux]
-                experts_per_token[n] = statistics.mean(ept)
+        return fn
+
+    times = round_robin({n: step(m) for n, m in models.items()}, reps=args.reps)
     for row in rows:
-        row += [experts_per_token[row[0]], min(times[row[0]])]
-    base_time = rows[0][5]
+        row += [experts_per_token[row[0]], ratio(times, row[0], rows[0][0])]
     print(f"\n{args.steps} steps x {tcfg.batch_size}x{tcfg.seq_len} tokens, 3 MoE layers x 8 experts, "
           f"d={d}; corpus: {corpus.description}\n")
     print("| router | val loss | imbalance max/mean | dropped | experts/token | step time vs softmax top-2 |")
     print("|---|---|---|---|---|---|")
     for name, loss, imb, drop, ept, t in rows:
-        print(f"| {name} | {loss:.4f} | {imb:.2f} | {drop:.3f} | {ept:.2f} | {t / base_time:.2f}x |")
+        print(f"| {name} | {loss:.4f} | {imb:.2f} | {drop:.3f} | {ept:.2f} | {t.x()} |")
 
 
 if __name__ == "__main__":

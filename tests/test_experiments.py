@@ -1,39 +1,144 @@
 import json
+import math
 import re
 import statistics
 
+import pytest
+
 from moekit import experiments
+from tests.analysis.test_significance import t_quantile_by_integration
+
+TINY = experiments.Budget(steps=3, seeds=(0, 1, 2), batch_size=2, seq_len=16, evals=3, eval_batches=1,
+                          max_bytes=60_000, expert_counts=(2, 4), workers=1)
 
 
-def test_quick_report_numbers_come_from_the_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
-    tiny = experiments.Budget(steps=2, seeds=(0, 1), batch_size=2, seq_len=16, eval_batches=1, max_bytes=40_000,
-                              expert_counts=(1, 2), capacity_factors=(0.5, None))
-    monkeypatch.setattr(experiments, "QUICK", tiny)
-    report = experiments.run_all(tmp_path, quick=True, only=["moe_vs_dense", "capacity"])
-    text = report.read_text()
-    runs = json.loads((tmp_path / "experiments" / "runs.json").read_text())
-    by_name = {}
-    for r in runs:
-        by_name.setdefault(r["name"], []).append(r)
-    # the dropless top-2 point is the same config as experiment 1's MoE: trained once, reused
-    assert set(by_name) == {"moe", "dense", "top1 cf=0.5", "top1 cf=None", "top2 cf=0.5"}
-    assert all("top2 cf=None" in r["used_as"] for r in by_name["moe"])
-    assert all(len(rows) == 2 and {r["seed"] for r in rows} == {0, 1} for rows in by_name.values())
-    # the tables' mean +- std and dropped fractions are computed from the recorded runs
-    moe = [r["val_loss"] for r in by_name["moe"]]
+def paired_reference(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Textbook paired t-interval of a - b, with the t quantile from the integrated density."""
+    d = [x - y for x, y in zip(a, b)]
+    half = t_quantile_by_integration(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return statistics.mean(d), statistics.mean(d) - half, statistics.mean(d) + half
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOEKIT_CACHE", str(out / "cache"))
+    mp.setattr(experiments, "QUICK", TINY)
+    path = experiments.run_all(out / "report", quick=True, only=["moe_vs_dense", "distill"])
+    yield out, path.read_text(), json.loads((out / "report" / "experiments" / "runs.json").read_text())
+    mp.undo()
+
+
+def by_name(runs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        out.setdefault(r["name"], []).append(r)
+    return out
+
+
+def test_report_goes_to_out_with_three_seeds_per_configuration(report):
+    out, text, runs = report
+    assert (out / "report" / "experiments.md").is_file()
+    assert (out / "report" / "experiments" / "moe_vs_dense_flops.png").stat().st_size > 1000
+    runs_by = by_name(runs)
+    assert set(runs_by) == {"MoE E=8", "dense twin", "KD student (dense twin)"}
+    assert all([r["seed"] for r in rows] == [0, 1, 2] for rows in runs_by.values())
+    # each student learnt from the MoE of its own seed
+    teacher_of = {r["key"]: r["seed"] for r in runs_by["MoE E=8"]}
+    assert [teacher_of[r["teacher"]] for r in runs_by["KD student (dense twin)"]] == [0, 1, 2]
+    # the dense twin has the MoE's active FLOPs, and fewer parameters
+    moe, dense = runs_by["MoE E=8"][0], runs_by["dense twin"][0]
+    assert dense["flops_per_step"] == pytest.approx(moe["flops_per_step"], rel=0.02)
+    assert dense["params"] < moe["params"]
+
+
+def test_table_and_interval_are_recomputed_from_runs_json(report):
+    _, text, runs = report
+    runs_by = by_name(runs)
+    moe = [r["val_loss"] for r in runs_by["MoE E=8"]]
+    dense = [r["val_loss"] for r in runs_by["dense twin"]]
     row = re.search(r"\| MoE \| ([0-9.]+) ± ([0-9.]+) \|", text)
-    assert row and abs(float(row.group(1)) - statistics.mean(moe)) < 1e-4
-    assert abs(float(row.group(2)) - statistics.stdev(moe)) < 1e-4
-    cap = re.search(r"\| top-1 \| 0.5 \| ([0-9.]+) ± [0-9.]+ \| ([0-9.]+) \|", text)
-    top1 = by_name["top1 cf=0.5"]
-    assert abs(float(cap.group(1)) - statistics.mean(r["val_loss"] for r in top1)) < 1e-4
-    assert abs(float(cap.group(2)) - statistics.mean(r["dropped"] for r in top1)) < 1e-3
-    assert float(cap.group(2)) > 0.2  # capacity factor 0.5 must drop tokens; dropless never does
-    assert all(r["dropped"] == 0 for r in by_name["top1 cf=None"])
-    # configs and per-seed losses sit in the appendix
-    assert re.search(r"\| top1 cf=0.5 \| - \| 8 \| 1 \| \w+ \| 0.5 \|", text)
-    assert ", ".join(f"{r['val_loss']:.4f}" for r in top1) in text
-    assert "QUICK smoke-test mode" in text and "46.7B" in text
-    assert (tmp_path / "experiments" / "moe_vs_dense.png").stat().st_size > 1000
-    assert (tmp_path / "experiments" / "capacity.png").stat().st_size > 1000
+    assert float(row.group(1)) == pytest.approx(statistics.mean(moe), abs=1e-4)
+    assert float(row.group(2)) == pytest.approx(statistics.stdev(moe), abs=1e-4)
+    m = re.search(r"dense minus MoE \(positive = MoE better\): ([-+][0-9.]+) \[95% CI ([-+][0-9.]+), ([-+][0-9.]+)\]",
+                  text)
+    mean, lo, hi = paired_reference(dense, moe)
+    assert [float(g) for g in m.groups()] == pytest.approx([mean, lo, hi], abs=2e-4)
+    if lo < 0 < hi:
+        assert "no significant difference between the MoE and the dense twin" in text
+    else:
+        assert "no significant difference between the MoE and the dense twin" not in text
+
+
+def test_speedup_counts_the_seeds_that_reached_the_target(report):
+    _, text, runs = report
+    runs_by = by_name(runs)
+    reached = 0
+    for m, d in zip(runs_by["MoE E=8"], runs_by["dense twin"]):
+        reached += any(loss <= d["val_loss"] for _, loss in m["val_curve"])
+    assert f"reaches the dense twin's final loss in {reached} of 3 seeds" in text
+
+
+def test_gain_retained_per_seed_from_the_recorded_losses(report):
+    _, text, runs = report
+    runs_by = by_name(runs)
+    for t, sc, st in zip(runs_by["MoE E=8"], runs_by["dense twin"], runs_by["KD student (dense twin)"]):
+        gain = sc["val_loss"] - t["val_loss"]
+        cell = "n/a (no MoE gain)" if gain <= 0 else f"{(sc['val_loss'] - st['val_loss']) / gain:.0%}"
+        assert (f"| {t['seed']} | {sc['val_loss']:.4f} | {st['val_loss']:.4f} | {t['val_loss']:.4f} | {cell} |"
+                in text)
+
+
+def test_a_second_invocation_trains_nothing_and_writes_the_same_numbers(report, monkeypatch):
+    out, text, _ = report
+    monkeypatch.setenv("MOEKIT_CACHE", str(out / "cache"))
+    monkeypatch.setattr(experiments, "QUICK", TINY)
+    monkeypatch.setattr(experiments, "train_run", lambda *a, **k: pytest.fail("a cached run was retrained"))
+    again = experiments.run_all(out / "report", quick=True, only=["moe_vs_dense", "distill"]).read_text()
+    table = re.compile(r"^\| (MoE|dense twin|\d) \|.*$", re.M)
+    # the step-time column is re-measured; everything else is the same
+    strip = re.compile(r"\| [0-9.]+ ms ±\d+% \|")
+    rows = [[strip.sub("", m.group(0)) for m in table.finditer(t)] for t in (text, again)]
+    assert rows[0] == rows[1] and len(rows[0]) == 2 + 3  # MoE, dense, 3 distillation seeds
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    curve = [[10, 5.0], [20, 4.0], [30, 3.0]]
+    assert experiments.steps_to_reach(curve, 3.5) == pytest.approx(25.0)
+    assert experiments.steps_to_reach(curve, 6.0) == 10.0
+    assert experiments.steps_to_reach(curve, 2.0) is None
+
+
+def test_demo_quotes_the_spread_the_report_measured(tmp_path):
+    vocab = 512
+    plan = experiments.plan_moe_vs_dense(experiments.FULL, vocab)
+    moe, dense = [3.0, 3.1, 3.05], [3.1, 3.21, 3.14]
+    rows = [{"key": s.key(experiments.FULL), "config": s.cfg.to_dict(), "val_loss": v}
+            for ss, vs in ((plan["MoE"], moe), (plan["dense"], dense)) for s, v in zip(ss, vs)]
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(rows))
+    got = experiments.reported_diff(path)
+    mean, lo, hi = paired_reference(dense, moe)
+    assert (got.mean, got.lo, got.hi) == pytest.approx((mean, lo, hi), rel=1e-4)
+    line = experiments.demo_verdict([3.0], [3.08], got)
+    sd = statistics.stdev([d - m for d, m in zip(dense, moe)])
+    assert "+0.0800 nats" in line and "over 3 seeds" in line and f"{sd:.4f} nats" in line
+    assert "no interval" in experiments.demo_verdict([3.0], [3.08], None)
+    assert experiments.demo_verdict(moe, dense, None).startswith("Verdict: the MoE beats the dense twin")
+
+
+def test_seed_groups_pairs_seeds_and_leaves_out_unfinished_optional_labels(tmp_path):
+    r = experiments.Runner(TINY, tmp_path)
+    specs = {label: [experiments.RunSpec(label, experiments.moe_config(TINY, 300, num_experts=E), s)
+                     for s in TINY.seeds] for label, E in (("A", 2), ("B", 4), ("C", 8))}
+    finished = {"A": (0, 1, 2), "B": (0, 2), "C": (0,)}
+    for label, seeds in finished.items():
+        for s in seeds:
+            spec = specs[label][s]
+            r.rows[spec.key(TINY)] = {"key": spec.key(TINY), "seed": s, "label": label}
+    g, seeds = experiments.seed_groups(r, specs)  # every label required: only seed 0 has all three
+    assert seeds == [0] and [x["label"] for x in g["C"]] == ["C"]
+    g, seeds = experiments.seed_groups(r, specs, required=("A", "B"))  # C is unfinished: left out
+    assert set(g) == {"A", "B"} and seeds == [0, 2]
+    assert [x["seed"] for x in g["A"]] == [x["seed"] for x in g["B"]] == [0, 2]

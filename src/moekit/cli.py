@@ -483,33 +483,34 @@ def _resume_command(ns, out) -> str:
     return "moekit " + shlex.join(argv)
 
 
-def _print_comparison(summary: dict) -> None:
+def _print_comparison(summary: dict, verdict: str) -> None:
     rows = summary["rows"]
     print()
-    hdr = f"{'model':6} {'params':>9} {'active':>9} {'train GFLOP/tok':>15} {'val loss':>9} {'val ppl':>8} " \
+    hdr = f"{'model':12} {'params':>9} {'active':>9} {'train GFLOP/tok':>15} {'val loss':>9} {'val ppl':>8} " \
           f"{'tokens/s':>9} {'time':>7}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['label']:6} {r['params_total'] / 1e6:8.2f}M {r['params_active'] / 1e6:8.2f}M "
+        print(f"{r['label']:12} {r['params_total'] / 1e6:8.2f}M {r['params_active'] / 1e6:8.2f}M "
               f"{r['train_flops_per_token'] / 1e9:15.4f} {r['val_loss']:9.4f} {r['val_ppl']:8.2f} "
               f"{r['tokens_per_s']:9.0f} {r['seconds']:6.0f}s")
     moe, dense = rows[0], rows[1]
-    verdict = "lower" if moe["val_loss"] < dense["val_loss"] else "NOT lower"
-    print(f"\nMoE val loss is {verdict} than the dense twin's at the same steps "
-          f"({moe['val_loss']:.4f} vs {dense['val_loss']:.4f}, {dense['val_loss'] - moe['val_loss']:+.4f} nats); "
-          f"MoE training FLOPs/token = {moe['train_flops_per_token'] / dense['train_flops_per_token']:.3f}x dense; "
-          f"MoE tokens/s = {moe['tokens_per_s'] / dense['tokens_per_s']:.2f}x dense")
+    print(f"\nMoE training FLOPs/token = {moe['train_flops_per_token'] / dense['train_flops_per_token']:.3f}x dense; "
+          f"MoE tokens/s = {moe['tokens_per_s'] / dense['tokens_per_s']:.2f}x dense (first seed)")
+    print(verdict)
     print("plots: " + ", ".join(summary["plots"]))
 
 
 def _compare(ns, command: str) -> int:
     import dataclasses
 
+    from moekit.experiments import demo_verdict
     from moekit.train.compare import compare_moe_dense
     from moekit.train.data import build_corpus
     from moekit.train.trainer import TrainingInterrupted
 
+    if ns.seeds < 1:
+        raise UsageError(f"--seeds={ns.seeds}: must be >= 1")
     out = _run_dir(ns, command)
     _check_run_dir(out, resume=False, overwrite=ns.overwrite)
     cfg = _model_config(ns, ns.vocab_size)  # a bad config fails before the corpus is tokenised
@@ -521,28 +522,66 @@ def _compare(ns, command: str) -> int:
     cfg = dataclasses.replace(cfg, vocab_size=corpus.tokenizer.vocab_size)
     try:
         with _new_run_folder(out, ns.overwrite), _StopOnSignal() as stop:
-            summary = compare_moe_dense(cfg, corpus, _train_config(ns), out, progress=not ns.no_progress,
-                                        should_stop=stop)
+            s = compare_moe_dense(cfg, corpus, _train_config(ns), out, progress=not ns.no_progress,
+                                  should_stop=stop, seeds=range(ns.seed, ns.seed + ns.seeds))
     except TrainingInterrupted as e:
         print(f"moekit {command}: interrupted at step {e.step}; the models trained so far are in {out} "
               f"(a comparison cannot be resumed: run it again)", file=sys.stderr)
         return 130
-    _print_comparison(summary)
+    _print_comparison(s, demo_verdict(s["moe_val_losses"], s["dense_val_losses"], None))
     print(f"run folder: {out}")
     return 0
 
 
-@command("demo", "train a tiny MoE LM and its dense twin on the Python stdlib source (a few minutes on a CPU), "
-                 "print the comparison and write plots", lambda p: _add_train_args(p, steps=600),
-         examples="""  moekit demo
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, default=1, help="seeds to train, each an MoE and its dense twin; >= 2 gives "
+                                                        "the verdict a 95%% interval")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the experiments report's, so "
+                                                           "its measured seed spread applies)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/demo-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("demo", "train a small MoE LM and its dense twin (same active FLOPs) on the Python stdlib source, in the "
+                 "configuration of docs/experiments.md's experiment 1; print the verdict with its uncertainty and "
+                 "write plots", _demo_args, examples="""  moekit demo
+  moekit demo --seeds 3
   moekit demo --steps 100 --out runs/demo-short""")
 def _demo(ns) -> int:
-    return _compare(ns, "demo")
+    from moekit.experiments import demo_setup, demo_verdict, reported_diff
+    from moekit.train.compare import compare_moe_dense
+    from moekit.train.trainer import TrainingInterrupted
+
+    if ns.seeds < 1 or (ns.steps is not None and ns.steps < 1):
+        raise UsageError(f"--seeds={ns.seeds} --steps={ns.steps}: both must be >= 1")
+    out = _run_dir(ns, "demo")
+    _check_run_dir(out, resume=False, overwrite=ns.overwrite)
+    corpus, cfg, tcfg = demo_setup(ns.steps)
+    print(f"corpus: {corpus.description}", flush=True)
+    try:
+        with _new_run_folder(out, ns.overwrite), _StopOnSignal() as stop:
+            s = compare_moe_dense(cfg, corpus, tcfg, out, progress=not ns.no_progress, should_stop=stop,
+                                  seeds=range(ns.seeds))
+    except TrainingInterrupted as e:
+        print(f"moekit demo: interrupted at step {e.step}; the models trained so far are in {out} "
+              f"(a comparison cannot be resumed: run it again)", file=sys.stderr)
+        return 130
+    _print_comparison(s, demo_verdict(s["moe_val_losses"], s["dense_val_losses"],
+                                      reported_diff() if ns.steps is None else None))
+    print(f"run folder: {out}")
+    return 0
 
 
-@command("compare", "train an MoE model and its dense twin (same active FLOPs) on the same data",
-         lambda p: _add_train_args(p, steps=600), examples="""  moekit compare --preset switch-like --data my_texts/
-  moekit compare --config model.json --steps 2000 --out runs/cmp""")
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    _add_train_args(p, steps=600)
+    p.add_argument("--seeds", type=int, default=1, help="seeds --seed, --seed+1, ...; >= 2 gives the verdict a 95%% "
+                                                        "interval")
+
+
+@command("compare", "train an MoE model and its dense twin (same active FLOPs) on the same data", _compare_args,
+         examples="""  moekit compare --preset switch-like --data my_texts/
+  moekit compare --config model.json --steps 2000 --seeds 3 --out runs/cmp""")
 def _compare_cmd(ns) -> int:
     return _compare(ns, "compare")
 
@@ -790,12 +829,8 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
          examples="""  moekit distill runs/a --out runs/kd
   moekit distill runs/a --data my_texts/ --steps 600 --alpha 0.7 --no-scratch --out runs/kd2""")
 def _distill_cmd(ns) -> int:
-    import torch
-
     from moekit.config import TrainConfig
-    from moekit.deploy.distill import distill, gain_retained
-    from moekit.models.decoder import MoETransformer
-    from moekit.train.trainer import train
+    from moekit.deploy.distill import distill_vs_scratch
 
     teacher, tok_path, train_data, val = _deploy_inputs(ns)
     if teacher.cfg.moe is None:
@@ -805,18 +840,13 @@ def _distill_cmd(ns) -> int:
     out = _run_folder(ns.out, tok_path)
     for label in ("student",) + (() if ns.no_scratch else ("scratch",)):  # run folders: generate needs the tokenizer
         _run_folder(out / label, tok_path)
-    student, _ = distill(teacher, train_data, val, tcfg, alpha=ns.alpha, temperature=ns.temperature,
-                         out_dir=out / "student", progress=not ns.no_progress, label="student")
-    l_moe, l_student = _val_loss(teacher, val, ns), _val_loss(student, val, ns)
-    print(f"MoE teacher val loss {l_moe:.4f}; KD student (dense twin, {student.num_params() / 1e6:.2f}M params) "
-          f"{l_student:.4f}")
-    if not ns.no_scratch:
-        torch.manual_seed(ns.seed)
-        scratch = MoETransformer(teacher.cfg.dense_twin())
-        train(scratch, train_data, val, tcfg, out_dir=out / "scratch", progress=not ns.no_progress, label="scratch")
-        l_scratch = _val_loss(scratch, val, ns)
-        print(f"dense from scratch {l_scratch:.4f}; gain retained (L_scratch - L_student) / (L_scratch - L_moe) = "
-              f"{gain_retained(l_scratch, l_student, l_moe):.1%}")
+    r = distill_vs_scratch(teacher, train_data, _batches(val, ns), tcfg, alpha=ns.alpha, temperature=ns.temperature,
+                           scratch=not ns.no_scratch, out_dir=out, progress=not ns.no_progress)
+    print(f"MoE teacher val loss {r.loss_teacher:.4f}; KD student (dense twin, {r.student.num_params() / 1e6:.2f}M "
+          f"params) {r.loss_student:.4f}")
+    if r.scratch is not None:
+        print(f"dense from scratch {r.loss_scratch:.4f}; gain retained (L_scratch - L_student) / (L_scratch - L_moe) = "
+              f"{r.gain_retained:.1%}")
     print(f"run folder: {out}")
     return 0
 

@@ -1,445 +1,554 @@
-"""`moekit experiments` / `python -m moekit.experiments`: the seeds' claims, reproduced at small scale on
-real text, written to a Markdown report with plots. Every number in the report comes from this run;
-seeds and configs are recorded beside it; results that disagree with the literature are said to.
+"""`moekit experiments` (`python -m moekit experiments`): does a sparse MoE beat its dense twin (same active
+FLOPs per token) on real text, and by how much? Written to a Markdown report with plots; every number in it
+comes from runs recorded in ``experiments/runs.json`` beside it.
 
-Full mode (default) takes 5-8 minutes on an idle 2-core CPU (~18 when sharing it with other jobs);
-``--quick`` is a smoke-sized run for CI.
+Regime: a small model (d=64, 2 layers) that sees over a million tokens. Hypothesis (tested by experiments
+1 and 2, not assumed): such a model's dense FFN runs out of capacity, so the MoE's extra expert parameters
+can pay off; at 128K tokens (the previous report) nothing was capacity-limited. Every configuration runs on several seeds; seed s fixes the initialisation
+and the batch order of every model, so configurations are compared per seed (a paired difference with a
+95% t-interval, ``moekit.analysis.significance``).
+
+Full mode on an idle 2-core CPU: about 16 minutes (24 runs of 300 steps, 2 single-thread workers; an
+estimate from one-thread step times).
+Runs are cached by a hash of (model config, train config, data, seed, teacher) in ``runs.json``: an
+interrupted report continues where it stopped, and runs shared by several experiments train once.
+Training runs in ``workers`` processes with ``threads // workers`` threads each: small models train
+faster as independent single-thread runs, and stay fast when the machine is shared.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import hashlib
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
 from moekit.analysis import plots
-from moekit.config import CapacityConfig, LossConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig
-from moekit.deploy.distill import gain_retained, kd_loss_fn
+from moekit.analysis.significance import PairedDiff, mean_std, paired_diff, verdict
+from moekit.analysis.timing import ratio, round_robin
+from moekit.config import LossConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig
+from moekit.deploy.distill import distill, gain_retained
 from moekit.models.decoder import MoETransformer, lm_loss
-from moekit.train.data import TokenStream, build_corpus, stdlib_dir
+from moekit.train.data import build_corpus
 from moekit.train.hooks import RouterBiasUpdate
-from moekit.train.trainer import evaluate, train
+from moekit.train.tokenizer import cache_dir
+from moekit.train.trainer import train
+
+KD = {"alpha": 0.5, "temperature": 2.0}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Budget:
     steps: int
     seeds: tuple[int, ...]
-    batch_size: int = 8
+    batch_size: int = 32
     seq_len: int = 128
+    evals: int = 12  # validation points per run (the loss curves' resolution)
     eval_batches: int = 8
-    max_bytes: int = 4_000_000
-    expert_counts: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    capacity_factors: tuple = (0.5, 1.0, 1.25, 2.0, None)
+    lr: float = 3e-3
+    vocab_size: int = 512
+    max_bytes: int = 12_000_000  # the whole stdlib (~11 MB): ~5M training tokens at vocab 512
+    d_model: int = 64
+    n_layers: int = 2
+    num_experts: int = 8
+    expert_hidden: int = 128
+    expert_counts: tuple[int, ...] = (2, 4, 8, 16)
+    workers: int = 2
+
+    @property
+    def tokens_per_run(self) -> int:
+        return self.steps * self.batch_size * self.seq_len
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
+                           warmup_steps=max(1, self.steps // 20), eval_every=max(1, self.steps // self.evals),
+                           eval_batches=self.eval_batches, log_every=max(1, self.steps // 50), seed=seed)
 
 
-# Full: ~40 runs of 250 steps x 512 tokens at ~0.03 s/step on 2 idle cores (runs shared by experiments train once).
-FULL = Budget(steps=250, seeds=(0, 1), seq_len=64)
-QUICK = Budget(steps=6, seeds=(0, 1), batch_size=2, seq_len=32, eval_batches=1, max_bytes=300_000,
-               expert_counts=(1, 2, 4), capacity_factors=(0.5, None))
+FULL = Budget(steps=300, seeds=(0, 1, 2))
+QUICK = Budget(steps=8, seeds=(0, 1), batch_size=2, seq_len=32, evals=2, eval_batches=1, max_bytes=300_000,
+               expert_counts=(2, 4, 8), workers=1)
 
 
-def base_config(vocab: int, num_experts: int = 8, top_k: int = 2, **moe_kw) -> ModelConfig:
-    d = 96
-    moe = MoEConfig(d_model=d, num_experts=num_experts, expert_hidden=128,
-                    router=moe_kw.pop("router", RouterConfig(top_k=top_k)),
-                    loss=moe_kw.pop("loss", LossConfig(aux_coef=0.01)), **moe_kw)
-    return ModelConfig(vocab_size=vocab, d_model=d, n_layers=3, n_heads=4, max_seq_len=256, moe=moe)
+def moe_config(b: Budget, vocab: int, *, num_experts: int | None = None, aux_coef: float = 0.01,
+               renormalize: bool = True) -> ModelConfig:
+    """The experiments' MoE: top-2 of ``num_experts`` SwiGLU experts of hidden ``b.expert_hidden`` in every layer.
+    Defaults follow the literature: Switch/OLMoE aux coefficient 0.01, Mixtral's top-2 renormalisation, the
+    router initialised N(0, 0.02) like every other weight (OLMoE, transformers' initializer_range)."""
+    d = b.d_model
+    moe = MoEConfig(d_model=d, num_experts=num_experts or b.num_experts, expert_hidden=b.expert_hidden,
+                    router=RouterConfig(top_k=2, renormalize=renormalize), loss=LossConfig(aux_coef=aux_coef))
+    return ModelConfig(vocab_size=vocab, d_model=d, n_layers=b.n_layers, n_heads=4, max_seq_len=max(256, b.seq_len),
+                       moe=moe)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run. ``teacher``: train with the KD loss against this (MoE) run's final weights."""
+
+    name: str
+    cfg: ModelConfig
+    seed: int
+    teacher: RunSpec | None = None
+
+    def key(self, b: Budget) -> str:
+        ident = {"model": self.cfg.to_dict(), "train": vars(b.train_config(self.seed)),
+                 "data": [b.vocab_size, b.max_bytes], "teacher": self.teacher.key(b) if self.teacher else None,
+                 "kd": KD if self.teacher else None}
+        return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- training (worker processes)
+_CORPUS: dict = {}
+
+
+def _corpus(b: Budget):
+    key = (b.vocab_size, b.max_bytes)
+    if key not in _CORPUS:
+        _CORPUS[key] = build_corpus(vocab_size=b.vocab_size, max_bytes=b.max_bytes)
+    return _CORPUS[key]
+
+
+def weights_path(b: Budget, spec: RunSpec) -> Path:
+    return cache_dir() / "experiments" / f"{spec.key(b)}.pt"
+
+
+def train_run(spec: RunSpec, b: Budget, threads: int = 0) -> dict:
+    """Train one run from scratch and summarise it; the final weights go to ``weights_path`` (teachers and the
+    step-time measurement load them)."""
+    if threads:
+        torch.set_num_threads(threads)
+    corpus = _corpus(b)
+    tc = b.train_config(spec.seed)
+    t0 = time.perf_counter()
+    if spec.teacher is None:
+        torch.manual_seed(spec.seed)
+        model = MoETransformer(spec.cfg)
+        records = train(model, corpus.train, corpus.val, tc, hooks=[RouterBiasUpdate()])
+    else:  # the student is the teacher's dense twin (spec.cfg), seeded like every run
+        teacher = MoETransformer(spec.teacher.cfg)
+        teacher.load_state_dict(torch.load(weights_path(b, spec.teacher), weights_only=True))
+        model, records = distill(teacher, corpus.train, corpus.val, tc, hooks=[RouterBiasUpdate()], **KD)
+    seconds = time.perf_counter() - t0
+    path = weights_path(b, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    tr = [r for r in records if r["split"] == "train"]
+    va = [r for r in records if r["split"] == "val"]
+    return {"key": spec.key(b), "name": spec.name, "seed": spec.seed,
+            "teacher": spec.teacher.key(b) if spec.teacher else None, "val_loss": va[-1]["val_loss"],
+            "val_curve": [[r["step"], r["val_loss"]] for r in va],
+            "train_curve": [[r["step"], r["loss"]] for r in tr],
+            "imbalance_curve": [[r["step"], r["imbalance"]] for r in tr],
+            "imbalance": statistics.mean(r["imbalance"] for r in tr[-max(1, len(tr) // 5):]),
+            "flops_per_step": va[-1]["flops"] / va[-1]["step"], "tokens_per_step": tc.batch_size * tc.seq_len,
+            "params": model.num_params(), "active": model.num_active_params(), "seconds": seconds,
+            "threads": torch.get_num_threads(), "config": spec.cfg.to_dict(), "train_config": vars(tc)}
 
 
 class Runner:
-    def __init__(self, budget: Budget, out: Path):
-        self.b, self.out = budget, out
-        self.corpus = build_corpus(vocab_size=2048, max_bytes=budget.max_bytes)
-        self.vocab = self.corpus.tokenizer.vocab_size
-        self.runs: list[dict] = []
-        self._cache: dict[tuple[str, int], dict] = {}
+    """Trains the runs the experiments ask for (cached in ``runs.json``) and hands back their summaries."""
 
-    def tcfg(self, **kw) -> TrainConfig:
-        b = self.b
-        return TrainConfig(**{"steps": b.steps, "batch_size": b.batch_size, "seq_len": b.seq_len, "lr": 3e-3,
-                              "warmup_steps": max(1, b.steps // 20), "eval_every": max(1, b.steps // 10),
-                              "eval_batches": b.eval_batches, "log_every": max(1, b.steps // 30), **kw})
+    def __init__(self, b: Budget, out: Path, log: Callable[[str], None] = lambda s: None):
+        self.b, self.out, self.log = b, out, log
+        self.path = out / "runs.json"
+        old = json.loads(self.path.read_text()) if self.path.is_file() else []
+        self.rows: dict[str, dict] = {r["key"]: r for r in old if "key" in r}
+        self.used: dict[str, None] = {}  # keys the report reads, in order (runs.json keeps only these)
+        self.trained = 0
 
-    def timing_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.corpus.val.eval_batches(1, self.b.batch_size, self.b.seq_len)[0]
+    def missing(self, specs: list[RunSpec]) -> list[RunSpec]:
+        """Specs to train, in order, without duplicates. A student whose teacher's weights are gone (cache
+        cleared) gets its teacher retrained first."""
+        out: dict[str, RunSpec] = {}
+        for s in specs:
+            k = s.key(self.b)
+            if k in self.rows:
+                continue
+            t = s.teacher
+            if t is not None and not weights_path(self.b, t).is_file():
+                self.rows.pop(t.key(self.b), None)
+                out.setdefault(t.key(self.b), t)
+            out.setdefault(k, s)
+        return list(out.values())
 
-    def cached(self, name: str, cfg: ModelConfig, seed: int) -> dict:
-        """A default-data run, shared by experiments asking for the same config and seed (e.g. the base MoE is
-        experiment 1's model, the 8-expert point, the dropless top-2 point, the Switch-aux point and the teacher)."""
-        key = (json.dumps(cfg.to_dict(), sort_keys=True), seed)
-        if key not in self._cache:
-            self._cache[key] = self.run(name, cfg, seed)
-        self._cache[key].setdefault("used_as", []).append(name)
-        return self._cache[key]
+    def train(self, specs: list[RunSpec]) -> None:
+        """Train every spec not cached yet, in the given order (a KD student waits for its teacher), on
+        ``workers`` processes; each finished run is saved at once."""
+        queue = self.missing(specs)
+        total = len(queue)
+        if self.b.workers <= 1:
+            for s in queue:
+                self._record(train_run(s, self.b), total)
+            return
+        threads = max(1, torch.get_num_threads() // self.b.workers)
+        running: dict = {}
+        with ProcessPoolExecutor(self.b.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            while queue or running:
+                ready = [s for s in queue if s.teacher is None or s.teacher.key(self.b) in self.rows]
+                for s in ready[:self.b.workers - len(running)]:
+                    queue.remove(s)
+                    running[pool.submit(train_run, s, self.b, threads)] = s
+                if not running:
+                    raise RuntimeError("a KD student's teacher is neither cached nor scheduled")
+                finished = next(as_completed(running))
+                del running[finished]
+                self._record(finished.result(), total)
 
-    def run(self, name: str, cfg: ModelConfig, seed: int, *, data: TokenStream | None = None,
-            val: TokenStream | None = None, model: MoETransformer | None = None, **train_kw) -> dict:
-        torch.manual_seed(seed)
-        model = model if model is not None else MoETransformer(cfg)
-        tc = self.tcfg(seed=seed, **train_kw.pop("tcfg", {}))
-        t0 = time.perf_counter()
-        records = train(model, data or self.corpus.train, val or self.corpus.val, tc, hooks=[RouterBiasUpdate()],
-                        **train_kw)
-        seconds = time.perf_counter() - t0
-        tr = [r for r in records if r["split"] == "train"]
-        va = [r for r in records if r["split"] == "val"]
-        row = {"name": name, "seed": seed, "val_loss": va[-1]["val_loss"], "val_curve": [(r["step"], r["val_loss"])
-                                                                                         for r in va],
-               "flops_per_step": va[-1]["flops"] / va[-1]["step"], "imbalance": statistics.mean(
-                   r["imbalance"] for r in tr[-max(1, len(tr) // 5):]), "dropped": statistics.mean(
-                   r["dropped"] for r in tr), "step_s": seconds / tc.steps, "params": model.num_params(),
-               "active": model.num_active_params(),
-               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "imbalance_curve": [(r["step"], r["imbalance"]) for r in tr], "records": records,
-               "config": cfg.to_dict(), "train_config": vars(tc)}
-        self.runs.append(row)
-        row["model"] = model
-        return row
+    def _record(self, row: dict, total: int) -> None:
+        self.rows[row["key"]] = row
+        self.trained += 1
+        self.log(f"[{self.trained}/{total}] {row['name']} seed {row['seed']}: val loss "
+                 f"{row['val_loss']:.4f} ({row['seconds']:.0f} s, {row['threads']} thread(s))")
+        self.save(all_rows=True)
 
+    def get(self, spec: RunSpec) -> dict | None:
+        k = spec.key(self.b)
+        if k in self.rows:
+            self.used[k] = None
+        return self.rows.get(k)
 
-def step_times(models: dict[str, torch.nn.Module], batch: tuple[torch.Tensor, torch.Tensor],
-               rounds: int = 5) -> dict[str, float]:
-    """Seconds per forward+backward on one batch, min over round-robin rounds: the runs' own wall times are
-    measured minutes apart on a shared machine, so only same-process, interleaved timings compare configs."""
-    x, y = batch
-    best = dict.fromkeys(models, math.inf)
-    for _ in range(rounds):
-        for label, model in models.items():
-            model.train()
-            t0 = time.perf_counter()
-            lm_loss(model(x).logits, y).backward()
-            best[label] = min(best[label], time.perf_counter() - t0)
-            model.zero_grad(set_to_none=True)
-    return best
+    def save(self, all_rows: bool = False) -> None:
+        """Atomic write; during training every cached row is kept (an interrupted report loses nothing)."""
+        rows = list(self.rows.values()) if all_rows else [self.rows[k] for k in self.used]
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(rows, indent=1))
+        os.replace(tmp, self.path)
 
 
-def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """First step where the (linearly interpolated) validation curve reaches ``target``."""
+# ---------------------------------------------------------------------------- measurements from curves
+def steps_to_reach(curve: list[list[float]], target: float) -> float | None:
+    """First step where the validation curve reaches ``target``, linearly interpolated between evaluations
+    (step 0 is not evaluated: a curve at or below target at its first point returns that point's step)."""
     prev = None
     for step, loss in curve:
         if loss <= target:
             if prev is None:
                 return float(step)
-            (s0, l0) = prev
+            s0, l0 = prev
             return s0 + (l0 - target) / (l0 - loss) * (step - s0)
         prev = (step, loss)
     return None
 
 
-def exp_moe_vs_dense(r: Runner, lines: list[str]) -> None:
-    cfg = base_config(r.vocab)
-    moe = [r.cached("moe", cfg, s) for s in r.b.seeds]
-    dense = [r.cached("dense", cfg.dense_twin(), s) for s in r.b.seeds]
-    hits = [steps_to_reach(m["val_curve"], d["val_loss"]) for m, d in zip(moe, dense)]
-    speedups = [d["val_curve"][-1][0] / h if h else float("nan") for h, d in zip(hits, dense)]
-    plots.loss_curves({f"MoE seed {m['seed']}": m["records"] for m in moe} |
-                      {f"dense seed {d['seed']}": d["records"] for d in dense}, r.out / "moe_vs_dense.png")
-    sp = [s for s in speedups if not math.isnan(s)]
-    gap = statistics.mean(d["val_loss"] for d in dense) - statistics.mean(m["val_loss"] for m in moe)
+def seed_groups(r: Runner, specs: dict[str, list[RunSpec]], required: tuple[str, ...] | None = None
+                ) -> tuple[dict[str, list[dict]], list[int]]:
+    """Rows per label for the seeds every kept label has finished (paired comparisons need the same seeds).
+    Labels outside ``required`` (default: all are required) are left out unless every seed has finished."""
+    rows = {label: [r.get(s) for s in ss] for label, ss in specs.items()}
+    rows = {label: v for label, v in rows.items()
+            if required is None or label in required or all(x is not None for x in v)}
+    keep = [i for i in range(len(r.b.seeds)) if all(v[i] is not None for v in rows.values())]
+    return {label: [v[i] for i in keep] for label, v in rows.items()}, [r.b.seeds[i] for i in keep]
+
+
+def seeds_note(r: Runner, seeds: list[int]) -> str:
+    if len(seeds) == len(r.b.seeds):
+        return ""
+    return (f"**Incomplete: {len(seeds)} of {len(r.b.seeds)} seeds finished ({seeds}); the rest were not run "
+            "in this report's time budget. Rerunning `moekit experiments` continues from the cache.** ")
+
+
+def losses(rows: list[dict]) -> list[float]:
+    return [x["val_loss"] for x in rows]
+
+
+def curve_series(rows_by_label: dict[str, list[dict]], x: str) -> dict[str, list[tuple[list, list]]]:
+    """label -> per-seed (xs, val losses); x = 'step' or 'flops'."""
+    out = {}
+    for label, rows in rows_by_label.items():
+        out[label] = [([s * (row["flops_per_step"] if x == "flops" else 1) for s, _ in row["val_curve"]],
+                       [v for _, v in row["val_curve"]]) for row in rows]
+    return out
+
+
+# ---------------------------------------------------------------------------- experiments
+# Each experiment is (title, plan, report): plan(budget, vocab) -> {label: [RunSpec per seed]}; report(runner, specs,
+# rows per label, seeds, lines) gets the rows of the seeds every label has finished and appends Markdown.
+
+def plan_moe_vs_dense(b: Budget, vocab: int) -> dict[str, list[RunSpec]]:
+    cfg = moe_config(b, vocab)
+    return {"MoE": [RunSpec(f"MoE E={b.num_experts}", cfg, s) for s in b.seeds],
+            "dense": [RunSpec("dense twin", cfg.dense_twin(), s) for s in b.seeds]}
+
+
+def step_time_ratio(r: Runner, specs: dict[str, list[RunSpec]], batch) -> dict:
+    """Forward+backward seconds on one training batch, MoE and dense timed round-robin in this process with
+    the first seed's trained weights (the runs' own wall times were measured in parallel workers on a shared
+    machine and do not compare)."""
+    x, y = batch
+    models = {}
+    for label, ss in specs.items():
+        m = MoETransformer(ss[0].cfg)
+        path = weights_path(r.b, ss[0])
+        if path.is_file():
+            m.load_state_dict(torch.load(path, weights_only=True))
+        models[label] = m.train()
+
+    def step(m):
+        return lambda: (lm_loss(m(x).logits, y).backward(), m.zero_grad(set_to_none=True))
+
+    times = round_robin({label: step(m) for label, m in models.items()}, reps=7, warmup=2)
+    return {"times": times, "ratio": ratio(times, "MoE", "dense")}
+
+
+def report_moe_vs_dense(r: Runner, specs: dict[str, list[RunSpec]], g: dict[str, list[dict]], seeds: list[int],
+                        lines: list[str]) -> None:
+    moe, dense = g["MoE"], g["dense"]
+    b = r.b
     flop_ratio = moe[0]["flops_per_step"] / dense[0]["flops_per_step"]
-    t = step_times({"moe": moe[0]["model"], "dense": dense[0]["model"]}, r.timing_batch())
-    verdict = (f"{statistics.mean(sp):.2f}x fewer steps (and {statistics.mean(sp) / flop_ratio:.2f}x fewer FLOPs)"
-               if len(sp) == len(speedups) else "not reached in every seed")
-    lines += ["## 1. MoE vs dense at matched active compute", "",
-              f"MoE: 8 experts x hidden 128, top-2 ({moe[0]['params']:,} params, {moe[0]['active']:,} active); "
-              f"dense twin: FFN hidden 256 ({dense[0]['params']:,} params). FLOPs per step MoE/dense: "
-              f"{flop_ratio:.3f}; same batches and seeds.", "",
-              "| model | final val loss | fwd+bwd time (s) | steps to dense final loss | FLOPs to dense final loss |",
-              "|---|---|---|---|---|",
-              f"| MoE | {mean_std([m['val_loss'] for m in moe])} | {t['moe']:.4f} | "
-              f"{_opt_mean(hits)} | {_opt_mean([h and h * moe[0]['flops_per_step'] for h in hits], '.3g')} |",
-              f"| dense | {mean_std([d['val_loss'] for d in dense])} | "
-              f"{t['dense']:.4f} | {r.b.steps} | "
-              f"{r.b.steps * dense[0]['flops_per_step']:.3g} |", "",
-              f"Speed-up to the dense model's final loss: {verdict} (per seed: "
-              f"{', '.join('not reached' if math.isnan(s) else f'{s:.2f}x' for s in speedups)}); dense minus MoE "
-              f"final loss: {gap:+.4f} nats (positive = MoE better). Switch Transformers reports ~7x at scale "
-              "(hundreds of experts, billions of tokens). "
-              + ("**This disagrees at our scale: the MoE ends worse than its dense twin.** With "
-                 f"~{r.b.steps * r.b.batch_size * r.b.seq_len / 1e3:.0f}K training tokens each expert sees about a "
-                 "quarter of them, the router is still learning, and the balancing "
-                 "loss competes with the LM loss (experiment 4 measures what balancing costs)."
-                 if gap <= 0 else
-                 "At this scale the speed-up is far smaller: a few hundred steps leave most of the MoE's extra "
-                 "parameters undertrained, and 8 small experts add little capacity to a 3-layer model."
-                 if not sp or statistics.mean(sp) < 3 else "We see a comparable speed-up even at this scale."),
-              "", "![](experiments/moe_vs_dense.png)", ""]
+    diff = paired_diff(losses(dense), losses(moe))  # positive: the MoE is better
+    hits = [steps_to_reach(m["val_curve"], d["val_loss"]) for m, d in zip(moe, dense)]
+    reached = [(d["val_curve"][-1][0] / h) for h, d in zip(hits, dense) if h is not None]
+    t = step_time_ratio(r, specs, r.corpus.train.batch(0, b.batch_size, b.seq_len))
+    for x, name in (("step", "moe_vs_dense.png"), ("flops", "moe_vs_dense_flops.png")):
+        plots.seed_bands(curve_series({"MoE": moe, "dense twin": dense}, x), r.out / name,
+                         "training FLOPs" if x == "flops" else "step", "validation loss",
+                         f"MoE (E={b.num_experts}, top-2) vs dense twin, {len(seeds)} seeds (mean, min-max band)")
+    per_seed = ", ".join(f"seed {s}: " + ("not reached" if h is None else f"{d['val_curve'][-1][0] / h:.2f}x")
+                         for s, h, d in zip(seeds, hits, dense))
+    speed = (f"The MoE reaches the dense twin's final loss in {len(reached)} of {len(seeds)} seeds"
+             + (f"; in those, {mean_std(reached, '.2f')}x fewer steps (= "
+                f"{mean_std([s / flop_ratio for s in reached], '.2f')}x fewer training FLOPs)" if reached else "")
+             + f" ({per_seed}).")
+    lines += [seeds_note(r, seeds) +
+              f"MoE: {b.num_experts} experts x hidden {b.expert_hidden}, top-2, in each of {b.n_layers} layers "
+              f"(d={b.d_model}; {moe[0]['params']:,} params, {moe[0]['active']:,} active per token). Dense twin: "
+              f"one FFN of hidden {2 * b.expert_hidden} ({dense[0]['params']:,} params). Training FLOPs per step "
+              f"MoE/dense: {flop_ratio:.3f}. Both: {b.steps} steps of {b.batch_size}x{b.seq_len} tokens "
+              f"({b.tokens_per_run / 1e6:.1f}M tokens), same seeds, same batches.", "",
+              "| model | final val loss (mean ± std over seeds) | per seed | fwd+bwd time per step |",
+              "|---|---|---|---|",
+              f"| MoE | {mean_std(losses(moe))} | {', '.join(f'{v:.4f}' for v in losses(moe))} | "
+              f"{t['times']['MoE'].ms()} |",
+              f"| dense twin | {mean_std(losses(dense))} | {', '.join(f'{v:.4f}' for v in losses(dense))} | "
+              f"{t['times']['dense'].ms()} |", "",
+              f"Paired difference, dense minus MoE (positive = MoE better): {diff}. "
+              f"**Verdict: {verdict(diff, 'the MoE', 'the dense twin')}.** {speed}", "",
+              f"Wall clock: one MoE training step takes {t['ratio'].x()} the dense twin's (median of per-round "
+              f"ratios, round-robin in one process, {torch.get_num_threads()} thread(s)), so in wall-clock time on this "
+              "CPU a step advantage shrinks by that factor.", "",
+              "![](experiments/moe_vs_dense.png) ![](experiments/moe_vs_dense_flops.png)", ""]
 
 
-def _opt_mean(xs: list[float | None], fmt: str = ".0f") -> str:
-    got = [x for x in xs if x]
-    return "not reached" if len(got) < len(xs) else format(statistics.mean(got), fmt)
+def plan_num_experts(b: Budget, vocab: int) -> dict[str, list[RunSpec]]:
+    return {f"E={E}": [RunSpec(f"MoE E={E}", moe_config(b, vocab, num_experts=E), s) for s in b.seeds]
+            for E in b.expert_counts} | {"dense": plan_moe_vs_dense(b, vocab)["dense"]}
 
 
-def exp_num_experts(r: Runner, lines: list[str]) -> None:
-    res = {}
-    for E in r.b.expert_counts:
-        k = 1 if E == 1 else 2
-        res[E] = [r.cached(f"E={E}", base_config(r.vocab, num_experts=E, top_k=k), s)["val_loss"]
-                  for s in r.b.seeds]
-    means = {E: statistics.mean(v) for E, v in res.items()}
-    plots.xy_lines({"val loss": (list(means), list(means.values()))}, r.out / "num_experts.png",
-                   "experts (top-2; 1 expert = top-1 dense FFN)", "val loss", "number of experts", logx=True)
-    Es = list(means)
-    steps = ", ".join(f"{a}->{b}: {means[a] - means[b]:+.4f}" for a, b in itertools.pairwise(Es))
-    best = min(means, key=means.get)
-    monotone = all(means[a] >= means[b] for a, b in itertools.pairwise(Es))
-    lines += ["## 2. Number of experts (top-2, expert hidden 128)", "",
-              "| experts | val loss |", "|---|---|", *[f"| {E} | {mean_std(v)} |" for E, v in res.items()], "",
-              f"Loss improvement per doubling (positive = better): {steps}. Lowest loss at {best} experts. "
-              "The literature (Switch, Clark et al. 2022) reports steady, diminishing gains per doubling. "
-              + ("We see the same monotone trend." if monotone else
-                 "Here the trend is not monotone: with a fixed small step budget each of many experts sees few "
-                 "tokens, and seed noise is of the same order as the differences, so gains flatten or reverse "
-                 "earlier than at scale."), "", "![](experiments/num_experts.png)", ""]
-
-
-def exp_routing_capacity(r: Runner, lines: list[str]) -> None:
+def report_num_experts(r: Runner, specs: dict[str, list[RunSpec]], g: dict[str, list[dict]], seeds: list[int],
+                       lines: list[str]) -> None:
+    Es = [E for E in r.b.expert_counts if f"E={E}" in g]  # counts whose seeds have not all finished are left out
+    base = f"E={Es[0]}"
     rows = []
-    for k in (1, 2):
-        for cf in r.b.capacity_factors:
-            cap = CapacityConfig(capacity_factor=cf, eval_capacity_factor=cf)
-            runs = [r.cached(f"top{k} cf={cf}", base_config(r.vocab, top_k=k, capacity=cap), s) for s in r.b.seeds]
-            rows.append([k, cf, [x["val_loss"] for x in runs], statistics.mean(x["dropped"] for x in runs),
-                         runs[0]["model"]])
-    times = step_times({(k, cf): m for k, cf, *_, m in rows}, r.timing_batch())
-    for row in rows:
-        row[4] = times[(row[0], row[1])]
-    series = {f"top-{k}": ([str(cf or "dropless") for kk, cf, *_ in rows if kk == k],
-                           [statistics.mean(v) for kk, cf, v, *_ in rows if kk == k]) for k in (1, 2)}
-    plots.xy_lines(series, r.out / "capacity.png", "capacity factor", "val loss", "top-k and capacity")
-    loss = {(k, cf): statistics.mean(v) for k, cf, v, *_ in rows}
-    lo, hi = r.b.capacity_factors[0], None
-    drop_hurts = all(loss[(k, lo)] > loss[(k, hi)] for k in (1, 2))
-    top2_wins = loss[(2, None)] < loss[(1, None)]
-    lines += ["## 3. Top-1 vs top-2 and capacity factor", "",
-              "| routing | capacity factor | val loss | dropped fraction | fwd+bwd time (s) |", "|---|---|---|---|---|",
-              *[f"| top-{k} | {cf or 'dropless'} | {mean_std(v)} | {d:.3f} | {t:.4f} |" for k, cf, v, d, t in rows], "",
-              "Times: one forward+backward on a fixed batch, seed-0 models timed round-robin in one process "
-              "(min of 5 rounds).", "",
-              "Literature (Switch, GShard): a small capacity factor drops many tokens and hurts; factors >= 1.25 "
-              "approach dropless; top-2 beats top-1 at equal experts but costs more compute per token. Here: "
-              f"capacity {lo} vs dropless {'hurts' if drop_hurts else 'does not hurt consistently'} "
-              f"(top-1 {loss[(1, lo)] - loss[(1, hi)]:+.4f}, top-2 {loss[(2, lo)] - loss[(2, hi)]:+.4f} nats); "
-              f"dropless top-2 {'beats' if top2_wins else 'does not beat'} dropless top-1 "
-              f"({loss[(2, None)] - loss[(1, None)]:+.4f} nats). "
-              + ("Both agree with the literature." if drop_hurts and top2_wins else
-                 f"**{'The capacity result' if not drop_hurts else 'The top-k result'}"
-                 f"{' and the top-k result' if not (drop_hurts or top2_wins) else ''} disagree"
-                 f"{'s' if drop_hurts or top2_wins else ''} with the literature at our scale** (dropped tokens "
-                 "still pass through the residual stream, and the differences are near seed noise)."),
-              "", "![](experiments/capacity.png)", ""]
+    for E in Es:
+        d = paired_diff(losses(g[base]), losses(g[f"E={E}"]))
+        rows.append(f"| {E} | {g[f'E={E}'][0]['params']:,} | {mean_std(losses(g[f'E={E}']))} | "
+                    + ("-" if E == Es[0] else str(d)) + " |")
+    steps = []
+    for a, c in zip(Es, Es[1:]):
+        d = paired_diff(losses(g[f"E={a}"]), losses(g[f"E={c}"]))
+        steps.append(f"E={a} -> {c}: {d}" + ("" if d.significant else " (no significant difference)"))
+    means = [statistics.mean(losses(g[f"E={E}"])) for E in Es]
+    plots.xy_lines({"MoE top-2": (list(Es), means)}, r.out / "num_experts.png", "experts (top-2, hidden "
+                   f"{r.b.expert_hidden} each)", "final val loss (mean over seeds)", "number of experts", logx=True)
+    twin = paired_diff(losses(g["dense"]), losses(g[base]))
+    lines += [seeds_note(r, seeds) +
+              f"Every model routes each token to 2 experts of hidden {r.b.expert_hidden}: the same active FLOPs as "
+              f"the dense twin (hidden {2 * r.b.expert_hidden}). E={Es[0]} top-2 is the dense-twin equivalent "
+              "(both experts always active, mixed by the router's weights; the dense twin's FFN parameters plus "
+              "a 2-way router); more experts add parameters, not compute.", "",
+              f"| experts | params | final val loss | paired difference vs E={Es[0]} (positive = better) |",
+              "|---|---|---|---|", *rows, "",
+              (f"Between neighbouring expert counts (positive = more experts better): {'; '.join(steps)}. "
+               if steps else "")
+              + f"E={Es[0]} vs the dense twin (dense minus E={Es[0]}): {twin}."
+              + ("" if len(Es) == len(r.b.expert_counts) else
+                 f" **Not run yet: E={', '.join(str(E) for E in r.b.expert_counts if E not in Es)}.**"), "",
+              "![](experiments/num_experts.png)", ""]
 
 
-def exp_balancing(r: Runner, lines: list[str]) -> None:
-    variants = {
-        "no balancing loss": {"loss": LossConfig(aux_coef=0.0)},
-        "Switch aux loss 0.01": {"loss": LossConfig(aux_coef=0.01)},
-        "z-loss only 1e-3": {"loss": LossConfig(aux_coef=0.0, z_coef=1e-3)},
-        "DeepSeek aux-free bias": {"loss": LossConfig(aux_coef=0.0), "router": RouterConfig(
-            kind="deepseek", top_k=2, score_func="sigmoid", bias_update_rate=1e-3)},
-    }
-    rows, curves = [], {}
-    for name, kw in variants.items():
-        runs = [r.cached(name, base_config(r.vocab, **dict(kw)), s) for s in r.b.seeds]
-        rows.append((name, [x["val_loss"] for x in runs], statistics.mean(x["imbalance"] for x in runs)))
-        curves[name] = tuple(map(list, zip(*runs[0]["imbalance_curve"])))
-    plots.xy_lines(curves, r.out / "balancing.png", "step", "load imbalance max/mean (seed 0)", "load balancing")
-    imb = {n: i for n, _, i in rows}
-    loss = {n: statistics.mean(v) for n, v, _ in rows}
-    cost_aux = loss["Switch aux loss 0.01"] - loss["no balancing loss"]
-    cost_bias = loss["DeepSeek aux-free bias"] - loss["no balancing loss"]
-    free = imb["no balancing loss"]
-    balanced = [n for n in ("Switch aux loss 0.01", "DeepSeek aux-free bias") if imb[n] < free]
-    lines += ["## 4. Load balancing (8 experts, top-2)", "",
-              "| method | val loss | load imbalance max/mean (last 20% of training) |",
-              "|---|---|---|", *[f"| {n} | {mean_std(v)} | {i:.2f} |" for n, v, i in rows], "",
-              "Literature (Switch, DeepSeek-V3): without balancing, load drifts to a few experts; the aux loss and "
-              "the aux-free bias both restore balance, the bias without a gradient term competing with the LM loss; "
-              "z-loss stabilises logits but does not balance. Here: "
-              + (f"{' and '.join(balanced)} reduce imbalance below the unbalanced {free:.2f}, as expected."
-                 if len(balanced) == 2 else
-                 f"only {' and '.join(balanced) or 'neither'} reduce imbalance below the unbalanced {free:.2f} - this disagrees "
-                 "with the literature (at a few hundred steps the bias has moved little; its step is 1e-3).")
-              + f" Loss cost of balancing vs none: aux loss {cost_aux:+.4f}, aux-free bias {cost_bias:+.4f} nats; "
-              + ("the bias costs less, as DeepSeek-V3 reports." if cost_bias < cost_aux else
-                 "**the bias does not cost less than the aux loss here, unlike DeepSeek-V3's report.**"),
-              "", "![](experiments/balancing.png)", ""]
+def plan_setup(b: Budget, vocab: int) -> dict[str, list[RunSpec]]:
+    variants = {"aux 0.01, renormalised (base)": {}, "aux 0.001": {"aux_coef": 0.001},
+                "no renormalisation": {"renormalize": False}}
+    return {label: [RunSpec(f"MoE {label}" if kw else f"MoE E={b.num_experts}", moe_config(b, vocab, **kw), s)
+                    for s in b.seeds] for label, kw in variants.items()}
 
 
-def heldout_domain_files() -> list[Path]:
-    """English prose absent from the pre-training corpus (which is stdlib ``.py`` only, idlelib and tests skipped):
-    IDLE's release notes and READMEs, the licence, the email package's docs and test messages."""
-    root = stdlib_dir()
-    found = [*sorted((root / "idlelib").glob("*.txt")), root / "LICENSE.txt", *sorted((root / "email").glob("*.rst")),
-             *sorted((root / "test" / "test_email" / "data").glob("*.txt"))]
-    return [f for f in found if f.is_file()]
+def report_setup(r: Runner, specs: dict[str, list[RunSpec]], g: dict[str, list[dict]], seeds: list[int],
+                 lines: list[str]) -> None:
+    base = "aux 0.01, renormalised (base)"
+    rows = []
+    for label, rs in g.items():
+        d = paired_diff(losses(rs), losses(g[base]))
+        rows.append(f"| {label} | {mean_std(losses(rs))} | {mean_std([x['imbalance'] for x in rs], '.2f')} | "
+                    + ("-" if label == base else str(d)) + " |")
+    lines += [seeds_note(r, seeds) +
+              "Before blaming scale, the MoE's own setup: the load-balancing coefficient (Switch Transformer and "
+              "OLMoE use 0.01; transformers' Mixtral and Qwen-MoE configs default to 0.001) and renormalising the "
+              "top-2 weights to sum 1 (Mixtral and DeepSeek-V3 do; OLMoE and Qwen-MoE do not). Router initialised "
+              "N(0, 0.02) like every weight (OLMoE, transformers' initializer_range 0.02); same learning rate as "
+              "the dense twin.", "",
+              "| variant | final val loss | load imbalance max/mean (last 20% of training) | "
+              "paired difference vs base (positive = variant worse) |", "|---|---|---|---|", *rows, "",
+              *(f"- {label}: {verdict(paired_diff(losses(rs), losses(g[base])), 'the base setup', label)}."
+                for label, rs in g.items() if label != base), ""]
 
 
-def exp_finetune(r: Runner, lines: list[str]) -> None:
-    from moekit.train.finetune import apply_freeze
-
-    files = heldout_domain_files()
-    if len(files) < 2:
-        lines += ["## 5. Fine-tuning", "", "Skipped: this Python ships no IDLE/email text files to use as a "
-                  "held-out domain.", ""]
-        return
-    tok = r.corpus.tokenizer
-    ids = tok.encode_documents([f.read_text(errors="replace") for f in files])
-    cut = int(ids.numel() * 0.9)
-    ft_train, ft_val = TokenStream(ids[:cut]), TokenStream(ids[cut:])
-    pre = r.cached("pretrain", base_config(r.vocab), r.b.seeds[0])
-    state = {k: v.clone() for k, v in pre["model"].state_dict().items()}
-    before = evaluate(pre["model"], ft_val.eval_batches(r.b.eval_batches, r.b.batch_size, r.b.seq_len))
-    rows, curves = [], {}
-    for policy in ("none", "moe", "non_moe"):
-        res = []
-        for s in r.b.seeds:
-            model = MoETransformer(pre["model"].cfg)
-            model.load_state_dict(state)
-            apply_freeze(model, policy)
-            res.append(r.run(f"finetune freeze={policy}", model.cfg, s, data=ft_train, val=ft_val, model=model,
-                             tcfg={"steps": max(2, r.b.steps // 3), "lr": 1e-3}))
-        rows.append((policy, [x["val_loss"] for x in res], res[0]["trainable"]))
-        curves[f"freeze={policy}"] = res[0]["records"]
-    plots.loss_curves(curves, r.out / "finetune.png")
-    loss = {p: statistics.mean(v) for p, v, _ in rows}
-    trainable = {p: t for p, _, t in rows}
-    expert_share = trainable["non_moe"] / trainable["none"]
-    cost_moe, cost_experts = loss["moe"] - loss["none"], loss["non_moe"] - loss["none"]
-    lines += ["## 5. Fine-tuning on a held-out domain", "",
-              f"Pre-trained on stdlib `.py` modules (seed {r.b.seeds[0]}), fine-tuned for {max(2, r.b.steps // 3)} "
-              f"steps (lr 1e-3) on English prose the pre-training never saw: {len(files)} files "
-              f"({ids.numel():,} tokens; IDLE's NEWS/README/HISTORY, LICENSE.txt, the email package's docs and "
-              f"test messages; last 10% held out). Held-out loss before fine-tuning: {before:.4f}.", "",
-              "| trained | freeze | val loss after fine-tuning | trainable params |", "|---|---|---|---|",
-              *[f"| {_FT_LABEL[p]} | {p} | {mean_std(v)} | {t:,} |" for p, v, t in rows], "",
-              "ST-MoE (Zoph et al. 2022) found that updating only the non-MoE parameters (freeze=moe) fine-tunes "
-              "about as well as updating everything, while updating only the experts (freeze=non_moe) does worse. "
-              + f"Here, against updating everything: non-MoE only {cost_moe:+.4f} nats, experts + routers only "
-              f"{cost_experts:+.4f} nats. "
-              + ("Updating only the experts is the worst option, as in ST-MoE. " if cost_experts > cost_moe else
-                 "**Unlike ST-MoE, updating only the experts is not the worst option here.** ")
-              + ("Freezing the experts is about as good as full fine-tuning, as in ST-MoE." if cost_moe <= 0.02 else
-                 "**Unlike ST-MoE, freezing the experts costs clearly more than full fine-tuning:** our model is "
-                 "tiny and the domain shift (code -> English prose) is large, so the "
-                 f"{expert_share:.0%} of parameters in the experts are needed to adapt."), "", "![](experiments/finetune.png)", ""]
+def plan_distill(b: Budget, vocab: int) -> dict[str, list[RunSpec]]:
+    main = plan_moe_vs_dense(b, vocab)
+    return {"teacher": main["MoE"], "scratch": main["dense"],
+            "student": [RunSpec("KD student (dense twin)", t.cfg.dense_twin(), t.seed, teacher=t)
+                        for t in main["MoE"]]}
 
 
-_FT_LABEL = {"none": "everything", "moe": "non-MoE only", "non_moe": "experts + routers only"}
+def report_distill(r: Runner, specs: dict[str, list[RunSpec]], g: dict[str, list[dict]], seeds: list[int],
+                   lines: list[str]) -> None:
+    t, sc, st = losses(g["teacher"]), losses(g["scratch"]), losses(g["student"])
+    gains = [gain_retained(a, c, m) for a, c, m in zip(sc, st, t)]
+    kd = paired_diff(sc, st)  # positive: the student beats the from-scratch dense model
+    plots.seed_bands(curve_series({"MoE teacher": g["teacher"], "dense from scratch": g["scratch"],
+                                   "KD student": g["student"]}, "step"), r.out / "distill.png", "step",
+                     "validation loss", "distillation into the dense twin (mean, min-max band over seeds)")
+    ok = [x for x in gains if not math.isnan(x)]
+    lines += [seeds_note(r, seeds) +
+              "Each seed's MoE of experiment 1 teaches a dense twin trained with the same seed, steps and batches: "
+              f"{KD['alpha']} x KL(teacher || student) at temperature {KD['temperature']} + {1 - KD['alpha']} x CE "
+              "(`moekit.deploy.distill.kd_loss`).", "",
+              "| seed | dense from scratch | KD student | MoE teacher | gain retained |", "|---|---|---|---|---|",
+              *[f"| {s} | {a:.4f} | {c:.4f} | {m:.4f} | {'n/a (no MoE gain)' if math.isnan(x) else f'{x:.0%}'} |"
+                for s, a, c, m, x in zip(seeds, sc, st, t, gains)], "",
+              "gain retained = (L_scratch - L_student) / (L_scratch - L_MoE) per seed"
+              + (f"; mean ± std over the {len(ok)} seeds where the MoE beat the dense twin: "
+                 f"{mean_std([100 * x for x in ok], '.0f')}%." if ok else "; the MoE beat the dense twin in no seed.")
+              + f" Student vs from-scratch dense (scratch minus student, positive = KD helps): {kd}. "
+              f"**{verdict(kd, 'the KD student', 'the from-scratch dense twin')}.** Switch Transformers "
+              "(Fedus et al. 2021) keeps ~30% of the sparse model's gain.", "", "![](experiments/distill.png)", ""]
 
 
-def exp_distill(r: Runner, lines: list[str]) -> None:
-    cfg = base_config(r.vocab)
-    teacher_row = r.cached("teacher (MoE)", cfg, r.b.seeds[0])
-    teacher, teacher_loss = teacher_row["model"].eval(), teacher_row["val_loss"]
-    kd = kd_loss_fn(teacher, alpha=0.5, temperature=2.0)
-
-    rows, curves = [], {"MoE teacher": teacher_row["records"]}
-    for s in r.b.seeds:
-        scratch = r.cached("dense from scratch", cfg.dense_twin(), s)
-        student = r.run("dense student (KD)", cfg.dense_twin(), s, loss_fn=kd)
-        rows.append((scratch["val_loss"], student["val_loss"], teacher_loss,
-                     gain_retained(scratch["val_loss"], student["val_loss"], teacher_loss)))
-        curves |= {f"dense seed {s}": scratch["records"], f"KD student seed {s}": student["records"]}
-    plots.loss_curves(curves, r.out / "distill.png")
-    g = [x[3] for x in rows if not math.isnan(x[3])]
-    lines += ["## 6. Distillation MoE -> dense", "",
-              f"Teacher: the 8-expert MoE of experiment 1 (seed {r.b.seeds[0]}); students: its dense twin trained "
-              "with 0.5 x CE + 0.5 x KL(teacher || student) at temperature 2 (`moekit.deploy.distill.kd_loss`).", "",
-              "| seed | dense from scratch | KD student | MoE teacher | gain retained |",
-              "|---|---|---|---|---|", *[f"| {s} | {a:.4f} | {b:.4f} | {c:.4f} | {_pct(g)} |" for s, (a, b, c, g)
-                                         in zip(r.b.seeds, rows)], "",
-              "gain retained = (L_scratch - L_student) / (L_scratch - L_MoE). Switch Transformers keeps ~30% of the "
-              "MoE's gain. " + (f"Here: {statistics.mean(g):.0%} on average"
-                                + (" - in line with it." if 0.1 <= statistics.mean(g) <= 0.6 else
-                                   " - different from it; with a gap of a few hundredths of a nat between teacher "
-                                   "and dense model the ratio is dominated by seed noise.")
-                                if g else "Here the MoE did not beat the dense model, so there is no gain to retain."),
-              "", "![](experiments/distill.png)", ""]
-
-
-def _pct(x: float) -> str:
-    return "n/a (the MoE did not beat the dense model)" if math.isnan(x) else f"{x:.0%}"
-
-
-def exp_params(lines: list[str]) -> None:
+def exp_params(number: int, lines: list[str]) -> None:
     from moekit.analysis.memory import weight_bytes
     from moekit.analysis.params import count_params, load_config, spec_from_hf
 
     c = count_params(spec_from_hf(load_config("mixtral-8x7b")[0], "mixtral-8x7b"))
-    dense_7b = c.total - c.breakdown["routed_experts"] + c.breakdown["routed_experts"] // 8
-    lines += ["## 7. Parameter accounting: Mixtral-8x7B", "", "| quantity | value |", "|---|---|",
-              f"| naive \"8 x 7B\" | {8 * dense_7b / 1e9:.1f}B |", f"| real total | {c.total / 1e9:.1f}B |",
-              f"| active per token | {c.active / 1e9:.1f}B |",
-              f"| fp16/bf16 weights | {weight_bytes(c.total)['bf16'] / 1e9:.1f} GB |", "",
-              "Experts share attention, embeddings and norms, so the total is 46.7B, not \"8 x 7B\" = 56B (or 57.9B "
-              "for eight full copies of the 7.2B dense model); a token uses 2 of 8 "
-              "expert FFNs per layer: 12.9B active. (Counts are exact: tests compare them with transformers' own "
-              "Mixtral on the meta device.)", ""]
+    experts = c.breakdown["routed_experts"]
+    dense_7b = c.total - experts + experts // 8
+    lines += [f"## {number}. Parameter accounting: Mixtral-8x7B", "", "| quantity | value |", "|---|---|",
+              f"| naive \"8 x 7B\" (8 x the model with one expert) | {8 * dense_7b / 1e9:.1f}B |",
+              f"| real total | {c.total / 1e9:.1f}B |", f"| active per token | {c.active / 1e9:.1f}B |",
+              f"| bf16 weights | {weight_bytes(c.total)['bf16'] / 1e9:.1f} GB |", "",
+              "Experts share attention, embeddings and norms, so the total is well under 8 x 7B; a token uses 2 of "
+              "8 expert FFNs per layer. (Counts are exact: tests compare them with transformers' own Mixtral on the "
+              "meta device.)", ""]
 
 
-def config_appendix(runs: list[dict]) -> list[str]:
-    """One row per distinct run name: the config fields the experiments vary, the seeds and each seed's loss."""
-    by_name: dict[str, list[dict]] = {}
-    for row in runs:
-        by_name.setdefault(row["name"], []).append(row)
-    out = ["## Configs and seeds of every run", "",
-           "Shared: 3 layers, d_model 96, 4 heads, expert hidden 128 (the dense twin's FFN hidden = top-k x 128 = "
-           "256), AdamW (weight decay 0.1, clip 1.0), warmup + cosine to 10% of lr, BPE vocab 2048. "
-           "Full configs: `experiments/runs.json`.", "",
-           "| run | also used as | experts | top-k | router | capacity | aux / z coef | steps | lr | seeds | "
-           "val loss per seed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, rows in by_name.items():
-        moe, tc = rows[0]["config"]["moe"], rows[0]["train_config"]
-        also = sorted({u for r in rows for u in r.get("used_as", []) if u != name})
-        moe_cols = ("dense", "-", "-", "-", "-") if moe is None else (
-            moe["num_experts"], moe["router"]["top_k"], moe["router"]["kind"],
-            moe["capacity"]["capacity_factor"] or "dropless", f"{moe['loss']['aux_coef']} / {moe['loss']['z_coef']}")
-        out.append(" | ".join(["", name, ", ".join(also) or "-", *map(str, moe_cols), str(tc["steps"]), str(tc["lr"]),
-                               ", ".join(str(r["seed"]) for r in rows),
-                               ", ".join(f"{r['val_loss']:.4f}" for r in rows), ""]).strip())
-    return [*out, ""]
+# ---------------------------------------------------------------------------- `moekit demo`
+def demo_setup(steps: int | None = None) -> tuple:
+    """`moekit demo` trains experiment 1's configuration (the report's MoE vs dense twin):
+    (corpus, MoE config, train config for seed 0); ``steps`` shortens it (the report's spread then no longer
+    applies)."""
+    corpus = _corpus(FULL)
+    b = FULL if steps is None else dataclasses.replace(FULL, steps=steps)
+    return corpus, moe_config(b, corpus.tokenizer.vocab_size), b.train_config(0)
 
 
-EXPERIMENTS = {"moe_vs_dense": exp_moe_vs_dense, "num_experts": exp_num_experts, "capacity": exp_routing_capacity,
-               "balancing": exp_balancing, "finetune": exp_finetune, "distill": exp_distill}
+def committed_runs() -> Path:
+    """The committed report's runs (present in a source checkout, not in a wheel)."""
+    return Path(__file__).resolve().parents[2] / "docs" / "experiments" / "runs.json"
 
 
-def run_all(out_dir: str | Path = "docs", quick: bool = False, only: list[str] | None = None) -> Path:
+def reported_diff(path: Path | None = None) -> PairedDiff | None:
+    """Experiment 1's paired difference (dense minus MoE) as measured in the committed report, or None when
+    the report is absent or was made with another configuration."""
+    path = path or committed_runs()
+    if not path.is_file():
+        return None
+    rows = {r.get("key"): r for r in json.loads(path.read_text())}
+    vocab = _vocab_of(rows)
+    if vocab is None:
+        return None
+    plan = plan_moe_vs_dense(FULL, vocab)
+    pairs = [(rows[d.key(FULL)]["val_loss"], rows[m.key(FULL)]["val_loss"]) for m, d in zip(plan["MoE"], plan["dense"])
+             if m.key(FULL) in rows and d.key(FULL) in rows]
+    return paired_diff([d for d, _ in pairs], [m for _, m in pairs]) if len(pairs) >= 2 else None
+
+
+def _vocab_of(rows: dict) -> int | None:
+    return next((r["config"]["vocab_size"] for r in rows.values() if r and "config" in r), None)
+
+
+def demo_verdict(moe: list[float], dense: list[float], reported: PairedDiff | None) -> str:
+    """The demo's last line: with >= 2 seeds the paired interval; with one seed the spread the report measured."""
+    if len(moe) >= 2:
+        return "Verdict: " + verdict(paired_diff(dense, moe), "the MoE", "the dense twin") + "."
+    diff = dense[0] - moe[0]
+    line = f"Verdict (1 seed): dense minus MoE = {diff:+.4f} nats."
+    if reported is None or reported.n < 2:
+        return line + " One seed has no interval: run with --seeds 3 for one."
+    return (line + f" The report measured {reported} over {reported.n} seeds, a seed-to-seed std of the difference "
+            f"of {reported.sd:.4f} nats; --seeds 3 gives this run its own interval.")
+
+
+EXPERIMENTS = {"moe_vs_dense": ("MoE vs its dense twin at matched active compute", plan_moe_vs_dense,
+                                report_moe_vs_dense),
+               "num_experts": ("Number of experts at matched active compute", plan_num_experts, report_num_experts),
+               "setup": ("The MoE's training setup against the literature", plan_setup, report_setup),
+               "distill": ("Distillation MoE -> dense twin", plan_distill, report_distill)}
+REQUIRED = {"num_experts": ("E=2", "dense")}  # other expert counts are reported once all their seeds finished
+TRAIN_ORDER = ("moe_vs_dense", "distill", "num_experts", "setup")  # most important first: time may run out
+
+
+def run_all(out_dir: str | Path = "docs", quick: bool = False, only: list[str] | None = None, *,
+            train_missing: bool = True, log: Callable[[str], None] = lambda s: None) -> Path:
+    """Train what is missing (in EXPERIMENTS order, so the main comparison finishes first) and write
+    ``out_dir/experiments.md`` + ``out_dir/experiments/`` (plots, runs.json). ``train_missing=False`` writes
+    the report from the cached runs only."""
     out_dir = Path(out_dir)
-    plots_dir = out_dir / "experiments"
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    budget = QUICK if quick else FULL
-    runner = Runner(budget, plots_dir)
+    b = QUICK if quick else FULL
+    runner = Runner(b, out_dir / "experiments", log)
+    runner.corpus = _corpus(b)
+    vocab = runner.corpus.tokenizer.vocab_size
+    chosen = {n: e for n, e in EXPERIMENTS.items() if only is None or n in only}
+    plans = {n: plan(b, vocab) for n, (_, plan, _) in chosen.items()}
     t0 = time.perf_counter()
-    lines = ["# moekit experiments: the seeds' claims at small scale", "",
+    if train_missing:
+        runner.train([s for n in TRAIN_ORDER if n in plans for ss in plans[n].values() for s in ss])
+    train_min = (time.perf_counter() - t0) / 60
+    lines = ["# moekit experiments: does a sparse MoE beat its dense twin?", "",
              f"Generated by `moekit experiments{' --quick' if quick else ''}` "
              f"({'QUICK smoke-test mode: tiny budgets, the numbers are not meaningful' if quick else 'full mode'}). "
-             f"Corpus: {runner.corpus.description}. Seeds {list(budget.seeds)}; {budget.steps} steps of "
-             f"{budget.batch_size}x{budget.seq_len} tokens per run; model: 3 layers, d=96, MoE FFN in every layer. "
-             f"Every run's config and metrics are in `experiments/runs.json`.", ""]
-    for name, fn in EXPERIMENTS.items():
-        if only is None or name in only:
-            fn(runner, lines)
-    exp_params(lines)
-    lines += config_appendix(runner.runs)
-    lines += [f"Total time: {(time.perf_counter() - t0) / 60:.1f} min, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads.", ""]
-    (plots_dir / "runs.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "model"}
-                                                     for r in runner.runs], indent=1))
-    report = out_dir / "experiments.md"
-    report.write_text("\n".join(lines))
-    return report
+             f"Corpus: {runner.corpus.description}. Model: {b.n_layers} layers, d={b.d_model}, 4 heads, an MoE "
+             f"FFN in every layer; {b.steps} steps of {b.batch_size}x{b.seq_len} tokens "
+             f"({b.tokens_per_run / 1e6:.1f}M tokens) per run, lr {b.lr}, warmup + cosine; seeds {list(b.seeds)} "
+             "(a seed fixes initialisation and batch order, so configurations are compared per seed). Intervals are "
+             "95% Student-t intervals of the per-seed paired difference; a difference whose interval crosses 0 is "
+             "reported as no significant difference. Every run's config and curves are in "
+             "`experiments/runs.json`.", ""]
+    for i, (name, (title, _, report)) in enumerate(chosen.items(), 1):
+        lines += [f"## {i}. {title}", ""]
+        g, seeds = seed_groups(runner, plans[name], REQUIRED.get(name))
+        if seeds:
+            report(runner, plans[name], g, seeds, lines)
+        else:
+            lines += ["Not run yet: no seed has finished every run this experiment needs.", ""]
+    exp_params(len(chosen) + 1, lines)
+    lines += [f"Training time of this invocation: {train_min:.1f} min ({len(runner.used)} runs in the report; "
+              f"cached runs are not retrained), torch {torch.__version__}, {b.workers} worker process(es) x "
+              f"{max(1, torch.get_num_threads() // b.workers)} thread(s).", ""]
+    runner.save()
+    report_path = out_dir / "experiments.md"
+    report_path.write_text("\n".join(lines))
+    return report_path
 

@@ -113,3 +113,24 @@ def xy_lines(series: dict[str, tuple[list, list]], path: str | Path, xlabel: str
     if len(series) > 1:
         ax.legend()
     return _save(fig, path)
+
+
+def seed_bands(series: dict[str, list[tuple[list, list]]], path: str | Path, xlabel: str, ylabel: str, title: str,
+               logx: bool = False) -> Path:
+    """label -> one (xs, ys) per seed, all seeds on the same xs: the mean as a line, min..max as a band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (label, runs) in enumerate(series.items()):
+        n = min(len(xs) for xs, _ in runs)
+        xs = runs[0][0][:n]
+        cols = [[ys[j] for _, ys in runs] for j in range(n)]
+        ax.plot(xs, [sum(c) / len(c) for c in cols], "-", color=f"C{i}", label=f"{label} ({len(runs)} seeds)")
+        ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=f"C{i}", alpha=0.25, lw=0)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)

@@ -15,6 +15,10 @@ Legend: T tokens, V vocabulary.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,7 +26,7 @@ from torch import Tensor
 from moekit.config import TrainConfig
 from moekit.models.decoder import MoETransformer
 from moekit.train.data import TokenStream
-from moekit.train.trainer import train
+from moekit.train.trainer import evaluate, train
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, *, alpha: float = 0.5,
@@ -78,3 +82,44 @@ def distill(teacher: MoETransformer, train_data: TokenStream, val_data: TokenStr
     loss_fn = kd_loss_fn(teacher, alpha=alpha, temperature=temperature)
     records = train(student, train_data, val_data, tcfg, loss_fn=loss_fn, **train_kwargs)
     return student, records
+
+
+@dataclass
+class DistillReport:
+    """The KD student, the from-scratch dense twin (same seed, steps and batches; None if skipped), their
+    validation losses next to the teacher's, the gain retained and the training seconds of each."""
+
+    student: MoETransformer
+    scratch: MoETransformer | None
+    loss_teacher: float
+    loss_student: float
+    loss_scratch: float | None
+    seconds_student: float
+    seconds_scratch: float | None
+
+    @property
+    def gain_retained(self) -> float:
+        return float("nan") if self.loss_scratch is None else gain_retained(self.loss_scratch, self.loss_student,
+                                                                            self.loss_teacher)
+
+
+def distill_vs_scratch(teacher: MoETransformer, train_data: TokenStream, val_batches: list, tcfg: TrainConfig, *,
+                       alpha: float = 0.5, temperature: float = 2.0, scratch: bool = True,
+                       out_dir: str | Path | None = None, **train_kwargs) -> DistillReport:
+    """Distil ``teacher`` into its dense twin and train the same dense twin from scratch on the same seed,
+    steps and batches (the baseline the gain is measured against); evaluate all three on ``val_batches``.
+    ``out_dir``: checkpoints go to out_dir/student and out_dir/scratch; ``train_kwargs`` go to ``train``."""
+    runs = {}
+    for name in ("student", "scratch") if scratch else ("student",):
+        kw = dict(train_kwargs, out_dir=Path(out_dir) / name if out_dir is not None else None, label=name)
+        t0 = time.perf_counter()
+        if name == "student":
+            model, _ = distill(teacher, train_data, None, tcfg, alpha=alpha, temperature=temperature, **kw)
+        else:
+            torch.manual_seed(tcfg.seed)
+            model = MoETransformer(teacher.cfg.dense_twin())
+            train(model, train_data, None, tcfg, **kw)
+        runs[name] = (model.eval(), time.perf_counter() - t0, evaluate(model, val_batches))
+    sc = runs.get("scratch", (None, None, None))
+    return DistillReport(runs["student"][0], sc[0], evaluate(teacher, val_batches), runs["student"][2], sc[2],
+                         runs["student"][1], sc[1])

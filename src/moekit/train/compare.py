@@ -3,6 +3,7 @@ comparison, metrics and plots into a run folder. Used by ``moekit demo`` and ``m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -52,25 +53,32 @@ def train_one(label: str, cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
 
 
 def compare_moe_dense(moe_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConfig, out_dir: str | Path,
-                      progress: bool = False, should_stop=None) -> dict:
-    """MoE vs its dense twin on identical batches; writes summary.json and plots to out_dir.
+                      progress: bool = False, should_stop=None, seeds: list[int] | None = None) -> dict:
+    """MoE vs its dense twin on identical batches, for each seed (default: train_cfg.seed); writes summary.json
+    and the first seed's plots to out_dir. The first seed's runs are out_dir/moe and out_dir/dense, further
+    seeds' out_dir/moe-seedS and out_dir/dense-seedS.
     ``should_stop``: see ``train`` (an interrupted comparison raises ``TrainingInterrupted``)."""
     from moekit.analysis import plots
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds) if seeds else [train_cfg.seed]
     bar = None
-    if progress:  # one bar (and ETA) over both runs
+    if progress:  # one bar (and ETA) over all runs
         from tqdm import tqdm
 
-        bar = tqdm(total=2 * train_cfg.steps, desc="moe", dynamic_ncols=True)
+        bar = tqdm(total=2 * train_cfg.steps * len(seeds), desc="moe", dynamic_ncols=True)
+    rows = []
     try:
-        rows = [train_one("moe", moe_cfg, corpus, train_cfg, out_dir, bar or False, should_stop=should_stop),
-                train_one("dense", moe_cfg.dense_twin(), corpus, train_cfg, out_dir, bar or False,
-                          should_stop=should_stop)]
+        for i, seed in enumerate(seeds):
+            tc, tag = dataclasses.replace(train_cfg, seed=seed), "" if i == 0 else f"-seed{seed}"
+            rows += [train_one("moe" + tag, moe_cfg, corpus, tc, out_dir, bar or False, should_stop=should_stop),
+                     train_one("dense" + tag, moe_cfg.dense_twin(), corpus, tc, out_dir, bar or False,
+                               should_stop=should_stop)]
     finally:
         if bar is not None:
             bar.close()
+    rows_all, rows = rows, rows[:2]  # the plots show the first seed
     runs = {r["label"]: r["records"] for r in rows}
     files = [plots.loss_curves(runs, out_dir / "loss_vs_steps.png")]
     # both models spend the same FLOPs per token, so loss vs FLOPs would repeat loss vs steps: plot the gap
@@ -87,7 +95,9 @@ def compare_moe_dense(moe_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
         files.append(plots.load_heatmap(rows[0]["load_per_layer"], out_dir / "expert_load.png",
                                         "MoE expert load on validation data (share per layer)"))
     summary = {"corpus": corpus.description, "train_config": vars(train_cfg), "model_config": moe_cfg.to_dict(),
-               "rows": [{k: v for k, v in r.items() if k != "records"} for r in rows],
+               "seeds": seeds, "moe_val_losses": [r["val_loss"] for r in rows_all[0::2]],
+               "dense_val_losses": [r["val_loss"] for r in rows_all[1::2]],
+               "rows": [{k: v for k, v in r.items() if k != "records"} for r in rows_all],
                "plots": [str(f) for f in files]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
