@@ -346,14 +346,19 @@ class ModelConfig:
     head_dim: int = spec(0, ge=0, note="0 = d_model // n_heads")
     max_seq_len: int = spec(256, ge=1)
     rope_theta: float = spec(10000.0, gt=0)
+    # context-extension RoPE scaling as HF's rope_parameters ({} = none): rope_type linear | llama3 | yarn
+    rope_scaling: dict = field(default_factory=dict)
     norm_eps: float = spec(1e-6, gt=0)
     dense_hidden: int = spec(0, ge=0, note="0 = 4 * d_model")  # FFN hidden size of dense layers
     moe: MoEConfig | None = None  # None = a dense model
     moe_layers: str = spec("all", choices=("all", "every_other"))  # every_other: Switch/GShard layers 1, 3, 5, ...
     first_k_dense: int = spec(0, ge=0)  # DeepSeek: the first k layers keep a dense FFN
+    dense_layers: tuple[int, ...] = ()  # more layers that keep a dense FFN (Qwen mlp_only_layers / sparse step)
     attention: str = spec("gqa", choices=ATTENTION_KINDS)
     mla: MLAConfig | None = None  # required when attention == "mla"
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    attention_out_bias: bool = False  # bias on the output projection too (Llama / Qwen3-MoE attention_bias)
+    attn_windows: tuple[int, ...] = ()  # per layer: sliding-window span (0 = full causal); () = all full
     qk_norm: str = spec("none", choices=QK_NORMS)  # "per_head" (Qwen3: over head_dim) | "full" (OLMoE)
     tie_embeddings: bool = False
     dropout: float = spec(0.0, ge=0, lt=1)
@@ -373,17 +378,29 @@ class ModelConfig:
               f"must be an integer in [0, n_layers={self.n_layers}]")
         check(self.attention != "mla" or self.mla is not None, o, "mla", self.mla,
               "must be an MLAConfig when attention='mla'")
+        check(self.rope_scaling.get("rope_type", "default") in ("default", "linear", "llama3", "yarn"), o,
+              "rope_scaling", self.rope_scaling, "must be {} or HF rope_parameters whose rope_type is linear, llama3 "
+              "or yarn")
+        check(all(0 <= i < self.n_layers for i in self.dense_layers), o, "dense_layers", self.dense_layers,
+              f"must hold layer indices in [0, n_layers={self.n_layers})")
+        check(not self.attn_windows or (len(self.attn_windows) == self.n_layers and min(self.attn_windows) >= 0), o,
+              "attn_windows", self.attn_windows, f"must be empty or hold n_layers={self.n_layers} spans >= 0")
+        check(self.attention != "mla" or not any(self.attn_windows), o, "attn_windows", self.attn_windows,
+              "sliding windows are implemented for attention='gqa' only")
         if self.moe is not None:
             check(self.moe.d_model == self.d_model, o, "moe.d_model", self.moe.d_model,
                   f"must equal d_model={self.d_model}")
 
     def moe_slot(self, i: int) -> bool:
-        """Whether layer i's FFN is in an MoE position of the layout (first_k_dense, moe_layers), whether or
-        not this config has an MoE (the dense twin keeps the layout and widens those FFNs)."""
-        return i >= self.first_k_dense and (self.moe_layers == "all" or i % 2 == 1)
+        """Whether layer i's FFN is in an MoE position of the layout (first_k_dense, dense_layers, moe_layers),
+        whether or not this config has an MoE (the dense twin keeps the layout and widens those FFNs)."""
+        return i >= self.first_k_dense and i not in self.dense_layers and (self.moe_layers == "all" or i % 2 == 1)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and self.moe_slot(i)
+
+    def window(self, i: int) -> int:
+        return self.attn_windows[i] if self.attn_windows else 0
 
     def dense_twin(self) -> ModelConfig:
         """The dense model with the same active FLOPs per token: every MoE FFN becomes a dense FFN of

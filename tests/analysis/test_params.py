@@ -19,7 +19,32 @@ TINY_CASES = {
     "qwen2_moe": dict(intermediate_size=80, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                       num_experts=6, num_experts_per_tok=2, decoder_sparse_step=2),
     "qwen3_moe": dict(intermediate_size=80, moe_intermediate_size=32, num_experts=6, num_experts_per_tok=2,
-                      head_dim=24, mlp_only_layers=[0]),
+                      head_dim=24, mlp_only_layers=[0], attention_bias=True),  # the issue's 91,008 vs 91,392
+    "qwen3_next": dict(intermediate_size=80, moe_intermediate_size=32, shared_expert_intermediate_size=24,
+                       num_experts=6, num_experts_per_tok=2, head_dim=16, linear_num_key_heads=2,
+                       linear_key_head_dim=8, linear_num_value_heads=4, linear_value_head_dim=8, num_hidden_layers=4,
+                       mlp_only_layers=[1]),
+    "flex_olmo": dict(intermediate_size=32, num_experts=6, num_experts_per_tok=2, eos_token_id=0, pad_token_id=0),
+    "minimax": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+    "phimoe": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, attention_bias=True,
+                   lm_head_bias=True),
+    "granitemoe": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, attention_bias=True),
+    "granitemoeshared": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                             shared_intermediate_size=40),
+    "glm4_moe": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                     num_experts_per_tok=2, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
+                     head_dim=16),
+    "dots1": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2,
+                  num_experts_per_tok=2, first_k_dense_replace=1),
+    "ernie4_5_moe": dict(intermediate_size=80, moe_intermediate_size=32, moe_num_experts=6, moe_k=2,
+                         moe_num_shared_experts=1, moe_layer_start_index=1),
+    "jetmoe": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2,
+                   kv_channels=16, eos_token_id=0, bos_token_id=0),
+    # DBRX: transformers 5's DbrxForCausalLM needs rope_theta inside attn_config to build
+    "dbrx": dict(d_model=64, n_layers=3, n_heads=4, attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2)),
+    "hunyuan_v1_moe": dict(intermediate_size=48, num_experts=4, moe_topk=2, head_dim=16,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "olmoe": dict(intermediate_size=32, num_experts=6, num_experts_per_tok=2, eos_token_id=0, pad_token_id=0),
     "deepseek_v3": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
                         num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
@@ -43,7 +68,7 @@ LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
 
 
 def tiny_config(model_type: str) -> dict:
-    if model_type == "switch_transformers":
+    if model_type in ("switch_transformers", "dbrx"):
         return dict(model_type=model_type, vocab_size=100, **TINY_CASES[model_type])
     return dict(model_type=model_type, **{**TINY, **TINY_CASES[model_type]})
 
@@ -66,10 +91,7 @@ def numel(model, keep=lambda name: True) -> int:
 
 
 def spec_of(model_type: str, model) -> params.ArchSpec:
-    cfg = model.config.to_dict()
-    if model_type == "llama4_text":  # our llama4 reader takes the text_config of a full Llama 4 config
-        cfg = dict(model_type="llama4", text_config=cfg, tie_word_embeddings=cfg["tie_word_embeddings"])
-    return params.spec_from_hf(cfg)
+    return params.spec_from_hf(model.config.to_dict())
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CASES))
@@ -80,18 +102,24 @@ def test_tiny_configs_count_equals_hf_to_the_parameter(model_type):
     assert count.total == numel(model)
     # active, from HF's own modules: every parameter outside the routed-expert containers, plus top_k/E of
     # each MoE layer's experts container
-    is_expert = lambda n: ".experts." in n  # shared experts are "shared_expert(s)."
-    expert_containers = {n.split(".experts.")[0] for n, _ in model.named_parameters() if is_expert(n)}
-    assert len(expert_containers) == len(spec.moe_layers)
-    top_k = {"switch_transformers": 1}.get(model_type, getattr(model.config, "num_experts_per_tok", 0))
-    per_layer = [numel(model, lambda n, c=c: n.startswith(c + ".experts.")) for c in expert_containers]
+    # routed experts: HF's "experts" containers (shared ones are "shared_expert(s)"); JetMoE's attention and MLP
+    # mixtures hold their stacked experts as input_linear / output_linear (their routers and biases are shared)
+    is_expert = (lambda n: n.endswith(("input_linear.weight", "output_linear.weight"))) if model_type == "jetmoe" \
+        else (lambda n: ".experts." in n)
+    container = lambda n: n.split(".experts.")[0] if ".experts." in n else n.rsplit(".", 2)[0]
+    expert_containers = {container(n) for n, _ in model.named_parameters() if is_expert(n)}
+    assert len(expert_containers) == len(spec.moe_layers) * (2 if spec.attn_experts else 1)
+    top_k = {"switch_transformers": 1}.get(model_type, spec.top_k)
+    per_layer = [numel(model, lambda n, c=c: is_expert(n) and container(n) == c) for c in expert_containers]
     assert all(p % max(spec.num_experts, 1) == 0 for p in per_layer)
     active = numel(model, lambda n: not is_expert(n)) + sum(p // spec.num_experts * top_k for p in per_layer)
     assert (count.active == count.total) == (not spec.num_experts)
     assert count.active == active
-    head = numel(model, lambda n: "embed_tokens" in n or n in ("shared.weight", "lm_head.weight"))
-    assert count.active_non_embedding == active - head
-    assert count.active_with_head == count.active_non_embedding + spec.vocab * spec.d
+    emb = numel(model, lambda n: "embed_tokens" in n or n in ("shared.weight", "transformer.wte.weight",
+                                                              "lm_head.weight", "lm_head.bias"))
+    assert count.active_non_embedding == active - emb
+    head = numel(model, lambda n: n.startswith("lm_head.")) if not spec.tie_embeddings else spec.vocab * spec.d
+    assert count.active_with_head == count.active_non_embedding + head
 
 
 def test_llama4_vision_tower_counted_apart_equals_hf():
@@ -103,12 +131,34 @@ def test_llama4_vision_tower_counted_apart_equals_hf():
     assert c.total_with_separate == numel(model)
 
 
+FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_transformers", "dots1",
+                                                   "hunyuan_v1_moe", "dbrx"})  # dots1/hunyuan/dbrx: see TINY_CASES
+
+
+@pytest.mark.parametrize("model_type", FAMILY_DEFAULTS)
+def test_every_family_at_its_full_size_defaults_equals_hf(model_type):
+    """The family's config class defaults (its reference model, e.g. DeepSeek-V3's 671B) on the meta device."""
+    model = hf_model({"model_type": model_type})
+    assert params.count_params(params.spec_from_hf({"model_type": model_type})).total == numel(model)
+
+
+def test_trimmed_deepseek_config_counts_transformers_defaults():
+    """A config without n_shared_experts (transformers: 1) used to be counted without shared experts."""
+    cfg = tiny_config("deepseek_v3")
+    del cfg["n_shared_experts"]
+    assert params.count_params(params.spec_from_hf(cfg)).total == numel(hf_model(cfg))
+
+
 @pytest.mark.parametrize("name", params.shipped_configs())
 def test_full_size_shipped_configs_equal_hf(name):
     cfg, _ = params.load_config(name)
+    if cfg["model_type"] == "deepseek":
+        pytest.skip("DeepSeekMoE v1 is remote code: counted analytically, checked against its published total")
     c = params.count_params(params.spec_from_hf(cfg, name))
+    # Kimi-K2 is remote code with DeepSeek-V3's architecture: transformers builds it as deepseek_v3
+    hf_cfg = dict(cfg, model_type="deepseek_v3") if cfg["model_type"] == "kimi_k2" else cfg
     # Llama 4: HF builds the vision tower too; our total is the text decoder, the tower is reported apart
-    assert (c.total_with_separate if cfg["model_type"] == "llama4" else c.total) == numel(hf_model(cfg))
+    assert (c.total_with_separate if cfg["model_type"] == "llama4" else c.total) == numel(hf_model(hf_cfg))
 
 
 # (name, published total, published active (billions), the active convention the publisher uses); Meta's
@@ -126,6 +176,10 @@ PUBLISHED = [
     ("gpt-oss-120b", "116.83", "5.13", "active_with_head"),  # gpt-oss model card: 116.83B, 5.13B active
     ("gpt-oss-20b", "20.91", "3.61", "active_with_head"),  # 20.91B total, 3.61B active
     ("llama-3-8b", "8.0", "8.0", "active"),
+    # DeepSeekMoE paper (Dai et al. 2024) and model card: 16.4B total, 2.8B activated
+    ("deepseek-moe-16b", "16.4", "2.8", "active"),
+    # Moonshot AI: 1T total (1,026B), 32B activated
+    ("kimi-k2", "1026", "32", "active"),
 ]
 
 
@@ -191,6 +245,7 @@ def test_moekit_preset_spec_matches_the_real_module():
         dataclasses.replace(mix, attention="mla", mla=MLAConfig(q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
                                                                 qk_rope_head_dim=8, v_head_dim=16),
                             attention_bias=True),
+        dataclasses.replace(mix, attention_bias=True, attention_out_bias=True, dense_layers=(0,), attn_windows=(4, 0)),
         dataclasses.replace(mix, tie_embeddings=True, qk_norm="full", attention_bias=True,
                             moe=dataclasses.replace(mix.moe, router=RouterConfig(kind="noisy_topk", top_k=2),
                                                     num_shared_experts=1, shared_gate=True)),
@@ -294,3 +349,20 @@ def test_moekit_expert_biases_are_counted_to_the_parameter():
             model = MoETransformer(cfg)
         c = params.count_params(params.spec_from_moekit(cfg))
         assert (c.total, c.active) == (model.num_params(), model.num_active_params())
+
+
+@pytest.mark.parametrize("use_transformers", [True, False], ids=["transformers", "table"])
+@pytest.mark.parametrize("model_type", sorted(TINY_CASES))
+def test_trimmed_configs_count_the_same(model_type, use_transformers, monkeypatch):
+    """A config.json with every field at transformers' default left out counts as the full one, read through
+    transformers or through the defaults table (no transformers)."""
+    from moekit.interop import config_reader
+
+    full = hf_model(tiny_config(model_type)).config.to_dict()
+    fields = config_reader.table()[model_type]["fields"]
+    trimmed = {k: v for k, v in full.items() if k not in fields or fields[k] != v}
+    assert len(trimmed) < len(full)
+    want = params.count_params(params.spec_from_hf(full)).total
+    if not use_transformers:
+        monkeypatch.setattr(config_reader, "_transformers", lambda: None)
+    assert params.count_params(params.spec_from_hf(dict(trimmed, model_type=model_type))).total == want

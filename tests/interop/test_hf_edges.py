@@ -42,18 +42,66 @@ def test_patched_model_returns_hf_router_logits_and_loss(model_type):
         assert (got.aux_loss - ref.aux_loss).abs().item() <= 1e-5
 
 
-@pytest.mark.parametrize("model_type, field, value", [("mixtral", "hidden_act", "gelu"),
-                                                      ("mixtral", "sliding_window", 4),
-                                                      ("qwen3_moe", "use_sliding_window", True)])
-def test_fields_moekit_cannot_compute_are_refused(model_type, field, value, tmp_path):
-    build(model_type).save_pretrained(tmp_path)
+def test_fields_moekit_cannot_compute_are_refused(tmp_path):
+    build("mixtral").save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg[field] = value
-    if field == "use_sliding_window":
-        cfg["sliding_window"] = 4
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=f"config.json {field if field != 'use_sliding_window' else 'sliding_window'}="):
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match="config.json hidden_act='gelu'"):
         load_hf(tmp_path)
+
+
+def assert_converts_both_ways(hf, tmp_path, ids=IDS):
+    """HF model -> moekit (same logits) -> HF export that transformers reloads with the same logits."""
+    from moekit.interop.hf import save_hf
+
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (ours(ids).logits - ref).abs().max().item() <= 1e-5
+    save_hf(ours, tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert (back(ids).logits - ref).abs().max().item() <= 1e-5
+    return ours
+
+
+@pytest.mark.parametrize("model_type, over", [
+    ("mixtral", dict(sliding_window=4)),
+    ("qwen3_moe", dict(use_sliding_window=True, sliding_window=3)),
+    ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)),
+], ids=["mixtral", "qwen3_moe", "qwen2_moe-layer_types"])
+def test_sliding_window_attention_converts_both_ways(model_type, over, tmp_path):
+    ours = assert_converts_both_ways(build(model_type, **over), tmp_path)  # IDS has 11 positions > the windows
+    assert any(ours.cfg.attn_windows)
+
+
+@pytest.mark.parametrize("model_type, over, moe_layers", [
+    ("qwen3_moe", dict(attention_bias=True), [0, 1, 2]),  # q, k, v and o biases
+    ("olmoe", dict(attention_bias=True), [0, 1, 2]),
+    ("deepseek_v3", dict(attention_bias=True), [1, 2]),  # MLA: q_a, kv_a and o biases
+    ("qwen3_moe", dict(mlp_only_layers=[1]), [0, 2]),
+    ("qwen2_moe", dict(decoder_sparse_step=2), [1]),
+], ids=["qwen3_moe-bias", "olmoe-bias", "deepseek_v3-bias", "qwen3_moe-mlp_only_layers", "qwen2_moe-sparse_step"])
+def test_attention_bias_and_dense_layers_convert_both_ways(model_type, over, moe_layers, tmp_path):
+    ours = assert_converts_both_ways(build(model_type, **over), tmp_path)
+    assert [i for i, b in enumerate(ours.layers) if b.is_moe] == moe_layers
+
+
+def test_llama_attention_bias_converts_both_ways(tmp_path):
+    import warnings
+
+    from tests.interop.test_hf import TINY
+
+    torch.manual_seed(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "intermediate_size": 48},
+                                                                    attention_bias=True)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(0, 0.05 if "norm" not in name else 1.0)
+    assert_converts_both_ways(hf, tmp_path)
 
 
 def _tiny_moekit(**over):
@@ -74,3 +122,52 @@ def test_export_refuses_what_the_format_cannot_hold(over, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         save_hf(_tiny_moekit(**over), tmp_path / "out", "mixtral")
     assert not (tmp_path / "out").exists()
+
+
+def test_upcycled_qwen2_exports_to_qwen2_moe_and_other_targets_fail_in_one_line(tmp_path):
+    """Qwen2's q/k/v biases fit Qwen2-MoE, whose shared expert is written at width 0 (it computes nothing):
+    transformers' Qwen2-MoE then computes the dense Qwen2's function. Qwen3-MoE needs q/k norms: refused."""
+    import warnings
+
+    from moekit.errors import UsageError
+    from moekit.interop.hf import save_hf
+    from moekit.interop.upcycle import upcycle
+    from tests.interop.test_hf import TINY
+
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**TINY, "intermediate_size": 48})).eval()
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            p.normal_(0, 0.05 if "norm" not in name else 1.0)
+    dense.save_pretrained(tmp_path / "dense")
+    moe = upcycle(load_hf(tmp_path / "dense"), num_experts=4, top_k=2)
+    save_hf(moe, tmp_path / "qwen2_moe", "qwen2_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2_moe").eval()
+    assert type(back).__name__ == "Qwen2MoeForCausalLM"
+    with torch.no_grad():
+        assert (back(IDS).logits - dense(IDS).logits).abs().max().item() <= 1e-5
+        assert (load_hf(tmp_path / "qwen2_moe").eval()(IDS).logits - dense(IDS).logits).abs().max().item() <= 1e-5
+    with pytest.raises(UsageError, match=r"model_type='qwen3_moe' needs tensors .*q_norm") as e:
+        save_hf(moe, tmp_path / "qwen3_moe", "qwen3_moe")
+    assert "\n" not in str(e.value) and not (tmp_path / "qwen3_moe").exists()
+
+
+YARN_DS = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+           "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("model_type, rope", [
+    ("deepseek_v3", YARN_DS),  # DeepSeek-V3's own: attention factor 1, softmax sharpened by mscale^2
+    ("qwen3_moe", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 1e6}),
+    ("mixtral", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
+    ("olmoe", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 500000.0}),
+], ids=["yarn-deepseek", "yarn", "linear", "llama3"])
+def test_rope_scaling_converts_both_ways_with_transformers_logits(model_type, rope, tmp_path):
+    ids = torch.randint(0, 96, (1, 60), generator=torch.Generator().manual_seed(6))  # past the original context
+    ours = assert_converts_both_ways(build(model_type, rope_parameters=dict(rope)), tmp_path, ids)
+    assert ours.cfg.rope_scaling["rope_type"] == rope["rope_type"]

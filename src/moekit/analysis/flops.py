@@ -26,11 +26,13 @@ def matmul_params_per_token(s: ArchSpec) -> int:
     """Weight-matrix parameters a token multiplies: ``active_with_head`` (no embedding table: a lookup)
     minus every vector parameter (norm weights, biases, attention sinks, T5 relative position biases)."""
     c = count_params(s)
-    n_attn = s.n_layers + (s.n_layers - s.n_encoder_layers if s.is_encoder_decoder else 0)  # + cross-attention
+    # + cross-attention; linear-attention layers (hybrids) count all their parameters as matmul ones
+    n_attn = s.n_layers - len(s.linear_layers) + (s.n_layers - s.n_encoder_layers if s.is_encoder_decoder else 0)
     n_moe = len(s.moe_layers)
     vectors = (c.breakdown["norms"] + rel_pos_params(s) + n_attn * attention_vector_params(s)
                + n_moe * (s.top_k * expert_bias_params(s) + (s.num_experts if s.router_bias else 0)
-                          + (expert_bias_params(s, s.shared_inter) if s.shared_inter else 0)))
+                          + (expert_bias_params(s, s.shared_inter) if s.shared_inter else 0)
+                          + (s.d if s.moe_out_bias else 0)))
     return c.active_with_head - vectors
 
 
@@ -43,6 +45,8 @@ def attention_flops_per_token(s: ArchSpec, context: int) -> int:
         qk_dim = v_dim = s.head_dim
     total = 0
     for i in range(s.n_layers):
+        if i in s.linear_layers:
+            continue  # linear attention: a fixed-size state, no per-position scores
         w = s.window(i)
         ctx = min(context, w) if w else context
         reads = 2 if s.is_encoder_decoder and s.is_decoder_layer(i) else 1

@@ -48,8 +48,8 @@ def kv_cache_bytes(s: ArchSpec, batch: int, context: int, bytes_per_value: float
     per_layer = _kv_values_per_token_layer(s) * bytes_per_value
     total = 0.0
     for i in range(s.n_layers):
-        if s.is_encoder_decoder and not s.is_decoder_layer(i):
-            continue  # the encoder runs once over the input; nothing is cached
+        if (s.is_encoder_decoder and not s.is_decoder_layer(i)) or i in s.linear_layers:
+            continue  # the encoder runs once over the input; linear attention keeps a fixed-size state
         w = s.window(i)
         positions = min(context, w) if w else context
         total += per_layer * positions * (2 if s.is_encoder_decoder else 1)  # + cross-attention K/V

@@ -20,14 +20,15 @@ Conventions, stated once:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from moekit.errors import UsageError
+from moekit.errors import ConfigError, UsageError
+from moekit.interop.config_reader import read_hf_config
 
-HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "llama4",
-               "switch_transformers", "llama", "qwen2", "qwen3")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -51,8 +52,19 @@ class ArchSpec:
     o_bias: bool = False
     qk_norm: str = "none"  # "none" | "per_head" (RMSNorm over head_dim) | "full" (over the projection)
     attn_sinks: bool = False  # gpt-oss: one learned sink logit per head
+    attn_output_gate: bool = False  # Qwen3-Next: q_proj also produces a sigmoid gate per head dim
+    # JetMoE mixture of attention heads: attn_experts experts, each a query projection to n_kv_heads heads and
+    # an output projection back, top_k per token (n_heads = top_k * n_kv_heads query heads), a router, and a
+    # shared key/value projection
+    attn_experts: int = 0
+    moe_out_bias: bool = False  # JetMoE: one output bias per mixture block (attention and FFN)
     attn_windows: list[int] = field(default_factory=list)  # per layer: max positions attended (0 = all)
     window_kind: str = ""  # "sliding" (gpt-oss) | "chunked" (Llama 4: attention within fixed chunks)
+    # hybrids: these layers replace softmax attention by a linear-attention block of linear_attn_params
+    linear_layers: list[int] = field(default_factory=list)
+    linear_attn_params: int = 0
+    norm_bias: bool = False  # LayerNorms with a bias (PhiMoE)
+    lm_head_bias: bool = False
     # MLA (DeepSeek-V2/V3)
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
@@ -71,10 +83,10 @@ class ArchSpec:
     expert_inter: int = 0
     shared_inter: int = 0  # total hidden of the shared expert(s) (0 = none)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid gate Linear(d, 1)
-    router_bias: bool = False  # gpt-oss
+    router_bias: bool = False  # gpt-oss; ERNIE 4.5's correction bias (a parameter there)
     router_noise: bool = False  # moekit noisy_topk: a second Linear(d, E) for the noise scale
     expert_bias: bool = False  # gpt-oss
-    router_correction_bias: bool = False  # DeepSeek-V3 e_score_correction_bias (an HF buffer)
+    router_correction_bias: bool = False  # DeepSeek-V3 / GLM-4.5 / dots1 e_score_correction_bias (an HF buffer)
     # encoder-decoder (T5 / Switch): decoder layers add cross-attention and its norm
     n_encoder_layers: int = 0
     rel_pos_buckets: int = 0  # T5 relative position bias: Embedding(buckets, heads) per stack
@@ -93,13 +105,6 @@ class ArchSpec:
         return self.attn_windows[i] if self.attn_windows else 0
 
 
-def _get(cfg: dict, *keys, default=None):
-    for k in keys:
-        if cfg.get(k) is not None:
-            return cfg[k]
-    return default
-
-
 def _windows(layer_types: list[str] | None, n_layers: int, default_local, local_kind: str, span: int) -> list[int]:
     """Per-layer attention span from HF ``layer_types`` (or the family default pattern)."""
     types = layer_types or [local_kind if default_local(i) else "full_attention" for i in range(n_layers)]
@@ -111,7 +116,7 @@ def llama4_vision_params(v: dict, text_d: int) -> int:
     class and position embeddings, pixel-shuffle MLP adapter) + the multimodal projector to the text width."""
     h, inter, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
     n_pos = (v["image_size"] // p) ** 2 + 1
-    embed = v.get("num_channels", 3) * p * p * h + h + n_pos * h + 2 * 2 * h  # patches, class, positions, pre/post LN
+    embed = v["num_channels"] * p * p * h + h + n_pos * h + 2 * 2 * h  # patches, class, positions, pre/post LN
     layer = 4 * (h * h + h) + (h * inter + inter) + (inter * h + h) + 2 * 2 * h
     adapter = inter * v["projector_input_dim"] + v["projector_output_dim"] ** 2
     return embed + v["num_hidden_layers"] * layer + adapter + v["vision_output_dim"] * text_d
@@ -123,94 +128,246 @@ def _switch_layers(n: int, n_sparse: int, offset: int) -> list[int]:
     return [offset + i for i in range(n) if step == 1 or i % step == 1]
 
 
-def _spec_switch(cfg: dict, name: str) -> ArchSpec:
-    n_enc, n_dec = cfg["num_layers"], _get(cfg, "num_decoder_layers", default=cfg["num_layers"])
-    moe = (_switch_layers(n_enc, cfg.get("num_sparse_encoder_layers", 3), 0)
-           + _switch_layers(n_dec, cfg.get("num_sparse_decoder_layers", 3), n_enc))
-    return ArchSpec(name=name, family="switch_transformers", vocab=cfg["vocab_size"], d=cfg["d_model"],
-                    n_layers=n_enc + n_dec, n_encoder_layers=n_enc, tie_embeddings=cfg.get("tie_word_embeddings", True),
-                    n_heads=cfg["num_heads"], n_kv_heads=cfg["num_heads"], head_dim=cfg["d_kv"],
-                    rel_pos_buckets=cfg.get("relative_attention_num_buckets", 32), dense_inter=cfg["d_ff"],
-                    dense_matrices=2, expert_matrices=2, moe_layers=moe, num_experts=cfg["num_experts"],
-                    top_k=1, expert_inter=cfg["d_ff"], router_bias=bool(cfg.get("router_bias", False)))
+# ---------------------------------------------------------------- one builder per family (the table below)
+# Each reads a full config (config_reader.read_hf_config: every field present, transformers' defaults).
+def _decoder(c: dict, name: str, **kw) -> ArchSpec:
+    """The fields every decoder-only family shares; ``kw`` overrides them."""
+    H, d = kw.get("n_heads") or c["num_attention_heads"], c["hidden_size"]
+    base = dict(name=name, family=c["model_type"], vocab=c["vocab_size"], d=d, n_layers=c["num_hidden_layers"],
+                tie_embeddings=bool(c["tie_word_embeddings"]), n_heads=H,
+                n_kv_heads=c.get("num_key_value_heads") or H, head_dim=c.get("head_dim") or d // H,
+                dense_inter=c.get("intermediate_size") or 0)
+    return ArchSpec(**{**base, **kw})
+
+
+def _all_layers(c: dict) -> list[int]:
+    return list(range(c["num_hidden_layers"]))
+
+
+def _bias(c: dict, key: str = "attention_bias") -> dict:
+    """q/k/v and output projection biases both set by one field."""
+    return dict(qkv_bias=bool(c[key]), o_bias=bool(c[key]))
+
+
+def _sparse_step_layers(c: dict, E: int) -> list[int]:
+    """Qwen MoE families: layer i is sparse unless listed in mlp_only_layers, every decoder_sparse_step-th."""
+    skip = set(c["mlp_only_layers"] or [])
+    step = c["decoder_sparse_step"] or 1
+    return [i for i in range(c["num_hidden_layers"]) if E and i not in skip and (i + 1) % step == 0]
+
+
+def _first_k_dense_layers(c: dict, E: int | None) -> list[int]:
+    """DeepSeek-style: dense before first_k_dense_replace, then MoE every moe_layer_freq-th layer."""
+    first, freq = c.get("first_k_dense_replace") or 0, c.get("moe_layer_freq") or 1
+    return [i for i in range(c["num_hidden_layers"]) if E and i >= first and i % freq == 0]
+
+
+def _experts(c: dict, E: str, k: str, inter: str) -> dict:
+    return dict(num_experts=c[E] or 0, top_k=c[k] or 0, expert_inter=c[inter])
+
+
+def _spec_mixtral(c: dict, name: str) -> ArchSpec:  # also MiniMax's and GraniteMoE's MoE blocks
+    return _decoder(c, name, moe_layers=_all_layers(c), **_experts(c, "num_local_experts", "num_experts_per_tok",
+                                                                   "intermediate_size"))
+
+
+def _spec_phimoe(c: dict, name: str) -> ArchSpec:
+    """PhiMoE: LayerNorms with biases, optional biases on attention and on the LM head."""
+    return dataclasses.replace(_spec_mixtral(c, name), norm_bias=True, lm_head_bias=bool(c["lm_head_bias"]),
+                               **_bias(c))
+
+
+def _spec_granitemoe(c: dict, name: str) -> ArchSpec:
+    """GraniteMoE(-Shared): Mixtral's layout with optional attention biases and a shared MLP."""
+    return dataclasses.replace(_spec_mixtral(c, name), shared_inter=c.get("shared_intermediate_size") or 0,
+                               **_bias(c))
+
+
+def _spec_minimax(c: dict, name: str) -> ArchSpec:
+    """MiniMax-01: lightning (linear) attention on the layers layer_types marks, each a fused qkv projection,
+    an output gate, a norm over the heads and an output projection."""
+    L, hd = c["num_hidden_layers"], c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    types = c["layer_types"] or ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(L)]
+    inner, d = c["num_attention_heads"] * hd, c["hidden_size"]
+    return dataclasses.replace(_spec_mixtral(c, name), linear_layers=[i for i, t in enumerate(types)
+                                                                      if t == "linear_attention"],
+                               linear_attn_params=3 * d * inner + inner * d + d * inner + inner)
+
+
+def _spec_qwen_moe(c: dict, name: str) -> ArchSpec:
+    """Qwen2-MoE (q/k/v biases, a sigmoid-gated shared expert) and Qwen3-MoE (per-head q/k norms)."""
+    mt, E = c["model_type"], c["num_experts"]
+    qwen2 = mt == "qwen2_moe"
+    bias = dict(qkv_bias=bool(c["qkv_bias"])) if qwen2 else _bias(c)
+    return _decoder(c, name, **bias, qk_norm="none" if qwen2 else "per_head", moe_layers=_sparse_step_layers(c, E),
+                    **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=c["shared_expert_intermediate_size"] if qwen2 else 0, shared_gate=qwen2)
+
+
+def _spec_qwen3_next(c: dict, name: str) -> ArchSpec:
+    """Qwen3-Next: gated full attention (q_proj doubled for the output gate) on every 4th layer, gated
+    DeltaNet linear attention on the others (fused qkvz and beta/alpha projections, a causal depthwise
+    convolution over q, k, v, per-value-head decay parameters, a norm per value head)."""
+    L, d = c["num_hidden_layers"], c["hidden_size"]
+    types = c["layer_types"] or ["linear_attention" if (i + 1) % 4 else "full_attention" for i in range(L)]
+    hk, dk, hv, dv = (c["linear_num_key_heads"], c["linear_key_head_dim"], c["linear_num_value_heads"],
+                      c["linear_value_head_dim"])
+    conv = 2 * hk * dk + hv * dv
+    linear = d * (2 * hk * dk + 2 * hv * dv) + d * 2 * hv + conv * c["linear_conv_kernel_dim"] + 2 * hv + dv \
+        + hv * dv * d
+    return _decoder(c, name, **_bias(c), qk_norm="per_head", attn_output_gate=True,
+                    linear_layers=[i for i, t in enumerate(types) if t == "linear_attention"],
+                    linear_attn_params=linear, moe_layers=_sparse_step_layers(c, c["num_experts"]),
+                    **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=c["shared_expert_intermediate_size"], shared_gate=True)
+
+
+def _spec_olmoe(c: dict, name: str) -> ArchSpec:
+    """OLMoE and FlexOlmo: q/k norms over the whole projection."""
+    E = "num_experts"
+    return _decoder(c, name, **_bias(c), qk_norm="full", moe_layers=_all_layers(c),
+                    **_experts(c, E, "num_experts_per_tok", "intermediate_size"))
+
+
+def _spec_deepseek(c: dict, name: str) -> ArchSpec:
+    """DeepSeekMoE v1 (GQA) and the families that kept its FFN: fine-grained routed experts after
+    first_k_dense_replace dense layers, n_shared_experts shared experts as one MLP. DeepSeek-V2/V3 (and
+    Kimi-K2) add MLA; dots1 adds per-head q/k norms; GLM-4.5 optional q/k norms and q/k/v biases; V3,
+    GLM-4.5 and dots1 a selection-only correction bias (a buffer)."""
+    mt, E = c["model_type"], c["n_routed_experts"]
+    kw = dict(moe_layers=_first_k_dense_layers(c, E),
+              **_experts(c, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
+              shared_inter=(c["n_shared_experts"] or 0) * c["moe_intermediate_size"],
+              router_correction_bias=mt in ("deepseek_v3", "glm4_moe", "dots1"))
+    if mt in ("deepseek_v2", "deepseek_v3"):
+        kw.update(attention="mla", **_bias(c), q_lora_rank=c["q_lora_rank"] or 0, kv_lora_rank=c["kv_lora_rank"],
+                  qk_nope_dim=c["qk_nope_head_dim"], qk_rope_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
+                  mtp_layers=c["num_nextn_predict_layers"] if mt == "deepseek_v3" else 0)
+    elif mt == "glm4_moe":
+        kw.update(qkv_bias=bool(c["attention_bias"]), qk_norm="per_head" if c["use_qk_norm"] else "none")
+    elif mt == "dots1":
+        kw.update(**_bias(c), qk_norm="per_head")
+    else:
+        kw.update(**_bias(c))
+    return _decoder(c, name, **kw)
+
+
+def _spec_ernie(c: dict, name: str) -> ArchSpec:
+    """ERNIE 4.5 MoE: MoE on layers start..end every moe_layer_interval-th, shared experts as one MLP, the
+    routing correction bias a parameter."""
+    if c["use_bias"]:
+        raise ConfigError("config.json use_bias=True (ernie4_5_moe): the calculator counts bias-free ERNIE models")
+    L = c["num_hidden_layers"]
+    end = L - 1 if c["moe_layer_end_index"] == -1 else c["moe_layer_end_index"]
+    moe = [i for i in range(L) if (i + 1) % c["moe_layer_interval"] == 0 and c["moe_layer_start_index"] <= i <= end]
+    return _decoder(c, name, moe_layers=moe, **_experts(c, "moe_num_experts", "moe_k", "moe_intermediate_size"),
+                    shared_inter=(c["moe_num_shared_experts"] or 0) * c["moe_intermediate_size"], router_bias=True)
+
+
+def _spec_hunyuan(c: dict, name: str) -> ArchSpec:
+    """Hunyuan-A13B: per-head q/k norms, every layer MoE with a shared MLP of the dense width."""
+    if not isinstance(c["moe_topk"], int):
+        raise ConfigError(f"config.json moe_topk={c['moe_topk']!r}: the calculator needs one top-k for all layers")
+    return _decoder(c, name, **_bias(c), qk_norm="per_head", moe_layers=_all_layers(c),
+                    **_experts(c, "num_experts", "moe_topk", "intermediate_size"), shared_inter=c["intermediate_size"])
+
+
+def _spec_dbrx(c: dict, name: str) -> ArchSpec:
+    """DBRX: Mixtral's layout under other names (fused Wqkv, LayerNorms without bias, experts w1/v1/w2), the
+    attention and FFN fields in sub-configs."""
+    a, f = c["attn_config"], c["ffn_config"]
+    d, H = c["d_model"], c["n_heads"]
+    return ArchSpec(name=name, family="dbrx", vocab=c["vocab_size"], d=d, n_layers=c["n_layers"],
+                    tie_embeddings=bool(c["tie_word_embeddings"]), n_heads=H, n_kv_heads=a["kv_n_heads"],
+                    head_dim=d // H, moe_layers=list(range(c["n_layers"])), num_experts=f["moe_num_experts"],
+                    top_k=f["moe_top_k"], expert_inter=f["ffn_hidden_size"])
+
+
+def _spec_jetmoe(c: dict, name: str) -> ArchSpec:
+    """JetMoE (Shen et al. 2024): mixture-of-attention-heads layers (ArchSpec.attn_experts) and MoE MLPs of the
+    same experts count and top-k, each block with one output bias; embeddings tied by default."""
+    k, G = c["num_experts_per_tok"], c["num_key_value_heads"]
+    return _decoder(c, name, n_heads=G * k, n_kv_heads=G, head_dim=c["kv_channels"],
+                    attn_experts=c["num_local_experts"], moe_out_bias=True, moe_layers=_all_layers(c),
+                    **_experts(c, "num_local_experts", "num_experts_per_tok", "intermediate_size"))
+
+
+def _spec_gpt_oss(c: dict, name: str) -> ArchSpec:
+    """gpt-oss: attention sinks, biases everywhere, sliding-window attention on the layers layer_types marks."""
+    L = c["num_hidden_layers"]
+    return _decoder(c, name, **_bias(c), attn_sinks=True, window_kind="sliding",
+                    attn_windows=_windows(c["layer_types"], L, lambda i: i % 2 == 0, "sliding_attention",
+                                          c["sliding_window"] or 0),
+                    moe_layers=_all_layers(c), **_experts(c, "num_local_experts", "num_experts_per_tok",
+                                                          "intermediate_size"), router_bias=True, expert_bias=True)
+
+
+def _spec_llama4_text(c: dict, name: str, vision: int = 0) -> ArchSpec:
+    """Llama 4's text decoder: MoE on interleaved layers (or moe_layers), a shared expert of the expert width,
+    chunked attention on RoPE layers and global NoPE attention on every no_rope_layer_interval-th."""
+    L = c["num_hidden_layers"]
+    moe = c["moe_layers"]
+    if moe is None:
+        step = c["interleave_moe_layer_step"]
+        moe = list(range(step - 1, L, step))
+    rope = c["no_rope_layers"] or [int((i + 1) % c["no_rope_layer_interval"] != 0) for i in range(L)]
+    chunk = c["attention_chunk_size"] or 0
+    return _decoder(c, name, **_bias(c), dense_inter=c["intermediate_size_mlp"],
+                    attn_windows=[chunk if r else 0 for r in rope], window_kind="chunked", moe_layers=list(moe),
+                    **_experts(c, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
+                    shared_inter=c["intermediate_size"], vision_params=vision)
+
+
+def _spec_llama4(c: dict, name: str) -> ArchSpec:
+    """Llama 4 (image-text): the text decoder is counted, the vision tower reported apart."""
+    vision = llama4_vision_params(c["vision_config"], c["text_config"]["hidden_size"]) if c.get("vision_config") else 0
+    text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="llama4")
+    return _spec_llama4_text(text, name, vision)
+
+
+def _spec_switch(c: dict, name: str) -> ArchSpec:
+    n_enc = c["num_layers"]
+    n_dec = c["num_decoder_layers"] if c["num_decoder_layers"] is not None else n_enc
+    moe = (_switch_layers(n_enc, c["num_sparse_encoder_layers"], 0)
+           + _switch_layers(n_dec, c["num_sparse_decoder_layers"], n_enc))
+    return ArchSpec(name=name, family="switch_transformers", vocab=c["vocab_size"], d=c["d_model"],
+                    n_layers=n_enc + n_dec, n_encoder_layers=n_enc, tie_embeddings=c["tie_word_embeddings"],
+                    n_heads=c["num_heads"], n_kv_heads=c["num_heads"], head_dim=c["d_kv"],
+                    rel_pos_buckets=c["relative_attention_num_buckets"], dense_inter=c["d_ff"],
+                    dense_matrices=2, expert_matrices=2, moe_layers=moe, num_experts=c["num_experts"],
+                    top_k=1, expert_inter=c["d_ff"], router_bias=bool(c["router_bias"]))
+
+
+def _spec_dense(c: dict, name: str) -> ArchSpec:
+    """Dense Llama / Qwen2 / Qwen3 (upcycling sources, dense twins)."""
+    mt = c["model_type"]
+    if mt == "qwen2":
+        return _decoder(c, name, qkv_bias=True)
+    return _decoder(c, name, **_bias(c), qk_norm="per_head" if mt == "qwen3" else "none")
+
+
+# model_type (as config_reader reads it: Kimi-K2 arrives as deepseek_v3) -> ArchSpec builder
+HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
+    "mixtral": _spec_mixtral, "minimax": _spec_minimax, "phimoe": _spec_phimoe, "granitemoe": _spec_granitemoe,
+    "granitemoeshared": _spec_granitemoe, "qwen2_moe": _spec_qwen_moe, "qwen3_moe": _spec_qwen_moe,
+    "qwen3_next": _spec_qwen3_next, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe, "deepseek": _spec_deepseek,
+    "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek, "glm4_moe": _spec_deepseek,
+    "dots1": _spec_deepseek, "ernie4_5_moe": _spec_ernie, "hunyuan_v1_moe": _spec_hunyuan, "dbrx": _spec_dbrx, "jetmoe": _spec_jetmoe,
+    "gpt_oss": _spec_gpt_oss, "llama4": _spec_llama4, "llama4_text": _spec_llama4_text,
+    "switch_transformers": _spec_switch, "llama": _spec_dense, "qwen2": _spec_dense, "qwen3": _spec_dense,
+}
+HF_FAMILIES = tuple(HF_SPECS)
 
 
 def spec_from_hf(cfg: dict, name: str = "") -> ArchSpec:
-    """Normalise an HF config.json dict into an ArchSpec (model_type dispatch)."""
-    mt = cfg.get("model_type")
-    if mt not in HF_FAMILIES:
-        raise UsageError(f"model_type={mt!r}: not supported by the calculator; supported: {list(HF_FAMILIES)}")
-    name = name or mt
-    if mt == "switch_transformers":
-        return _spec_switch(cfg, name)
-    vision = 0
-    if mt == "llama4":  # the text decoder; the vision tower is counted apart
-        vision = llama4_vision_params(cfg["vision_config"], cfg["text_config"]["hidden_size"]) \
-            if cfg.get("vision_config") else 0
-        cfg = dict(cfg["text_config"], tie_word_embeddings=cfg.get("tie_word_embeddings", False))
-    L, d = cfg["num_hidden_layers"], cfg["hidden_size"]
-    H = cfg["num_attention_heads"]
-    base = dict(name=name, family=mt, vocab=cfg["vocab_size"], d=d, n_layers=L,
-                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), n_heads=H,
-                n_kv_heads=_get(cfg, "num_key_value_heads", default=H),
-                head_dim=_get(cfg, "head_dim", default=d // H), dense_inter=cfg.get("intermediate_size", 0))
-    if mt in ("llama", "qwen2", "qwen3"):
-        return ArchSpec(**base, qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias")),
-                        o_bias=mt == "llama" and bool(cfg.get("attention_bias")),
-                        qk_norm="per_head" if mt == "qwen3" else "none")
-    if mt == "mixtral":
-        return ArchSpec(**base, moe_layers=list(range(L)), num_experts=cfg["num_local_experts"],
-                        top_k=cfg["num_experts_per_tok"], expert_inter=cfg["intermediate_size"])
-    if mt in ("qwen2_moe", "qwen3_moe"):
-        step = cfg.get("decoder_sparse_step", 1) or 1
-        skip = set(cfg.get("mlp_only_layers") or [])
-        E = _get(cfg, "num_experts", "num_local_experts", default=0)  # transformers 5 renamed the qwen3 key
-        moe = [i for i in range(L) if i not in skip and E > 0 and (i + 1) % step == 0]
-        return ArchSpec(**base, qkv_bias=mt == "qwen2_moe" and bool(cfg.get("qkv_bias", True)),
-                        qk_norm="per_head" if mt == "qwen3_moe" else "none", moe_layers=moe,
-                        num_experts=E, top_k=cfg["num_experts_per_tok"],
-                        expert_inter=cfg["moe_intermediate_size"],
-                        shared_inter=cfg.get("shared_expert_intermediate_size", 0) if mt == "qwen2_moe" else 0,
-                        shared_gate=mt == "qwen2_moe")
-    if mt == "olmoe":
-        return ArchSpec(**base, qkv_bias=bool(cfg.get("attention_bias")), o_bias=bool(cfg.get("attention_bias")),
-                        qk_norm="full", moe_layers=list(range(L)), num_experts=cfg["num_experts"],
-                        top_k=cfg["num_experts_per_tok"], expert_inter=cfg["intermediate_size"])
-    if mt in ("deepseek_v2", "deepseek_v3"):
-        first = cfg.get("first_k_dense_replace", 0)
-        freq = cfg.get("moe_layer_freq", 1) or 1
-        moe = [i for i in range(L) if cfg.get("n_routed_experts") and i >= first and i % freq == 0]
-        return ArchSpec(**base, attention="mla", qkv_bias=bool(cfg.get("attention_bias")),
-                        o_bias=bool(cfg.get("attention_bias")),
-                        q_lora_rank=cfg.get("q_lora_rank") or 0, kv_lora_rank=cfg["kv_lora_rank"],
-                        qk_nope_dim=cfg["qk_nope_head_dim"], qk_rope_dim=cfg["qk_rope_head_dim"],
-                        v_head_dim=cfg["v_head_dim"], moe_layers=moe, num_experts=cfg["n_routed_experts"],
-                        top_k=cfg["num_experts_per_tok"], expert_inter=cfg["moe_intermediate_size"],
-                        shared_inter=(cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"],
-                        router_correction_bias=mt == "deepseek_v3",
-                        mtp_layers=cfg.get("num_nextn_predict_layers", 0) if mt == "deepseek_v3" else 0)
-    if mt == "llama4":
-        moe = cfg.get("moe_layers")
-        if moe is None:
-            step = cfg.get("interleave_moe_layer_step", 1)
-            moe = list(range(step - 1, L, step))
-        # layers with RoPE use chunked attention; every no_rope_layer_interval-th layer is global (NoPE)
-        interval = cfg.get("no_rope_layer_interval", 4)
-        rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(L)]
-        chunk = cfg.get("attention_chunk_size") or 0
-        return ArchSpec(**{**base, "dense_inter": cfg["intermediate_size_mlp"]},
-                        qkv_bias=bool(cfg.get("attention_bias")), o_bias=bool(cfg.get("attention_bias")),
-                        attn_windows=[chunk if r else 0 for r in rope], window_kind="chunked",
-                        moe_layers=list(moe), num_experts=cfg["num_local_experts"], top_k=cfg["num_experts_per_tok"],
-                        expert_inter=cfg["intermediate_size"], shared_inter=cfg["intermediate_size"],
-                        vision_params=vision)
-    # gpt_oss: sliding-window attention on even layers unless layer_types says otherwise
-    return ArchSpec(**base, qkv_bias=bool(cfg.get("attention_bias", True)), o_bias=bool(cfg.get("attention_bias", True)),
-                    attn_sinks=True, window_kind="sliding",
-                    attn_windows=_windows(cfg.get("layer_types"), L, lambda i: i % 2 == 0, "sliding_attention",
-                                          cfg.get("sliding_window") or 0),
-                    moe_layers=list(range(L)), num_experts=cfg["num_local_experts"], top_k=cfg["num_experts_per_tok"],
-                    expert_inter=cfg["intermediate_size"], router_bias=True, expert_bias=True)
+    """Normalise an HF config.json dict into an ArchSpec: read by config_reader (transformers' defaults),
+    then built by the family's entry in HF_SPECS."""
+    full = read_hf_config(cfg)
+    mt = full["model_type"]
+    if mt not in HF_SPECS:
+        raise ConfigError(f"config.json model_type={full['source_model_type']!r}: not supported by the calculator; "
+                          f"supported: {list(HF_SPECS)} (and remote-code configs whose architecture is one of them)")
+    return HF_SPECS[mt](full, name or full["source_model_type"] or mt)
 
 
 def spec_from_moekit(cfg, name: str = "moekit") -> ArchSpec:
@@ -229,7 +386,8 @@ def spec_from_moekit(cfg, name: str = "moekit") -> ArchSpec:
     mla = cfg.mla if cfg.attention == "mla" else None
     return ArchSpec(name=name, family="moekit", vocab=cfg.vocab_size, d=cfg.d_model, n_layers=cfg.n_layers,
                     tie_embeddings=cfg.tie_embeddings, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                    head_dim=cfg.head_dim, qkv_bias=cfg.attention_bias,
+                    head_dim=cfg.head_dim, qkv_bias=cfg.attention_bias, o_bias=cfg.attention_out_bias,
+                    attn_windows=list(cfg.attn_windows), window_kind="sliding" if any(cfg.attn_windows) else "",
                     qk_norm=cfg.qk_norm, attention=cfg.attention,
                     q_lora_rank=mla.q_lora_rank if mla else 0, kv_lora_rank=mla.kv_lora_rank if mla else 0,
                     qk_nope_dim=mla.qk_nope_head_dim if mla else 0, qk_rope_dim=mla.qk_rope_head_dim if mla else 0,
@@ -251,18 +409,27 @@ def attention_params(s: ArchSpec) -> int:
     return attention_matrix_params(s) + attention_vector_params(s)
 
 
+def attention_expert_params(s: ArchSpec) -> int:
+    """One JetMoE attention expert: query projection d -> n_kv_heads * head_dim and the output projection."""
+    return 2 * s.d * s.n_kv_heads * s.head_dim if s.attn_experts else 0
+
+
 def attention_matrix_params(s: ArchSpec) -> int:
     d = s.d
+    if s.attn_experts:
+        return 2 * d * s.n_kv_heads * s.head_dim + s.attn_experts * (attention_expert_params(s) + d)
     if s.attention == "mla":
         qk_head = s.qk_nope_dim + s.qk_rope_dim
         q = (d * s.q_lora_rank + s.q_lora_rank * s.n_heads * qk_head) if s.q_lora_rank else d * s.n_heads * qk_head
         kv = d * (s.kv_lora_rank + s.qk_rope_dim) + s.kv_lora_rank * s.n_heads * (s.qk_nope_dim + s.v_head_dim)
         return q + kv + s.n_heads * s.v_head_dim * d
     q_out, kv_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    return 2 * d * q_out + 2 * d * kv_out
+    return (3 if s.attn_output_gate else 2) * d * q_out + 2 * d * kv_out
 
 
 def attention_vector_params(s: ArchSpec) -> int:
+    if s.attn_experts:
+        return s.d if s.moe_out_bias else 0
     if s.attention == "mla":
         norms = s.q_lora_rank + s.kv_lora_rank  # RMSNorms on the compressed query and kv latents
         return norms + ((s.q_lora_rank + s.kv_lora_rank + s.qk_rope_dim + s.d) if s.qkv_bias else 0)
@@ -285,7 +452,9 @@ def expert_params(s: ArchSpec) -> int:
 
 
 def router_params(s: ArchSpec) -> int:
-    return s.num_experts * s.d * (2 if s.router_noise else 1) + (s.num_experts if s.router_bias else 0)
+    """Router matrices and biases; JetMoE's block output bias is counted here too (one per MoE block)."""
+    return (s.num_experts * s.d * (2 if s.router_noise else 1) + (s.num_experts if s.router_bias else 0)
+            + (s.d if s.moe_out_bias else 0))
 
 
 def shared_params(s: ArchSpec) -> int:
@@ -347,9 +516,10 @@ def count_params(s: ArchSpec) -> ParamCount:
     cross = n_dec * attention_params(s) if s.is_encoder_decoder else 0
     b = {
         "embeddings": s.vocab * s.d,
-        "lm_head": 0 if s.tie_embeddings else s.vocab * s.d,
-        "attention": s.n_layers * attention_params(s) + cross + rel_pos_params(s),
-        "norms": norm_count(s) * s.d,
+        "lm_head": (0 if s.tie_embeddings else s.vocab * s.d) + (s.vocab if s.lm_head_bias else 0),
+        "attention": (s.n_layers - len(s.linear_layers)) * attention_params(s) + cross + rel_pos_params(s)
+        + len(s.linear_layers) * s.linear_attn_params,
+        "norms": norm_count(s) * s.d * (2 if s.norm_bias else 1),
         "dense_ffn": sum(s.dense_matrices_overrides.get(i, s.dense_matrices) * s.d
                          * s.dense_inter_overrides.get(i, s.dense_inter)
                          for i in range(s.n_layers) if i not in s.moe_layers),
@@ -358,7 +528,8 @@ def count_params(s: ArchSpec) -> ParamCount:
         "router": n_moe * router_params(s),
     }
     total = sum(b.values())
-    active = total - n_moe * (s.num_experts - s.top_k) * expert_params(s)
+    active = (total - n_moe * (s.num_experts - s.top_k) * expert_params(s)
+              - s.n_layers * (s.attn_experts - s.top_k) * attention_expert_params(s))
     separate, buffers, notes = {}, {}, []
     if s.mtp_layers:
         separate["mtp"] = mtp_params(s)
@@ -379,8 +550,13 @@ def count_params(s: ArchSpec) -> ParamCount:
                      "layers: same parameters, smaller KV cache and attention FLOPs")
     if s.is_encoder_decoder:
         notes.append("encoder-decoder: active = one encoder token + one decoder token")
+    if s.linear_layers:
+        notes.append(f"hybrid: {len(s.linear_layers)} of {s.n_layers} layers use linear attention (a fixed-size "
+                     "state: no KV cache, no per-position attention FLOPs; the conv/recurrence FLOPs beyond the "
+                     "projections are not counted)")
     emb = b["embeddings"] + b["lm_head"]
-    return ParamCount(s.name, total, active, active - emb, active - emb + s.vocab * s.d, b, separate, buffers, notes)
+    head = s.vocab * s.d + (s.vocab if s.lm_head_bias else 0)
+    return ParamCount(s.name, total, active, active - emb, active - emb + head, b, separate, buffers, notes)
 
 
 def load_config(name_or_path: str | Path) -> tuple[dict, str]:

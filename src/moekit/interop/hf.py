@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from moekit.config import ModelConfig
 from moekit.errors import CheckpointError, ConfigError, UsageError
+from moekit.interop.config_reader import read_hf_config
 from moekit.interop.families import COMMON, FAMILIES, LAYER_NORMS, Family
 from moekit.models.decoder import MoETransformer
 
@@ -34,9 +35,11 @@ def read_config(folder: Path) -> dict:
 
 
 def family_of(cfg: dict) -> Family:
+    """The convert family of a full config (``read_hf_config``: model_type is the family it is read as)."""
     mt = cfg.get("model_type")
     if mt not in FAMILIES:
-        raise ConfigError(f"config.json model_type={mt!r}: not supported; supported: {sorted(FAMILIES)}")
+        raise ConfigError(f"config.json model_type={cfg.get('source_model_type', mt)!r}: not supported by "
+                          f"convert; supported: {sorted(FAMILIES)}")
     return FAMILIES[mt]
 
 
@@ -56,12 +59,22 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json")
 
 
+def inert_tensors(fam: Family, hf_cfg: dict, mcfg: ModelConfig) -> dict[str, tuple]:
+    """HF keys (with shapes) that compute nothing under this config (Family.inert), for every MoE layer."""
+    return {h.format(i=i): shape for i in range(mcfg.n_layers) if mcfg.is_moe_layer(i) for h, shape in fam.inert(hf_cfg)}
+
+
+def zero_keys(fam: Family, mcfg: ModelConfig) -> list[str]:
+    """moekit keys (Family.zero) the format cannot hold: zero on load, refused on export unless zero."""
+    return [t.format(i=i) for i in range(mcfg.n_layers) if mcfg.is_moe_layer(i) for t in fam.zero]
+
+
 def key_pairs(fam: Family, hf_cfg: dict, mcfg: ModelConfig) -> list[tuple[str, str]]:
     """Every (hf_key, moekit_key) of a model; moekit keys of stacked experts end in [e] with e filled in."""
     pairs = [(h, m) for h, m in COMMON if not (m == "lm_head.weight" and mcfg.tie_embeddings)]
     E = mcfg.moe.num_experts if mcfg.moe else 0
     for i in range(mcfg.n_layers):
-        templates = LAYER_NORMS + fam.attn(hf_cfg) + (fam.moe if mcfg.is_moe_layer(i) else fam.dense)
+        templates = LAYER_NORMS + fam.attn(hf_cfg) + (fam.moe(hf_cfg) if mcfg.is_moe_layer(i) else fam.dense)
         for h, m in templates:
             if "{e}" in h:
                 pairs += [(h.format(i=i, e=e), m.format(i=i).replace("[e]", f"[{e}]")) for e in range(E)]
@@ -79,7 +92,7 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> MoETransf
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"HF checkpoint folder {str(folder)!r} does not exist")
-    hf_cfg = read_config(folder)
+    hf_cfg = read_hf_config(read_config(folder))
     fam = family_of(hf_cfg)
     mcfg = fam.to_moekit(hf_cfg)
     with torch.device("meta"):
@@ -91,7 +104,7 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> MoETransf
                 tensors[k] = sf.get_tensor(k)
     state: dict[str, torch.Tensor] = {}
     stacked: dict[str, dict[int, torch.Tensor]] = {}
-    used = set()
+    used = set(inert_tensors(fam, hf_cfg, mcfg))
     for hk, mk in key_pairs(fam, hf_cfg, mcfg):
         if hk not in tensors:
             raise CheckpointError(f"{str(folder)!r}: tensor {hk!r} is missing from the checkpoint")
@@ -108,6 +121,7 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> MoETransf
             stacked.setdefault(base, {})[e] = t
     for base, parts in stacked.items():
         state[base] = torch.stack([parts[e] for e in range(len(parts))])
+    state.update({k: torch.zeros(shapes[k], dtype=dtype) for k in zero_keys(fam, mcfg)})
     # MTP modules (DeepSeek-V3 layers >= num_hidden_layers) and rotary caches are not part of the model
     extra = [k for k in tensors if k not in used and not _ignorable(k, mcfg.n_layers)]
     if extra:
@@ -129,6 +143,7 @@ def _ignorable(key: str, n_layers: int) -> bool:
     return bool(m and int(m.group(1)) >= n_layers)
 
 
+MODEL_FIELDS = ("attn_windows", "rope_scaling", "rope_theta", "qk_norm", "norm_eps")
 ROUTER_FIELDS = ("kind", "top_k", "renormalize", "score_func", "n_groups", "topk_groups", "routed_scaling_factor")
 
 
@@ -136,12 +151,31 @@ def check_exportable(fam: Family, hf_cfg: dict, mcfg: ModelConfig, sd: dict, pai
     """Refuse models the family's format cannot hold instead of writing a checkpoint that computes something
     else: every tensor must have an HF key, and the routing/activation must survive the config round trip."""
     covered = {_split_stacked(mk)[0] for _, mk in pairs}
+    lacking = sorted({_split_stacked(mk)[0] for _, mk in pairs} - set(sd))
+    if lacking:
+        raise UsageError(f"model_type={fam.model_type!r} needs tensors this model does not have (q/k norms, "
+                         f"biases, ...): {lacking[:4]}{' ...' if len(lacking) > 4 else ''}; choose another "
+                         f"--model-type")
     tied = {"lm_head.weight"} if mcfg.tie_embeddings else set()
+    nonzero = [k for k in zero_keys(fam, mcfg) if sd[k].any()]
+    if nonzero:
+        raise UsageError(f"model_type={fam.model_type!r} has no place for {nonzero[:3]} (nonzero: e.g. a trained "
+                         f"DeepSeek-V3 selection bias); choose another --model-type")
+    tied |= set(zero_keys(fam, mcfg))
     left = sorted(k for k in sd if k not in covered | tied and not k.endswith("unit_mask_EF"))
     if left:
         raise UsageError(f"model_type={fam.model_type!r} cannot hold these moekit tensors (attention bias, q/k "
                          f"norms, dense layers, ...): {left[:6]}{' ...' if len(left) > 6 else ''}")
-    back = fam.to_moekit(hf_cfg).moe
+    back_model = fam.to_moekit(hf_cfg)
+    lost = [(f, getattr(mcfg, f), getattr(back_model, f)) for f in MODEL_FIELDS
+            if getattr(mcfg, f) != getattr(back_model, f)]
+    lost += [("MoE layers", [i for i in range(mcfg.n_layers) if mcfg.is_moe_layer(i)],
+              [i for i in range(mcfg.n_layers) if back_model.is_moe_layer(i)])]
+    lost = [x for x in lost if x[1] != x[2]]
+    if lost:
+        raise UsageError(f"model_type={fam.model_type!r} cannot express this model: "
+                         + ", ".join(f"ModelConfig.{n}={a!r} (the format implies {b!r})" for n, a, b in lost))
+    back = back_model.moe
     if mcfg.moe is not None and back is not None:
         diff = [(f"router.{f}", getattr(mcfg.moe.router, f), getattr(back.router, f)) for f in ROUTER_FIELDS
                 if getattr(mcfg.moe.router, f) != getattr(back.router, f)]
@@ -160,13 +194,16 @@ def save_hf(model: MoETransformer, folder: str | Path, model_type: str | None = 
         raise UsageError(f"model_type={model_type!r}: choose one of {sorted(FAMILIES)}")
     fam = FAMILIES[model_type]
     hf_cfg = fam.to_hf(model.cfg)
+    full = read_hf_config(hf_cfg)
     sd = model.state_dict()
-    pairs = key_pairs(fam, hf_cfg, model.cfg)
-    check_exportable(fam, hf_cfg, model.cfg, sd, pairs)
+    pairs = key_pairs(fam, full, model.cfg)
+    check_exportable(fam, full, model.cfg, sd, pairs)
     out: dict[str, torch.Tensor] = {}
     for hk, mk in pairs:
         base, e = _split_stacked(mk)
         out[hk] = (sd[base][e] if e is not None else sd[base]).detach().contiguous().cpu()
+    dtype = next(iter(out.values())).dtype
+    out.update({hk: torch.zeros(shape, dtype=dtype) for hk, shape in inert_tensors(fam, full, model.cfg).items()})
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))

@@ -6,6 +6,8 @@ Legend: B batch, S new positions, L cached + new positions, H query heads, G kv 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,12 +29,62 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """RoPE (Su et al. 2021) in the HF "rotate_half" layout: cos/sin tables [max_seq_len, K]."""
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(s) + 1 for a context extension s > 1 (Peng et al. 2023)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[Tensor, float]:
+    """Inverse frequencies [K/2] and the cos/sin scale of RoPE with optional context-extension scaling
+    (``scaling`` holds HF's rope_parameters: rope_type and its fields).
+
+    linear (position interpolation, Chen et al. 2023): every frequency / factor.
+    llama3: wavelengths longer than original/low_freq_factor are divided by factor, shorter than
+        original/high_freq_factor kept, and the band between interpolated smoothly.
+    yarn (Peng et al. 2023): dims rotating fewer than beta_slow times over the original context are
+        interpolated, more than beta_fast times kept, a linear ramp between; cos/sin scaled by the attention
+        factor (given, or mscale ratios of ln(factor))."""
+    base = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    sc = scaling or {}
+    kind = sc.get("rope_type", "default")
+    if kind == "default":
+        return base, 1.0
+    factor = float(sc["factor"])
+    if kind == "linear":
+        return base / factor, 1.0
+    orig = sc["original_max_position_embeddings"]
+    if kind == "llama3":
+        low_wavelen, high_wavelen = orig / sc["low_freq_factor"], orig / sc["high_freq_factor"]
+        wavelen = 2 * math.pi / base
+        smooth = (orig / wavelen - sc["low_freq_factor"]) / (sc["high_freq_factor"] - sc["low_freq_factor"])
+        mid = (1 - smooth) * base / factor + smooth * base
+        return torch.where(wavelen > low_wavelen, base / factor, torch.where(wavelen < high_wavelen, base, mid)), 1.0
+    if kind != "yarn":
+        raise ValueError(f"rope_type={kind!r}: expected default, linear, llama3 or yarn")
+
+    def dim_of(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times in orig
+        return head_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(sc.get("beta_fast") or 32), dim_of(sc.get("beta_slow") or 1)
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    inv_freq = base / factor * ramp + base * (1 - ramp)
+    attn = sc.get("attention_factor")
+    if attn is None:
+        m, m_all = sc.get("mscale"), sc.get("mscale_all_dim")
+        attn = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+    return inv_freq, float(attn)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021) in the HF "rotate_half" layout: cos/sin tables [max_seq_len, K], with optional
+    context-extension scaling (``rope_frequencies``)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq, self.cos_sin_scale = rope_frequencies(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.max_seq_len = max_seq_len
 
@@ -42,7 +94,7 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(start_pos, start_pos + length, device=device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq.to(device))
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
+        return emb.cos() * self.cos_sin_scale, emb.sin() * self.cos_sin_scale
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -75,18 +127,20 @@ class KVCache(nn.Module):
 
 
 def causal_attention(q_BHSK: Tensor, k_BGLK: Tensor, v_BGLK: Tensor, start_pos: int, scale: float | None = None,
-                     dropout_p: float = 0.0) -> Tensor:
-    """Softmax attention where new position s (absolute start_pos + s) sees cached positions <= it."""
+                     dropout_p: float = 0.0, window: int = 0) -> Tensor:
+    """Softmax attention where new position s (absolute start_pos + s) sees cached positions <= it; with a
+    sliding ``window`` only the last ``window`` of them (itself included), as HF's sliding-window mask."""
     H, G = q_BHSK.shape[1], k_BGLK.shape[1]
     if G != H:  # grouped-query attention: each kv head serves H/G query heads
         k_BGLK = k_BGLK.repeat_interleave(H // G, dim=1)
         v_BGLK = v_BGLK.repeat_interleave(H // G, dim=1)
     S, L = q_BHSK.shape[2], k_BGLK.shape[2]
-    if start_pos == 0 and S == L:
+    if start_pos == 0 and S == L and not (window and window < L):
         return F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK, is_causal=S > 1, dropout_p=dropout_p,
                                               scale=scale)
-    pos_q = torch.arange(start_pos, start_pos + S, device=q_BHSK.device)
-    allowed_SL = torch.arange(L, device=q_BHSK.device)[None, :] <= pos_q[:, None]
+    pos_q = torch.arange(start_pos, start_pos + S, device=q_BHSK.device)[:, None]
+    pos_k = torch.arange(L, device=q_BHSK.device)[None, :]
+    allowed_SL = (pos_k <= pos_q) & ((pos_k > pos_q - window) if window else True)
     return F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK, attn_mask=allowed_SL, dropout_p=dropout_p,
                                           scale=scale)
 
@@ -95,14 +149,15 @@ class Attention(nn.Module):
     """Causal grouped-query attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm
     (Qwen3: per head, before RoPE; OLMoE: over the whole projection)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        self.window = cfg.window(layer)
         self.n_heads, self.n_kv_heads, self.head_dim = H, G, K
         self.q_proj = nn.Linear(D, H * K, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(D, G * K, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(D, G * K, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(H * K, D, bias=False)
+        self.o_proj = nn.Linear(H * K, D, bias=cfg.attention_out_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "per_head":
             self.q_norm, self.k_norm = RMSNorm(K, cfg.norm_eps), RMSNorm(K, cfg.norm_eps)
@@ -125,7 +180,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         o = causal_attention(q, k, v, start_pos if cache is not None else 0,
-                             dropout_p=self.dropout if self.training else 0.0)
+                             dropout_p=self.dropout if self.training else 0.0, window=self.window)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
 
     def new_cache(self, batch: int, max_seq_len: int, dtype, device) -> KVCache:

@@ -32,7 +32,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = ATTENTION[cfg.attention](cfg)
+        self.attn = ATTENTION[cfg.attention](cfg, i)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(i)
         self.ffn = build_moe_layer(cfg.moe) if self.is_moe else MLP(cfg.d_model, cfg.ffn_hidden(i), cfg.ffn_activation(i))
@@ -63,7 +63,7 @@ class MoETransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
-        self.rope = RotaryEmbedding(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.reset_parameters()
 
     @torch.no_grad()

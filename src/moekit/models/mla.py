@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.models.blocks import KVCache, RMSNorm, apply_rope, causal_attention
+from moekit.models.blocks import KVCache, RMSNorm, apply_rope, causal_attention, yarn_mscale
 
 # DeepSeek's latent RMSNorms use a fixed eps, not the model's rms_norm_eps (HF DeepseekV3Attention too)
 LATENT_NORM_EPS = 1e-6
@@ -31,7 +31,7 @@ def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         m = cfg.mla
         D, H = cfg.d_model, cfg.n_heads
@@ -48,6 +48,10 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * m.v_head_dim, D, bias=cfg.attention_bias)
         self.dropout = cfg.dropout
+        # DeepSeek with YaRN also sharpens the softmax by mscale(factor, mscale_all_dim)^2
+        sc = cfg.rope_scaling
+        m_all = sc.get("mscale_all_dim") if sc.get("rope_type", "default") != "default" else 0
+        self.scale = self.qk_head_dim ** -0.5 * (yarn_mscale(sc["factor"], m_all) ** 2 if m_all else 1.0)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
                 start_pos: int = 0) -> Tensor:
@@ -66,7 +70,7 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rot.expand(B, H, S, m.qk_rope_head_dim)], dim=-1)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
-        o = causal_attention(q, k, v, start_pos if cache is not None else 0, scale=self.qk_head_dim ** -0.5,
+        o = causal_attention(q, k, v, start_pos if cache is not None else 0, scale=self.scale,
                              dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
 
