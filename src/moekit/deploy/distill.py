@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.config import TrainConfig
+from moekit.errors import UsageError
 from moekit.models.decoder import MoETransformer
 from moekit.train.data import TokenStream
 from moekit.train.trainer import evaluate, train
@@ -34,9 +35,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, *, 
     """The Hinton KD loss above, averaged over tokens whose target is not ``ignore_index``.
     Logits [..., V], targets [...]; the teacher is treated as a constant."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha={alpha!r}: must be in [0, 1] (weight of the soft-target term)")
+        raise UsageError(f"alpha={alpha!r}: must be in [0, 1] (weight of the soft-target term)")
     if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r}: must be > 0")
+        raise UsageError(f"temperature={temperature!r}: must be > 0")
     if student_logits.shape != teacher_logits.shape or student_logits.shape[:-1] != targets.shape:
         raise ValueError(f"student/teacher logits must have shape [..., V] and targets [...]: got "
                          f"{tuple(student_logits.shape)}, {tuple(teacher_logits.shape)}, {tuple(targets.shape)}")

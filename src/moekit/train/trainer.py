@@ -24,8 +24,8 @@ import torch
 
 from moekit.analysis.routing_stats import imbalance
 from moekit.config import ModelConfig, TrainConfig
-from moekit.models.decoder import lm_loss
 from moekit.errors import UsageError
+from moekit.models.decoder import lm_loss
 from moekit.train.checkpoint import (load_checkpoint, newest_intact, remove_stale_temps, rng_state, save_checkpoint,
                                      set_rng_state)
 from moekit.train.data import TokenStream
