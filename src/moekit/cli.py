@@ -375,7 +375,8 @@ def _check_memory(ns, vocab_size: int) -> None:
 def _warn_bf16_on_cpu(ns, device) -> None:
     """bf16 autocast pays off on GPUs and on CPUs with bf16 matrix units; elsewhere it costs time."""
     if ns.bf16 and str(device).startswith("cpu"):
-        # measured with the tiny preset on a 2-vCPU AMD EPYC without bf16 units: 5.7x and 10.9x in two runs
+        # 2-vCPU AMD EPYC without bf16 units: 5.7x in issue 19's measurement, 10.9x in ours (tiny preset, batch
+        # 16 x 128, one torch thread, fp32 and bf16 steps interleaved in one process on a busy machine)
         print("warning: --bf16 on a CPU: a training step of the tiny preset took 6-11x the float32 time on the "
               "CPU we measured (no bf16 matrix units); drop --bf16 unless your CPU has AMX or AVX512-BF16",
               file=sys.stderr)

@@ -271,3 +271,10 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_replaced(docs, tmp_path
         assert message in capsys.readouterr().err
     assert _train(docs, run, 2, "--overwrite") == 0
     assert (run / "latest").read_text().strip() == "ckpt-000002"
+
+
+def test_bf16_on_a_cpu_warns_before_any_work(tmp_path, capsys):
+    assert main(["train", "--bf16", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 2  # the missing data stops it right after the warning
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("warning: --bf16 on a CPU:") and err[1].startswith("moekit train: error: data path")
