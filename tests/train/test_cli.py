@@ -174,6 +174,11 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, tmp
     assert main(["train", "--config", str(bad), "--data", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(bad) in err and "not valid JSON" in err
+    typo = tmp_path / "typo.json"
+    typo.write_text('{"vocab_size": 300, "d_model": 32, "n_layrs": 2}')
+    assert main(["train", "--config", str(typo), "--data", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown field 'n_layrs' (did you mean 'n_layers'?)" in err
     assert main(["experiments", "--only", "nonsense"]) == 2
     assert "--only nonsense: unknown experiment" in capsys.readouterr().err
 
