@@ -138,6 +138,10 @@ def _calc(ns) -> int:
     return 0
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+
+
 # ---- analysis: inspect
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run folder or checkpoint folder (tokenizer.json beside it)")
@@ -147,6 +151,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most the model's max_seq_len)")
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint run folder>/inspect)")
     _add_verify_arg(p)
+    _add_device_arg(p)
 
 
 @command("inspect", "routing analytics of a trained model on data: per-layer load, entropy, co-activation, "
@@ -161,8 +166,10 @@ def _inspect(ns) -> int:
     from moekit.train.data import build_corpus
     from moekit.train.tokenizer import Tokenizer
 
+    from moekit.device import resolve_device
+
     ckpt = resolve_checkpoint(ns.checkpoint)
-    model = _load_model(ns, ckpt)
+    model = _load_model(ns, ckpt).to(resolve_device(ns.device))
     # the data is encoded with the tokenizer the model was trained with (token ids mean nothing otherwise)
     corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=Tokenizer.load(tokenizer_path(ns.checkpoint)))
     _check_checkpoint_seq_len(ns, model, corpus)
@@ -319,6 +326,7 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--out", default=None, help="run folder (default: runs/<command>-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device_arg(p)
 
 
 def _train_config(ns):
@@ -516,7 +524,10 @@ def _compare(ns, command: str) -> int:
     _check_run_dir(out, resume=False, overwrite=ns.overwrite)
     cfg = _model_config(ns, ns.vocab_size)  # a bad config fails before the corpus is tokenised
     _check_memory(ns, cfg.vocab_size)
-    _warn_bf16_on_cpu(ns, "cpu")
+    from moekit.device import resolve_device
+
+    device = resolve_device(ns.device)
+    _warn_bf16_on_cpu(ns, device)
     corpus = build_corpus(ns.data, vocab_size=ns.vocab_size, max_bytes=ns.max_bytes, progress=not ns.no_progress)
     corpus.check_seq_len(ns.seq_len)
     print(f"corpus: {corpus.description}", flush=True)
@@ -524,7 +535,7 @@ def _compare(ns, command: str) -> int:
     try:
         with _new_run_folder(out, ns.overwrite), _StopOnSignal() as stop:
             s = compare_moe_dense(cfg, corpus, _train_config(ns), out, progress=not ns.no_progress,
-                                  should_stop=stop, seeds=range(ns.seed, ns.seed + ns.seeds))
+                                  should_stop=stop, seeds=range(ns.seed, ns.seed + ns.seeds), device=device)
     except TrainingInterrupted as e:
         print(f"moekit {command}: interrupted at step {e.step}; the models trained so far are in {out} "
               f"(a comparison cannot be resumed: run it again)", file=sys.stderr)
@@ -623,7 +634,9 @@ def _train_cmd(ns) -> int:
     from moekit.distributed import init_distributed, parallelize, rank_zero_first
     from moekit.train.trainer import TrainingInterrupted
 
-    device = init_distributed() if ns.expert_parallel else "cpu"
+    from moekit.device import resolve_device
+
+    device = init_distributed() if ns.expert_parallel else resolve_device(ns.device)
     is_main = not ns.expert_parallel or torch.distributed.get_rank() == 0  # only rank 0 prints and writes
     say = print if is_main else (lambda *a, **k: None)
     out = _run_dir(ns, "train")
@@ -687,6 +700,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                                                              "with this much probability")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     _add_verify_arg(p)
+    _add_device_arg(p)
 
 
 @command("generate", "sample text from a trained checkpoint (KV cache; greedy with --temperature 0)",
@@ -699,17 +713,20 @@ def _generate_cmd(ns) -> int:
     from moekit.train.checkpoint import tokenizer_path
     from moekit.train.tokenizer import Tokenizer
 
-    model = _load_model(ns)
+    from moekit.device import resolve_device
+
+    device = resolve_device(ns.device)
+    model = _load_model(ns).to(device)
     tok = Tokenizer.load(tokenizer_path(ns.checkpoint))
     # an empty prompt starts a fresh document: training saw the separator before every document
-    ids = torch.tensor([tok.encode(ns.prompt) or [tok.eos_id]])
+    ids = torch.tensor([tok.encode(ns.prompt) or [tok.eos_id]], device=device)
     if ns.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens={ns.max_new_tokens}: must be >= 1")
     if ids.shape[1] >= model.cfg.max_seq_len:
         raise UsageError(f"--prompt is {ids.shape[1]} tokens; the model's max_seq_len is {model.cfg.max_seq_len}")
     n = min(ns.max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
     out = generate(model, ids, n, temperature=ns.temperature, top_p=ns.top_p,
-                   generator=torch.Generator().manual_seed(ns.seed))
+                   generator=torch.Generator(device).manual_seed(ns.seed))
     print(tok.decode(out[0].tolist()))
     return 0
 
@@ -724,13 +741,13 @@ def _deploy_data_args(p: argparse.ArgumentParser) -> None:
     _add_verify_arg(p)
 
 
-def _deploy_inputs(ns):
+def _deploy_inputs(ns, device="cpu"):
     """(model, tokenizer path, train, val) with the data encoded by the checkpoint's own tokenizer."""
     from moekit.train.checkpoint import tokenizer_path
     from moekit.train.data import build_corpus
     from moekit.train.tokenizer import Tokenizer
 
-    model = _load_model(ns)
+    model = _load_model(ns).to(device)
     tok_path = tokenizer_path(ns.checkpoint)
     corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=Tokenizer.load(tok_path))
     _check_checkpoint_seq_len(ns, model, corpus)
@@ -784,6 +801,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    help="load-balancing loss coefficient, 0 = off (default: the recipe's)")
     p.add_argument("--out", required=True, help="run folder for the fine-tuned checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device_arg(p)
 
 
 @command("finetune", "fine-tune a checkpoint on new data with an MoE recipe (freeze policy, expert dropout, "
@@ -794,13 +812,16 @@ def _finetune_cmd(ns) -> int:
     from moekit.train.finetune import finetune, get_recipe
     from moekit.train.hooks import MetricsWriter
 
-    model, tok_path, train, val = _deploy_inputs(ns)
+    from moekit.device import resolve_device
+
+    device = resolve_device(ns.device)
+    model, tok_path, train, val = _deploy_inputs(ns, device)
     recipe = get_recipe(ns.recipe, freeze=ns.freeze, steps=ns.steps, lr=ns.lr, batch_size=ns.recipe_batch_size,
                         capacity_factor=ns.capacity_factor, aux_coef=ns.aux_coef)
     out = _run_folder(ns.out, tok_path)
     before = _val_loss(model, val, ns)
     tuned, _, report = finetune(model, train, val, recipe, out_dir=out, hooks=[MetricsWriter(out)],
-                                progress=not ns.no_progress,
+                                progress=not ns.no_progress, device=device,
                                 tcfg_overrides={"seq_len": ns.seq_len, "eval_batches": ns.batches,
                                                 "eval_every": max(1, recipe.steps // 4)})
     print(f"recipe: {recipe}")
@@ -823,6 +844,7 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the student's initialisation and batches")
     p.add_argument("--out", required=True, help="run folder for the student")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device_arg(p)
 
 
 @command("distill", "distil an MoE checkpoint into its dense twin (Hinton KD) and report how much of the MoE's "
@@ -833,7 +855,10 @@ def _distill_cmd(ns) -> int:
     from moekit.config import TrainConfig
     from moekit.deploy.distill import distill_vs_scratch
 
-    teacher, tok_path, train_data, val = _deploy_inputs(ns)
+    from moekit.device import resolve_device
+
+    device = resolve_device(ns.device)
+    teacher, tok_path, train_data, val = _deploy_inputs(ns, device)
     if teacher.cfg.moe is None:
         raise UsageError(f"checkpoint {ns.checkpoint!r} is a dense model; distill needs an MoE teacher")
     tcfg = TrainConfig(steps=ns.steps, batch_size=ns.batch_size, seq_len=ns.seq_len, lr=ns.lr, seed=ns.seed,
@@ -842,7 +867,7 @@ def _distill_cmd(ns) -> int:
     for label in ("student",) + (() if ns.no_scratch else ("scratch",)):  # run folders: generate needs the tokenizer
         _run_folder(out / label, tok_path)
     r = distill_vs_scratch(teacher, train_data, _batches(val, ns), tcfg, alpha=ns.alpha, temperature=ns.temperature,
-                           scratch=not ns.no_scratch, out_dir=out, progress=not ns.no_progress)
+                           scratch=not ns.no_scratch, out_dir=out, progress=not ns.no_progress, device=device)
     print(f"MoE teacher val loss {r.loss_teacher:.4f}; KD student (dense twin, {r.student.num_params() / 1e6:.2f}M "
           f"params) {r.loss_student:.4f}")
     if r.scratch is not None:

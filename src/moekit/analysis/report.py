@@ -8,6 +8,7 @@ import torch
 
 from moekit.analysis import plots
 from moekit.analysis import routing_stats as rs
+from moekit.device import model_device
 
 CAPACITY_FACTORS = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
 
@@ -21,7 +22,7 @@ def inspect_model(model, corpus, out_dir: str | Path, *, batches: int = 8, batch
     ids = torch.cat([x.reshape(-1) for x, _ in data])
     with torch.no_grad(), rs.RoutingRecorder(model) as rec:
         for x, _ in data:
-            model(x)
+            model(x.to(model_device(model)))
     lines = ["# Routing report\n", f"data: {corpus.description}; {ids.numel():,} tokens routed\n",
              "| layer | experts/token | imbalance (max/mean) | load entropy / max | router entropy (nats) |",
              "|---|---|---|---|---|"]

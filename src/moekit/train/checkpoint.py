@@ -62,6 +62,8 @@ def _unb64(s: str) -> torch.Tensor:
 # Per-device generators (CUDA, XPU, ...): device support registers kind -> (get_all, set_all) here, where
 # get_all() returns one ByteTensor state per device; rng_state saves them under "devices"[kind].
 DEVICE_RNG: dict[str, tuple[Callable[[], list[torch.Tensor]], Callable[[list[torch.Tensor]], None]]] = {}
+if torch.cuda.is_available():  # dropout and router noise on a GPU draw from its generator
+    DEVICE_RNG["cuda"] = (torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all)
 
 
 def rng_state() -> dict:

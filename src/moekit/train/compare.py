@@ -18,7 +18,7 @@ from moekit.train.trainer import train, train_flops_per_token
 
 
 def train_one(label: str, cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConfig, out_dir: Path,
-              progress=False, hooks: list = (), should_stop=None) -> dict:
+              progress=False, hooks: list = (), should_stop=None, device: torch.device | str = "cpu") -> dict:
     """Train one model from scratch (seeded) into out_dir/label; returns its summary row."""
     torch.manual_seed(train_cfg.seed)
     model = MoETransformer(cfg)
@@ -27,7 +27,8 @@ def train_one(label: str, cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
     corpus.tokenizer.save(run_dir / "tokenizer.json")  # `moekit generate` needs it beside the checkpoints
     t0 = time.perf_counter()
     records = train(model, corpus.train, corpus.val, train_cfg, out_dir=run_dir, progress=progress, label=label,
-                    hooks=[MetricsWriter(run_dir), RouterBiasUpdate(), *hooks], should_stop=should_stop)
+                    hooks=[MetricsWriter(run_dir), RouterBiasUpdate(), *hooks], should_stop=should_stop,
+                    device=device)
     seconds = time.perf_counter() - t0
     final_val = [r for r in records if r["split"] == "val"][-1]
     train_rows = [r for r in records if r["split"] == "train"]
@@ -40,7 +41,7 @@ def train_one(label: str, cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
         model.eval()
         with torch.no_grad(), RoutingRecorder(model, keep_routings=False) as rec:
             for x, _ in corpus.val.eval_batches(train_cfg.eval_batches, train_cfg.batch_size, train_cfg.seq_len):
-                model(x)
+                model(x.to(device))
         load_LE = [load_E(r.cat()[1], r.num_experts).tolist() for r in rec.layers.values()]
     return {
         "label": label, "params_total": model.num_params(), "params_active": model.num_active_params(),
@@ -53,7 +54,8 @@ def train_one(label: str, cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
 
 
 def compare_moe_dense(moe_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConfig, out_dir: str | Path,
-                      progress: bool = False, should_stop=None, seeds: list[int] | None = None) -> dict:
+                      progress: bool = False, should_stop=None, seeds: list[int] | None = None,
+                      device: torch.device | str = "cpu") -> dict:
     """MoE vs its dense twin on identical batches, for each seed (default: train_cfg.seed); writes summary.json
     and the first seed's plots to out_dir. The first seed's runs are out_dir/moe and out_dir/dense, further
     seeds' out_dir/moe-seedS and out_dir/dense-seedS.
@@ -72,9 +74,10 @@ def compare_moe_dense(moe_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConf
     try:
         for i, seed in enumerate(seeds):
             tc, tag = dataclasses.replace(train_cfg, seed=seed), "" if i == 0 else f"-seed{seed}"
-            rows += [train_one("moe" + tag, moe_cfg, corpus, tc, out_dir, bar or False, should_stop=should_stop),
+            rows += [train_one("moe" + tag, moe_cfg, corpus, tc, out_dir, bar or False, should_stop=should_stop,
+                               device=device),
                      train_one("dense" + tag, moe_cfg.dense_twin(), corpus, tc, out_dir, bar or False,
-                               should_stop=should_stop)]
+                               should_stop=should_stop, device=device)]
     finally:
         if bar is not None:
             bar.close()

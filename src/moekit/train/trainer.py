@@ -24,6 +24,7 @@ import torch
 
 from moekit.analysis.routing_stats import imbalance
 from moekit.config import ModelConfig, TrainConfig
+from moekit.device import model_device, resolve_device
 from moekit.errors import UsageError
 from moekit.models.decoder import lm_loss
 from moekit.train.checkpoint import (load_checkpoint, newest_intact, remove_stale_temps, rng_state, save_checkpoint,
@@ -68,7 +69,9 @@ def evaluate(model, batches: list, bf16: bool = False) -> float:
     was_training = model.training
     model.eval()
     total = 0.0
+    device = model_device(model)
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         with autocast(bf16, x.device):
             total += lm_loss(model(x).logits, y).item()
     model.train(was_training)
@@ -122,7 +125,7 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
     then trains on its 1/W of every batch (``batch_size`` stays the global batch), gradients are reduced
     over the ranks, logged values are global, and checkpoints hold the single-process (gathered) layout.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     model.to(device).train()
     opt = make_optimizer(model, cfg)
     start = 0
