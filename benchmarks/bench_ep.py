@@ -5,11 +5,12 @@ Run:  python benchmarks/bench_ep.py [--tokens 2048] [--reps 10] [--chunks 4]
 
 Workload: one MoE layer, d=128, 8 experts h=256 SwiGLU, top-2 softmax routing, dropless, float32; a fixed
 global batch of T tokens split evenly over the W = EP ranks (pure EP, no expert replicas); one intra-op
-thread per process. A step is forward + backward + reduce_gradients(). Times are medians over ``reps``
+thread per process; FSDP2 over the ranks for everything, experts split over ``ep`` (parallelize). A step
+is forward + backward (FSDP's gradient reduce-scatter included). Times are medians over ``reps``
 steps, barrier to barrier (rank 0's clock); EP sizes run one after another, the chunked/unchunked
 variants of one EP size round-robin in the same processes. Bytes are the token rows all ranks send to
 other ranks per step (dispatch + combine, forward and backward), counted by the dispatcher; the small
-count exchange and the gradient all-reduce are not included. ``expected`` is 4 * T*k*(W-1)/W * d * 4 B
+count exchange and FSDP's gathers and reduce-scatters are not included. ``expected`` is 4 * T*k*(W-1)/W * d * 4 B
 for uniformly spread routing.
 
 On a 2-core CPU with gloo over loopback, W processes share 2 cores: these numbers measure the overhead of
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.config import LossConfig, MoEConfig, RouterConfig
-from moekit.distributed import AllToAllDispatcher, parallelize
+from moekit.distributed import AllToAllDispatcher, build_mesh, parallelize
 from moekit.distributed.launch import run_local
 from moekit.layers.moe import MoELayer
 
@@ -41,7 +42,7 @@ def worker(rank: int, world_size: int, tokens: int, reps: int, chunk_options: li
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(d_model=D, num_experts=E, expert_hidden=F, router=RouterConfig(top_k=K),
                                loss=LossConfig(aux_coef=0.01)))
-    plan = parallelize(layer, world_size)
+    parallelize(layer, build_mesh(ep=world_size))
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens // world_size, D, generator=gen)
     dy = torch.randn(tokens // world_size, D, generator=gen)
@@ -54,7 +55,6 @@ def worker(rank: int, world_size: int, tokens: int, reps: int, chunk_options: li
         xi = x.detach().requires_grad_(True)
         out = layer(xi)
         ((out.y * dy).sum() + out.aux.loss).backward()
-        plan.reduce_gradients()
         layer.zero_grad(set_to_none=True)
 
     expert_parallel = isinstance(layer.dispatcher, AllToAllDispatcher)  # world size 1: the local dispatcher

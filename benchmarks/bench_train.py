@@ -1,21 +1,31 @@
 """Training throughput: moekit MoE LM vs its dense twin vs HF transformers' Mixtral of the same shape.
 
-Run:  python benchmarks/bench_train.py [--steps 6] [--d 256]
+Run:  python benchmarks/bench_train.py [--steps 6] [--d 256] [--no-compile] [--no-distributed]
 
 Each model does the same AdamW training step (forward, LM loss (+ router aux loss), backward, step) on
 the same random batch; tokens/s are medians over interleaved steps, printed as ratios to the dense twin.
 HF Mixtral is timed with its eager and grouped_mm experts implementations; the best is reported.
+The MoE model also runs compiled (``apply_compile``: each block), interleaved with the others, and under
+FSDP2 + EP=2 on 2 local gloo processes (each half the batch, half the threads; timed after the
+in-process cases, in the same run): both printed as ratios to the eager single-process MoE.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from moekit.config import LossConfig, ModelConfig, MoEConfig, RouterConfig
+from moekit.distributed import build_mesh, parallelize
+from moekit.distributed.launch import run_local
+from moekit.distributed.parallelize import apply_compile
 from moekit.models.decoder import MoETransformer, lm_loss
 
 
@@ -34,6 +44,25 @@ def hf_step(model, opt, x, y):
     opt.zero_grad(set_to_none=True)
 
 
+def fsdp_ep_worker(rank: int, world_size: int, cfg: ModelConfig, x, y, steps: int, out: str) -> None:
+    """The MoE step under FSDP2 + EP over all ranks; each rank trains on its 1/W of the batch."""
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    plan = parallelize(model, build_mesh(ep=world_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    xb, yb = plan.local_batch(x), plan.local_batch(y)
+    moekit_step(model, opt, xb, yb)  # warm-up
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        moekit_step(model, opt, xb, yb)
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        Path(out).write_text(json.dumps(statistics.median(times)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
@@ -42,6 +71,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled MoE")
+    ap.add_argument("--no-distributed", action="store_true", help="skip FSDP2 + EP=2 on 2 processes")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,6 +88,11 @@ def main() -> None:
     for name, c in (("moekit MoE", cfg), ("moekit dense twin", cfg.dense_twin())):
         m = MoETransformer(c)
         cases[name] = (moekit_step, m, torch.optim.AdamW(m.parameters(), lr=1e-4))
+    if not args.no_compile:
+        torch.manual_seed(0)
+        m = MoETransformer(cfg)
+        apply_compile(m)
+        cases["moekit MoE compiled"] = (moekit_step, m, torch.optim.AdamW(m.parameters(), lr=1e-4))
     try:
         import transformers
 
@@ -101,6 +137,16 @@ def main() -> None:
     hf = [v for k, v in tps.items() if k.startswith("HF")]
     if hf:
         print(f"\nmoekit MoE vs best HF Mixtral: {tps['moekit MoE'] / max(hf):.2f}x")
+    if "moekit MoE compiled" in tps:
+        print(f"compiled / eager MoE tokens/s: {tps['moekit MoE compiled'] / tps['moekit MoE']:.2f}x")
+    if not args.no_distributed:
+        threads = torch.get_num_threads()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(Path(tmp) / "fsdp_ep.json")
+            run_local(fsdp_ep_worker, 2, cfg, x, y, args.steps, out, timeout=1800, threads=max(1, threads // 2))
+            step_s = json.loads(Path(out).read_text())
+        print(f"FSDP2 + EP=2 on 2 gloo processes ({max(1, threads // 2)} threads each): {tokens / step_s:,.0f} "
+              f"tokens/s = {tokens / step_s / tps['moekit MoE']:.2f}x one process ({threads} threads)")
 
 
 if __name__ == "__main__":

@@ -610,6 +610,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-parallel", type=int, default=0, metavar="N",
                    help="under torchrun: split each MoE layer's experts over N ranks (data parallel over "
                         "world/N groups); the batch size is the global batch; 0 = a single process")
+    p.add_argument("--dp-replicate", type=int, default=1, metavar="R",
+                   help="under torchrun: R full replicas (HSDP); each FSDP-shards over world/R ranks")
+    p.add_argument("--async-save", action="store_true", help="under torchrun: write sharded checkpoints in "
+                                                              "the background while training goes on")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward instead of keeping them")
 
 
 @command("train", "train one model (preset or config JSON) with checkpoints and metrics", _train_args,
@@ -631,13 +638,16 @@ def _train_cmd(ns) -> int:
         raise UsageError("--resume needs --out (the run folder to continue)")
     if ns.resume and ns.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: continue the run or replace it")
-    from moekit.distributed import init_distributed, parallelize, rank_zero_first
-    from moekit.train.trainer import TrainingInterrupted
+    import os
 
     from moekit.device import resolve_device
+    from moekit.distributed import build_mesh, init_distributed, parallelize, rank_zero_first
+    from moekit.distributed.parallelize import apply_activation_checkpointing, apply_compile
+    from moekit.train.trainer import TrainingInterrupted
 
-    device = init_distributed() if ns.expert_parallel else resolve_device(ns.device)
-    is_main = not ns.expert_parallel or torch.distributed.get_rank() == 0  # only rank 0 prints and writes
+    distributed = ns.expert_parallel > 0 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = init_distributed(ns.device) if distributed else resolve_device(ns.device)
+    is_main = not distributed or torch.distributed.get_rank() == 0  # only rank 0 prints and writes
     say = print if is_main else (lambda *a, **k: None)
     out = _run_dir(ns, "train")
     _check_run_dir(out, ns.resume, ns.overwrite)  # every rank, before rank 0 creates anything
@@ -667,7 +677,14 @@ def _train_cmd(ns) -> int:
     model = MoETransformer(cfg)
     say(f"model: {model.num_params() / 1e6:.2f}M params, {model.num_active_params() / 1e6:.2f}M active; "
         f"run folder: {out}")
-    plan = parallelize(model, ns.expert_parallel) if ns.expert_parallel else None
+    model.to(device)  # before sharding: collectives use tensors on the backend's device
+    if ns.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if ns.compile:
+        apply_compile(model)
+    plan = None
+    if distributed:
+        plan = parallelize(model, build_mesh(max(ns.expert_parallel, 1), ns.dp_replicate, device.type))
     folder = _new_run_folder(out, ns.overwrite) if is_main else contextlib.nullcontext()
     try:
         with folder, _StopOnSignal() as stop:
@@ -676,14 +693,14 @@ def _train_cmd(ns) -> int:
             records = train(model, corpus.train, corpus.val, tcfg, out_dir=out, resume=resume,
                             progress=not ns.no_progress and is_main, device=device, parallel=plan,
                             hooks=([MetricsWriter(out)] if is_main else []) + [RouterBiasUpdate()],
-                            should_stop=stop)
+                            should_stop=stop, async_save=ns.async_save)
     except TrainingInterrupted as e:
         if is_main:
             print(f"moekit train: interrupted after step {e.step} of {tcfg.steps}; checkpoint saved: "
                   f"{e.checkpoint}\ncontinue with: {_resume_command(ns, out)}", file=sys.stderr)
         return 130
     finally:
-        if ns.expert_parallel:
+        if distributed:
             torch.distributed.destroy_process_group()
     vals = [r for r in records if r["split"] == "val"]
     if vals:

@@ -1,4 +1,6 @@
-"""`torchrun --nproc-per-node 2 -m moekit train --expert-parallel 2`: end to end on localhost."""
+"""`moekit train` under torchrun on localhost: 4 processes (EP=2 x FSDP=2) save sharded checkpoints, 2
+processes (EP=2) resume them with asynchronous saves; the result loads whole in one process. These are the
+command lines the README's distributed section shows."""
 
 import os
 import subprocess
@@ -7,11 +9,20 @@ import textwrap
 
 import torch
 
+from moekit.distributed.dcp import is_sharded
 from moekit.distributed.launch import free_port
-from moekit.train.checkpoint import load_model
+from moekit.train.checkpoint import load_model, resolve_checkpoint
 
 
-def test_torchrun_train_expert_parallel(tmp_path):
+def torchrun(nproc: int, *args: str, env: dict) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "moekit", "train", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_torchrun_train_fsdp_ep_and_resume_elsewhere(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     for i in range(4):  # a tiny corpus: train and val files
@@ -20,15 +31,15 @@ def test_torchrun_train_expert_parallel(tmp_path):
                 return [x * k + {i} for k in range(10)]
             """) * 20)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "moekit", "train", "--expert-parallel", "2",
-           "--data", str(data), "--vocab-size", "300", "--steps", "3", "--batch-size", "4", "--seq-len", "32",
-           "--eval-every", "3", "--out", str(run), "--no-progress"]
     env = dict(os.environ, MOEKIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("val loss") == 1, proc.stdout  # only rank 0 prints
-    model = load_model(run)  # the checkpoint is in the single-process layout: all 8 experts
+    common = ["--expert-parallel", "2", "--data", str(data), "--vocab-size", "300", "--batch-size", "4",
+              "--seq-len", "32", "--save-every", "2", "--out", str(run), "--no-progress"]
+    out = torchrun(4, *common, "--steps", "2", env=env)
+    assert out.count("val loss") == 1, out  # only rank 0 prints
+    assert is_sharded(resolve_checkpoint(run)) and resolve_checkpoint(run).name == "ckpt-000002"
+    out = torchrun(2, *common, "--steps", "4", "--resume", "--async-save", env=env)
+    assert "step 4: val loss" in out, out
+    assert resolve_checkpoint(run).name == "ckpt-000004"
+    model = load_model(run)  # the sharded checkpoint read whole: all 8 experts of the tiny preset
     assert model.layers[0].ffn.experts.w_up_EFD.shape[0] == 8
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from moekit.config import CapacityConfig, LossConfig, ModelConfig, MoEConfig, RouterConfig
-from moekit.distributed import AllToAllDispatcher, parallelize
+from moekit.distributed import AllToAllDispatcher, build_mesh, parallelize
 from moekit.layers.build import build_moe_layer
 from moekit.layers.capacity import capacity_filter
 from moekit.layers.moe import MoELayer
@@ -84,19 +85,34 @@ def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, case: Case) -
     torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"[{case.name}] {name}: {m}")
 
 
+_MESHES: dict = {}
+
+
+def mesh_for(ep_size: int, dp_replicate: int = 1):
+    """One mesh per layout per worker process (each mesh creates process groups: collective, slow)."""
+    key = (ep_size, dp_replicate)
+    if key not in _MESHES:
+        _MESHES[key] = build_mesh(ep_size, dp_replicate)
+    return _MESHES[key]
+
+
+def full_grad(p: torch.Tensor) -> torch.Tensor:
+    """The gradient of this rank's (unsharded) parameter: FSDP holds it as a DTensor shard (collective)."""
+    return p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+
+
 def assert_grads_match(ep: MoELayer, plan, ref: MoELayer, case: Case, when: str) -> None:
     ref_params = dict(ref.named_parameters())
-    r = plan.groups.ep_rank
+    r = plan.mesh.ep_rank
     for name, p in ep.named_parameters():
         want = ref_params[name].grad
         if name in plan.expert_keys:
-            L = plan.expert_keys[name] // plan.groups.ep_size
-            assert p.shape[0] == L
+            L = plan.expert_keys[name] // plan.mesh.ep_size
             want = want[r * L:(r + 1) * L]
-        assert_close(f"{name}.grad{when}", p.grad, want, case)
+        assert_close(f"{name}.grad{when}", full_grad(p), want, case)
 
 
-def check_layer(rank: int, world_size: int, ep_size: int, case: Case) -> None:
+def check_layer(rank: int, world_size: int, ep_size: int, case: Case, dp_replicate: int = 1) -> None:
     dtype = torch.float64 if case.float64 else torch.float32
     inputs = rank_inputs(case, world_size, dtype)
 
@@ -110,23 +126,22 @@ def check_layer(rank: int, world_size: int, ep_size: int, case: Case) -> None:
         J = J + loss / world_size
     J.backward()
 
-    ep = make_layer(case)
-    plan = parallelize(ep, ep_size, num_chunks=case.chunks)
+    ep = make_layer(case, seed=rank)  # other seeds on other ranks: parallelize makes the replicas identical
+    plan = parallelize(ep, mesh_for(ep_size, dp_replicate), num_chunks=case.chunks)
     x = inputs[rank][0].clone().requires_grad_()
     y, loss = rank_loss(ep, x, inputs[rank][1])
-    loss.backward()
-    plan.reduce_gradients()
+    loss.backward()  # FSDP reduces the gradients: nothing to call
 
     assert_close("y", y, ref_y[rank], case)
     assert_close("x.grad", x.grad, world_size * ref_x[rank].grad, case)
     assert_grads_match(ep, plan, ref, case, "")
-    # global-norm clipping: the expert shards' squared norms are summed over the EP group
+    # global-norm clipping: every shard's squared norm counted once
     total = plan.clip_grad_norm_(1e-3)
     want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e-3)
     assert_close("grad norm", total.to(want.dtype), want, case)
     assert_grads_match(ep, plan, ref, case, " after clipping")
     if ep_size > 1 and isinstance(ep, MoELayer):
-        check_bytes(ep, x.detach(), plan.groups.ep_rank, case.num_experts // ep_size)
+        check_bytes(ep, x.detach(), plan.mesh.ep_rank, case.num_experts // ep_size)
     with torch.no_grad():  # inference takes the path without autograd graphs
         assert_close("y without grad", ep(inputs[rank][0]).y, ref_y[rank], case)
 
@@ -135,79 +150,73 @@ def check_bytes(ep: MoELayer, x: torch.Tensor, ep_rank: int, L: int) -> None:
     """Bytes counted by the dispatcher vs the routing: every kept assignment whose expert lives on another
     rank crosses the wire 4 times (dispatch, combine, and both backward exchanges)."""
     assert isinstance(ep.dispatcher, AllToAllDispatcher)
+    ep.unshard()  # the router is called outside the layer's forward: gather its FSDP-sharded weight
     with torch.no_grad():
         kept = capacity_filter(ep.router(x), ep.cfg.capacity, training=True)
+    ep.reshard()
     rows_to_others = int((kept.expert_N // L != ep_rank).sum())
     totals = torch.tensor([rows_to_others * 4 * D * x.element_size(), ep.dispatcher.stats.bytes_sent])
     dist.all_reduce(totals)
     assert totals[0] == totals[1], totals.tolist()
 
 
-def check_checkpoint(rank: int, world_size: int, ep_size: int) -> None:
-    """EP -> single process and single process -> EP; replicas built from different seeds are synced."""
-    case = Case("checkpoint", num_experts=8, shared=True)
+def check_full_state_load(rank: int, world_size: int, ep_size: int) -> None:
+    """A single-process state dict loads into the sharded layer (its expert slice, its FSDP shard)."""
+    case = Case("single-process state", num_experts=8, shared=True)
     full = make_layer(case, seed=0)
-    # every rank builds its model from its own seed: parallelize must make the replicas consistent
-    ep = make_layer(case, seed=rank)
-    plan = parallelize(ep, ep_size)
-    sd = plan.full_state_dict()
-    L = 8 // ep_size
-    for key, want in full.state_dict().items():
-        if key in plan.expert_keys:
-            # shard s comes from its copy on global rank s (EP group 0), which was built from seed s
-            for s in range(ep_size):
-                src = make_layer(case, seed=s).state_dict()[key]
-                assert torch.equal(sd[key][s * L:(s + 1) * L], src[s * L:(s + 1) * L]), key
-        else:
-            assert torch.equal(sd[key], want), key
-
-    single = make_layer(case, seed=99)
-    single.load_state_dict(sd)  # the gathered dict loads into the unsharded model unchanged
-    ep2 = make_layer(case, seed=98)
-    plan2 = parallelize(ep2, ep_size)
-    plan2.load_full_state_dict(sd)
-    for key, t in ep2.state_dict().items():
-        assert torch.equal(t, ep.state_dict()[key]), key
+    ep = make_layer(case, seed=98)
+    plan = parallelize(ep, mesh_for(ep_size))
+    plan.load_full_state_dict(full.state_dict())
     x = rank_inputs(case, world_size, torch.float64)[rank][0]
     with torch.no_grad():
-        torch.testing.assert_close(ep2(x).y, single(x).y, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ep(x).y, full(x).y, rtol=1e-10, atol=1e-10)
 
 
 def check_errors(rank: int, world_size: int) -> None:
     import pytest
 
-    with pytest.raises(ValueError, match="dividing the world size"):
-        parallelize(make_layer(Case("e")), 3)
-    with pytest.raises(ValueError, match="must divide num_experts"):
-        parallelize(make_layer(Case("e", num_experts=3, top_k=1)), 2)
+    from moekit.errors import UsageError
+
+    with pytest.raises(UsageError, match="must divide the world size"):
+        build_mesh(3)
+    with pytest.raises(UsageError, match="must divide num_experts"):
+        parallelize(make_layer(Case("e", num_experts=3, top_k=1)), mesh_for(2))
 
 
-def layer_suite(rank: int, world_size: int, runs: list[tuple[int, Case]]) -> None:
-    for ep_size, case in runs:
-        check_layer(rank, world_size, ep_size, case)
+def layer_suite(rank: int, world_size: int, runs: list[tuple]) -> None:
+    """runs: (ep_size, case) or (ep_size, case, dp_replicate)."""
+    for run in runs:
+        check_layer(rank, world_size, *run)
         dist.barrier()
 
 
 def checkpoint_suite(rank: int, world_size: int, ep_sizes: list[int], errors: bool) -> None:
     for ep_size in ep_sizes:
-        check_checkpoint(rank, world_size, ep_size)
+        check_full_state_load(rank, world_size, ep_size)
     if errors:
         check_errors(rank, world_size)
 
 
 # ----------------------------------------------------------------------------- training equivalence
-STEPS, BATCH, SEQ, VOCAB = 20, 8, 12, 48
+STEPS, BATCH, SEQ, VOCAB = 8, 8, 12, 48
 
 
-def tiny_lm() -> MoETransformer:
-    """The smallest MoETransformer that exercises EP + DP: 2 layers, 4 experts, top-2, a shared expert.
+def tiny_lm(dead_experts: bool = False) -> MoETransformer:
+    """The smallest MoETransformer that exercises FSDP + EP: 2 layers, 4 experts, top-2, a shared expert.
     Router losses: the z-loss is a token mean (per-rank means average to the full-batch value); the
-    load-balancing loss is not linear in the batch, so it is off here (see parallelize.py)."""
+    load-balancing loss is not linear in the batch, so it is off here (see parallelize.py).
+    ``dead_experts``: a DeepSeek router whose selection bias rules out experts 2 and 3, so that with ep=2 the
+    second expert shard gets no tokens at all (its weights still decay and must stay in step)."""
     torch.manual_seed(0)
-    moe = MoEConfig(d_model=D, num_experts=4, expert_hidden=32, num_shared_experts=1,
-                    router=RouterConfig(top_k=2), loss=LossConfig(aux_coef=0.0, z_coef=1e-3))
-    return MoETransformer(ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=2, max_seq_len=SEQ,
-                                      dense_hidden=32, moe=moe))
+    router = RouterConfig(kind="deepseek", top_k=2, score_func="softmax") if dead_experts else RouterConfig(top_k=2)
+    moe = MoEConfig(d_model=D, num_experts=4, expert_hidden=32, num_shared_experts=1, dispatcher="grouped",
+                    router=router, loss=LossConfig(aux_coef=0.0, z_coef=1e-3))
+    model = MoETransformer(ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=2, max_seq_len=SEQ,
+                                       dense_hidden=32, moe=moe))
+    if dead_experts:
+        for moe_layer in model.moe_layers():
+            moe_layer.router.bias[2:] = -100.0
+    return model
 
 
 def lm_objective(model: MoETransformer, ids_BS: torch.Tensor) -> torch.Tensor:
@@ -227,21 +236,18 @@ def batches() -> list[torch.Tensor]:
     return out
 
 
-def train_curve(plan=None, model: MoETransformer | None = None, opt=None) -> list[float]:
-    """nanoGPT-style loop: forward -> backward -> (reduce) -> clip -> AdamW step. With a plan every rank
-    trains on its 1/W of each batch and the logged loss is the mean over ranks (= the full-batch loss)."""
-    model = model or tiny_lm()
-    opt = opt or torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+def train_curve(model: MoETransformer, plan=None) -> list[float]:
+    """nanoGPT-style loop: forward -> backward -> clip -> AdamW step. With a plan every rank trains on its
+    1/W of each batch (FSDP reduces the gradients) and the logged loss is the mean over ranks (= the
+    full-batch loss)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses = []
     for ids in batches():
         loss = lm_objective(model, plan.local_batch(ids) if plan else ids)
         loss.backward()
         if plan:
-            plan.reduce_gradients()
             plan.clip_grad_norm_(0.5)
-            logged = loss.detach().clone()
-            dist.all_reduce(logged)
-            losses.append(logged.item() / plan.groups.world_size)
+            losses.append(plan.mean_over_ranks([loss.item()])[0])
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
             losses.append(loss.item())
@@ -250,23 +256,34 @@ def train_curve(plan=None, model: MoETransformer | None = None, opt=None) -> lis
     return losses
 
 
-def train_ep(rank: int, world_size: int, ep_size: int, out: str) -> None:
-    model = tiny_lm()
-    plan = parallelize(model, ep_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    losses = train_curve(plan, model, opt)
-    sd, opt_sd = plan.full_state_dict(), plan.full_optimizer_state_dict(opt)
-    # the full optimizer state re-shards into an identical optimizer state
-    opt2 = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    opt2.load_state_dict(plan.shard_optimizer_state_dict(opt_sd, opt2))
-    for i, s in opt.state_dict()["state"].items():
-        for k, v in s.items():
-            assert torch.equal(opt2.state_dict()["state"][i][k], v), (i, k)
+def gather_full_state(model: torch.nn.Module, plan) -> dict[str, torch.Tensor]:
+    """The single-process state dict of a sharded model, on every rank (collective; a test helper: the
+    trainer saves shards with DCP instead)."""
+    out = {}
+    for key, t in model.state_dict().items():
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        if key in plan.expert_keys and plan.mesh.ep_size > 1:
+            parts = [torch.empty_like(t) for _ in range(plan.mesh.ep_size)]
+            dist.all_gather(parts, t.contiguous(), group=plan.mesh.ep_group)
+            t = torch.cat(parts)
+        out[key] = t
+    return out
+
+
+def train_fsdp_ep(rank: int, world_size: int, ep_size: int, dead_experts: bool, out: str) -> None:
+    model = tiny_lm(dead_experts)
+    plan = parallelize(model, mesh_for(ep_size))
+    losses = train_curve(model, plan)
+    if dead_experts:  # the second expert shard really received no tokens
+        with torch.no_grad():
+            counts = sum(a.counts_E for a in model(batches()[0][:, :-1]).moe_aux)
+        assert counts[2:].sum() == 0 and counts[:2].sum() > 0, counts
+    sd = gather_full_state(model, plan)
     if rank == 0:
-        torch.save({"losses": losses, "state_dict": sd, "optimizer": opt_sd}, out)
+        torch.save({"losses": losses, "state_dict": sd}, out)
 
 
-# ----------------------------------------------------------------------------- the trainer with EP
+# ----------------------------------------------------------------------------- the trainer: DCP, resharding
 def trainer_setup():
     from moekit.config import TrainConfig
     from moekit.train.data import TokenStream
@@ -287,18 +304,16 @@ def trainer_setup():
     return model, cfg, data
 
 
-def trainer_ep(rank: int, world_size: int, run_dir: str, resume_dir: str, out: str) -> None:
-    """moekit.train.train with parallel=: a fresh EP run, and an EP run resumed from a single-process
-    checkpoint (step 3)."""
+def trainer_run(rank: int, world_size: int, ep_size: int, run_dir: str, resume: bool, async_save: bool,
+                out: str) -> None:
+    """moekit.train.train on a (dp_shard x ep) mesh: fresh, or resumed from ``run_dir``'s latest checkpoint
+    (sharded at another world size, or single-process). Rank 0 saves the records."""
     from moekit.train.hooks import RouterBiasUpdate
     from moekit.train.trainer import train
 
     model, cfg, data = trainer_setup()
-    plan = parallelize(model, world_size)
-    fresh = train(model, data, data, cfg, out_dir=run_dir, parallel=plan, hooks=[RouterBiasUpdate()])
-    model, cfg, data = trainer_setup()
-    plan = parallelize(model, world_size)
-    resumed = train(model, data, data, cfg, out_dir=resume_dir, resume=True, parallel=plan,
-                    hooks=[RouterBiasUpdate()])
+    plan = parallelize(model, mesh_for(ep_size))
+    records = train(model, data, data, cfg, out_dir=run_dir, resume=resume, parallel=plan,
+                    hooks=[RouterBiasUpdate()], async_save=async_save)
     if rank == 0:
-        torch.save({"fresh": fresh, "resumed": resumed}, out)
+        torch.save(records, out)

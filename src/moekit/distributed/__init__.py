@@ -1,20 +1,14 @@
-"""Expert parallelism + data parallelism on torch.distributed (launch with torchrun).
+"""Scale on the PyTorch distributed stack (launch with torchrun).
 
-``parallelize(model, ep_size)`` shards each MoELayer's experts over expert-parallel groups and swaps in
-the ``AllToAllDispatcher``; the returned ``ExpertParallel`` reduces gradients, clips the global norm and
-converts between sharded and single-process checkpoints.
+``build_mesh(ep, dp_replicate)`` lays the ranks out on a DeviceMesh with named dimensions;
+``parallelize(model, mesh)`` shards the experts over ``ep`` and everything with FSDP2 (``fully_shard``);
+``moekit.distributed.dcp`` saves and loads sharded, reshardable checkpoints.
 """
 
 from moekit.distributed.all_to_all import CommStats, all_to_all, exchange_counts
 from moekit.distributed.ep_dispatch import AllToAllDispatcher
-from moekit.distributed.parallelize import (
-                                            ExpertParallel,
-                                            ParallelGroups,
-                                            build_groups,
-                                            init_distributed,
-                                            parallelize,
-                                            rank_zero_first,
-)
+from moekit.distributed.mesh import ParallelMesh, build_mesh, init_distributed
+from moekit.distributed.parallelize import ParallelPlan, parallelize, rank_zero_first
 
-__all__ = ["AllToAllDispatcher", "CommStats", "ExpertParallel", "ParallelGroups", "all_to_all",
-           "build_groups", "exchange_counts", "init_distributed", "parallelize", "rank_zero_first"]
+__all__ = ["AllToAllDispatcher", "CommStats", "ParallelMesh", "ParallelPlan", "all_to_all", "build_mesh",
+           "exchange_counts", "init_distributed", "parallelize", "rank_zero_first"]

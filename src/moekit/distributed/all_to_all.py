@@ -1,5 +1,5 @@
-"""All-to-all with uneven splits: ``all_to_all`` (differentiable, blocking) and ``exchange`` (outside
-autograd, blocking or asynchronous; the pipelined dispatcher builds its own backward from it).
+"""All-to-all with uneven splits: ``all_to_all`` (the functional collective with autograd) and ``exchange``
+(outside autograd, blocking or asynchronous; the pipelined dispatcher builds its own backward from it).
 
 Rank r sends rows ``x[sum(in_splits[:j]) : sum(in_splits[:j+1])]`` to rank j and receives
 ``out_splits[j]`` rows from rank j. The backward of an all-to-all is the reverse all-to-all (splits
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 
 @dataclass
@@ -71,21 +72,18 @@ def exchange(x_RD: Tensor, out_splits: list[int], in_splits: list[int],
     return out_RD
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_RD: Tensor, out_splits: list[int], in_splits: list[int], group, stats):
-        ctx.splits, ctx.group, ctx.stats = (out_splits, in_splits), group, stats
-        return exchange(x_RD, out_splits, in_splits, group, stats=stats)
-
-    @staticmethod
-    def backward(ctx, grad_out_RD: Tensor):
-        out_splits, in_splits = ctx.splits
-        grad_in_RD = exchange(grad_out_RD, in_splits, out_splits, ctx.group, stats=ctx.stats)
-        return grad_in_RD, None, None, None, None
-
-
 def all_to_all(x_RD: Tensor, out_splits: list[int], in_splits: list[int],
                group: dist.ProcessGroup | None = None, stats: CommStats | None = None) -> Tensor:
-    """Differentiable blocking ``all_to_all_single`` over dim 0 with uneven splits; its backward is the
-    reverse exchange."""
-    return _AllToAll.apply(x_RD, list(out_splits), list(in_splits), group, stats)
+    """Differentiable ``all_to_all_single`` over dim 0 with uneven splits: the functional collective with
+    autograd (its backward is the reverse exchange; traceable by torch.compile). ``stats`` counts the
+    bytes of both directions (the backward's when the gradient arrives)."""
+    x_RD = x_RD.contiguous()
+    group = group if group is not None else dist.group.WORLD
+    y_RD = all_to_all_single_autograd(x_RD, list(out_splits), list(in_splits), group)
+    if stats is not None:
+        row_bytes = math.prod(x_RD.shape[1:]) * x_RD.element_size()
+        rank = dist.get_rank(group)
+        stats.record(sum(in_splits) - in_splits[rank], row_bytes)
+        if y_RD.requires_grad:
+            y_RD.register_hook(lambda g: stats.record(sum(out_splits) - out_splits[rank], row_bytes))
+    return y_RD

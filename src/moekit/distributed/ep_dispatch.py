@@ -11,6 +11,10 @@ experts [r*L, (r+1)*L), L = E / W. Each rank routes its own tokens, then
   4. after the experts, undoes the regrouping, sends the results back and does the gate-weighted
      ``index_add`` into y_TD exactly like LocalDispatcher.
 
+Gradient scale: the experts' weight gradient on the owner sums the tokens of all W ranks of the group;
+data parallelism wants the mean over ranks, so the gradient reaching the experts' output is divided by W
+and the one leaving their input multiplied back (``scale_grad``): only the expert weights see 1/W.
+
 Capacity filtering happens before dispatch on each rank's own tokens, so EP keeps the per-rank
 ("local group", GShard) capacity semantics: an EP layer equals the single-process layer applied to each
 rank's tokens separately.
@@ -79,6 +83,8 @@ class AllToAllDispatcher(Dispatcher):
         order_N = torch.argsort(key_N, stable=True)
         counts_CWL = torch.bincount(key_N, minlength=C * E).view(C, W, L)
         recv_WCL = exchange_counts(counts_CWL.transpose(0, 1).reshape(W, C * L), self.group).view(W, C, L)
+        # NOTE: host sync because all_to_all_single takes its split sizes as Python ints (after the counts
+        # exchange, every rank knows how many rows it sends and receives)
         send_CW = counts_CWL.sum(-1).tolist()
         recv_CW = recv_WCL.sum(-1).t().tolist()
         local_WL = torch.arange(L, device=key_N.device).repeat(W)
@@ -97,10 +103,11 @@ class AllToAllDispatcher(Dispatcher):
         chunk = meta.chunks[0]
         x_recv_RD = all_to_all(x_TD.index_select(0, meta.token_R), chunk.recv_splits, chunk.send_splits,
                                self.group, self.stats)
-        return x_recv_RD.index_select(0, chunk.order_R), chunk.counts_L, meta
+        return scale_grad(x_recv_RD.index_select(0, chunk.order_R), float(self.ep_size)), chunk.counts_L, meta
 
     def combine(self, y_RD: Tensor, meta: EPMeta) -> Tensor:
         chunk = meta.chunks[0]
+        y_RD = scale_grad(y_RD, 1.0 / self.ep_size)
         y_recv_RD = torch.empty_like(y_RD).index_copy(0, chunk.order_R, y_RD)
         y_sent_RD = all_to_all(y_recv_RD, chunk.send_splits, chunk.recv_splits, self.group, self.stats)
         return scatter_rows(y_sent_RD, meta.token_R, meta.num_tokens, meta.weight_R)
@@ -147,6 +154,22 @@ class AllToAllDispatcher(Dispatcher):
         return back
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """Identity forward; multiplies the gradient by ``factor`` in backward."""
+    return _ScaleGrad.apply(x, factor) if factor != 1.0 else x
+
+
 def experts_on_chunk(experts: nn.Module, chunk: EPChunk, x_recv_RD: Tensor) -> Tensor:
     """Local experts on the rows received for one chunk (regrouped by local expert and back)."""
     y_RD = experts(x_recv_RD.index_select(0, chunk.order_R), chunk.counts_L)
@@ -178,8 +201,9 @@ class _PipelinedExperts(torch.autograd.Function):
     def backward(ctx, grad_y_sent_RD: Tensor):
         def compute(c: int, grad_y_RD: Tensor) -> Tensor:
             x_in, y = ctx.graphs[c]
-            torch.autograd.backward(y, grad_y_RD)
-            return x_in.grad if x_in.grad is not None else torch.zeros_like(x_in)
+            W = ctx.dispatcher.ep_size  # the weight-gradient mean over ranks, as scale_grad does unpipelined
+            torch.autograd.backward(y, grad_y_RD / W)
+            return x_in.grad * W if x_in.grad is not None else torch.zeros_like(x_in)
 
         # gradients flow the same way as the forward rows: to the expert owners and back
         grad_x_sent_RD = torch.cat(ctx.dispatcher.run_chunks(grad_y_sent_RD, ctx.meta, compute))

@@ -91,7 +91,7 @@ class LocalDispatcher(Dispatcher):
     def plan(self, routing: Routing) -> tuple[Tensor, LocalHandle]:
         """The sort without the gather: counts_E and each routed row's token and gate weight, by expert."""
         order_R = torch.argsort(routing.expert_N, stable=True)
-        counts_E = torch.bincount(routing.expert_N, minlength=routing.num_experts)
+        counts_E = routing.counts_E()
         return counts_E, LocalHandle(routing.num_tokens, routing.token_N[order_R], routing.weight_N[order_R])
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, LocalHandle]:

@@ -43,8 +43,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def grouped_mm_supported(x: Tensor, *dims: int) -> bool:
     """torch._grouped_mm runs on CPU for all float dtypes, on CUDA it wants bf16 (sm90+ kernels);
-    both need every row stride (the feature dims ``dims``) to be a multiple of 16 bytes."""
-    if not hasattr(torch, "_grouped_mm"):
+    both need every row stride (the feature dims ``dims``) to be a multiple of 16 bytes. Its fake-tensor
+    kernel (what torch.compile traces with) accepts only bf16: compiled graphs in other dtypes use the loop."""
+    if not hasattr(torch, "_grouped_mm") or (torch.compiler.is_compiling() and x.dtype != torch.bfloat16):
         return False
     aligned = all(d * x.element_size() % 16 == 0 for d in dims)
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
@@ -69,7 +70,14 @@ class ExpertsBackend:
 
 class LoopBackend(ExpertsBackend):
     def rows(self, experts, x_RD, counts_E, scale_R=None):
+        # NOTE: host sync because the per-expert loop needs each block's row count as a Python int (free on the
+        # CPU; on a GPU the grouped_mm backend has no sync). Under torch.compile the counts become unbacked
+        # sizes (dynamo's capture_scalar_outputs, set by moekit.distributed.parallelize.apply_compile); the
+        # checks tell the compiler they are valid split sizes, so the loop compiles with fullgraph=True.
         sizes = counts_E.tolist()
+        for s in sizes:
+            torch._check(s >= 0)
+        torch._check(sum(sizes) == x_RD.shape[0])
         x_blocks = torch.split(x_RD, sizes)
         s_blocks = torch.split(scale_R, sizes) if scale_R is not None else [None] * len(sizes)
         w = experts.weights(x_RD.dtype)

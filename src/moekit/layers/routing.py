@@ -47,12 +47,19 @@ class Routing:
                        weight_N=self.weight_N[keep_N], rank_N=self.rank_N[keep_N])
 
     def counts_E(self) -> Tensor:
-        return torch.bincount(self.expert_N, minlength=self.num_experts)
+        return count_per_expert(self.expert_N, self.num_experts)
 
     def gates_TE(self) -> Tensor:
         """Dense [T, E] gate matrix (0 where a token does not use an expert)."""
         g = self.logits_TE.new_zeros(self.num_tokens, self.num_experts)
         return g.index_put((self.token_N, self.expert_N), self.weight_N, accumulate=True)
+
+
+def count_per_expert(expert_N: Tensor, num_experts: int) -> Tensor:
+    """Assignments per expert, on the device, shape [E] whatever the data (unlike ``bincount``, whose
+    length depends on the largest id): no host sync and a static shape under torch.compile."""
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=expert_N.device)
+    return counts_E.scatter_add_(0, expert_N, torch.ones_like(expert_N))
 
 
 def token_rank_TK(T: int, k: int, device) -> tuple[Tensor, Tensor]:
@@ -81,10 +88,10 @@ NONFINITE_LOGITS = ("router logits contain NaN or Inf: the MoE input or router w
 
 def check_finite_logits(logits_TE: Tensor) -> None:
     finite = torch.isfinite(logits_TE).all()
-    if logits_TE.device.type == "cpu":
+    if logits_TE.device.type == "cpu" and not torch.compiler.is_compiling():
         if not finite:
             raise FloatingPointError(NONFINITE_LOGITS)
-    else:  # on accelerators the check stays on the device: no host sync in every MoE layer's forward
+    else:  # on accelerators (and compiled) the check stays on the device: no host sync in every MoE layer
         torch._assert_async(finite, NONFINITE_LOGITS)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moekit.config import ConfigError, ModelConfig
 from moekit.layers.build import build_moe_layer
@@ -41,9 +42,19 @@ class Block(nn.Module):
                               "output depend on later tokens, which leaks the future in a causal decoder LM; "
                               "set MoEConfig.allow_noncausal=True to use it anyway")
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        # recompute this block's activations in backward instead of keeping them (set by
+        # moekit.distributed.parallelize.apply_activation_checkpointing)
+        self.checkpoint_activations = False
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None, start_pos: int = 0,
                 task_ids: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, MoEAux | None]:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            # non-reentrant: any output structure, and the RNG (dropout, router noise) replays identically
+            return checkpoint(self._forward, x, cos, sin, cache, start_pos, task_ids, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, cache, start_pos, task_ids, mask)
+
+    def _forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache, start_pos: int, task_ids: Tensor | None,
+                 mask: Tensor | None) -> tuple[Tensor, MoEAux | None]:
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, start_pos))
         h = self.ffn_norm(x)
         if self.is_moe:

@@ -204,7 +204,9 @@ def save_model(path: str | Path, model: nn.Module, *, config: dict | None = None
 
 
 def _is_model_folder(path: Path) -> bool:
-    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+    from moekit.distributed.dcp import is_sharded  # a sharded checkpoint written by several ranks
+
+    return ((path / WEIGHTS).is_file() or is_sharded(path)) and (path / CONFIG).is_file()
 
 
 def history(run_dir: Path) -> list[str]:
@@ -266,6 +268,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def verify_checkpoint(folder: str | Path) -> None:
     """Check every file of a model folder against its manifest; CheckpointError naming the first bad file."""
     folder = Path(folder)
+    from moekit.distributed.dcp import is_sharded
+
+    if is_sharded(folder):  # NOTE: DCP folders have no manifest yet (sizes/checksums unchecked); DCP reads its .metadata
+        return
     manifest = _read_json(folder / MANIFEST, missing=f"missing, so the folder's files cannot be checked (written "
                                                      f"by an older moekit or by hand); use --no-verify to load it "
                                                      f"unchecked")
@@ -358,6 +364,11 @@ def read_state(path: str | Path) -> dict:
 def load_checkpoint(path: str | Path, map_location: str = "cpu", verify: bool = True):
     """-> (ModelConfig, model tensors, trainer state with "optimizer" rebuilt as an optimizer state dict)."""
     ckpt = resolve_checkpoint(path)
+    from moekit.distributed import dcp
+
+    if dcp.is_sharded(ckpt):  # written by several ranks (no manifest: DCP's own metadata): read whole, here
+        return _config(ckpt, ModelConfig.from_dict), dcp.load_full_model_state(ckpt, build_transformer(
+            _read_json(ckpt / CONFIG))), read_state(ckpt)
     if verify:
         verify_checkpoint(ckpt)
     cfg = _config(ckpt, ModelConfig.from_dict)
@@ -388,6 +399,11 @@ def load_model(path: str | Path, *, verify: bool = True,
         verify_checkpoint(ckpt)
     layout = _read_json(ckpt / LAYERS) if (ckpt / LAYERS).is_file() else {}
     model = _config(ckpt, lambda config: build_model(config, layout, build))
+    from moekit.distributed import dcp
+
+    if dcp.is_sharded(ckpt):  # read whole into the model's tensors
+        dcp.load_full_model_state(ckpt, model)
+        return model.eval()
     tensors = _read_tensors(ckpt / WEIGHTS, "cpu")
     _check_tensors(model, tensors, ckpt / WEIGHTS)
     model.load_state_dict(tensors, strict=False)

@@ -25,6 +25,7 @@ import torch
 from moekit.analysis.routing_stats import imbalance
 from moekit.config import ModelConfig, TrainConfig
 from moekit.device import model_device, resolve_device
+from moekit.distributed import dcp
 from moekit.errors import UsageError
 from moekit.models.decoder import lm_loss
 from moekit.train.checkpoint import (load_checkpoint, newest_intact, remove_stale_temps, rng_state, save_checkpoint,
@@ -106,7 +107,7 @@ class StepContext:
 def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, hooks: list = (), resume: bool | str | Path = False,
           progress=False, device: str | torch.device = "cpu", label: str = "train", parallel=None,
-          loss_fn=None, should_stop=None) -> list[dict]:
+          loss_fn=None, should_stop=None, async_save: bool = False) -> list[dict]:
     """Train ``model`` in place; returns the logged records (train and eval).
 
     ``should_stop() -> bool``: asked after every step; True saves a checkpoint and raises
@@ -121,9 +122,11 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
     ``resume``: True continues from the newest intact checkpoint in ``out_dir`` (damaged newer ones are
     logged as warnings and skipped); a checkpoint path continues from that one (already checked by the caller).
 
-    ``parallel``: the ``ExpertParallel`` returned by ``moekit.distributed.parallelize(model, ep)``. Each rank
-    then trains on its 1/W of every batch (``batch_size`` stays the global batch), gradients are reduced
-    over the ranks, logged values are global, and checkpoints hold the single-process (gathered) layout.
+    ``parallel``: the ``ParallelPlan`` returned by ``moekit.distributed.parallelize(model, mesh)``. Each rank
+    then trains on its 1/W of every batch (``batch_size`` stays the global batch), FSDP reduces the
+    gradients, logged values are global, and checkpoints are sharded (DCP: every rank writes its shards,
+    ``async_save`` writes them in the background); they resume at any world size, and a single-process
+    checkpoint resumes under a plan too.
     """
     device = resolve_device(device)
     model.to(device).train()
@@ -134,17 +137,22 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
     if resume:
         if out_dir is None:
             raise UsageError("resume=True needs out_dir (the run folder holding the checkpoints)")
+        ckpt = resume
         if resume is True:
             ckpt, damaged = newest_intact(out_dir)
             for path, why in damaged:
                 log.warning("checkpoint %s is damaged (%s); resuming from %s", path, why, ckpt)
-        _, tensors, state = load_checkpoint(ckpt if resume is True else resume, verify=resume is True)
-        if parallel is not None:  # checkpoints are single-process: take this rank's experts
-            tensors, state["optimizer"] = (parallel.shard_state_dict(tensors),
-                                           parallel.shard_optimizer_state_dict(state["optimizer"], opt))
-        model.load_state_dict(tensors, strict=False)
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        if dcp.is_sharded(ckpt):  # any world size, into this layout
+            state = dcp.load(ckpt, model, opt, parallel)
+        else:
+            _, tensors, state = load_checkpoint(ckpt, verify=resume is True)
+            if parallel is not None:  # a single-process checkpoint: this rank's experts and shards
+                parallel.load_full_state_dict(tensors)
+                opt.load_state_dict(parallel.shard_optimizer_state_dict(state["optimizer"], opt))
+            else:
+                model.load_state_dict(tensors, strict=False)
+                opt.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
         start = state["step"]
         for hook in hooks:
             if hasattr(hook, "after_resume"):
@@ -157,6 +165,7 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
     records: list[dict] = []
     bar, own_bar = _progress_bar(progress, start, cfg.steps, label)
     t_last, tokens_since = time.perf_counter(), 0
+    saving = None  # the sharded save in flight
 
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
@@ -181,7 +190,6 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
             dropped += [float(a.dropped_fraction) for a in out.moe_aux]
         stop = float(should_stop is not None and should_stop())
         if parallel is not None:
-            parallel.reduce_gradients()
             # the stop request rides on this all-reduce: every rank stops after the same step, no extra collective
             lm_total, aux_total, stop, *dropped = parallel.mean_over_ranks([lm_total, aux_total, stop, *dropped])
             counts = parallel.sum_over_ranks(counts)  # global loads: replicated router biases stay identical
@@ -222,18 +230,25 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
                     hook.after_eval(ctx)
         saved = None
         if out_dir is not None and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or stop):
-            weights, opt_state = (None, opt.state_dict()) if parallel is None else (
-                parallel.full_state_dict(), parallel.full_optimizer_state_dict(opt))  # collective: all ranks
-            if parallel is None or parallel.is_main:  # rank 0 writes the single-process layout
+            if parallel is None:
                 saved = save_checkpoint(out_dir, done, model, model.cfg,
-                                        {"optimizer": opt_state, "rng": rng_state(), "train_config": vars(cfg)},
-                                        state_dict=weights)
+                                        {"optimizer": opt.state_dict(), "rng": rng_state(), "train_config": vars(cfg)})
+            else:  # collective: every rank writes its shards
+                if saving is not None:
+                    saving.wait()
+                saving = dcp.save(out_dir, done, model, opt, parallel, model.cfg.to_dict(),
+                                  {"train_config": vars(cfg)}, async_save=async_save)
+                saved = saving.final
         if bar is not None:
             bar.update(1)
         if stop and done < cfg.steps:
+            if saving is not None:
+                saving.wait()
             if own_bar:
                 bar.close()
             raise TrainingInterrupted(done, saved)
+    if saving is not None:
+        saving.wait()
     if own_bar:
         bar.close()
     return records
