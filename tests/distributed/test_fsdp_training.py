@@ -88,5 +88,5 @@ def test_dcp_checkpoints_reshard(tmp_path):
     assert model.layers[0].ffn.router.bias.abs().sum() > 0  # the bias balancing was active
     for k, w in model.state_dict().items():
         torch.testing.assert_close(sharded.state_dict()[k], w, **WEIGHT_TOL, msg=k)
-    assert main(["convert", str(tmp_path / "w4"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert main(["convert", str(tmp_path / "w4"), str(tmp_path / "hf"), "--to", "hf", "--model-type", "mixtral"]) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
