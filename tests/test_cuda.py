@@ -72,6 +72,7 @@ def test_fsdp_ep_step_on_one_gpu():
                                           moe=moe)).to(CUDA)
 
     ids = torch.randint(0, 128, (2, 16), device=CUDA)
+    torch.cuda.set_device(CUDA)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             device_id=CUDA)
     try:
