@@ -22,12 +22,12 @@ def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("backend,dtype,tol", [("grouped", torch.bfloat16, 2e-2), ("loop", torch.float32, 1e-5)])
+@pytest.mark.parametrize("backend,dtype,tol", [("grouped_mm", torch.bfloat16, 2e-2), ("loop", torch.float32, 1e-5)])
 def test_layer_fullgraph_matches_eager(backend, dtype, tol):
     """grouped_mm's compiled kernel takes bf16 only (its fake-tensor rule), so the grouped case runs in bf16:
     tolerance of bf16 rounding (different fusion orders); the loop case is float32."""
     torch.manual_seed(0)
-    cfg = MoEConfig(d_model=16, num_experts=4, expert_hidden=32, dispatcher=backend, router=RouterConfig(top_k=2),
+    cfg = MoEConfig(d_model=16, num_experts=4, expert_hidden=32, experts=backend, router=RouterConfig(top_k=2),
                     loss=LossConfig(aux_coef=0.01, z_coef=1e-3))
     eager = MoELayer(cfg).to(dtype)
     with torch.no_grad():  # skewed router: experts 0 and 1 get no tokens

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moekit.config import LossConfig, ModelConfig, MoEConfig, RouterConfig
-from moekit.layers.experts import grouped_linear
+from moekit.layers.experts import GroupedExperts
 from moekit.layers.moe import MoELayer
 from moekit.models.decoder import MoETransformer, lm_loss
 
@@ -21,26 +21,29 @@ BF16_TOL = {"rtol": 2e-2, "atol": 2e-2}
 def test_grouped_mm_bf16_with_empty_experts():
     if torch.cuda.get_device_capability(CUDA) < (8, 0):
         pytest.skip("torch._grouped_mm needs compute capability >= 8.0")
-    gen = torch.Generator(device=CUDA).manual_seed(0)
+    torch.manual_seed(0)
     counts_E = torch.tensor([5, 0, 19, 0, 8], device=CUDA)  # experts 1 and 3 get no rows
     R, D, F = int(counts_E.sum()), 64, 128  # row strides are multiples of 16 bytes, as the kernel needs
-    x = torch.randn(R, D, device=CUDA, generator=gen).requires_grad_()
-    w = (torch.randn(5, F, D, device=CUDA, generator=gen) / D ** 0.5).requires_grad_()
-    g = torch.randn(R, F, device=CUDA, generator=gen)
+    grouped = GroupedExperts(5, D, F, backend="grouped_mm").to(CUDA, torch.bfloat16)
+    loop = GroupedExperts(5, D, F, backend="loop").to(CUDA)
+    loop.load_state_dict({k: v.float() for k, v in grouped.state_dict().items()})
+    x = torch.randn(R, D, device=CUDA)
+    g = torch.randn(R, D, device=CUDA)
     outs = []
-    for backend, dtype in (("grouped", torch.bfloat16), ("loop", torch.float32)):
-        xi, wi = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
-        y = grouped_linear(xi, wi, counts_E, backend)
+    for experts, dtype in ((grouped, torch.bfloat16), (loop, torch.float32)):
+        xi = x.to(dtype).requires_grad_()
+        y = experts(xi, counts_E)
         (y.float() * g).sum().backward()
-        outs.append([t.float() for t in (y, xi.grad, wi.grad)])
+        outs.append([y.float(), xi.grad.float()] + [p.grad.float() for p in experts.parameters()])
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, **BF16_TOL)
-    assert outs[0][2][1].abs().sum() == 0 and outs[0][2][3].abs().sum() == 0  # empty experts: zero grads
+    w_up_grad = grouped.w_up_EFD.grad
+    assert w_up_grad[1].abs().sum() == 0 and w_up_grad[3].abs().sum() == 0  # empty experts: zero grads
 
 
 def test_compiled_layer_on_gpu():
     torch.manual_seed(0)
-    cfg = MoEConfig(d_model=64, num_experts=4, expert_hidden=128, dispatcher="grouped",
+    cfg = MoEConfig(d_model=64, num_experts=4, expert_hidden=128, experts="grouped_mm",
                     router=RouterConfig(top_k=2), loss=LossConfig(aux_coef=0.01, z_coef=1e-3))
     eager = MoELayer(cfg).to(CUDA, torch.bfloat16)
     compiled = MoELayer(cfg).to(CUDA, torch.bfloat16)
@@ -66,7 +69,7 @@ def test_fsdp_ep_step_on_one_gpu():
 
     def model():
         torch.manual_seed(0)
-        moe = MoEConfig(d_model=64, num_experts=4, expert_hidden=64, dispatcher="grouped",
+        moe = MoEConfig(d_model=64, num_experts=4, expert_hidden=64, experts="grouped_mm",
                         router=RouterConfig(top_k=2), loss=LossConfig(aux_coef=0.0, z_coef=1e-3))
         return MoETransformer(ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=16,
                                           moe=moe)).to(CUDA)

@@ -44,7 +44,7 @@ class Case:
 def make_layer(case: Case, seed: int = 0) -> MoELayer:
     torch.manual_seed(seed)
     cfg = MoEConfig(d_model=D, num_experts=case.num_experts, expert_hidden=24,
-                    expert_hidden_sizes=case.hidden_sizes, dispatcher="loop" if case.float64 else "grouped",
+                    expert_hidden_sizes=case.hidden_sizes, experts="loop" if case.float64 else "grouped_mm",
                     hierarchical_groups=case.hierarchical_groups,
                     num_shared_experts=1 if case.shared else 0,
                     router=RouterConfig(kind=case.router, top_k=case.top_k, **dict(case.router_extra)),
@@ -209,7 +209,7 @@ def tiny_lm(dead_experts: bool = False) -> MoETransformer:
     second expert shard gets no tokens at all (its weights still decay and must stay in step)."""
     torch.manual_seed(0)
     router = RouterConfig(kind="deepseek", top_k=2, score_func="softmax") if dead_experts else RouterConfig(top_k=2)
-    moe = MoEConfig(d_model=D, num_experts=4, expert_hidden=32, num_shared_experts=1, dispatcher="grouped",
+    moe = MoEConfig(d_model=D, num_experts=4, expert_hidden=32, num_shared_experts=1, experts="grouped_mm",
                     router=router, loss=LossConfig(aux_coef=0.0, z_coef=1e-3))
     model = MoETransformer(ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=2, max_seq_len=SEQ,
                                        dense_hidden=32, moe=moe))
@@ -294,7 +294,7 @@ def trainer_setup():
     # the grouped kernels on both sides: after 6 AdamW steps, blockwise vs grouped rounding moves a weight whose
     # gradient is ~0 by ~lr (Adam normalises the noise), which would hide what this compares: the distribution
     moe = MoEConfig(d_model=32, num_experts=4, expert_hidden=32, num_shared_experts=1, router=router,
-                    loss=LossConfig(aux_coef=0.0, z_coef=1e-3), dispatcher="grouped")
+                    loss=LossConfig(aux_coef=0.0, z_coef=1e-3), experts="grouped_mm")
     model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32,
                                        moe=moe))
     cfg = TrainConfig(steps=6, batch_size=4, seq_len=16, grad_accum=2, lr=1e-2, warmup_steps=2, log_every=1,
