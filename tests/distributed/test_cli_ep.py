@@ -1,6 +1,6 @@
 """`moekit train` under torchrun on localhost: 4 processes (EP=2 x FSDP=2) save sharded checkpoints, 2
-processes (EP=2) resume them with asynchronous saves; the result loads whole in one process. These are the
-command lines the README's distributed section shows."""
+processes (EP=2) resume them with asynchronous saves; the result loads whole in one process and converts
+to a Hugging Face Mixtral folder. These are the command lines the README's distributed section shows."""
 
 import os
 import subprocess
@@ -9,8 +9,10 @@ import textwrap
 
 import torch
 
+from moekit.cli import main
 from moekit.distributed.dcp import is_sharded
 from moekit.distributed.launch import free_port
+from moekit.interop.hf import load_hf
 from moekit.train.checkpoint import load_model, resolve_checkpoint
 
 
@@ -43,3 +45,8 @@ def test_torchrun_train_fsdp_ep_and_resume_elsewhere(tmp_path):
     model = load_model(run)  # the sharded checkpoint read whole: all 8 experts of the tiny preset
     assert model.layers[0].ffn.experts.w_up_EFD.shape[0] == 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # `moekit convert runs/ep2 runs/ep2-hf --to hf --model-type mixtral`: the HF folder holds the same model
+    assert main(["convert", str(run), str(tmp_path / "hf"), "--to", "hf", "--model-type", "mixtral"]) == 0
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(tmp_path / "hf")(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
