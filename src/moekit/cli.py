@@ -553,6 +553,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run folder (default: runs/demo-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device_arg(p)
 
 
 @command("demo", "train a small MoE LM and its dense twin (same active FLOPs) on the Python stdlib source, in the "
@@ -561,6 +562,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
   moekit demo --seeds 3
   moekit demo --steps 100 --out runs/demo-short""")
 def _demo(ns) -> int:
+    from moekit.device import resolve_device
     from moekit.experiments import demo_setup, demo_verdict, reported_diff
     from moekit.train.compare import compare_moe_dense
     from moekit.train.trainer import TrainingInterrupted
@@ -574,7 +576,7 @@ def _demo(ns) -> int:
     try:
         with _new_run_folder(out, ns.overwrite), _StopOnSignal() as stop:
             s = compare_moe_dense(cfg, corpus, tcfg, out, progress=not ns.no_progress, should_stop=stop,
-                                  seeds=range(ns.seeds))
+                                  seeds=range(ns.seeds), device=resolve_device(ns.device))
     except TrainingInterrupted as e:
         print(f"moekit demo: interrupted at step {e.step}; the models trained so far are in {out} "
               f"(a comparison cannot be resumed: run it again)", file=sys.stderr)
