@@ -7,15 +7,13 @@ import torch
 from moekit.cli import main
 from moekit.config import ModelConfig, MoEConfig, RouterConfig
 from moekit.train.checkpoint import load_model
+from tests.corpus import write_docs
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy_cli")
-    docs = root / "docs"
-    docs.mkdir()
-    for i in range(4):
-        (docs / f"doc{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j}\n" for j in range(150)))
+    docs = write_docs(root / "docs", "def f{i}_{j}(x):\n    return x * {j}\n", 150)
     cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
                       moe=MoEConfig(d_model=32, num_experts=4, expert_hidden=32, router=RouterConfig(top_k=2)))
     (root / "model.json").write_text(json.dumps(cfg.to_dict()))

@@ -24,6 +24,7 @@ from moekit.models.decoder import MoETransformer
 from moekit.train import checkpoint as ckpt
 from moekit.train.data import TokenStream
 from moekit.train.trainer import make_optimizer, train
+from tests.corpus import write_docs
 
 SRC = Path(ckpt.__file__).parents[1]
 
@@ -38,10 +39,7 @@ def tiny_model(seed=0):
 def run(tmp_path_factory):
     """A tiny run trained through the CLI: 6 steps, checkpoints at 4 and 6 (keep-last 2)."""
     root = tmp_path_factory.mktemp("safety")
-    docs = root / "docs"
-    docs.mkdir()
-    for i in range(4):
-        (docs / f"doc{i}.py").write_text("".join(f"def g{i}_{j}(x):\n    return x - {j}\n" for j in range(120)))
+    write_docs(root / "docs", "def g{i}_{j}(x):\n    return x - {j}\n", 120)
     (root / "model.json").write_text(json.dumps(ModelConfig(
         vocab_size=300, d_model=16, n_layers=2, n_heads=2, max_seq_len=64,
         moe=MoEConfig(d_model=16, num_experts=4, expert_hidden=16, router=RouterConfig(top_k=2))).to_dict()))

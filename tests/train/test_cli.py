@@ -5,13 +5,12 @@ import pytest
 
 from moekit.cli import main
 from moekit.config import ModelConfig, MoEConfig, RouterConfig
+from tests.corpus import write_docs
 
 
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("docs")
-    for i in range(4):
-        (folder / f"doc{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(150)))
+    folder = write_docs(tmp_path_factory.mktemp("docs"), "def f{i}_{j}(x):\n    return x + {j}\n", 150)
     with pytest.MonkeyPatch.context() as mp:  # one tokenizer/token cache for the module
         mp.setenv("MOEKIT_CACHE", str(folder.parent / "cache"))
         yield folder

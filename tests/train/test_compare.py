@@ -7,6 +7,7 @@ from moekit.config import CapacityConfig, ModelConfig, MoEConfig, RouterConfig
 from moekit.models.decoder import MoETransformer
 from moekit.models.presets import PRESETS, get_preset
 from moekit.train.trainer import train_flops_per_token
+from tests.corpus import write_docs
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -30,10 +31,7 @@ def test_compare_with_gelu_top1_experts_reports_matched_flops(tmp_path, capsys, 
     from moekit.cli import main
 
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(4):
-        (docs / f"doc{i}.py").write_text("".join(f"def g{i}_{j}(y):\n    return y * {j}\n" for j in range(150)))
+    docs = write_docs(tmp_path / "docs", "def g{i}_{j}(y):\n    return y * {j}\n", 150)
     model = tmp_path / "switch.json"  # switch-like in miniature: top-1, GELU experts, every other layer
     model.write_text(json.dumps(ModelConfig(
         vocab_size=300, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, moe_layers="every_other",

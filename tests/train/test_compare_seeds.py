@@ -10,14 +10,12 @@ import pytest
 from moekit.cli import main
 from moekit.config import ModelConfig, MoEConfig, RouterConfig
 from tests.analysis.test_significance import t_quantile_by_integration
+from tests.corpus import write_docs
 
 
 def test_compare_with_three_seeds_prints_the_paired_interval(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(4):
-        (docs / f"doc{i}.py").write_text("".join(f"def g{i}_{j}(x):\n    return x + {j}\n" for j in range(120)))
+    docs = write_docs(tmp_path / "docs", "def g{i}_{j}(x):\n    return x + {j}\n", 120)
     cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=4, max_seq_len=64,
                       moe=MoEConfig(d_model=32, num_experts=4, expert_hidden=16, router=RouterConfig(top_k=2)))
     (tmp_path / "model.json").write_text(json.dumps(cfg.to_dict()))

@@ -9,15 +9,13 @@ from moekit.cli import main
 from moekit.config import ModelConfig, MoEConfig, RouterConfig
 from moekit.layers.moe import MoELayer
 from moekit.train.checkpoint import load_model
+from tests.corpus import write_docs
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("one_format")
-    docs = root / "docs"
-    docs.mkdir()
-    for i in range(4):
-        (docs / f"doc{i}.py").write_text("".join(f"def h{i}_{j}(y):\n    return y * {j}\n" for j in range(120)))
+    docs = write_docs(root / "docs", "def h{i}_{j}(y):\n    return y * {j}\n", 120)
     (root / "model.json").write_text(json.dumps(ModelConfig(
         vocab_size=300, d_model=16, n_layers=2, n_heads=2, max_seq_len=64,
         moe=MoEConfig(d_model=16, num_experts=4, expert_hidden=16, router=RouterConfig(top_k=2))).to_dict()))
