@@ -222,7 +222,6 @@ def test_not_patchable_families_are_refused_and_the_nearest_moe_layer_differs(mo
     """The README's reasons, measured: the closest MoELayer (same experts, closest router) computes another
     function than the family's block, so patch refuses the family with the reason instead."""
     from moekit.errors import UsageError
-    from moekit.interop.patch import patched_block
     from moekit.interop.patch_families import NOT_PATCHABLE, PatchEntry
 
     over, block_cls, router, keys, gating = NEAREST[model_type]

@@ -9,7 +9,6 @@ then run on it unchanged. Attention, norms, embeddings and dense layers stay tra
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 

@@ -272,9 +272,9 @@ def verify_checkpoint(folder: str | Path) -> None:
 
     if is_sharded(folder):  # NOTE: DCP folders have no manifest yet (sizes/checksums unchecked); DCP reads its .metadata
         return
-    manifest = _read_json(folder / MANIFEST, missing=f"missing, so the folder's files cannot be checked (written "
-                                                     f"by an older moekit or by hand); use --no-verify to load it "
-                                                     f"unchecked")
+    manifest = _read_json(folder / MANIFEST, missing="missing, so the folder's files cannot be checked (written "
+                                                     "by an older moekit or by hand); use --no-verify to load it "
+                                                     "unchecked")
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise CheckpointError(f"{folder / MANIFEST}: not a moekit manifest (no 'files' table)")
