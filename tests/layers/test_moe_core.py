@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moekit.config import CapacityConfig, ConfigError, LossConfig, MoEConfig, RouterConfig
-from moekit.layers import losses
+from moekit.layers import blockwise, losses
 from moekit.layers.capacity import apply_capacity, expert_capacity
 from moekit.layers.dispatch import Dispatcher, LocalDispatcher, PaddedDispatcher
 from moekit.layers.experts import MLP, GroupedExperts
@@ -92,11 +92,23 @@ def test_empty_experts_and_all_tokens_on_one_expert(kind, backend):
     assert torch.equal(y, torch.zeros_like(x))
 
 
+@pytest.fixture(params=["serial", "pooled"])
+def block_schedule(request):
+    """Both schedules of the blockwise kernel's expert blocks; pooled needs >= 2 torch threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    blockwise.set_block_schedule(request.param)
+    yield request.param
+    blockwise.set_block_schedule("auto")
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu"])
 @pytest.mark.parametrize("frozen", ["none", "experts", "x"])
-def test_blockwise_gradients_equal_float64_loop_including_gate_weights(activation, frozen):
+def test_blockwise_gradients_equal_float64_loop_including_gate_weights(activation, frozen, block_schedule):
     """The blockwise path writes its backward by hand: every gradient (x, each weight stack, the gate weights)
-    against autograd through the float64 loop, also when only some inputs need gradients."""
+    against autograd through the float64 loop, also when only some inputs need gradients; with the expert
+    blocks run one after another and on the worker pool."""
     g = torch.Generator().manual_seed(11)
     T, E, K, D, F = 23, 5, 2, 8, 12
     experts = GroupedExperts(E, D, F, activation, backend="blockwise")
@@ -122,6 +134,34 @@ def test_blockwise_gradients_equal_float64_loop_including_gate_weights(activatio
     with torch.no_grad():  # inference keeps no pre-activations but computes the same
         y_ng = experts.gathered(x, meta.token_R, meta.weight_R, counts_E)
     torch.testing.assert_close(y_ng, y.detach(), rtol=0, atol=0)
+
+
+def test_pooled_blocks_are_deterministic_and_leave_thread_settings_alone(block_schedule):
+    """Whichever worker runs which block, the sums are in row order: two runs are bit-identical. The workers'
+    single-thread setting does not leak into the caller or into threads started later."""
+    import threading
+
+    g = torch.Generator().manual_seed(5)
+    T, E, K, D, F = 257, 16, 4, 24, 40
+    experts = GroupedExperts(E, D, F, "swiglu", backend="blockwise")
+    x = torch.randn(T, D, generator=g, requires_grad=True)
+    token_N, expert_N, _ = topk_assignments(torch.randn(T, E, generator=g), K)
+    weight_N = torch.rand(T * K, generator=g, requires_grad=True)
+    routing = Routing(token_N, expert_N, weight_N, torch.zeros_like(token_N), torch.zeros(T, E), None, T, E, K)
+    dy = torch.randn(T, D, generator=g)
+    runs = []
+    for _ in range(3):
+        counts_E, meta = LocalDispatcher().plan(routing)
+        y = experts.gathered(x, meta.token_R, meta.weight_R, counts_E)
+        runs.append((y.detach(), *torch.autograd.grad((y * dy).sum(), (x, weight_N, *experts.parameters()))))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+    threads = torch.get_num_threads()
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert (threads, seen) == (max(2, threads), [threads])
 
 
 def test_blockwise_expert_dropout_masks_hidden_units_like_nn_dropout():

@@ -14,6 +14,10 @@ Only the hidden pre-activations (gate and up, [R, F] each) are saved, not x_RD o
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import Tensor
 
@@ -46,6 +50,89 @@ def sum_rows_into(g_nO: Tensor, out: Tensor | None) -> None:
         torch.sum(g_nO, 0, out=out)
 
 
+# ---------------------------------------------------------------------------- scheduling the expert blocks
+# Serial: blocks one after another, each op parallel over torch's intra-op threads. That collapses when
+# another process shares the cores: every small op ends in a barrier that waits for a descheduled thread
+# (bench_layer's contention case). Pooled: one single-threaded worker per intra-op thread takes the next
+# block from a shared queue, so a descheduled worker delays only its own block and the others take the rest.
+# The blocks' outputs are written to disjoint rows and summed afterwards in row order, so both schedules give
+# the same sums whichever worker ran which block (bit-identical at a fixed thread count).
+BLOCK_SCHEDULES = ("serial", "pooled", "auto")
+_schedule = "serial"  # until bench_layer measures the pooled schedule on an idle machine
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_in_worker = threading.local()
+
+
+def set_block_schedule(schedule: str) -> None:
+    """How the CPU blockwise kernel runs its expert blocks: "serial", "pooled" or "auto" (pooled when torch
+    has more than one thread and there are at least two blocks per worker)."""
+    global _schedule
+    if schedule not in BLOCK_SCHEDULES:
+        raise ValueError(f"schedule must be one of {BLOCK_SCHEDULES}, got {schedule!r}")
+    _schedule = schedule
+
+
+def nonempty_blocks(bounds: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every expert with rows, largest first: a greedy queue of the largest
+    remaining block balances the workers best (longest-processing-time-first)."""
+    blocks = [(e, r0, r1) for e, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:])) if r1 > r0]
+    return sorted(blocks, key=lambda b: b[1] - b[2])
+
+
+def _single_thread_worker() -> None:
+    torch.set_num_threads(1)  # this thread's own OpenMP/MKL setting; the caller's is left as it was
+    _in_worker.active = True
+
+
+def block_pool(x: Tensor, blocks: list) -> tuple[int, ThreadPoolExecutor] | None:
+    """(workers, pool) when the pooled schedule applies to these blocks, else None (serial)."""
+    global _pool
+    threads = torch.get_num_threads()
+    if (_schedule == "serial" or x.device.type != "cpu" or threads < 2 or len(blocks) < 2
+            or getattr(_in_worker, "active", False) or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()):
+        return None  # worker threads would not inherit autocast; dynamo cannot trace threads
+    if _schedule == "auto" and len(blocks) < 2 * threads:
+        return None  # too few blocks to balance: one big block per worker idles the rest
+    if _pool is None or _pool[0] != threads:
+        if _pool is not None:
+            _pool[1].shutdown(wait=False)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="moekit-block", initializer=_single_thread_worker)
+        started = threading.Barrier(threads + 1)
+        for _ in range(threads):  # start every worker now (each blocks here, so each submit makes a new one)
+            pool.submit(started.wait)
+        started.wait()
+        # a worker's set_num_threads(1) also set the default that threads started later begin with: restore it
+        torch.set_num_threads(threads)
+        _pool = (threads, pool)
+    return _pool
+
+
+def run_blocks(pool: tuple[int, ThreadPoolExecutor] | None, blocks: list[tuple[int, int, int]],
+               block: Callable[[int, int, int], None]) -> None:
+    """Run ``block(e, r0, r1)`` for every block: in order on this thread, or on the pool's workers, each
+    taking the next block from the queue until it is empty."""
+    if pool is None:
+        for b in blocks:
+            block(*b)
+        return
+    queue = iter(blocks)
+    lock = threading.Lock()
+
+    def work() -> None:
+        with torch.no_grad():  # grad mode is per thread: the workers' ops must not record a graph
+            while True:
+                with lock:
+                    b = next(queue, None)
+                if b is None:
+                    return
+                block(*b)
+
+    workers, executor = pool
+    for f in [executor.submit(work) for _ in range(workers)]:
+        f.result()
+
+
 class BlockwiseFFN(torch.autograd.Function):
     """y_TD[t] = sum over rows r with token_R[r] = t of scale_R[r] * expert_e(r)(x_TD[t]).
 
@@ -64,9 +151,11 @@ class BlockwiseFFN(torch.autograd.Function):
         # pre-activations are kept for backward; in inference each block uses a temporary instead
         u_RF = x_TD.new_empty(R, F_) if save else None
         g_RF = x_TD.new_empty(R, F_) if save and act.gated else None
-        for e, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if r0 == r1:
-                continue
+        blocks = nonempty_blocks(bounds)
+        pool = block_pool(x_TD, blocks)
+        y_RD = x_TD.new_empty(R, x_TD.shape[1]) if pool else None  # workers write disjoint rows, summed below
+
+        def block(e: int, r0: int, r1: int) -> None:
             f = hidden_E[e]
             w_e = w.expert(e, f)
             tok = token_R[r0:r1]
@@ -76,7 +165,15 @@ class BlockwiseFFN(torch.autograd.Function):
             h = act.hidden(g, u, inplace=True)
             if keep_RF is not None:
                 h.mul_(keep_RF[r0:r1, :f])
-            y_TD.index_add_(0, tok, ffn_out(h, w_e, scale=scale_R[r0:r1], inplace=True))
+            y_nD = ffn_out(h, w_e, scale=scale_R[r0:r1], inplace=True)
+            if pool:
+                y_RD[r0:r1] = y_nD
+            else:
+                y_TD.index_add_(0, tok, y_nD)
+
+        run_blocks(pool, blocks, block)
+        if pool:  # rows in the serial order: the same sum, whichever worker computed which block
+            y_TD.index_add_(0, token_R, y_RD)
         if save:
             ctx.save_for_backward(x_TD, scale_R, w_gate, w_up, w_down, b_gate, b_up, b_down, token_R, keep_RF,
                                   g_RF, u_RF)
@@ -97,7 +194,8 @@ class BlockwiseFFN(torch.autograd.Function):
         dw = FFNWeights(*(torch.empty_like(t) if n and t is not None else None
                           for n, t in zip(need[2:], (w_gate, w_up, w_down, b_gate, b_up, b_down))))
         need_hidden = need_x or any(t is not None for t in (dw.gate, dw.up, dw.b_gate, dw.b_up))
-        for e, (r0, r1) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
+        bounds = ctx.bounds
+        for e, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:])):
             f = 0 if r0 == r1 else ctx.hidden_E[e]
             for t in (dw.gate, dw.up, dw.b_gate, dw.b_up):
                 if t is not None and f < t.shape[1]:
@@ -106,8 +204,12 @@ class BlockwiseFFN(torch.autograd.Function):
                 dw.down[e, :, f:].zero_()
             if dw.b_down is not None and f == 0:
                 dw.b_down[e].zero_()
-            if r0 == r1:
-                continue
+        blocks = nonempty_blocks(bounds)
+        pool = block_pool(x_TD, blocks)
+        dx_RD = x_TD.new_empty(token_R.shape[0], x_TD.shape[1]) if pool and need_x else None
+
+        def block(e: int, r0: int, r1: int) -> None:
+            f = ctx.hidden_E[e]
             w_e, dw_e = w.expert(e, f), dw.expert(e, f)
             tok = token_R[r0:r1]
             u, s = u_RF[r0:r1, :f], scale_R[r0:r1]
@@ -123,14 +225,14 @@ class BlockwiseFFN(torch.autograd.Function):
             if dw_e.b_down is not None:
                 torch.mv(dy_nD.t(), s, out=dw_e.b_down)
             if not (need_s or need_hidden):
-                continue
+                return
             dh = dy_nD @ w_e.down
             if need_s:
                 torch.sum(dh * hu, 1, out=ds_R[r0:r1])
                 if w_e.b_down is not None:
                     ds_R[r0:r1].add_(dy_nD @ w_e.b_down)
             if not need_hidden:
-                continue
+                return
             dh.mul_(s[:, None])
             if keep_RF is not None:
                 dh.mul_(keep_RF[r0:r1, :f])
@@ -147,7 +249,14 @@ class BlockwiseFFN(torch.autograd.Function):
                 dx_nD = du @ w_e.up
                 if act.gated:
                     dx_nD.addmm_(dg, w_e.gate)
-                dx_TD.index_add_(0, tok, dx_nD)
+                if pool:
+                    dx_RD[r0:r1] = dx_nD
+                else:
+                    dx_TD.index_add_(0, tok, dx_nD)
+
+        run_blocks(pool, blocks, block)
+        if dx_RD is not None:
+            dx_TD.index_add_(0, token_R, dx_RD)
         return (dx_TD, ds_R, dw.gate, dw.up, dw.down, dw.b_gate, dw.b_up, dw.b_down) + (None,) * 5
 
 
