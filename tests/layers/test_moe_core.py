@@ -97,9 +97,9 @@ def block_schedule(request):
     """Both schedules of the blockwise kernel's expert blocks; pooled needs >= 2 torch threads."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
-    blockwise.set_block_schedule(request.param)
+    previous = blockwise.set_block_schedule(request.param)
     yield request.param
-    blockwise.set_block_schedule("auto")
+    blockwise.set_block_schedule(previous)
     torch.set_num_threads(threads)
 
 

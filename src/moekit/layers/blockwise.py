@@ -63,13 +63,14 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 _in_worker = threading.local()
 
 
-def set_block_schedule(schedule: str) -> None:
+def set_block_schedule(schedule: str) -> str:
     """How the CPU blockwise kernel runs its expert blocks: "serial", "pooled" or "auto" (pooled when torch
-    has more than one thread and there are at least two blocks per worker)."""
+    has more than one thread and there are at least two blocks per worker). Returns the previous one."""
     global _schedule
     if schedule not in BLOCK_SCHEDULES:
         raise ValueError(f"schedule must be one of {BLOCK_SCHEDULES}, got {schedule!r}")
-    _schedule = schedule
+    previous, _schedule = _schedule, schedule
+    return previous
 
 
 def nonempty_blocks(bounds: list[int]) -> list[tuple[int, int, int]]:
