@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -213,6 +214,65 @@ def test_ctrl_c_under_default_flags_saves_and_resume_matches_an_uninterrupted_ru
                           timeout=600)
     assert done.returncode == 0, done.stderr
     assert main([*_tiny_train_args(docs, steps), "--out", str(tmp_path / "full")]) == 0
+    assert _losses(run) == _losses(tmp_path / "full")
+
+
+# `moekit train` whose save of the interrupted step stalls in the middle (after the files are written into the
+# temporary folder, while their checksums are taken) until the test presses Ctrl-C again. The stall is chosen
+# by the CLI's own state: after the first SIGINT its handler has put back the default action.
+SLOW_FINAL_SAVE = """
+import pathlib, signal, sys, time
+from moekit.cli import main
+from moekit.train import checkpoint
+real = checkpoint.file_digest
+def digest_then_stall(path):
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
+        pathlib.Path(sys.argv[1]).write_text(str(path.parent))
+        time.sleep(600)
+    return real(path)
+checkpoint.file_digest = digest_then_stall
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_second_ctrl_c_during_the_final_save_quits_and_keeps_the_previous_checkpoint(docs, tmp_path):
+    """SIGINT, then SIGINT again while the interrupted step's checkpoint is being written: the process ends at
+    once by the signal (no traceback, no second message); `latest` still names the previous checkpoint, which
+    passes its checksums, and `--resume` continues from it to the losses of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from moekit.train.checkpoint import load_model
+
+    steps, run, saving = 20, tmp_path / "run", tmp_path / "saving"  # steps: more than run between two polls
+    args = [*_tiny_train_args(docs, steps), "--save-every", "2", "--out", str(run)]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_FINAL_SAVE, str(saving), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    deadline = time.monotonic() + 300
+    while not (run / "latest").is_file() and proc.poll() is None:  # the first checkpoint (step 2) is written
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    while not saving.is_file() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the interrupted step's save never started"
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()  # saving: neither the end of the run nor of the process
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)  # the save would stall for 600 s: ending now is the second Ctrl-C
+    assert proc.returncode == -signal.SIGINT, err
+    assert err.strip().splitlines() == [("SIGINT: stopping after this step and saving a checkpoint "
+                                         "(press Ctrl-C again to quit at once)")]
+    unfinished = int(re.fullmatch(r"\.ckpt-(\d+)\.tmp-.*", Path(saving.read_text()).name).group(1))
+    previous = (run / "latest").read_text().strip()
+    assert previous == f"ckpt-{unfinished - 1 - (unfinished - 1) % 2:06d}"  # the last save-every-2 checkpoint
+    assert not (run / f"ckpt-{unfinished:06d}").exists()
+    load_model(run)  # the checkpoint `latest` names is whole: every file matches manifest.json
+    assert main([*args, "--resume"]) == 0
+    assert not list(run.glob(".*.tmp-*"))  # the stalled save's leftovers are gone
+    assert main([*_tiny_train_args(docs, steps), "--save-every", "2", "--out", str(tmp_path / "full")]) == 0
     assert _losses(run) == _losses(tmp_path / "full")
 
 
