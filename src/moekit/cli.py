@@ -826,7 +826,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 @command("finetune", "fine-tune a checkpoint on new data with an MoE recipe (freeze policy, expert dropout, "
                      "aux loss, token dropping); reports trainable parameters and memory saved", _finetune_args,
          examples="""  moekit finetune runs/a --recipe moe --data my_texts/ --out runs/ft
-  moekit finetune runs/a --freeze router --steps 200 --lr 1e-3 --out runs/ft2""")
+  moekit finetune runs/a --freeze experts --steps 200 --lr 1e-3 --out runs/ft2""")
 def _finetune_cmd(ns) -> int:
     from moekit.train.finetune import finetune, get_recipe
     from moekit.train.hooks import MetricsWriter

@@ -48,6 +48,7 @@ def test_stats_against_hand_computed_values():
     assert rs.imbalance(counts) == pytest.approx(6 / 3)
     p = [6 / 12, 2 / 12, 4 / 12]
     assert rs.load_entropy(counts) == pytest.approx(-sum(q * math.log(q) for q in p))
+    assert math.copysign(1.0, rs.load_entropy(torch.tensor([0, 5, 0]))) == 1.0  # 0.000, not -0.000
     probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25] * 4])
     assert rs.router_entropy(probs) == pytest.approx((math.log(2) + math.log(4)) / 2)
 

@@ -151,6 +151,28 @@ def test_dense_load_and_upcycled_model_equals_dense_at_step_0(model_type, tmp_pa
         assert (noisy(ids).logits - ref).abs().max().item() > 1e-4  # noise really perturbs the experts
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_upcycled_dense_twin_keeps_its_activation_and_equals_it_at_step_0(activation):
+    """A dense twin's former MoE FFNs use the experts' activation (a GELU one has no gate projection): the
+    upcycled experts take that activation and copy its matrices, so at step 0 the MoE is the dense model."""
+    from moekit.config import ModelConfig, MoEConfig, RouterConfig
+    from moekit.interop.upcycle import upcycle
+    from moekit.models.decoder import MoETransformer
+
+    torch.manual_seed(0)
+    moe_cfg = MoEConfig(d_model=32, num_experts=4, expert_hidden=24, activation=activation,
+                        router=RouterConfig(kind="switch", top_k=1))
+    cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, max_seq_len=32,
+                      moe_layers="every_other", moe=moe_cfg)
+    dense = MoETransformer(cfg.dense_twin()).eval()
+    moe = upcycle(dense, num_experts=4, top_k=2, moe_layers="every_other").eval()
+    assert [b.is_moe for b in moe.layers] == [b.is_moe for b in MoETransformer(cfg).layers]
+    assert moe.cfg.moe.activation == activation and moe.cfg.moe.expert_hidden == 24
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        assert (moe(ids).logits - dense(ids).logits).abs().max().item() <= 1e-5
+
+
 def test_cli_convert_roundtrip_and_upcycle_to_mixtral(tmp_path):
     from moekit.cli import main
 

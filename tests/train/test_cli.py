@@ -134,6 +134,26 @@ def test_every_option_has_help_a_shown_default_and_every_command_examples(capsys
     assert "--vocab-size" not in subparsers["inspect"].format_help()  # inspect uses the checkpoint's tokenizer
 
 
+def test_every_help_example_parses_and_finetune_examples_name_a_valid_recipe():
+    """The examples under each command's --help use options that exist, with values the command accepts."""
+    import argparse
+    import shlex
+
+    from moekit.cli import build_parser
+    from moekit.train.finetune import get_recipe
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    examples = [line.split("#")[0] for sub in subparsers.values() for line in sub.epilog.splitlines()
+                if line.strip().startswith("moekit ")]
+    assert len(examples) >= len(subparsers)
+    for example in examples:
+        ns, extra = parser.parse_known_args(shlex.split(example)[1:])
+        assert not extra or (getattr(ns, "dst", "") is None and len(extra) == 1), example  # main's DST rule
+        if ns.command == "finetune":
+            get_recipe(ns.recipe, freeze=ns.freeze, steps=ns.steps, lr=ns.lr)
+
+
 @pytest.mark.parametrize("argv, dst, data", [
     (["extract", "runs/a", "runs/t", "--data", "x/", "y/"], "runs/t", ["x/", "y/"]),
     (["extract", "runs/a", "--data", "x/", "y/", "runs/t"], "runs/t", ["x/", "y/"]),

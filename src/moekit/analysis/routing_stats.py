@@ -95,7 +95,7 @@ def router_entropy(probs_TE: Tensor) -> float:
 def load_entropy(counts_E: Tensor) -> float:
     """Entropy (nats) of the load distribution over experts; log(E) means perfectly balanced."""
     p = counts_E.double() / counts_E.double().sum().clamp_min(1)
-    return float(-(p * p.clamp_min(1e-30).log()).sum())
+    return float(-(p * p.clamp_min(1e-30).log()).sum()) + 0.0  # + 0.0: all load on one expert is 0, not -0
 
 
 def coactivation_EE(token_N: Tensor, expert_N: Tensor, num_tokens: int, num_experts: int) -> Tensor:

@@ -27,13 +27,17 @@ def upcycle(dense: MoETransformer, num_experts: int = 8, top_k: int = 2, *, moe_
         raise UsageError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
     c = dense.cfg
     # the experts copy the dense FFNs they replace (a dense twin's are narrower than dense_hidden)
+    # and their activation (a GELU dense twin has no gate projection to copy)
     slots = dataclasses.replace(c, moe_layers=moe_layers)
-    widths = {dense.layers[i].ffn.w_up.weight.shape[0] for i in range(c.n_layers) if slots.moe_slot(i)}
-    if len(widths) != 1:
-        raise UsageError(f"upcycle: the FFNs that become MoE layers have hidden sizes {sorted(widths)}; "
-                         f"experts of one size need one (try --moe-layers all or every_other)")
+    ffns = [dense.layers[i].ffn for i in range(c.n_layers) if slots.moe_slot(i)]
+    widths, activations = {f.w_up.weight.shape[0] for f in ffns}, {f.act.name for f in ffns}
+    if len(widths) != 1 or len(activations) != 1:
+        raise UsageError(f"upcycle: the FFNs that become MoE layers have hidden sizes {sorted(widths)} and "
+                         f"activations {sorted(activations)}; experts of one kind need one of each (try "
+                         f"--moe-layers all or every_other)")
     moe = MoEConfig(d_model=c.d_model, num_experts=num_experts, expert_hidden=widths.pop(),
-                    router=RouterConfig(top_k=top_k, renormalize=True), loss=LossConfig(aux_coef=aux_coef))
+                    activation=activations.pop(), router=RouterConfig(top_k=top_k, renormalize=True),
+                    loss=LossConfig(aux_coef=aux_coef))
     cfg = dataclasses.replace(c, moe=moe, moe_layers=moe_layers)
     model = MoETransformer(cfg)
     src = dense.state_dict()
@@ -45,9 +49,10 @@ def upcycle(dense: MoETransformer, num_experts: int = 8, top_k: int = 2, *, moe_
     for i, block in enumerate(model.layers):
         if not block.is_moe:
             continue
-        mlp = dense.layers[i].ffn
-        for stacked, w in ((block.ffn.experts.w_gate_EFD, mlp.w_gate.weight), (block.ffn.experts.w_up_EFD, mlp.w_up.weight),
-                           (block.ffn.experts.w_down_EDF, mlp.w_down.weight)):
+        mlp, experts = dense.layers[i].ffn, block.ffn.experts
+        gate = [(experts.w_gate_EFD, mlp.w_gate)] if experts.gated else []
+        for stacked, linear in gate + [(experts.w_up_EFD, mlp.w_up), (experts.w_down_EDF, mlp.w_down)]:
+            w = linear.weight
             copies = w.detach()[None].repeat(num_experts, 1, 1)
             if expert_noise > 0:
                 copies += torch.randn(copies.shape, generator=g) * expert_noise * w.detach().std()
