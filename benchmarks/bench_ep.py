@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from moekit.analysis.timing import barrier_clock, round_robin
 from moekit.config import LossConfig, MoEConfig, RouterConfig
 from moekit.distributed import AllToAllDispatcher, build_mesh, parallelize
 from moekit.distributed.launch import run_local
@@ -63,20 +62,12 @@ def worker(rank: int, world_size: int, tokens: int, reps: int, chunk_options: li
         if expert_parallel:
             layer.dispatcher.num_chunks = c
 
-    times = {c: {"fwd": [], "step": []} for c in chunk_options}
-    for c in chunk_options:  # warm-up
-        use_chunks(c)
-        fwd()
-        step()
-    for _ in range(reps):
-        for c in chunk_options:
-            use_chunks(c)
-            for kind, fn in (("fwd", fwd), ("step", step)):
-                dist.barrier()
-                t0 = time.perf_counter()
-                fn()
-                dist.barrier()
-                times[c][kind].append(time.perf_counter() - t0)
+    def case(c: int, fn):
+        return lambda: (use_chunks(c), fn())
+
+    # the shared harness, its clock read barrier to barrier (rank 0's clock); one warm-up round
+    timed = round_robin({(c, kind): case(c, fn) for c in chunk_options for kind, fn in (("fwd", fwd), ("step", step))},
+                        reps=reps, warmup=1, clock=barrier_clock)
 
     use_chunks(1)
     sent = 0
@@ -87,7 +78,7 @@ def worker(rank: int, world_size: int, tokens: int, reps: int, chunk_options: li
     sent_all = torch.tensor([sent], dtype=torch.float64)
     dist.all_reduce(sent_all)
     if rank == 0:
-        med = {c: {k: statistics.median(v) for k, v in ts.items()} for c, ts in times.items()}
+        med = {c: {k: timed[(c, k)].median for k in ("fwd", "step")} for c in chunk_options}
         Path(out).write_text(json.dumps({"times": med, "bytes": sent_all.item()}))
 
 

@@ -1,7 +1,8 @@
 """MoE layer speed against the best dense FFN of equal active FLOPs, against HF transformers' MoE blocks, and
 against a measured matmul ceiling; plus how each slows down when another process is busy on the same cores.
 
-Run:  python benchmarks/bench_layer.py [--reps 7] [--tokens 4096] [--threads N] [--no-compile] [--no-contention]
+Run:  python benchmarks/bench_layer.py [--reps 7] [--runs 3] [--tokens 4096] [--threads N] [--no-compile]
+                                      [--no-contention]
 
 W1: T=4096, d=512, 8 experts h=1408, top-2            (Mixtral-shaped)   dense twin h = 2*1408
 W2: T=4096, d=512, 64 experts h=352, top-8, 1 shared  (Qwen2-MoE-shaped) dense twin h = 8*352 + 352
@@ -17,13 +18,18 @@ half the max-min range over the rounds, in %); ratios are per-round ratios, so l
 Matmul ceiling: the best GFLOP/s over several matmul shapes at the same thread count; the layer's
 achieved GFLOP/s counts active FLOPs only (forward 3 matmuls, backward 6: 18*T*D*H).
 Contention: a busy process (matmuls on as many threads as torch uses here) runs while plain dense and
-moekit auto are timed again; slowdown = busy / idle median; target: moekit's slowdown <= 1.5x dense's.
+moekit's blockwise kernel (both block schedules: serial and pooled, see layers/blockwise.py) are timed
+again; slowdown = busy / idle median; target: moekit's slowdown <= 1.5x dense's.
+Targets (fwd+bwd): moekit auto <= 1.10x the best dense, >= 1.3x faster than HF's best, >= 60% of the
+ceiling. ``--runs N`` repeats the timing of those cases N times (the first run is the full table) and
+prints each target's median and range over the runs, then the README's table rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import subprocess
 import sys
 
@@ -32,6 +38,7 @@ from torch import nn
 
 from moekit.analysis.timing import best, ratio, round_robin
 from moekit.config import LossConfig, MoEConfig, RouterConfig
+from moekit.layers import blockwise
 from moekit.layers.experts import MLP
 from moekit.layers.moe import MoELayer
 
@@ -40,20 +47,27 @@ WORKLOADS = {
     "W2": dict(d=512, E=64, h=352, k=8, shared=1),
 }
 DENSE = ("dense plain", "dense row-chunked", "dense fused 1-expert", "dense compiled")
-# label -> (MoEConfig.dispatcher, MoEConfig.experts)
-MOEKIT_CASES = {"auto": ("local", "auto"), "blockwise": ("local", "blockwise"), "grouped": ("local", "grouped_mm"),
-                "loop": ("local", "loop"), "padded": ("padded", "auto")}
+# label -> (MoEConfig.dispatcher, MoEConfig.experts, blockwise schedule or None for the default)
+MOEKIT_CASES = {"auto": ("local", "auto", None), "blockwise serial": ("local", "blockwise", "serial"),
+                "blockwise pooled": ("local", "blockwise", "pooled"), "grouped": ("local", "grouped_mm", None),
+                "loop": ("local", "loop", None), "padded": ("padded", "auto", None)}
+DEFAULT_SCHEDULE = blockwise.set_block_schedule("serial")
+blockwise.set_block_schedule(DEFAULT_SCHEDULE)
 
 
-def fwd_and_fwdbwd(module: nn.Module, x: torch.Tensor, out=lambda o: o) -> dict[str, callable]:
-    """The two closures timed for a module: forward only (no grad) and forward + backward."""
+def fwd_and_fwdbwd(module: nn.Module, x: torch.Tensor, out=lambda o: o, schedule: str | None = None
+                   ) -> dict[str, callable]:
+    """The two closures timed for a module: forward only (no grad) and forward + backward; ``schedule``:
+    the blockwise block schedule the closure runs with (the library default when None)."""
     dy = torch.randn_like(x)
 
     def fwd():
+        blockwise.set_block_schedule(schedule or DEFAULT_SCHEDULE)
         with torch.no_grad():
             module(x)
 
     def fwdbwd():
+        blockwise.set_block_schedule(schedule or DEFAULT_SCHEDULE)
         xi = x.detach().requires_grad_(True)
         (out(module(xi)) * dy).sum().backward()
         module.zero_grad(set_to_none=True)
@@ -167,8 +181,10 @@ def busy_process(threads: int):
 def run_workload(name: str, w: dict, args) -> None:
     x = torch.randn(args.tokens, w["d"])
     modules = dense_cases(w, x, args.compile)
-    for label, (dispatcher, experts) in MOEKIT_CASES.items():
+    schedules = {}
+    for label, (dispatcher, experts, schedule) in MOEKIT_CASES.items():
         modules["moekit " + label] = (moe_layer(w, dispatcher, experts), lambda o: o.y)
+        schedules["moekit " + label] = schedule
     hf_names = []
     for impl in ("eager", "batched_mm", "grouped_mm"):
         block = hf_block(w, impl)
@@ -184,7 +200,7 @@ def run_workload(name: str, w: dict, args) -> None:
         modules["HF " + impl] = (block, hf_output)
         hf_names.append("HF " + impl)
     xs = {n: (x[None] if n.startswith("HF") else x) for n in modules}
-    closures = {n: fwd_and_fwdbwd(m, xs[n], out) for n, (m, out) in modules.items()}
+    closures = {n: fwd_and_fwdbwd(m, xs[n], out, schedules.get(n)) for n, (m, out) in modules.items()}
     saved = {n: saved_for_backward_mb(m, xs[n], out) for n, (m, out) in modules.items()}
     times = {kind: round_robin({n: c[kind] for n, c in closures.items()}, reps=args.reps, warmup=args.warmup)
              for kind in ("fwd", "fwd+bwd")}
@@ -208,22 +224,64 @@ def run_workload(name: str, w: dict, args) -> None:
     print(f"{name:4} matmul ceiling {ceiling:.0f} GFLOP/s (best shape {shape}); fwd+bwd on active FLOPs: moekit auto "
           f"{achieved['moekit auto']:.0f} GFLOP/s = {achieved['moekit auto'] / ceiling:.0%} of the ceiling, "
           f"{base} {achieved[base]:.0f} GFLOP/s = {achieved[base] / ceiling:.0%}")
+    summary = {"best dense": base, "auto/best": [ratio(times["fwd+bwd"], "moekit auto", base).median],
+               "HF/auto": [ratio(times["fwd+bwd"], hf, "moekit auto").median] if hf_names else [],
+               "ceiling": [achieved["moekit auto"] / ceiling]}
     if args.contention:
-        pair = {n: closures[n]["fwd+bwd"] for n in ("dense plain", "moekit auto")}
-        idle = round_robin(pair, reps=args.reps, warmup=args.warmup)
+        cases = ("dense plain", "moekit blockwise serial", "moekit blockwise pooled")
+        group = {n: closures[n]["fwd+bwd"] for n in cases}
+        idle = round_robin(group, reps=args.reps, warmup=args.warmup)
         with busy_process(torch.get_num_threads()):
-            loaded = round_robin(pair, reps=args.reps, warmup=args.warmup)
-        slow = {n: loaded[n].median / idle[n].median for n in pair}
+            loaded = round_robin(group, reps=args.reps, warmup=args.warmup)
+        slow = {n: loaded[n].median / idle[n].median for n in cases}
+        summary["contention"] = {n: slow[n] / slow["dense plain"] for n in cases[1:]}
         print(f"{name:4} contention (a busy {torch.get_num_threads()}-thread process on the same cores): slowdown "
-              f"dense plain {slow['dense plain']:.2f}x, moekit auto {slow['moekit auto']:.2f}x -> moekit/dense "
-              f"{slow['moekit auto'] / slow['dense plain']:.2f} (target <= 1.5)")
+              f"dense plain {slow['dense plain']:.2f}x, " + ", ".join(
+                  f"{n[7:]} {slow[n]:.2f}x -> /dense {slow[n] / slow['dense plain']:.2f}" for n in cases[1:])
+              + " (target <= 1.5)")
+    # further runs: the target ratios only (the cases they need), for their spread over runs
+    targets = [n for n in dense] + ["moekit auto"] + ([hf] if hf_names else [])
+    for run in range(1, args.runs):
+        t = round_robin({n: closures[n]["fwd+bwd"] for n in targets}, reps=args.reps, warmup=args.warmup)
+        b = best(t, dense)
+        summary["auto/best"].append(ratio(t, "moekit auto", b).median)
+        if hf_names:
+            summary["HF/auto"].append(ratio(t, hf, "moekit auto").median)
+        summary["ceiling"].append(flops / t["moekit auto"].median / 1e9 / ceiling)
+        print(f"{name:4} run {run + 1}: best dense {b}; moekit auto / best dense {summary['auto/best'][-1]:.2f}x"
+              + (f", HF best / moekit auto {summary['HF/auto'][-1]:.2f}x" if hf_names else "")
+              + f", {summary['ceiling'][-1]:.0%} of the ceiling", flush=True)
     print(flush=True)
+    return summary
+
+
+def over_runs(values: list[float], fmt: str) -> str:
+    """Median [min-max] over runs."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.median(values), fmt)} [{format(min(values), fmt)}-{format(max(values), fmt)}]"
+
+
+def readme_rows(summaries: dict[str, dict], runs: int) -> None:
+    """The README's performance table, from this run's numbers (median [min-max] over ``runs`` runs)."""
+    print(f"README table (fwd+bwd, median [min-max] over {runs} run(s)):")
+    print("| workload | best dense | moekit auto / best dense (target <= 1.10) | HF best / moekit auto "
+          "(target >= 1.3) | moekit auto, share of matmul ceiling (target >= 60%) | contention slowdown "
+          "vs dense, serial / pooled (target <= 1.5) |")
+    print("|---|---|---|---|---|---|")
+    for name, s in summaries.items():
+        cont = s.get("contention")
+        cont_s = " / ".join(f"{v:.2f}" for v in cont.values()) if cont else "not run"
+        print(f"| {name} | {s['best dense'][6:]} | {over_runs(s['auto/best'], '.2f')}x | "
+              f"{over_runs(s['HF/auto'], '.2f') + 'x' if s['HF/auto'] else 'n/a'} | "
+              f"{over_runs(s['ceiling'], '.0%')} | {cont_s} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=1, help="repeat the target ratios' timing this many times")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--only", nargs="+", choices=sorted(WORKLOADS), default=sorted(WORKLOADS))
@@ -237,8 +295,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, T={args.tokens}, reps={args.reps}, "
           f"warm-up rounds={args.warmup}")
-    for name in args.only:
-        run_workload(name, WORKLOADS[name], args)
+    summaries = {name: run_workload(name, WORKLOADS[name], args) for name in args.only}
+    readme_rows(summaries, args.runs)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Run:  python benchmarks/bench_train.py [--steps 6] [--d 256] [--no-compile] [--no-distributed]
 
 Each model does the same AdamW training step (forward, LM loss (+ router aux loss), backward, step) on
-the same random batch; tokens/s are medians over interleaved steps, printed as ratios to the dense twin.
+the same random batch, timed round-robin by ``moekit.analysis.timing`` (one step of every case per round);
+tokens/s are medians, ratios are medians of per-round ratios.
 HF Mixtral is timed with its eager and grouped_mm experts implementations; the best is reported.
 The MoE model also runs compiled (``apply_compile``: each block), interleaved with the others, and under
 FSDP2 + EP=2 on 2 local gloo processes (each half the batch, half the threads; timed after the
@@ -13,15 +14,14 @@ in-process cases, in the same run): both printed as ratios to the eager single-p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from moekit.analysis.timing import barrier_clock, best, ratio, round_robin
 from moekit.config import LossConfig, ModelConfig, MoEConfig, RouterConfig
 from moekit.distributed import build_mesh, parallelize
 from moekit.distributed.launch import run_local
@@ -51,16 +51,9 @@ def fsdp_ep_worker(rank: int, world_size: int, cfg: ModelConfig, x, y, steps: in
     plan = parallelize(model, build_mesh(ep=world_size))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     xb, yb = plan.local_batch(x), plan.local_batch(y)
-    moekit_step(model, opt, xb, yb)  # warm-up
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        moekit_step(model, opt, xb, yb)
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
+    times = round_robin({"step": lambda: moekit_step(model, opt, xb, yb)}, reps=steps, warmup=1, clock=barrier_clock)
     if rank == 0:
-        Path(out).write_text(json.dumps(statistics.median(times)))
+        Path(out).write_text(json.dumps(times["step"].median))
 
 
 def main() -> None:
@@ -116,29 +109,23 @@ def main() -> None:
     except ImportError:
         print("transformers not installed: HF rows skipped")
 
-    times = {k: [] for k in cases}
-    for step, model, opt in cases.values():  # warm-up
-        step(model, opt, x, y)
-    for _ in range(args.steps):
-        for name, (step, model, opt) in cases.items():
-            t0 = time.perf_counter()
-            step(model, opt, x, y)
-            times[name].append(time.perf_counter() - t0)
+    times = round_robin({name: functools.partial(step, model, opt, x, y) for name, (step, model, opt) in cases.items()},
+                        reps=args.steps, warmup=1)
     tokens = args.batch * args.seq
-    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
-    base = tps["moekit dense twin"]
+    tps = {k: tokens / t.median for k, t in times.items()}
     moe = cases["moekit MoE"][1]
     print(f"\nd={d}, {args.layers} layers, 8 experts x hidden {h}, top-2 (dense twin hidden {2 * h}); "
           f"batch {args.batch} x {args.seq} tokens; {moe.num_params() / 1e6:.1f}M params, "
           f"{moe.num_active_params() / 1e6:.1f}M active; torch threads {torch.get_num_threads()}")
     print("| model | tokens/s | ratio to dense twin |\n|---|---|---|")
-    for k, v in tps.items():
-        print(f"| {k} | {v:,.0f} | {v / base:.2f}x |")
-    hf = [v for k, v in tps.items() if k.startswith("HF")]
+    for k, v in tps.items():  # tokens/s ratio = inverse per-round time ratio
+        print(f"| {k} | {v:,.0f} ±{times[k].spread / 2:.0%} | {1 / ratio(times, k, 'moekit dense twin').median:.2f}x |")
+    hf = [k for k in tps if k.startswith("HF")]
     if hf:
-        print(f"\nmoekit MoE vs best HF Mixtral: {tps['moekit MoE'] / max(hf):.2f}x")
+        hf_best = best(times, hf)
+        print(f"\nmoekit MoE vs best HF Mixtral ({hf_best}): {ratio(times, hf_best, 'moekit MoE').x()} tokens/s")
     if "moekit MoE compiled" in tps:
-        print(f"compiled / eager MoE tokens/s: {tps['moekit MoE compiled'] / tps['moekit MoE']:.2f}x")
+        print(f"compiled / eager MoE tokens/s: {ratio(times, 'moekit MoE', 'moekit MoE compiled').x()}")
     if not args.no_distributed:
         threads = torch.get_num_threads()
         with tempfile.TemporaryDirectory() as tmp:

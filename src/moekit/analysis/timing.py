@@ -65,3 +65,12 @@ def ratio(times: dict[str, Timing], case: str, base: str) -> Timing:
 def best(times: dict[str, Timing], names: list[str]) -> str:
     """The fastest of ``names`` by median."""
     return min(names, key=lambda n: times[n].median)
+
+
+def barrier_clock() -> float:
+    """``time.perf_counter`` read after a ``torch.distributed`` barrier: as ``round_robin``'s clock in
+    multi-process benchmarks it times each case barrier to barrier, so a case ends when its slowest rank does."""
+    import torch.distributed as dist  # only the distributed benchmarks need it
+
+    dist.barrier()
+    return time.perf_counter()
