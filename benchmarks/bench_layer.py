@@ -248,7 +248,7 @@ def run_workload(name: str, w: dict, args) -> None:
         if hf_names:
             summary["HF/auto"].append(ratio(t, hf, "moekit auto").median)
         summary["ceiling"].append(flops / t["moekit auto"].median / 1e9 / ceiling)
-        print(f"{name:4} run {run + 1}: best dense {b}; moekit auto / best dense {summary['auto/best'][-1]:.2f}x"
+        print(f"{name:4} run {run + 1}: best = {b}; moekit auto / best dense {summary['auto/best'][-1]:.2f}x"
               + (f", HF best / moekit auto {summary['HF/auto'][-1]:.2f}x" if hf_names else "")
               + f", {summary['ceiling'][-1]:.0%} of the ceiling", flush=True)
     print(flush=True)
