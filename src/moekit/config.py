@@ -160,6 +160,7 @@ class RouterConfig:
     kind: str = "softmax_topk"
     top_k: int = spec(2, ge=1)
     renormalize: bool = True  # renormalise the kept top-k weights to sum to 1 (Mixtral does)
+    gate_bias: bool = False  # a learned bias on the router logits (gpt-oss)
     jitter_eps: float = spec(0.0, ge=0, lt=1)  # Switch: multiply router input by U(1-eps, 1+eps) in training
     noise_std: float = spec(1.0, ge=0)  # noisy_topk: scale of the N(0,1) * softplus(x W_noise) noise
     # top_p
@@ -216,7 +217,7 @@ class LossConfig:
         validate(self)
 
 
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu", "clamped_swiglu")  # clamped_swiglu: gpt-oss
 
 
 @dataclass(kw_only=True)
@@ -360,6 +361,7 @@ class ModelConfig:
     attention_out_bias: bool = False  # bias on the output projection too (Llama / Qwen3-MoE attention_bias)
     attn_windows: tuple[int, ...] = ()  # per layer: sliding-window span (0 = full causal); () = all full
     qk_norm: str = spec("none", choices=QK_NORMS)  # "per_head" (Qwen3: over head_dim) | "full" (OLMoE)
+    attn_sinks: bool = False  # gpt-oss: a learned per-head logit in every softmax that attends to nothing
     tie_embeddings: bool = False
     dropout: float = spec(0.0, ge=0, lt=1)
     init_std: float = spec(0.02, gt=0)
@@ -387,6 +389,8 @@ class ModelConfig:
               "attn_windows", self.attn_windows, f"must be empty or hold n_layers={self.n_layers} spans >= 0")
         check(self.attention != "mla" or not any(self.attn_windows), o, "attn_windows", self.attn_windows,
               "sliding windows are implemented for attention='gqa' only")
+        check(self.attention != "mla" or not self.attn_sinks, o, "attn_sinks", self.attn_sinks,
+              "attention sinks are implemented for attention='gqa' only")
         if self.moe is not None:
             check(self.moe.d_model == self.d_model, o, "moe.d_model", self.moe.d_model,
                   f"must equal d_model={self.d_model}")

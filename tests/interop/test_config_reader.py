@@ -33,12 +33,12 @@ def test_defaults_table_equals_transformers_field_by_field(model_type):
 
 def trimmed(folder):
     """Rewrite a saved config.json with every field equal to transformers' default left out (what a user
-    writing one by hand does), RoPE included when it is the family's default base."""
+    writing one by hand does), RoPE included when it is the family's default (base, or gpt-oss's yarn)."""
     cfg = json.loads((folder / "config.json").read_text())
     entry = table()[cfg["model_type"]]
     out = {k: v for k, v in cfg.items() if k not in entry["fields"] or entry["fields"][k] != v}
     rp = out.get("rope_parameters") or {}
-    if rp == {"rope_type": "default", "rope_theta": entry["default_theta"]}:
+    if rp in ({"rope_type": "default", "rope_theta": entry["default_theta"]}, entry["default_rope"]):
         del out["rope_parameters"]
     out.pop("transformers_version", None)
     out.pop("architectures", None)
@@ -116,7 +116,8 @@ def test_mixtral_without_num_experts_per_tok_reads_transformers_default(tmp_path
         FAMILIES_BY_TYPE["mixtral"].to_moekit(full)
 
 
-@pytest.mark.parametrize("name", ["deepseek-v3", "kimi-k2", "qwen3-30b-a3b", "mixtral-8x7b", "olmoe-1b-7b"])
+@pytest.mark.parametrize("name", ["deepseek-v3", "kimi-k2", "qwen3-30b-a3b", "mixtral-8x7b", "olmoe-1b-7b",
+                                  "gpt-oss-20b", "gpt-oss-120b"])
 def test_real_configs_convert_their_key_maps_on_meta(name):
     """Full-size real configs (DeepSeek-V3 with YaRN) translate without refusal, and their key maps cover
     every parameter of the moekit model and exactly the parameters transformers builds (calc's total,
@@ -134,6 +135,6 @@ def test_real_configs_convert_their_key_maps_on_meta(name):
     sd = model.state_dict()
     pairs = key_pairs(fam, full, mcfg)
     check_exportable(fam, fam.to_hf(mcfg), mcfg, sd, pairs)  # and back: the HF format holds it all
-    numel = sum(sd[m.split("[")[0]][0].numel() if m.endswith("]") else sd[m].numel() for _, m in pairs)
+    numel = sum(sd[m.split("[")[0]][0].numel() if m.endswith("]") else sd[m].numel() for _, m, _ in pairs)
     count = params.count_params(params.spec_from_hf(cfg))
     assert numel == count.total + sum(count.buffers.values())

@@ -29,6 +29,8 @@ FAMILIES = {
                         num_experts_per_tok=3, n_group=4, topk_group=2, topk_method="group_limited_greedy",
                         first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
                         qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=1.5, num_key_value_heads=4),
+    # yarn RoPE (its default), sinks, biases, sliding window 4 (< the 11 test tokens) on even layers
+    "gpt_oss": dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4),
 }
 
 

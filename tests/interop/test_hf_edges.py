@@ -171,3 +171,18 @@ def test_rope_scaling_converts_both_ways_with_transformers_logits(model_type, ro
     ids = torch.randint(0, 96, (1, 60), generator=torch.Generator().manual_seed(6))  # past the original context
     ours = assert_converts_both_ways(build(model_type, rope_parameters=dict(rope)), tmp_path, ids)
     assert ours.cfg.rope_scaling["rope_type"] == rope["rope_type"]
+
+
+def test_gpt_oss_clamped_swiglu_converts_both_ways_past_the_clamp(tmp_path):
+    """Expert weights large enough that gate/up pre-activations pass gpt-oss's clamp at +-7."""
+    hf = build("gpt_oss")
+    experts = hf.model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.gate_up_proj.mul_(60)
+    seen = []
+    hook = experts.register_forward_hook(lambda m, args, out: seen.append(args[0] @ m.gate_up_proj[0]))
+    with torch.no_grad():
+        hf(IDS)
+    hook.remove()
+    assert (seen[0].abs() > 7).float().mean() > 0.05
+    assert_converts_both_ways(hf, tmp_path)

@@ -15,7 +15,10 @@ def expert_ffn64(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
         return out if b is None else out + b[e].double()
 
     up = proj("w_up_EFD", "b_up_EF", x_D)
-    if experts.gated:
+    if experts.activation == "clamped_swiglu":  # gpt-oss: alpha 1.702, limit 7, up + 1
+        g = proj("w_gate_EFD", "b_gate_EF", x_D).clamp(max=7.0)
+        h = g * torch.sigmoid(1.702 * g) * (up.clamp(-7.0, 7.0) + 1)
+    elif experts.gated:
         act = F.silu if experts.activation == "swiglu" else F.gelu
         h = act(proj("w_gate_EFD", "b_gate_EF", x_D)) * up
     else:

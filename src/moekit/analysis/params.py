@@ -374,7 +374,8 @@ def spec_from_moekit(cfg, name: str = "moekit") -> ArchSpec:
     """An ArchSpec of moekit's own MoETransformer (ModelConfig). Token-choice routers with a fixed top_k
     only: for top-p, expert-choice, Soft MoE, task/sequence routing, hierarchical or heterogeneous experts
     "active parameters per token" is not a fixed number."""
-    from moekit.layers.routing import ROUTERS  # the router registry (imports torch: only for moekit configs)
+    from moekit.layers.ffn import ACTIVATIONS  # (imports torch: only for moekit configs)
+    from moekit.layers.routing import ROUTERS  # the router registry
 
     m = cfg.moe
     router = ROUTERS.get(m.router.kind) if m is not None else None
@@ -394,14 +395,15 @@ def spec_from_moekit(cfg, name: str = "moekit") -> ArchSpec:
                     v_head_dim=mla.v_head_dim if mla else 0,
                     dense_inter=cfg.dense_hidden, moe_layers=[i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)],
                     dense_inter_overrides={i: cfg.ffn_hidden(i) for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)},
-                    dense_matrices_overrides={i: 3 if cfg.ffn_activation(i) in ("swiglu", "geglu") else 2
+                    dense_matrices_overrides={i: 3 if ACTIVATIONS[cfg.ffn_activation(i)].gated else 2
                                               for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)},
-                    expert_matrices=3 if (m is None or m.activation in ("swiglu", "geglu")) else 2,
+                    expert_matrices=3 if (m is None or ACTIVATIONS[m.activation].gated) else 2,
                     num_experts=m.num_experts if m else 0, top_k=m.router.top_k if m else 0,
                     expert_inter=m.expert_hidden if m else 0,
                     shared_inter=m.num_shared_experts * m.shared_hidden_size if m else 0,
                     shared_gate=bool(m and m.shared_gate), router_noise=bool(router and router.num_gates == 2),
-                    expert_bias=bool(m and m.bias))
+                    expert_bias=bool(m and m.bias), router_bias=bool(m and m.router.gate_bias),
+                    attn_sinks=cfg.attn_sinks)
 
 
 def attention_params(s: ArchSpec) -> int:

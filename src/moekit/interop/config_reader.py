@@ -146,6 +146,8 @@ def _through_table(mt: str, body: dict) -> dict:
     for key, sub_mt in entry["sub_configs"].items():
         sub = full.get(key)
         full[key] = _through_table(sub_mt, sub or {}) if isinstance(sub, dict) or sub is None else sub
+    if entry.get("default_rope") and not (body.get("rope_parameters") or body.get("rope_scaling")):
+        full["rope_parameters"] = dict(entry["default_rope"])  # gpt-oss: yarn unless the file says otherwise
     if "rope_parameters" in full:
         full["rope_parameters"] = standard_rope(full, entry["default_theta"])
     return _both_names(full, aliases)
@@ -191,12 +193,23 @@ def _class_defaults(cls, key: str = "") -> dict[str, dict]:
     # DBRX's sub-config classes have no model_type of their own: they are keyed by their parent's field
     subs = {k: (v, v.model_type or f"{cls.model_type}.{k}") for k, v in (getattr(cls, "sub_configs", None) or {}).items()}
     out = {key or cls.model_type: dict(fields=json.loads(json.dumps(fields)), aliases=dict(cls.attribute_map),
-                                default_theta=getattr(cls, "default_theta", None),
+                                default_theta=getattr(cls, "default_theta", None), default_rope=_default_rope(cls),
                                 sub_configs={k: name for k, (_, name) in subs.items()},
                                 architecture=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cls.model_type))}
     for sub, name in subs.values():
         out.update(_class_defaults(sub, name))
     return out
+
+
+def _default_rope(cls) -> dict | None:
+    """The RoPE a config of ``cls`` gets when the file has none, if not plain RoPE (gpt-oss's __post_init__
+    fills yarn); None otherwise."""
+    if "rope_parameters" not in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rp = cls().rope_parameters
+    return dict(rp) if rp and rp.get("rope_type", "default") != "default" else None
 
 
 def write_defaults_table(path: Path = DEFAULTS_FILE) -> None:

@@ -3,9 +3,11 @@
 Translations read the full config from ``config_reader.read_hf_config`` (every field present, with
 transformers' defaults), never a field default of their own.
 
-A key map is a list of (hf_key, moekit_key) templates. ``{i}`` is the layer index, ``{e}`` the expert
-index; a moekit key ending in ``[e]`` is a slice of a stacked [E, ...] expert tensor. Which templates apply
-to a layer depends on its kind: "attn" (all layers), "dense" (dense FFN layers), "moe" (MoE layers).
+A key map is a list of (hf_key, moekit_key) templates, or (hf_key, moekit_key, View) when the moekit tensor
+is a linear view of the HF one (transposed, interleaved halves: ``View``). ``{i}`` is the layer index, ``{e}``
+the expert index; a moekit key ending in ``[e]`` is a slice of a stacked [E, ...] expert tensor. Which
+templates apply to a layer depends on its kind: "attn" (all layers), "dense" (dense FFN layers), "moe" (MoE
+layers).
 """
 
 from __future__ import annotations
@@ -13,9 +15,31 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
 from moekit.config import LossConfig, MLAConfig, ModelConfig, MoEConfig, RouterConfig
 from moekit.errors import ConfigError, UsageError
 from moekit.interop.config_reader import rope_parameters
+from moekit.layers.ffn import OSS_ALPHA, OSS_LIMIT
+
+@dataclass(frozen=True)
+class View:
+    """The moekit tensor is ``view(hf_tensor)`` reshaped to its own shape. Load reads through the view; export
+    allocates the HF tensor (``hf_shape`` of the moekit shape) and writes through it, so two moekit tensors can
+    share one HF tensor (gpt-oss's interleaved gate_up_proj)."""
+
+    view: Callable[[Tensor], Tensor]
+    hf_shape: Callable[[tuple], tuple]
+
+
+SAME = View(lambda t: t, lambda s: s)
+# HF stacked experts in x @ W layout [E, D, 2F] / [E, F, D] -> moekit's nn.Linear layout [E, F, D] / [E, D, F]
+T = View(lambda t: t.transpose(-1, -2), lambda s: (*s[:-2], s[-1], s[-2]))
+EVEN_T = View(lambda t: t[..., ::2].transpose(-1, -2), lambda s: (*s[:-2], s[-1], 2 * s[-2]))  # gpt-oss: gate
+ODD_T = View(lambda t: t[..., 1::2].transpose(-1, -2), lambda s: (*s[:-2], s[-1], 2 * s[-2]))  # ... up
+EVEN = View(lambda t: t[..., ::2], lambda s: (*s[:-1], 2 * s[-1]))  # ... their biases
+ODD = View(lambda t: t[..., 1::2], lambda s: (*s[:-1], 2 * s[-1]))
+
 
 COMMON = [
     ("model.embed_tokens.weight", "embed.weight"),
@@ -122,11 +146,15 @@ def _windows(cfg: dict) -> tuple[int, ...]:
     if "use_sliding_window" in cfg and not cfg["use_sliding_window"]:
         return ()
     if "max_window_layers" in cfg:  # Qwen2 / Qwen2-MoE
-        types = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 2 and i < cfg["max_window_layers"]
-                                           else "full_attention" for i in range(L)]
-        spans = tuple(W if t == "sliding_attention" else 0 for t in types)
-        return spans if any(spans) else ()
+        return _typed_windows(cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 2 and
+                                                         i < cfg["max_window_layers"] else "full_attention"
+                                                         for i in range(L)], W)
     return (W,) * L if W else ()
+
+
+def _typed_windows(layer_types: list[str], W: int) -> tuple[int, ...]:
+    spans = tuple(W if t == "sliding_attention" else 0 for t in layer_types)
+    return spans if any(spans) else ()
 
 
 def _hf_windows(c: ModelConfig, per_layer: bool) -> dict:
@@ -330,6 +358,49 @@ def _deepseek_inert(cfg: dict) -> list:
     return [] if cfg["n_shared_experts"] else zero_width_shared("mlp.shared_experts", cfg["hidden_size"])
 
 
+# ------------------------------------------------------------------ gpt-oss
+def gpt_oss_to_moekit(cfg: dict) -> ModelConfig:
+    """Attention sinks, q/k/v/o biases, sliding windows on the layers layer_types marks (transformers fills it:
+    even layers), yarn RoPE; router with a bias, softmax over the top-k logits (= softmax, top-k, renormalise);
+    biased experts with the clamped SwiGLU."""
+    oss = (cfg["swiglu_alpha"], cfg["swiglu_limit"])
+    if oss != (OSS_ALPHA, OSS_LIMIT):
+        raise ConfigError(f"config.json swiglu_alpha={oss[0]}, swiglu_limit={oss[1]}: moekit's clamped_swiglu is "
+                          f"gpt-oss's ({OSS_ALPHA}, {OSS_LIMIT})")
+    L = need(cfg, "num_hidden_layers")
+    types = cfg["layer_types"] or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
+    moe = MoEConfig(d_model=cfg["hidden_size"], num_experts=need(cfg, "num_local_experts"),
+                    expert_hidden=need(cfg, "intermediate_size"), activation="clamped_swiglu", bias=True,
+                    router=RouterConfig(top_k=need(cfg, "num_experts_per_tok"), renormalize=True, gate_bias=True),
+                    loss=LossConfig(aux_coef=0.0))
+    return ModelConfig(**_base(cfg, attn_windows=_typed_windows(types, cfg["sliding_window"] or 0)),
+                       **_qkvo_bias(cfg), attn_sinks=True, moe=moe)
+
+
+def gpt_oss_to_hf(c: ModelConfig) -> dict:
+    spans = {w for w in c.attn_windows if w}
+    if len(spans) > 1:
+        raise UsageError(f"ModelConfig.attn_windows={c.attn_windows}: gpt-oss has one sliding-window span")
+    m = c.moe
+    return dict(_hf_base(c, "gpt_oss", "GptOssForCausalLM"), intermediate_size=m.expert_hidden,
+                num_local_experts=m.num_experts, num_experts_per_tok=m.router.top_k,
+                attention_bias=c.attention_bias or c.attention_out_bias, sliding_window=max(spans, default=None),
+                layer_types=["sliding_attention" if c.window(i) else "full_attention" for i in range(c.n_layers)],
+                swiglu_alpha=OSS_ALPHA, swiglu_limit=OSS_LIMIT)
+
+
+GPT_OSS_MOE = [
+    ("model.layers.{i}.mlp.router.weight", "layers.{i}.ffn.router.gate.weight"),
+    ("model.layers.{i}.mlp.router.bias", "layers.{i}.ffn.router.gate.bias"),
+    ("model.layers.{i}.mlp.experts.gate_up_proj", "layers.{i}.ffn.experts.w_gate_EFD", EVEN_T),
+    ("model.layers.{i}.mlp.experts.gate_up_proj", "layers.{i}.ffn.experts.w_up_EFD", ODD_T),
+    ("model.layers.{i}.mlp.experts.gate_up_proj_bias", "layers.{i}.ffn.experts.b_gate_EF", EVEN),
+    ("model.layers.{i}.mlp.experts.gate_up_proj_bias", "layers.{i}.ffn.experts.b_up_EF", ODD),
+    ("model.layers.{i}.mlp.experts.down_proj", "layers.{i}.ffn.experts.w_down_EDF", T),
+    ("model.layers.{i}.mlp.experts.down_proj_bias", "layers.{i}.ffn.experts.b_down_ED"),
+]
+
+
 # ------------------------------------------------------------------ dense Llama / Qwen2 (upcycling sources)
 def llama_to_moekit(cfg: dict) -> ModelConfig:
     if cfg.get("mlp_bias"):
@@ -373,6 +444,10 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family("deepseek_v3", "DeepseekV3ForCausalLM", deepseek_v3_to_moekit, deepseek_v3_to_hf,
                           _deepseek_attn, dense=DENSE_MLP, moe=lambda cfg: _deepseek_moe(cfg, True),
                           inert=_deepseek_inert),
+    "gpt_oss": Family("gpt_oss", "GptOssForCausalLM", gpt_oss_to_moekit, gpt_oss_to_hf,
+                      lambda cfg: GQA + (GQA_BIAS + O_BIAS if cfg["attention_bias"] else [])
+                      + [("model.layers.{i}.self_attn.sinks", "layers.{i}.attn.sinks")],
+                      moe=lambda cfg: GPT_OSS_MOE),
     # V2 has no selection bias: moekit's DeepSeek router keeps its bias buffer at zero (Family.zero)
     "deepseek_v2": Family("deepseek_v2", "DeepseekV2ForCausalLM", deepseek_v2_to_moekit, deepseek_v2_to_hf,
                           _deepseek_attn, dense=DENSE_MLP, moe=lambda cfg: _deepseek_moe(cfg, False),

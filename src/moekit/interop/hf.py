@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from moekit.config import ModelConfig
 from moekit.errors import CheckpointError, ConfigError, UsageError
 from moekit.interop.config_reader import read_hf_config
-from moekit.interop.families import COMMON, FAMILIES, LAYER_NORMS, Family
+from moekit.interop.families import COMMON, FAMILIES, LAYER_NORMS, SAME, Family, View
 from moekit.models.decoder import MoETransformer
 
 
@@ -69,17 +69,18 @@ def zero_keys(fam: Family, mcfg: ModelConfig) -> list[str]:
     return [t.format(i=i) for i in range(mcfg.n_layers) if mcfg.is_moe_layer(i) for t in fam.zero]
 
 
-def key_pairs(fam: Family, hf_cfg: dict, mcfg: ModelConfig) -> list[tuple[str, str]]:
-    """Every (hf_key, moekit_key) of a model; moekit keys of stacked experts end in [e] with e filled in."""
-    pairs = [(h, m) for h, m in COMMON if not (m == "lm_head.weight" and mcfg.tie_embeddings)]
+def key_pairs(fam: Family, hf_cfg: dict, mcfg: ModelConfig) -> list[tuple[str, str, View]]:
+    """Every (hf_key, moekit_key, view) of a model; moekit keys of stacked experts end in [e] with e filled in."""
+    pairs = [(h, m, SAME) for h, m in COMMON if not (m == "lm_head.weight" and mcfg.tie_embeddings)]
     E = mcfg.moe.num_experts if mcfg.moe else 0
     for i in range(mcfg.n_layers):
         templates = LAYER_NORMS + fam.attn(hf_cfg) + (fam.moe(hf_cfg) if mcfg.is_moe_layer(i) else fam.dense)
-        for h, m in templates:
+        for h, m, *rule in templates:
+            view = rule[0] if rule else SAME
             if "{e}" in h:
-                pairs += [(h.format(i=i, e=e), m.format(i=i).replace("[e]", f"[{e}]")) for e in range(E)]
+                pairs += [(h.format(i=i, e=e), m.format(i=i).replace("[e]", f"[{e}]"), view) for e in range(E)]
             else:
-                pairs.append((h.format(i=i), m.format(i=i)))
+                pairs.append((h.format(i=i), m.format(i=i), view))
     return pairs
 
 
@@ -105,16 +106,17 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> MoETransf
     state: dict[str, torch.Tensor] = {}
     stacked: dict[str, dict[int, torch.Tensor]] = {}
     used = set(inert_tensors(fam, hf_cfg, mcfg))
-    for hk, mk in key_pairs(fam, hf_cfg, mcfg):
+    for hk, mk, view in key_pairs(fam, hf_cfg, mcfg):
         if hk not in tensors:
             raise CheckpointError(f"{str(folder)!r}: tensor {hk!r} is missing from the checkpoint")
         used.add(hk)
         base, e = _split_stacked(mk)
         t = tensors[hk].to(dtype)
-        want = shapes[base][1:] if e is not None else shapes[base]
-        if tuple(t.shape) != tuple(want):
-            raise CheckpointError(f"{str(folder)!r}: tensor {hk!r} has shape {tuple(t.shape)}, expected {tuple(want)} "
-                             f"from config.json")
+        want = tuple(shapes[base][1:] if e is not None else shapes[base])
+        if tuple(t.shape) != view.hf_shape(want):
+            raise CheckpointError(f"{str(folder)!r}: tensor {hk!r} has shape {tuple(t.shape)}, expected "
+                                  f"{view.hf_shape(want)} from config.json")
+        t = view.view(t).reshape(want)
         if e is None:
             state[base] = t
         else:
@@ -150,8 +152,8 @@ ROUTER_FIELDS = ("kind", "top_k", "renormalize", "score_func", "n_groups", "topk
 def check_exportable(fam: Family, hf_cfg: dict, mcfg: ModelConfig, sd: dict, pairs: list[tuple[str, str]]) -> None:
     """Refuse models the family's format cannot hold instead of writing a checkpoint that computes something
     else: every tensor must have an HF key, and the routing/activation must survive the config round trip."""
-    covered = {_split_stacked(mk)[0] for _, mk in pairs}
-    lacking = sorted({_split_stacked(mk)[0] for _, mk in pairs} - set(sd))
+    covered = {_split_stacked(mk)[0] for _, mk, _ in pairs}
+    lacking = sorted(covered - set(sd))
     if lacking:
         raise UsageError(f"model_type={fam.model_type!r} needs tensors this model does not have (q/k norms, "
                          f"biases, ...): {lacking[:4]}{' ...' if len(lacking) > 4 else ''}; choose another "
@@ -199,9 +201,13 @@ def save_hf(model: MoETransformer, folder: str | Path, model_type: str | None = 
     pairs = key_pairs(fam, full, model.cfg)
     check_exportable(fam, full, model.cfg, sd, pairs)
     out: dict[str, torch.Tensor] = {}
-    for hk, mk in pairs:
+    for hk, mk, view in pairs:
         base, e = _split_stacked(mk)
-        out[hk] = (sd[base][e] if e is not None else sd[base]).detach().contiguous().cpu()
+        t = (sd[base][e] if e is not None else sd[base]).detach().cpu()
+        if hk not in out:
+            out[hk] = torch.zeros(view.hf_shape(tuple(t.shape)), dtype=t.dtype)
+        into = view.view(out[hk])
+        into.copy_(t.reshape(into.shape))
     dtype = next(iter(out.values())).dtype
     out.update({hk: torch.zeros(shape, dtype=dtype) for hk, shape in inert_tensors(fam, full, model.cfg).items()})
     folder = Path(folder)

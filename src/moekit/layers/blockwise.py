@@ -218,7 +218,7 @@ class BlockwiseFFN(torch.autograd.Function):
             dy_nD = dy_TD.index_select(0, tok)
             # the hidden units before the gate scale: act.hidden(g, u), keeping act(g) for hidden_backward
             a = act.fn(g) if act.gated else None
-            hu = a * u if act.gated else act.fn(u)
+            hu = act.gated_product(a, u) if act.gated else act.fn(u)
             if keep_RF is not None:
                 hu.mul_(keep_RF[r0:r1, :f])
             if dw_e.down is not None:

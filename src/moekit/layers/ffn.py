@@ -1,7 +1,10 @@
 """The feed-forward network every expert computes, defined once.
 
-    gated (SwiGLU, GeGLU; Shazeer 2020):  y = W_down (act(W_gate x + b_gate) * (W_up x + b_up)) + b_down
+    gated (SwiGLU, GeGLU; Shazeer 2020):  y = W_down (act(W_gate x + b_gate) * up(W_up x + b_up)) + b_down
     plain (GELU, ReLU, SiLU):             y = W_down act(W_up x + b_up) + b_down
+
+``up`` is the identity except for gpt-oss's clamped SwiGLU: act(g) = min(g, 7) sigmoid(1.702 min(g, 7)),
+up(u) = clamp(u, -7, 7) + 1.
 
 Weights are in nn.Linear layout (out, in); biases are optional (``MoEConfig.bias``; gpt-oss has them).
 Every experts backend (experts.py), the hand-written blockwise forward and backward (blockwise.py), the
@@ -29,13 +32,20 @@ class Activation:
     fn: Callable[[Tensor], Tensor]
     grad: Callable[[Tensor, Tensor], Tensor]
     gated: bool
+    up: Callable[[Tensor], Tensor] | None = None  # gated: transform of the up pre-activation (None = identity)
+    up_grad: Callable[[Tensor, Tensor], Tensor] | None = None  # its backward: (grad_out, u) -> grad_u
 
     def hidden(self, g: Tensor | None, u: Tensor, inplace: bool = False) -> Tensor:
-        """The hidden units from the pre-activations: act(g) * u (gated) or act(u) (``g`` is None).
+        """The hidden units from the pre-activations: act(g) * up(u) (gated) or act(u) (``g`` is None).
         ``inplace``: multiply into act(g)'s fresh buffer (outside autograd: the blockwise kernels)."""
         if not self.gated:
             return self.fn(u)
-        return self.fn(g).mul_(u) if inplace else self.fn(g) * u
+        return self.gated_product(self.fn(g), u, inplace)
+
+    def gated_product(self, a: Tensor, u: Tensor, inplace: bool = False) -> Tensor:
+        """act(g) * up(u) from a = act(g); ``inplace`` writes into ``a``."""
+        v = u if self.up is None else self.up(u)
+        return a.mul_(v) if inplace else a * v
 
     def hidden_backward(self, dh: Tensor, g: Tensor | None, u: Tensor, a: Tensor | None = None
                         ) -> tuple[Tensor | None, Tensor]:
@@ -45,7 +55,27 @@ class Activation:
             return None, self.grad(dh, u)
         a = self.fn(g) if a is None else a
         du = dh * a
-        return self.grad(dh.mul_(u), g), du
+        if self.up_grad is not None:
+            du = self.up_grad(du, u)
+        return self.grad(dh.mul_(u if self.up is None else self.up(u)), g), du
+
+
+OSS_ALPHA, OSS_LIMIT = 1.702, 7.0  # gpt-oss (OpenAI 2025): sigmoid sharpness and clamp of its SwiGLU
+
+
+def _oss_act(g: Tensor) -> Tensor:
+    g = g.clamp(max=OSS_LIMIT)
+    return g * torch.sigmoid(OSS_ALPHA * g)
+
+
+def _oss_act_grad(dy: Tensor, g: Tensor) -> Tensor:
+    """d/dg of g sigmoid(alpha g) below the clamp, 0 above it (torch.clamp passes the gradient at the limit)."""
+    s = torch.sigmoid(OSS_ALPHA * g)
+    return torch.where(g <= OSS_LIMIT, dy * s * (1 + OSS_ALPHA * g * (1 - s)), torch.zeros_like(dy))
+
+
+def _oss_up_grad(dy: Tensor, u: Tensor) -> Tensor:
+    return torch.where(u.abs() <= OSS_LIMIT, dy, torch.zeros_like(dy))
 
 
 ACTIVATIONS = {
@@ -54,6 +84,8 @@ ACTIVATIONS = {
     "gelu": Activation("gelu", F.gelu, lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="none"), False),
     "relu": Activation("relu", F.relu, lambda g, x: torch.ops.aten.threshold_backward(g, x, 0.0), False),
     "silu": Activation("silu", F.silu, torch.ops.aten.silu_backward, False),
+    "clamped_swiglu": Activation("clamped_swiglu", _oss_act, _oss_act_grad, True,
+                                 up=lambda u: u.clamp(-OSS_LIMIT, OSS_LIMIT) + 1, up_grad=_oss_up_grad),
 }
 
 

@@ -126,7 +126,7 @@ class Router(nn.Module):
         self.cfg = cfg.router
         self.num_experts = cfg.num_experts
         self.top_k = cfg.router.top_k
-        self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+        self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=cfg.router.gate_bias)
 
     @classmethod
     def config_problem(cls, cfg) -> tuple[str, object, str] | None:
@@ -141,7 +141,8 @@ class Router(nn.Module):
             if self.training and self.cfg.jitter_eps > 0:
                 eps = self.cfg.jitter_eps
                 x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1.0 - eps, 1.0 + eps)
-            logits_TE = F.linear(x32_TD, self.gate.weight.float())
+            b = self.gate.bias
+            logits_TE = F.linear(x32_TD, self.gate.weight.float(), None if b is None else b.float())
         check_finite_logits(logits_TE)
         return logits_TE
 

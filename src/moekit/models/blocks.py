@@ -127,21 +127,31 @@ class KVCache(nn.Module):
 
 
 def causal_attention(q_BHSK: Tensor, k_BGLK: Tensor, v_BGLK: Tensor, start_pos: int, scale: float | None = None,
-                     dropout_p: float = 0.0, window: int = 0) -> Tensor:
+                     dropout_p: float = 0.0, window: int = 0, sinks_H: Tensor | None = None) -> Tensor:
     """Softmax attention where new position s (absolute start_pos + s) sees cached positions <= it; with a
-    sliding ``window`` only the last ``window`` of them (itself included), as HF's sliding-window mask."""
+    sliding ``window`` only the last ``window`` of them (itself included), as HF's sliding-window mask.
+    ``sinks_H`` (gpt-oss): one more logit per head in every softmax, whose value is zero: it takes
+    probability mass and adds nothing. Computed as an extra key of zeros whose score is set by the mask."""
     H, G = q_BHSK.shape[1], k_BGLK.shape[1]
     if G != H:  # grouped-query attention: each kv head serves H/G query heads
         k_BGLK = k_BGLK.repeat_interleave(H // G, dim=1)
         v_BGLK = v_BGLK.repeat_interleave(H // G, dim=1)
     S, L = q_BHSK.shape[2], k_BGLK.shape[2]
-    if start_pos == 0 and S == L and not (window and window < L):
+    if start_pos == 0 and S == L and not (window and window < L) and sinks_H is None:
         return F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK, is_causal=S > 1, dropout_p=dropout_p,
                                               scale=scale)
     pos_q = torch.arange(start_pos, start_pos + S, device=q_BHSK.device)[:, None]
     pos_k = torch.arange(L, device=q_BHSK.device)[None, :]
     allowed_SL = (pos_k <= pos_q) & ((pos_k > pos_q - window) if window else True)
-    return F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK, attn_mask=allowed_SL, dropout_p=dropout_p,
+    if sinks_H is None:
+        return F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK, attn_mask=allowed_SL, dropout_p=dropout_p,
+                                              scale=scale)
+    B, H = q_BHSK.shape[:2]
+    bias_HSL = q_BHSK.new_zeros(S, L).masked_fill(~allowed_SL, float("-inf")).expand(H, S, L)
+    bias_HSL1 = torch.cat([bias_HSL, sinks_H.to(q_BHSK.dtype)[:, None, None].expand(H, S, 1)], dim=-1)
+    k_BHL1K = torch.cat([k_BGLK, k_BGLK.new_zeros(B, H, 1, k_BGLK.shape[-1])], dim=2)
+    v_BHL1K = torch.cat([v_BGLK, v_BGLK.new_zeros(B, H, 1, v_BGLK.shape[-1])], dim=2)
+    return F.scaled_dot_product_attention(q_BHSK, k_BHL1K, v_BHL1K, attn_mask=bias_HSL1[None], dropout_p=dropout_p,
                                           scale=scale)
 
 
@@ -163,6 +173,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(K, cfg.norm_eps), RMSNorm(K, cfg.norm_eps)
         elif cfg.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(H * K, cfg.norm_eps), RMSNorm(G * K, cfg.norm_eps)
+        self.sinks = nn.Parameter(torch.zeros(H)) if cfg.attn_sinks else None
         self.dropout = cfg.dropout
 
     def forward(self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, cache: KVCache | None = None,
@@ -180,7 +191,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         o = causal_attention(q, k, v, start_pos if cache is not None else 0,
-                             dropout_p=self.dropout if self.training else 0.0, window=self.window)
+                             dropout_p=self.dropout if self.training else 0.0, window=self.window, sinks_H=self.sinks)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
 
     def new_cache(self, batch: int, max_seq_len: int, dtype, device) -> KVCache:
