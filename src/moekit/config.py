@@ -240,6 +240,7 @@ class MoEConfig:
     hierarchical_groups: int = spec(0, ge=0)  # > 1: two-level MoE, a router over groups, each group an MoE layer
     # the router over the groups: any registered router; None = softmax top-min(top_k, groups)
     top_router: RouterConfig | None = None
+    gate_input: bool = False  # Llama 4: the gate weight scales the expert's input, expert(w x), not w expert(x)
     router: RouterConfig = field(default_factory=RouterConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -316,7 +317,7 @@ class MoEConfig:
 
 
 ATTENTION_KINDS = ("gqa", "mla")  # mla: DeepSeek-V2/V3 multi-head latent attention (models/mla.py)
-QK_NORMS = ("none", "per_head", "full")
+QK_NORMS = ("none", "per_head", "full", "l2")
 
 
 @dataclass(kw_only=True)
@@ -362,6 +363,12 @@ class ModelConfig:
     attn_windows: tuple[int, ...] = ()  # per layer: sliding-window span (0 = full causal); () = all full
     qk_norm: str = spec("none", choices=QK_NORMS)  # "per_head" (Qwen3: over head_dim) | "full" (OLMoE)
     attn_sinks: bool = False  # gpt-oss: a learned per-head logit in every softmax that attends to nothing
+    # qk_norm "l2" (Llama 4): per-head RMS normalisation without a weight, after RoPE, on RoPE layers only
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE (Llama 4: every fourth)
+    attn_chunks: tuple[int, ...] = ()  # per layer: chunked attention, a query sees only its own chunk (0 = off)
+    # Llama 4 temperature tuning on NoPE layers: queries times 1 + scale * ln(1 + floor((pos + 1) / floor))
+    nope_temp_scale: float = spec(0.0, ge=0, note="0 = off")
+    nope_temp_floor: int = spec(8192, ge=1)
     tie_embeddings: bool = False
     dropout: float = spec(0.0, ge=0, lt=1)
     init_std: float = spec(0.02, gt=0)
@@ -391,6 +398,12 @@ class ModelConfig:
               "sliding windows are implemented for attention='gqa' only")
         check(self.attention != "mla" or not self.attn_sinks, o, "attn_sinks", self.attn_sinks,
               "attention sinks are implemented for attention='gqa' only")
+        check(all(0 <= i < self.n_layers for i in self.nope_layers), o, "nope_layers", self.nope_layers,
+              f"must hold layer indices in [0, n_layers={self.n_layers})")
+        check(not self.attn_chunks or (len(self.attn_chunks) == self.n_layers and min(self.attn_chunks) >= 0), o,
+              "attn_chunks", self.attn_chunks, f"must be empty or hold n_layers={self.n_layers} spans >= 0")
+        check(self.attention != "mla" or not (self.nope_layers or any(self.attn_chunks) or self.qk_norm == "l2"), o,
+              "attention", self.attention, "NoPE layers, chunked attention and qk_norm='l2' need attention='gqa'")
         if self.moe is not None:
             check(self.moe.d_model == self.d_model, o, "moe.d_model", self.moe.d_model,
                   f"must equal d_model={self.d_model}")
@@ -405,6 +418,9 @@ class ModelConfig:
 
     def window(self, i: int) -> int:
         return self.attn_windows[i] if self.attn_windows else 0
+
+    def chunk(self, i: int) -> int:
+        return self.attn_chunks[i] if self.attn_chunks else 0
 
     def dense_twin(self) -> ModelConfig:
         """The dense model with the same active FLOPs per token: every MoE FFN becomes a dense FFN of

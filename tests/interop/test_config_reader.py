@@ -138,3 +138,32 @@ def test_real_configs_convert_their_key_maps_on_meta(name):
     numel = sum(sd[m.split("[")[0]][0].numel() if m.endswith("]") else sd[m].numel() for _, m, _ in pairs)
     count = params.count_params(params.spec_from_hf(cfg))
     assert numel == count.total + sum(count.buffers.values())
+
+
+def test_llama4_scout_key_map_is_transformers_language_model_on_meta():
+    """Llama 4 Scout (multimodal config, llama3 RoPE, NoPE every 4th layer, chunked attention): its key map
+    names exactly the language model's tensors of transformers' Llama4ForConditionalGeneration, with their
+    shapes, and the model exports as llama4_text."""
+    from moekit.analysis import params
+    from moekit.interop.families import FAMILIES as CONVERT
+    from moekit.interop.hf import check_exportable, family_of, key_pairs
+    from moekit.models.decoder import MoETransformer
+
+    transformers = pytest.importorskip("transformers")
+    cfg, _ = params.load_config("llama-4-scout-17b-16e")
+    full = read_hf_config(cfg)
+    fam = family_of(full)
+    mcfg = fam.to_moekit(full)
+    with torch.device("meta"):
+        sd = MoETransformer(mcfg).state_dict()
+        hf_cfg = transformers.AutoConfig.for_model(**cfg)
+        hf_sd = transformers.Llama4ForConditionalGeneration(hf_cfg).state_dict()
+    pairs = key_pairs(fam, full, mcfg)
+    for hk, mk, view in pairs:
+        assert tuple(hf_sd[hk].shape) == view.hf_shape(tuple(sd[mk].shape)), hk
+    assert {hk for hk, _, _ in pairs} == {k for k in hf_sd if k.startswith("language_model.")}
+    assert mcfg.nope_layers == tuple(range(3, 48, 4)) and set(mcfg.attn_chunks) == {0, 8192}
+    text = CONVERT["llama4_text"]
+    back = read_hf_config(text.to_hf(mcfg))
+    sd = {k: torch.zeros(()) if k.endswith("router.bias") else v for k, v in sd.items()}  # meta has no values
+    check_exportable(text, back, mcfg, sd, key_pairs(text, back, mcfg))

@@ -31,6 +31,10 @@ FAMILIES = {
                         qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=1.5, num_key_value_heads=4),
     # yarn RoPE (its default), sinks, biases, sliding window 4 (< the 11 test tokens) on even layers
     "gpt_oss": dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4),
+    # dense/MoE interleaved, layer 3 NoPE (temperature > 1 from position 3 on), chunks of 4 on the others
+    "llama4_text": dict(num_hidden_layers=4, intermediate_size=24, intermediate_size_mlp=40, num_local_experts=4,
+                        num_experts_per_tok=1, head_dim=8, interleave_moe_layer_step=2, attention_chunk_size=4,
+                        floor_scale=4),
 }
 
 

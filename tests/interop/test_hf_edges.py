@@ -186,3 +186,42 @@ def test_gpt_oss_clamped_swiglu_converts_both_ways_past_the_clamp(tmp_path):
     hook.remove()
     assert (seen[0].abs() > 7).float().mean() > 0.05
     assert_converts_both_ways(hf, tmp_path)
+
+
+def test_llama4_top2_with_llama3_rope_converts_both_ways(tmp_path):
+    """Two experts per token (each input scaled by its own sigmoid gate) and Scout's llama3 RoPE, past the
+    original context."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(7))
+    ours = assert_converts_both_ways(build("llama4_text", num_experts_per_tok=2, rope_parameters=rope), tmp_path, ids)
+    assert ours.cfg.moe.router.top_k == 2 and ours.cfg.nope_layers == (3,)
+
+
+def test_llama4_multimodal_checkpoint_loads_its_language_model(tmp_path):
+    """A Llama4ForConditionalGeneration folder (Scout's format): the language model loads with its logits, the
+    vision tower is skipped, and export goes through llama4_text."""
+    from moekit.errors import UsageError
+    from moekit.interop.hf import save_hf
+    from tests.interop.test_hf import FAMILIES, TINY
+
+    torch.manual_seed(0)
+    text = {**TINY, **FAMILIES["llama4_text"]}
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    hf = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(text_config=text,
+                                                                               vision_config=vision)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(0, 0.05 if "norm" not in name else 1.0)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ref = hf.language_model(IDS).logits  # (transformers' multimodal forward needs pixel inputs)
+        assert (ours(IDS).logits - ref).abs().max().item() <= 1e-5
+    with pytest.raises(UsageError, match="llama4_text"):
+        save_hf(ours, tmp_path / "back")
+    save_hf(ours, tmp_path / "back", model_type="llama4_text")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert (back(IDS).logits - ref).abs().max().item() <= 1e-5

@@ -389,7 +389,7 @@ def spec_from_moekit(cfg, name: str = "moekit") -> ArchSpec:
                     tie_embeddings=cfg.tie_embeddings, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                     head_dim=cfg.head_dim, qkv_bias=cfg.attention_bias, o_bias=cfg.attention_out_bias,
                     attn_windows=list(cfg.attn_windows), window_kind="sliding" if any(cfg.attn_windows) else "",
-                    qk_norm=cfg.qk_norm, attention=cfg.attention,
+                    qk_norm="none" if cfg.qk_norm == "l2" else cfg.qk_norm, attention=cfg.attention,
                     q_lora_rank=mla.q_lora_rank if mla else 0, kv_lora_rank=mla.kv_lora_rank if mla else 0,
                     qk_nope_dim=mla.qk_nope_head_dim if mla else 0, qk_rope_dim=mla.qk_rope_head_dim if mla else 0,
                     v_head_dim=mla.v_head_dim if mla else 0,

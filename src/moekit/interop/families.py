@@ -37,8 +37,17 @@ SAME = View(lambda t: t, lambda s: s)
 T = View(lambda t: t.transpose(-1, -2), lambda s: (*s[:-2], s[-1], s[-2]))
 EVEN_T = View(lambda t: t[..., ::2].transpose(-1, -2), lambda s: (*s[:-2], s[-1], 2 * s[-2]))  # gpt-oss: gate
 ODD_T = View(lambda t: t[..., 1::2].transpose(-1, -2), lambda s: (*s[:-2], s[-1], 2 * s[-2]))  # ... up
+FIRST_T = View(lambda t: t[..., :t.shape[-1] // 2].transpose(-1, -2), EVEN_T.hf_shape)  # Llama 4: gate, then up
+SECOND_T = View(lambda t: t[..., t.shape[-1] // 2:].transpose(-1, -2), EVEN_T.hf_shape)
 EVEN = View(lambda t: t[..., ::2], lambda s: (*s[:-1], 2 * s[-1]))  # ... their biases
 ODD = View(lambda t: t[..., 1::2], lambda s: (*s[:-1], 2 * s[-1]))
+
+
+
+def rope_pairs(head_dim: int) -> View:
+    """q/k projection rows of a family that rotates interleaved pairs (2j, 2j+1) (Llama 4) -> moekit's halves
+    (j, j + K/2), head by head: the same rotation, and q.k is unchanged when both are permuted alike."""
+    return View(lambda t: t.unflatten(0, (-1, head_dim // 2, 2)).transpose(1, 2), lambda s: s)
 
 
 COMMON = [
@@ -103,6 +112,8 @@ class Family:
     inert: Callable[[dict], list] = lambda cfg: []
     # moekit tensor templates of an MoE layer the format has no place for and that must stay zero
     zero: list = field(default_factory=list)
+    prefix: str = ""  # before every HF key (Llama 4's multimodal checkpoint: "language_model.")
+    skip: tuple[str, ...] = ()  # HF key prefixes of modules moekit's LM leaves out (a vision tower)
 
 
 def need(cfg: dict, name: str):
@@ -401,6 +412,83 @@ GPT_OSS_MOE = [
 ]
 
 
+# ------------------------------------------------------------------ Llama 4 (text)
+def llama4_text_to_moekit(cfg: dict) -> ModelConfig:
+    """MoE on moe_layers (transformers fills them from interleave_moe_layer_step), dense FFNs of
+    intermediate_size_mlp elsewhere; a shared expert; sigmoid top-k router whose gate scales the expert input
+    (moekit's DeepSeek router with sigmoid scores, no selection bias, no renormalisation); NoPE layers
+    (no_rope_layers[i] == 0) with temperature tuning; chunked attention and weightless q/k norm elsewhere."""
+    L = need(cfg, "num_hidden_layers")
+    use_rope = cfg["no_rope_layers"] or [int((i + 1) % 4 != 0) for i in range(L)]  # transformers' default
+    moe_layers = cfg["moe_layers"]
+    if moe_layers is None:
+        step = cfg["interleave_moe_layer_step"]
+        moe_layers = list(range(step - 1, L, step))
+    types = cfg["layer_types"] or ["chunked_attention" if r else "full_attention" for r in use_rope]
+    C = cfg["attention_chunk_size"] or 0
+    chunks = tuple(C if t == "chunked_attention" else 0 for t in types)
+    F = need(cfg, "intermediate_size")
+    router = RouterConfig(kind="deepseek", score_func="sigmoid", top_k=need(cfg, "num_experts_per_tok"),
+                          renormalize=False)
+    moe = MoEConfig(d_model=cfg["hidden_size"], num_experts=need(cfg, "num_local_experts"), expert_hidden=F,
+                    num_shared_experts=1, shared_hidden=F, gate_input=True, router=router,
+                    loss=LossConfig(aux_coef=0.0))
+    return ModelConfig(**_base(cfg), **_qkvo_bias(cfg), qk_norm="l2" if cfg["use_qk_norm"] else "none",
+                       nope_layers=tuple(i for i, r in enumerate(use_rope) if not r),
+                       attn_chunks=chunks if any(chunks) else (),
+                       nope_temp_scale=float(cfg["attn_scale"]) if cfg["attn_temperature_tuning"] else 0.0,
+                       nope_temp_floor=int(cfg["floor_scale"]), moe=moe,
+                       dense_layers=tuple(i for i in range(L) if i not in moe_layers),
+                       dense_hidden=need(cfg, "intermediate_size_mlp"))
+
+
+def llama4_text_to_hf(c: ModelConfig) -> dict:
+    spans = {w for w in c.attn_chunks if w}
+    if len(spans) > 1 or any(c.attn_windows):
+        raise UsageError(f"ModelConfig.attn_chunks={c.attn_chunks}, attn_windows={c.attn_windows}: Llama 4 has one "
+                         "chunk span and no sliding windows")
+    m = c.moe
+    return dict(_hf_base(c, "llama4_text", "Llama4ForCausalLM"), intermediate_size=m.expert_hidden,
+                intermediate_size_mlp=c.dense_hidden, num_local_experts=m.num_experts,
+                num_experts_per_tok=m.router.top_k, moe_layers=[i for i in range(c.n_layers) if c.is_moe_layer(i)],
+                no_rope_layers=[int(i not in c.nope_layers) for i in range(c.n_layers)],
+                attention_chunk_size=max(spans, default=None),
+                layer_types=["chunked_attention" if c.chunk(i) else "full_attention" for i in range(c.n_layers)],
+                use_qk_norm=c.qk_norm == "l2", attn_temperature_tuning=c.nope_temp_scale > 0,
+                attn_scale=c.nope_temp_scale or 0.1, floor_scale=c.nope_temp_floor,
+                attention_bias=c.attention_bias or c.attention_out_bias)
+
+
+def llama4_to_moekit(cfg: dict) -> ModelConfig:
+    """The multimodal checkpoint's language model (its vision tower is not part of moekit's LM)."""
+    return llama4_text_to_moekit(dict(cfg["text_config"], tie_word_embeddings=cfg["tie_word_embeddings"]))
+
+
+def llama4_to_hf(c: ModelConfig) -> dict:
+    raise UsageError("model_type='llama4' holds a vision tower moekit does not have: export with --model-type "
+                     "llama4_text (Llama4ForCausalLM)")
+
+
+def _llama4_attn(cfg: dict) -> list:
+    text = cfg.get("text_config") or cfg
+    pairs = rope_pairs(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+    out = [(h, m, pairs if "q_proj" in h or "k_proj" in h else SAME) for h, m in GQA]
+    if text["attention_bias"]:
+        out += [(h, m, pairs if "q_proj" in h or "k_proj" in h else SAME) for h, m in GQA_BIAS + O_BIAS]
+    return out
+
+
+LLAMA4_DENSE = [(f"model.layers.{{i}}.feed_forward.{h}.weight", f"layers.{{i}}.ffn.{m}.weight") for h, m in
+                (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down"))]
+LLAMA4_MOE = [
+    ("model.layers.{i}.feed_forward.router.weight", "layers.{i}.ffn.router.gate.weight"),
+    ("model.layers.{i}.feed_forward.experts.gate_up_proj", "layers.{i}.ffn.experts.w_gate_EFD", FIRST_T),
+    ("model.layers.{i}.feed_forward.experts.gate_up_proj", "layers.{i}.ffn.experts.w_up_EFD", SECOND_T),
+    ("model.layers.{i}.feed_forward.experts.down_proj", "layers.{i}.ffn.experts.w_down_EDF", T),
+] + shared_map("feed_forward.shared_expert")
+LLAMA4 = dict(attn=_llama4_attn, dense=LLAMA4_DENSE, moe=lambda cfg: LLAMA4_MOE, zero=["layers.{i}.ffn.router.bias"])
+
+
 # ------------------------------------------------------------------ dense Llama / Qwen2 (upcycling sources)
 def llama_to_moekit(cfg: dict) -> ModelConfig:
     if cfg.get("mlp_bias"):
@@ -448,6 +536,10 @@ FAMILIES: dict[str, Family] = {
                       lambda cfg: GQA + (GQA_BIAS + O_BIAS if cfg["attention_bias"] else [])
                       + [("model.layers.{i}.self_attn.sinks", "layers.{i}.attn.sinks")],
                       moe=lambda cfg: GPT_OSS_MOE),
+    # Llama 4 has no selection bias: moekit's DeepSeek router keeps its bias buffer at zero (Family.zero)
+    "llama4_text": Family("llama4_text", "Llama4ForCausalLM", llama4_text_to_moekit, llama4_text_to_hf, **LLAMA4),
+    "llama4": Family("llama4", "Llama4ForConditionalGeneration", llama4_to_moekit, llama4_to_hf, **LLAMA4,
+                     prefix="language_model.", skip=("vision_model.", "multi_modal_projector.")),
     # V2 has no selection bias: moekit's DeepSeek router keeps its bias buffer at zero (Family.zero)
     "deepseek_v2": Family("deepseek_v2", "DeepseekV2ForCausalLM", deepseek_v2_to_moekit, deepseek_v2_to_hf,
                           _deepseek_attn, dense=DENSE_MLP, moe=lambda cfg: _deepseek_moe(cfg, False),

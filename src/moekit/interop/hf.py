@@ -71,12 +71,12 @@ def zero_keys(fam: Family, mcfg: ModelConfig) -> list[str]:
 
 def key_pairs(fam: Family, hf_cfg: dict, mcfg: ModelConfig) -> list[tuple[str, str, View]]:
     """Every (hf_key, moekit_key, view) of a model; moekit keys of stacked experts end in [e] with e filled in."""
-    pairs = [(h, m, SAME) for h, m in COMMON if not (m == "lm_head.weight" and mcfg.tie_embeddings)]
+    pairs = [(fam.prefix + h, m, SAME) for h, m in COMMON if not (m == "lm_head.weight" and mcfg.tie_embeddings)]
     E = mcfg.moe.num_experts if mcfg.moe else 0
     for i in range(mcfg.n_layers):
         templates = LAYER_NORMS + fam.attn(hf_cfg) + (fam.moe(hf_cfg) if mcfg.is_moe_layer(i) else fam.dense)
         for h, m, *rule in templates:
-            view = rule[0] if rule else SAME
+            view, h = rule[0] if rule else SAME, fam.prefix + h
             if "{e}" in h:
                 pairs += [(h.format(i=i, e=e), m.format(i=i).replace("[e]", f"[{e}]"), view) for e in range(E)]
             else:
@@ -125,7 +125,8 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> MoETransf
         state[base] = torch.stack([parts[e] for e in range(len(parts))])
     state.update({k: torch.zeros(shapes[k], dtype=dtype) for k in zero_keys(fam, mcfg)})
     # MTP modules (DeepSeek-V3 layers >= num_hidden_layers) and rotary caches are not part of the model
-    extra = [k for k in tensors if k not in used and not _ignorable(k, mcfg.n_layers)]
+    extra = [k for k in tensors if k not in used and not _ignorable(k.removeprefix(fam.prefix), mcfg.n_layers)
+             and not (fam.skip and k.startswith(fam.skip))]
     if extra:
         raise CheckpointError(f"{str(folder)!r}: unexpected tensors not covered by the {fam.model_type} key map: "
                          f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
@@ -145,8 +146,10 @@ def _ignorable(key: str, n_layers: int) -> bool:
     return bool(m and int(m.group(1)) >= n_layers)
 
 
-MODEL_FIELDS = ("attn_windows", "rope_scaling", "rope_theta", "qk_norm", "norm_eps")
-ROUTER_FIELDS = ("kind", "top_k", "renormalize", "score_func", "n_groups", "topk_groups", "routed_scaling_factor")
+MODEL_FIELDS = ("attn_windows", "rope_scaling", "rope_theta", "qk_norm", "norm_eps", "attn_sinks", "nope_layers",
+                "attn_chunks", "nope_temp_scale", "nope_temp_floor")
+ROUTER_FIELDS = ("kind", "top_k", "renormalize", "score_func", "n_groups", "topk_groups", "routed_scaling_factor",
+                 "gate_bias")
 
 
 def check_exportable(fam: Family, hf_cfg: dict, mcfg: ModelConfig, sd: dict, pairs: list[tuple[str, str]]) -> None:
@@ -181,7 +184,7 @@ def check_exportable(fam: Family, hf_cfg: dict, mcfg: ModelConfig, sd: dict, pai
     if mcfg.moe is not None and back is not None:
         diff = [(f"router.{f}", getattr(mcfg.moe.router, f), getattr(back.router, f)) for f in ROUTER_FIELDS
                 if getattr(mcfg.moe.router, f) != getattr(back.router, f)]
-        diff += [(f, getattr(mcfg.moe, f), getattr(back, f)) for f in ("activation", "shared_gate", "bias")
+        diff += [(f, getattr(mcfg.moe, f), getattr(back, f)) for f in ("activation", "shared_gate", "bias", "gate_input")
                  if getattr(mcfg.moe, f) != getattr(back, f)]
         if diff:
             raise UsageError(f"model_type={fam.model_type!r} cannot express this MoE config: "

@@ -8,6 +8,8 @@ connection around the layer carries them), and are counted.
 from __future__ import annotations
 
 import torch
+from dataclasses import replace
+
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
@@ -57,11 +59,21 @@ class MoELayer(nn.Module):
         lead = tuple(x.shape[:-1])
         routing = self.router(x_TD, seq_len=seq_len_of(lead), task_ids_T=token_ids_T(task_ids, lead, "task_ids"))
         kept = capacity_filter(routing, self.cfg.capacity, self.training)
-        y_TD = self.dispatcher.run(x_TD, kept, self.experts)
+        y_TD = self.run_gated_inputs(x_TD, kept) if self.cfg.gate_input else self.dispatcher.run(x_TD, kept, self.experts)
         if self.shared is not None:
             y_TD = y_TD + self.shared_out(x_TD)
         aux = self._aux(routing, kept, seq_len_of(lead), token_ids_T(mask, lead, "mask"))
         return MoEOutput(y_TD.view(x.shape), aux)
+
+    def run_gated_inputs(self, x_TD: Tensor, kept: Routing) -> Tensor:
+        """Llama 4: y_t = sum over t's assignments (e, w) of expert_e(w x_t), the gate on the input. Each
+        assignment becomes a row of its own, scaled, and goes through the dispatcher with weight 1."""
+        N = kept.num_assignments
+        x_ND = x_TD.index_select(0, kept.token_N) * kept.weight_N.to(x_TD.dtype)[:, None]
+        rows = replace(kept, token_N=torch.arange(N, device=x_TD.device), weight_N=kept.weight_N.new_ones(N),
+                       num_tokens=N)
+        y_ND = self.dispatcher.run(x_ND, rows, self.experts)
+        return y_ND.new_zeros(x_TD.shape[0], y_ND.shape[-1]).index_add(0, kept.token_N, y_ND)
 
     def shared_out(self, x_TD: Tensor) -> Tensor:
         s_TD = self.shared(x_TD)

@@ -127,9 +127,10 @@ class KVCache(nn.Module):
 
 
 def causal_attention(q_BHSK: Tensor, k_BGLK: Tensor, v_BGLK: Tensor, start_pos: int, scale: float | None = None,
-                     dropout_p: float = 0.0, window: int = 0, sinks_H: Tensor | None = None) -> Tensor:
+                     dropout_p: float = 0.0, window: int = 0, sinks_H: Tensor | None = None, chunk: int = 0) -> Tensor:
     """Softmax attention where new position s (absolute start_pos + s) sees cached positions <= it; with a
-    sliding ``window`` only the last ``window`` of them (itself included), as HF's sliding-window mask.
+    sliding ``window`` only the last ``window`` of them (itself included), as HF's sliding-window mask; with
+    ``chunk`` (Llama 4) only those in its own chunk of ``chunk`` positions.
     ``sinks_H`` (gpt-oss): one more logit per head in every softmax, whose value is zero: it takes
     probability mass and adds nothing. Computed as an extra key of zeros whose score is set by the mask."""
     H, G = q_BHSK.shape[1], k_BGLK.shape[1]
@@ -137,12 +138,14 @@ def causal_attention(q_BHSK: Tensor, k_BGLK: Tensor, v_BGLK: Tensor, start_pos: 
         k_BGLK = k_BGLK.repeat_interleave(H // G, dim=1)
         v_BGLK = v_BGLK.repeat_interleave(H // G, dim=1)
     S, L = q_BHSK.shape[2], k_BGLK.shape[2]
-    if start_pos == 0 and S == L and not (window and window < L) and sinks_H is None:
+    if start_pos == 0 and S == L and not (window and window < L) and not (chunk and chunk < L) and sinks_H is None:
         return F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK, is_causal=S > 1, dropout_p=dropout_p,
                                               scale=scale)
     pos_q = torch.arange(start_pos, start_pos + S, device=q_BHSK.device)[:, None]
     pos_k = torch.arange(L, device=q_BHSK.device)[None, :]
     allowed_SL = (pos_k <= pos_q) & ((pos_k > pos_q - window) if window else True)
+    if chunk:
+        allowed_SL = allowed_SL & (pos_k // chunk == pos_q // chunk)
     if sinks_H is None:
         return F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK, attn_mask=allowed_SL, dropout_p=dropout_p,
                                               scale=scale)
@@ -155,20 +158,37 @@ def causal_attention(q_BHSK: Tensor, k_BGLK: Tensor, v_BGLK: Tensor, start_pos: 
                                           scale=scale)
 
 
+def unit_rms(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dim in float32, no weight (Llama 4's q/k "L2Norm")."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def nope_temperature(start_pos: int, length: int, scale: float, floor: int, device) -> Tensor:
+    """Llama 4's query scale on NoPE layers, per position: 1 + scale * ln(1 + floor((pos + 1) / floor)); 1 up
+    to position floor - 2, growing logarithmically with the context after (Nakanishi 2025, scalable softmax)."""
+    pos = torch.arange(start_pos, start_pos + length, device=device, dtype=torch.float32)
+    return torch.log1p(torch.floor((pos + 1.0) / floor)) * scale + 1.0
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm
-    (Qwen3: per head, before RoPE; OLMoE: over the whole projection)."""
+    (Qwen3: per head, before RoPE; OLMoE: over the whole projection; Llama 4: per head without a weight,
+    after RoPE). Llama 4 layers may skip RoPE (NoPE, with temperature tuning) or attend within chunks."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
-        self.window = cfg.window(layer)
+        self.window, self.chunk = cfg.window(layer), cfg.chunk(layer)
+        self.rope = layer not in cfg.nope_layers
+        self.temp = (cfg.nope_temp_scale, cfg.nope_temp_floor) if not self.rope and cfg.nope_temp_scale else None
+        self.eps = cfg.norm_eps
         self.n_heads, self.n_kv_heads, self.head_dim = H, G, K
         self.q_proj = nn.Linear(D, H * K, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(D, G * K, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(D, G * K, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * K, D, bias=cfg.attention_out_bias)
-        self.qk_norm = cfg.qk_norm
+        self.qk_norm = cfg.qk_norm if cfg.qk_norm != "l2" or self.rope else "none"
         if cfg.qk_norm == "per_head":
             self.q_norm, self.k_norm = RMSNorm(K, cfg.norm_eps), RMSNorm(K, cfg.norm_eps)
         elif cfg.qk_norm == "full":
@@ -187,11 +207,17 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos_SK, sin_SK), apply_rope(k, cos_SK, sin_SK)
+        if self.rope:
+            q, k = apply_rope(q, cos_SK, sin_SK), apply_rope(k, cos_SK, sin_SK)
+        if self.qk_norm == "l2":
+            q, k = unit_rms(q, self.eps), unit_rms(k, self.eps)
+        if self.temp is not None:
+            q = (q * nope_temperature(start_pos, S, *self.temp, q.device)[:, None]).to(q.dtype)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         o = causal_attention(q, k, v, start_pos if cache is not None else 0,
-                             dropout_p=self.dropout if self.training else 0.0, window=self.window, sinks_H=self.sinks)
+                             dropout_p=self.dropout if self.training else 0.0, window=self.window, sinks_H=self.sinks,
+                             chunk=self.chunk)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
 
     def new_cache(self, batch: int, max_seq_len: int, dtype, device) -> KVCache:
