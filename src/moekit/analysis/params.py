@@ -71,6 +71,10 @@ class ArchSpec:
     qk_nope_dim: int = 0
     qk_rope_dim: int = 0
     v_head_dim: int = 0
+    # DeepSeek-V3.2 / GLM-5 sparse attention: a lightning indexer per layer, indexer_heads query heads of
+    # indexer_head_dim from the compressed query, one key head (LayerNorm with bias), per-head weights
+    indexer_heads: int = 0
+    indexer_head_dim: int = 0
     # FFN
     dense_inter: int = 0
     dense_inter_overrides: dict[int, int] = field(default_factory=dict)  # layer -> hidden (moekit dense twins)
@@ -194,6 +198,13 @@ def _spec_minimax(c: dict, name: str) -> ArchSpec:
                                linear_attn_params=3 * d * inner + inner * d + d * inner + inner)
 
 
+def _spec_minimax_m2(c: dict, name: str) -> ArchSpec:
+    """MiniMax-M2: GQA with q/k norms over the whole projection, MoE on every layer, sigmoid routing with a
+    selection-only correction bias (a buffer)."""
+    return _decoder(c, name, qk_norm="full", moe_layers=_all_layers(c), router_correction_bias=True,
+                    **_experts(c, "num_local_experts", "num_experts_per_tok", "intermediate_size"))
+
+
 def _spec_qwen_moe(c: dict, name: str) -> ArchSpec:
     """Qwen2-MoE (q/k/v biases, a sigmoid-gated shared expert) and Qwen3-MoE (per-head q/k norms)."""
     mt, E = c["model_type"], c["num_experts"]
@@ -229,20 +240,28 @@ def _spec_olmoe(c: dict, name: str) -> ArchSpec:
                     **_experts(c, E, "num_experts_per_tok", "intermediate_size"))
 
 
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa")
+
+
 def _spec_deepseek(c: dict, name: str) -> ArchSpec:
     """DeepSeekMoE v1 (GQA) and the families that kept its FFN: fine-grained routed experts after
-    first_k_dense_replace dense layers, n_shared_experts shared experts as one MLP. DeepSeek-V2/V3 (and
-    Kimi-K2) add MLA; dots1 adds per-head q/k norms; GLM-4.5 optional q/k norms and q/k/v biases; V3,
-    GLM-4.5 and dots1 a selection-only correction bias (a buffer)."""
+    first_k_dense_replace dense layers (or on the layers mlp_layer_types marks "sparse"), n_shared_experts
+    shared experts as one MLP. DeepSeek-V2/V3 (and Kimi-K2), GLM-4.7-Flash (glm4_moe_lite) add MLA,
+    DeepSeek-V3.2 and GLM-5 (glm_moe_dsa) MLA with a sparse-attention indexer; dots1 adds per-head q/k norms;
+    GLM-4.5 optional q/k norms and q/k/v biases; Solar Open is GQA; all but V1/V2 have a selection-only
+    correction bias (a buffer)."""
     mt, E = c["model_type"], c["n_routed_experts"]
-    kw = dict(moe_layers=_first_k_dense_layers(c, E),
+    types = c.get("mlp_layer_types")
+    kw = dict(moe_layers=[i for i, t in enumerate(types) if E and t == "sparse"] if types
+              else _first_k_dense_layers(c, E),
               **_experts(c, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
               shared_inter=(c["n_shared_experts"] or 0) * c["moe_intermediate_size"],
-              router_correction_bias=mt in ("deepseek_v3", "glm4_moe", "dots1"))
-    if mt in ("deepseek_v2", "deepseek_v3"):
+              router_correction_bias=mt not in ("deepseek", "deepseek_v2"))
+    if mt in MLA_FAMILIES:
         kw.update(attention="mla", **_bias(c), q_lora_rank=c["q_lora_rank"] or 0, kv_lora_rank=c["kv_lora_rank"],
                   qk_nope_dim=c["qk_nope_head_dim"], qk_rope_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
-                  mtp_layers=c["num_nextn_predict_layers"] if mt == "deepseek_v3" else 0)
+                  mtp_layers=c["num_nextn_predict_layers"] if mt == "deepseek_v3" else 0,
+                  indexer_heads=c.get("index_n_heads") or 0, indexer_head_dim=c.get("index_head_dim") or 0)
     elif mt == "glm4_moe":
         kw.update(qkv_bias=bool(c["attention_bias"]), qk_norm="per_head" if c["use_qk_norm"] else "none")
     elif mt == "dots1":
@@ -352,7 +371,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "granitemoeshared": _spec_granitemoe, "qwen2_moe": _spec_qwen_moe, "qwen3_moe": _spec_qwen_moe,
     "qwen3_next": _spec_qwen3_next, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe, "deepseek": _spec_deepseek,
     "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek, "glm4_moe": _spec_deepseek,
-    "dots1": _spec_deepseek, "ernie4_5_moe": _spec_ernie, "hunyuan_v1_moe": _spec_hunyuan, "dbrx": _spec_dbrx, "jetmoe": _spec_jetmoe,
+    "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek, "glm4_moe_lite": _spec_deepseek,
+    "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek, "minimax_m2": _spec_minimax_m2, "ernie4_5_moe": _spec_ernie, "hunyuan_v1_moe": _spec_hunyuan, "dbrx": _spec_dbrx, "jetmoe": _spec_jetmoe,
     "gpt_oss": _spec_gpt_oss, "llama4": _spec_llama4, "llama4_text": _spec_llama4_text,
     "switch_transformers": _spec_switch, "llama": _spec_dense, "qwen2": _spec_dense, "qwen3": _spec_dense,
 }
@@ -424,7 +444,8 @@ def attention_matrix_params(s: ArchSpec) -> int:
         qk_head = s.qk_nope_dim + s.qk_rope_dim
         q = (d * s.q_lora_rank + s.q_lora_rank * s.n_heads * qk_head) if s.q_lora_rank else d * s.n_heads * qk_head
         kv = d * (s.kv_lora_rank + s.qk_rope_dim) + s.kv_lora_rank * s.n_heads * (s.qk_nope_dim + s.v_head_dim)
-        return q + kv + s.n_heads * s.v_head_dim * d
+        indexer = s.indexer_heads * s.indexer_head_dim * s.q_lora_rank + s.indexer_head_dim * d + s.indexer_heads * d
+        return q + kv + s.n_heads * s.v_head_dim * d + indexer
     q_out, kv_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
     return (3 if s.attn_output_gate else 2) * d * q_out + 2 * d * kv_out
 
@@ -434,6 +455,7 @@ def attention_vector_params(s: ArchSpec) -> int:
         return s.d if s.moe_out_bias else 0
     if s.attention == "mla":
         norms = s.q_lora_rank + s.kv_lora_rank  # RMSNorms on the compressed query and kv latents
+        norms += 2 * s.indexer_head_dim  # the indexer's key LayerNorm
         return norms + ((s.q_lora_rank + s.kv_lora_rank + s.qk_rope_dim + s.d) if s.qkv_bias else 0)
     q_out, kv_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
     n = (q_out + 2 * kv_out if s.qkv_bias else 0) + (s.d if s.o_bias else 0)
