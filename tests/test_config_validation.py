@@ -18,7 +18,8 @@ INF = math.inf
 # field -> (kind, lower, upper, lower_open, upper_open) for numbers; ("bool",), ("choice",), ("config",) else
 R = dict
 ALLOWED = {
-    RouterConfig: R(kind=("choice",), top_k=("int", 1, INF), renormalize=("bool",), jitter_eps=("float", 0, 1, 0, 1),
+    RouterConfig: R(kind=("choice",), top_k=("int", 1, INF), renormalize=("bool",), gate_bias=("bool",),
+                    jitter_eps=("float", 0, 1, 0, 1),
                     noise_std=("float", 0, INF), top_p=("float", 0, 1, 1, 0), sinkhorn_iters=("int", 1, INF),
                     score_func=("choice",), n_groups=("int", 1, INF), topk_groups=("int", 1, INF),
                     routed_scaling_factor=("float", 0, INF, 1), bias_update_rate=("float", 0, INF),
@@ -32,7 +33,7 @@ ALLOWED = {
                  num_shared_experts=("int", 0, INF), shared_hidden=("int", 0, INF), shared_gate=("bool",),
                  expert_dropout=("float", 0, 1, 0, 1), dispatcher=("choice",), experts=("choice",),
                  allow_noncausal=("bool",), hierarchical_groups=("int", 0, INF), top_router=("config?",),
-                 router=("config",), capacity=("config",), loss=("config",)),
+                 gate_input=("bool",), router=("config",), capacity=("config",), loss=("config",)),
     MLAConfig: R(q_lora_rank=("int", 0, INF), kv_lora_rank=("int", 1, INF), qk_nope_head_dim=("int", 1, INF),
                  qk_rope_head_dim=("int", 1, INF), v_head_dim=("int", 1, INF), rope_interleave=("bool",)),
     ModelConfig: R(vocab_size=("int", 1, INF), d_model=("int", 1, INF), n_layers=("int", 1, INF),
@@ -41,7 +42,9 @@ ALLOWED = {
                    norm_eps=("float", 0, INF, 1), dense_hidden=("int", 0, INF), moe=("config?",),
                    moe_layers=("choice",), first_k_dense=("int", 0, INF), dense_layers=("ints",),
                    attention=("choice",), mla=("config?",), attention_bias=("bool",), attention_out_bias=("bool",),
-                   attn_windows=("ints",), qk_norm=("choice",), tie_embeddings=("bool",), dropout=("float", 0, 1, 0, 1),
+                   attn_windows=("ints",), qk_norm=("choice",), attn_sinks=("bool",),
+                   nope_layers=("ints",), attn_chunks=("ints",), nope_temp_scale=("float", 0, INF),
+                   nope_temp_floor=("int", 1, INF), tie_embeddings=("bool",), dropout=("float", 0, 1, 0, 1),
                    init_std=("float", 0, INF, 1), extra=("dict",)),
     TrainConfig: R(steps=("int", 1, INF), batch_size=("int", 1, INF), seq_len=("int", 1, INF),
                    grad_accum=("int", 1, INF), lr=("float", 0, INF, 1), min_lr_ratio=("float", 0, 1),
