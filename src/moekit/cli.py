@@ -263,6 +263,9 @@ def _upcycle(ns) -> int:
     moe = upcycle(dense, ns.num_experts, ns.top_k, moe_layers=ns.moe_layers, router_std=ns.router_std,
                   expert_noise=ns.expert_noise)
     if ns.to == "hf":
+        if moe.cfg.moe.activation != "swiglu":
+            raise UsageError(f"--to hf writes a Mixtral checkpoint, whose experts are SwiGLU; the FFNs of "
+                             f"{src} are {moe.cfg.moe.activation}: leave out --to hf for a moekit folder")
         path = save_hf(moe, ns.dst, "mixtral")
     else:
         _copy_tokenizer(src, Path(ns.dst))

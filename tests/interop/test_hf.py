@@ -179,6 +179,24 @@ def test_upcycled_dense_twin_keeps_its_activation_and_equals_it_at_step_0(activa
         assert (moe(ids).logits - dense(ids).logits).abs().max().item() <= 1e-5
 
 
+def test_upcycle_to_hf_of_gelu_ffns_is_a_one_line_error(tmp_path, capsys):
+    from moekit.cli import main
+    from moekit.config import ModelConfig, MoEConfig
+    from moekit.models.decoder import MoETransformer
+    from moekit.train.checkpoint import save_model
+
+    cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, max_seq_len=32,
+                      moe_layers="every_other", moe=MoEConfig(d_model=32, num_experts=4, expert_hidden=24,
+                                                              activation="gelu"))
+    save_model(tmp_path / "dense", MoETransformer(cfg.dense_twin()))
+    assert main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "hf"), "--moe-layers", "every_other",
+                 "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Mixtral checkpoint, whose experts are SwiGLU" in err
+    assert "are gelu" in err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_cli_convert_roundtrip_and_upcycle_to_mixtral(tmp_path):
     from moekit.cli import main
 
