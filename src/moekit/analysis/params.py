@@ -166,6 +166,12 @@ def _first_k_dense_layers(c: dict, E: int | None) -> list[int]:
     return [i for i in range(c["num_hidden_layers"]) if E and i >= first and i % freq == 0]
 
 
+def _typed_moe_layers(c: dict, E: int | None) -> list[int]:
+    """The layers mlp_layer_types marks "sparse" (transformers 5 families), else DeepSeek's pattern."""
+    types = c.get("mlp_layer_types")
+    return [i for i, t in enumerate(types) if E and t == "sparse"] if types else _first_k_dense_layers(c, E)
+
+
 def _experts(c: dict, E: str, k: str, inter: str) -> dict:
     return dict(num_experts=c[E] or 0, top_k=c[k] or 0, expert_inter=c[inter])
 
@@ -203,6 +209,31 @@ def _spec_minimax_m2(c: dict, name: str) -> ArchSpec:
     selection-only correction bias (a buffer)."""
     return _decoder(c, name, qk_norm="full", moe_layers=_all_layers(c), router_correction_bias=True,
                     **_experts(c, "num_local_experts", "num_experts_per_tok", "intermediate_size"))
+
+
+def _spec_exaone_moe(c: dict, name: str) -> ArchSpec:
+    """EXAONE-MoE: per-head q/k norms, dense layers by mlp_layer_types, num_shared_experts shared experts as one
+    MLP, a selection-only correction bias (a buffer)."""
+    E = c["num_experts"]
+    return _decoder(c, name, qk_norm="per_head", moe_layers=_typed_moe_layers(c, E), router_correction_bias=True,
+                    **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=(c["num_shared_experts"] or 0) * c["moe_intermediate_size"])
+
+
+def _spec_flint(c: dict, name: str) -> ArchSpec:
+    """Flint: Qwen3-MoE's layout (mlp_only_layers, decoder_sparse_step, per-head q/k norms) with attention sinks
+    and an ungated shared expert."""
+    E = c["num_experts"]
+    return _decoder(c, name, **_bias(c), qk_norm="per_head", attn_sinks=True, moe_layers=_sparse_step_layers(c, E),
+                    **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=c["shared_expert_intermediate_size"] or 0)
+
+
+def _spec_mellum(c: dict, name: str) -> ArchSpec:
+    """Mellum: GQA with per-head q/k norms, MoE on the layers mlp_layer_types marks, no shared expert."""
+    E = c["num_local_experts"]
+    return _decoder(c, name, **_bias(c), qk_norm="per_head", moe_layers=_typed_moe_layers(c, E),
+                    **_experts(c, "num_local_experts", "num_experts_per_tok", "moe_intermediate_size"))
 
 
 def _spec_qwen_moe(c: dict, name: str) -> ArchSpec:
@@ -251,9 +282,7 @@ def _spec_deepseek(c: dict, name: str) -> ArchSpec:
     GLM-4.5 optional q/k norms and q/k/v biases; Solar Open is GQA; all but V1/V2 have a selection-only
     correction bias (a buffer)."""
     mt, E = c["model_type"], c["n_routed_experts"]
-    types = c.get("mlp_layer_types")
-    kw = dict(moe_layers=[i for i, t in enumerate(types) if E and t == "sparse"] if types
-              else _first_k_dense_layers(c, E),
+    kw = dict(moe_layers=_typed_moe_layers(c, E),
               **_experts(c, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
               shared_inter=(c["n_shared_experts"] or 0) * c["moe_intermediate_size"],
               router_correction_bias=mt not in ("deepseek", "deepseek_v2"))
@@ -372,7 +401,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "qwen3_next": _spec_qwen3_next, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe, "deepseek": _spec_deepseek,
     "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek, "glm4_moe": _spec_deepseek,
     "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek, "glm4_moe_lite": _spec_deepseek,
-    "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek, "minimax_m2": _spec_minimax_m2, "ernie4_5_moe": _spec_ernie, "hunyuan_v1_moe": _spec_hunyuan, "dbrx": _spec_dbrx, "jetmoe": _spec_jetmoe,
+    "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek, "minimax_m2": _spec_minimax_m2,
+    "exaone_moe": _spec_exaone_moe, "flint": _spec_flint, "mellum": _spec_mellum, "ernie4_5_moe": _spec_ernie, "hunyuan_v1_moe": _spec_hunyuan, "dbrx": _spec_dbrx, "jetmoe": _spec_jetmoe,
     "gpt_oss": _spec_gpt_oss, "llama4": _spec_llama4, "llama4_text": _spec_llama4_text,
     "switch_transformers": _spec_switch, "llama": _spec_dense, "qwen2": _spec_dense, "qwen3": _spec_dense,
 }
