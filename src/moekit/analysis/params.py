@@ -188,9 +188,10 @@ def _spec_phimoe(c: dict, name: str) -> ArchSpec:
 
 
 def _spec_granitemoe(c: dict, name: str) -> ArchSpec:
-    """GraniteMoE(-Shared): Mixtral's layout with optional attention biases and a shared MLP."""
+    """GraniteMoE(-Shared): Mixtral's layout with optional attention biases and a shared MLP; GraniteMoE-SWA
+    adds attention sinks on every layer."""
     return dataclasses.replace(_spec_mixtral(c, name), shared_inter=c.get("shared_intermediate_size") or 0,
-                               **_bias(c))
+                               attn_sinks=c["model_type"] == "granitemoe_swa", **_bias(c))
 
 
 def _spec_minimax(c: dict, name: str) -> ArchSpec:
@@ -397,13 +398,14 @@ def _spec_dense(c: dict, name: str) -> ArchSpec:
 # model_type (as config_reader reads it: Kimi-K2 arrives as deepseek_v3) -> ArchSpec builder
 HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "mixtral": _spec_mixtral, "minimax": _spec_minimax, "phimoe": _spec_phimoe, "granitemoe": _spec_granitemoe,
-    "granitemoeshared": _spec_granitemoe, "qwen2_moe": _spec_qwen_moe, "qwen3_moe": _spec_qwen_moe,
-    "qwen3_next": _spec_qwen3_next, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe, "deepseek": _spec_deepseek,
-    "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek, "glm4_moe": _spec_deepseek,
-    "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek, "glm4_moe_lite": _spec_deepseek,
-    "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek, "minimax_m2": _spec_minimax_m2,
-    "exaone_moe": _spec_exaone_moe, "flint": _spec_flint, "mellum": _spec_mellum, "ernie4_5_moe": _spec_ernie, "hunyuan_v1_moe": _spec_hunyuan, "dbrx": _spec_dbrx, "jetmoe": _spec_jetmoe,
-    "gpt_oss": _spec_gpt_oss, "llama4": _spec_llama4, "llama4_text": _spec_llama4_text,
+    "granitemoeshared": _spec_granitemoe, "granitemoe_swa": _spec_granitemoe, "qwen2_moe": _spec_qwen_moe,
+    "qwen3_moe": _spec_qwen_moe, "qwen3_next": _spec_qwen3_next, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
+    "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
+    "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,
+    "minimax_m2": _spec_minimax_m2, "exaone_moe": _spec_exaone_moe, "flint": _spec_flint,
+    "mellum": _spec_mellum, "ernie4_5_moe": _spec_ernie, "hunyuan_v1_moe": _spec_hunyuan, "dbrx": _spec_dbrx,
+    "jetmoe": _spec_jetmoe, "gpt_oss": _spec_gpt_oss, "llama4": _spec_llama4, "llama4_text": _spec_llama4_text,
     "switch_transformers": _spec_switch, "llama": _spec_dense, "qwen2": _spec_dense, "qwen3": _spec_dense,
 }
 HF_FAMILIES = tuple(HF_SPECS)

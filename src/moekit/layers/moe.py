@@ -59,7 +59,10 @@ class MoELayer(nn.Module):
         lead = tuple(x.shape[:-1])
         routing = self.router(x_TD, seq_len=seq_len_of(lead), task_ids_T=token_ids_T(task_ids, lead, "task_ids"))
         kept = capacity_filter(routing, self.cfg.capacity, self.training)
-        y_TD = self.run_gated_inputs(x_TD, kept) if self.cfg.gate_input else self.dispatcher.run(x_TD, kept, self.experts)
+        if self.cfg.gate_input:
+            y_TD = self.run_gated_inputs(x_TD, kept)
+        else:
+            y_TD = self.dispatcher.run(x_TD, kept, self.experts)
         if self.shared is not None:
             y_TD = y_TD + self.shared_out(x_TD)
         aux = self._aux(routing, kept, seq_len_of(lead), token_ids_T(mask, lead, "mask"))
