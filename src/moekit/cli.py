@@ -186,7 +186,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dst", help="output folder")
     p.add_argument("--to", choices=["moekit", "hf"], required=True, help="output format")
     p.add_argument("--model-type", default=None, help="HF family for --to hf (mixtral, qwen2_moe, qwen3_moe, olmoe, "
-                                                      "deepseek_v3, llama, qwen2); default: the one it was loaded from")
+                                                      "deepseek_v2, deepseek_v3, gpt_oss, llama4_text, llama, qwen2); "
+                                                      "default: the one it was loaded from")
     p.add_argument("--max-shard-bytes", type=int, default=None, help="shard the HF safetensors above this size in bytes (default: one file)")
     _add_verify_arg(p)
 
