@@ -213,10 +213,13 @@ def _spec_minimax_m2(c: dict, name: str) -> ArchSpec:
 
 
 def _spec_exaone_moe(c: dict, name: str) -> ArchSpec:
-    """EXAONE-MoE: per-head q/k norms, dense layers by mlp_layer_types, num_shared_experts shared experts as one
-    MLP, a selection-only correction bias (a buffer)."""
+    """EXAONE-MoE and HY-V3: per-head q/k norms, dense layers by mlp_layer_types, num_shared_experts shared
+    experts as one MLP, a selection-only correction bias (a buffer); HY-V3 optional q/k/v/o biases."""
+    if c.get("mlp_bias"):
+        raise ConfigError(f"config.json mlp_bias=True ({c['model_type']}): the calculator counts bias-free FFNs")
     E = c["num_experts"]
-    return _decoder(c, name, qk_norm="per_head", moe_layers=_typed_moe_layers(c, E), router_correction_bias=True,
+    return _decoder(c, name, **(_bias(c) if "attention_bias" in c else {}), qk_norm="per_head",
+                    moe_layers=_typed_moe_layers(c, E), router_correction_bias=True,
                     **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
                     shared_inter=(c["num_shared_experts"] or 0) * c["moe_intermediate_size"])
 
@@ -403,7 +406,7 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,
-    "minimax_m2": _spec_minimax_m2, "exaone_moe": _spec_exaone_moe, "flint": _spec_flint,
+    "minimax_m2": _spec_minimax_m2, "exaone_moe": _spec_exaone_moe, "hy_v3": _spec_exaone_moe, "flint": _spec_flint,
     "mellum": _spec_mellum, "ernie4_5_moe": _spec_ernie, "hunyuan_v1_moe": _spec_hunyuan, "dbrx": _spec_dbrx,
     "jetmoe": _spec_jetmoe, "gpt_oss": _spec_gpt_oss, "llama4": _spec_llama4, "llama4_text": _spec_llama4_text,
     "switch_transformers": _spec_switch, "llama": _spec_dense, "qwen2": _spec_dense, "qwen3": _spec_dense,
