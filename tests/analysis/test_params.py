@@ -77,6 +77,8 @@ TINY_CASES = {
     "hy_v3": dict(intermediate_size=80, moe_intermediate_size=32, num_experts=8, num_shared_experts=1,
                   num_experts_per_tok=2, head_dim=16, attention_bias=True,
                   mlp_layer_types=["dense", "sparse", "sparse"]),
+    "afmoe": dict(intermediate_size=80, moe_intermediate_size=32, num_experts=8, num_shared_experts=2,
+                  num_experts_per_tok=2, head_dim=16, attention_bias=True, num_dense_layers=1),
     "flint": dict(intermediate_size=80, moe_intermediate_size=32, shared_expert_intermediate_size=24, num_experts=6,
                   num_experts_per_tok=2, head_dim=16, mlp_only_layers=[0], sliding_window=8,
                   layer_types=["full_attention", "sliding_attention", "full_attention"]),

@@ -64,6 +64,7 @@ class ArchSpec:
     linear_layers: list[int] = field(default_factory=list)
     linear_attn_params: int = 0
     norm_bias: bool = False  # LayerNorms with a bias (PhiMoE)
+    sandwich_norms: bool = False  # AFMoE: two more norms per layer, before and after the FFN
     lm_head_bias: bool = False
     # MLA (DeepSeek-V2/V3)
     q_lora_rank: int = 0
@@ -220,6 +221,17 @@ def _spec_exaone_moe(c: dict, name: str) -> ArchSpec:
     E = c["num_experts"]
     return _decoder(c, name, **(_bias(c) if "attention_bias" in c else {}), qk_norm="per_head",
                     moe_layers=_typed_moe_layers(c, E), router_correction_bias=True,
+                    **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=(c["num_shared_experts"] or 0) * c["moe_intermediate_size"])
+
+
+def _spec_afmoe(c: dict, name: str) -> ArchSpec:
+    """AFMoE: per-head q/k norms, a sigmoid output gate per attention head dim (a second d x H*K projection, as
+    Qwen3-Next's doubled q_proj), norms before and after the FFN too, num_dense_layers dense layers first,
+    shared experts as one MLP, a selection bias that is a (frozen) parameter."""
+    E, L = c["num_experts"], c["num_hidden_layers"]
+    return _decoder(c, name, **_bias(c), qk_norm="per_head", attn_output_gate=True, sandwich_norms=True,
+                    moe_layers=[i for i in range(L) if E and i >= (c["num_dense_layers"] or 0)], router_bias=True,
                     **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
                     shared_inter=(c["num_shared_experts"] or 0) * c["moe_intermediate_size"])
 
@@ -406,10 +418,11 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,
-    "minimax_m2": _spec_minimax_m2, "exaone_moe": _spec_exaone_moe, "hy_v3": _spec_exaone_moe, "flint": _spec_flint,
-    "mellum": _spec_mellum, "ernie4_5_moe": _spec_ernie, "hunyuan_v1_moe": _spec_hunyuan, "dbrx": _spec_dbrx,
-    "jetmoe": _spec_jetmoe, "gpt_oss": _spec_gpt_oss, "llama4": _spec_llama4, "llama4_text": _spec_llama4_text,
-    "switch_transformers": _spec_switch, "llama": _spec_dense, "qwen2": _spec_dense, "qwen3": _spec_dense,
+    "minimax_m2": _spec_minimax_m2, "exaone_moe": _spec_exaone_moe, "hy_v3": _spec_exaone_moe,
+    "afmoe": _spec_afmoe, "flint": _spec_flint, "mellum": _spec_mellum, "ernie4_5_moe": _spec_ernie,
+    "hunyuan_v1_moe": _spec_hunyuan, "dbrx": _spec_dbrx, "jetmoe": _spec_jetmoe, "gpt_oss": _spec_gpt_oss,
+    "llama4": _spec_llama4, "llama4_text": _spec_llama4_text, "switch_transformers": _spec_switch,
+    "llama": _spec_dense, "qwen2": _spec_dense, "qwen3": _spec_dense,
 }
 HF_FAMILIES = tuple(HF_SPECS)
 
@@ -538,7 +551,7 @@ def norm_count(s: ArchSpec) -> int:
     n_dec = s.n_layers - s.n_encoder_layers
     if s.is_encoder_decoder:
         return 2 * s.n_encoder_layers + 1 + 3 * n_dec + 1
-    return 2 * s.n_layers + 1
+    return (4 if s.sandwich_norms else 2) * s.n_layers + 1
 
 
 @dataclass
