@@ -142,3 +142,29 @@ def test_seed_groups_pairs_seeds_and_leaves_out_unfinished_optional_labels(tmp_p
     g, seeds = experiments.seed_groups(r, specs, required=("A", "B"))  # C is unfinished: left out
     assert set(g) == {"A", "B"} and seeds == [0, 2]
     assert [x["seed"] for x in g["A"]] == [x["seed"] for x in g["B"]] == [0, 2]
+
+
+def test_confirmation_runs_fresh_seeds_and_reports_the_paired_interval(tmp_path):
+    """The confirmation experiment trains seeds the setup experiment never saw, and its verdict is the
+    textbook paired t-interval of dense minus MoE over those seeds."""
+    vocab = 512
+    plan = experiments.plan_confirm(experiments.FULL, vocab)
+    seeds = [s.seed for s in plan["dense"]]
+    assert not set(seeds) & set(experiments.FULL.seeds) and all([s.seed for s in v] == seeds for v in plan.values())
+    assert plan["MoE aux 0.001"][0].cfg.moe.loss.aux_coef == 0.001
+    assert plan["MoE aux 0.01"][0].key(experiments.FULL) == experiments.RunSpec(
+        "MoE", experiments.moe_config(experiments.FULL, vocab), seeds[0]).key(experiments.FULL)
+    r = experiments.Runner(experiments.FULL, tmp_path)
+    losses = {"dense": [3.10, 3.20, 3.15], "MoE aux 0.01": [3.12, 3.18, 3.16], "MoE aux 0.001": [3.00, 3.11, 3.02]}
+    for label, vs in losses.items():
+        for spec, v in zip(plan[label], vs):
+            r.rows[spec.key(experiments.FULL)] = {"key": spec.key(experiments.FULL), "seed": spec.seed, "val_loss": v,
+                                                  "val_curve": [[150, v + 0.2], [300, v]]}
+    g, got_seeds = experiments.seed_groups(r, plan)
+    lines = []
+    experiments.report_confirm(r, plan, g, got_seeds, lines)
+    text = "\n".join(lines)
+    mean, lo, hi = paired_reference(losses["dense"], losses["MoE aux 0.001"])
+    assert f"{mean:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}]" in text
+    assert "MoE aux 0.001: the MoE aux 0.001 beats the dense twin" in text
+    assert "MoE aux 0.01: no significant difference" in text
