@@ -17,11 +17,12 @@ from moekit.train.checkpoint import load_model, resolve_checkpoint
 
 
 def torchrun(nproc: int, *args: str, env: dict) -> str:
+    """stdout and stderr of `moekit train` on ``nproc`` local processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "moekit", "train", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return proc.stdout + proc.stderr
 
 
 def test_torchrun_train_fsdp_ep_and_resume_elsewhere(tmp_path):
@@ -41,6 +42,8 @@ def test_torchrun_train_fsdp_ep_and_resume_elsewhere(tmp_path):
     assert is_sharded(resolve_checkpoint(run)) and resolve_checkpoint(run).name == "ckpt-000002"
     out = torchrun(2, *common, "--steps", "4", "--resume", "--async-save", env=env)
     assert "step 4: val loss" in out, out
+    assert out.count("resuming 4 ranks' checkpoint at 2: rank r continues saved rank r's RNG streams; the streams "
+                     "of saved ranks 2-3 are not used") == 1, out
     assert resolve_checkpoint(run).name == "ckpt-000004"
     model = load_model(run)  # the sharded checkpoint read whole: all 8 experts of the tiny preset
     assert model.layers[0].ffn.experts.w_up_EFD.shape[0] == 8

@@ -7,6 +7,7 @@ per rank in EP), with J = (1/W) sum_r L_r; EP gradients after ``reduce_gradients
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -304,16 +305,41 @@ def trainer_setup():
     return model, cfg, data
 
 
+class RankDraws:
+    """Draws rank + 1 values from every generator after each step (as dropout on each rank's own batch would),
+    so that the ranks' RNG streams differ; ``resumed``: the streams a resumed rank starts from."""
+
+    def __init__(self, rank: int):
+        self.rank, self.resumed = rank, None
+
+    def after_step(self, ctx) -> None:
+        import random
+
+        import numpy as np
+
+        torch.rand(self.rank + 1), np.random.rand(self.rank + 1), [random.random() for _ in range(self.rank + 1)]
+
+    def after_resume(self, step: int) -> None:
+        from moekit.train.rng import rng_state
+
+        self.resumed = rng_state()
+
+
 def trainer_run(rank: int, world_size: int, ep_size: int, run_dir: str, resume: bool, async_save: bool,
                 out: str) -> None:
     """moekit.train.train on a (dp_shard x ep) mesh: fresh, or resumed from ``run_dir``'s latest checkpoint
-    (sharded at another world size, or single-process). Rank 0 saves the records."""
+    (sharded at another world size, or single-process). Rank 0 saves the records; every rank the RNG streams
+    it resumed with (``out``.rng<rank>)."""
     from moekit.train.hooks import RouterBiasUpdate
     from moekit.train.trainer import train
 
     model, cfg, data = trainer_setup()
     plan = parallelize(model, mesh_for(ep_size))
+    draws = RankDraws(rank)
     records = train(model, data, data, cfg, out_dir=run_dir, resume=resume, parallel=plan,
-                    hooks=[RouterBiasUpdate()], async_save=async_save)
+                    hooks=[RouterBiasUpdate(), draws], async_save=async_save)
     if rank == 0:
         torch.save(records, out)
+    if resume:
+        with open(f"{out}.rng{rank}", "w") as f:
+            json.dump(draws.resumed, f)

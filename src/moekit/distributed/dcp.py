@@ -2,13 +2,19 @@
 and a checkpoint loads at any world size and layout (4 ranks -> 2 ranks -> 1 process), because each
 tensor is stored with its global shape and every shard's offset in it.
 
-Layout of a run folder (the same ``latest`` pointer as single-process checkpoints):
-    run/ckpt-000200/{.metadata, __<rank>_0.distcp, config.json, trainer_state.json}
+Layout of a run folder (the same ``latest``, ``checkpoints.txt`` and rotation as single-process checkpoints):
+    run/ckpt-000200/{.metadata, __<rank>_0.distcp, rng-<rank>.json, config.json, trainer_state.json,
+                     tokenizer.json (the run folder's, if any), manifest.json}
     run/latest
-Saving is atomic: the ranks write into a hidden temporary folder, then rank 0 adds the JSON files,
-renames the folder and only then replaces ``latest``. With ``async_save`` the tensors are staged in
-memory and written by a background thread (on its own gloo process group) while training goes on;
-the folder is renamed once the write completes (``SaveHandle.wait``, at the latest before the next save).
+Saving is atomic, with the single-process checkpoints' code (``train/manifest.py``): the ranks write into a
+hidden temporary folder ``.ckpt-000200.tmp-dcp``; once every rank has finished, rank 0 writes the manifest
+(sha256 of every file, checked on load like a single-process checkpoint's), renames the folder and only then
+replaces ``latest``. With ``async_save`` the tensors are staged in memory and written by a background thread
+(on its own gloo process group) while training goes on; the folder is published once the write completes
+(``SaveHandle.wait``, at the latest before the next save).
+
+RNG: every rank saves its own generators (``rng-<rank>.json``) and restores its own; see ``train/rng.py`` for
+what a resume at another world size does.
 
 Expert tensors: under expert parallelism a rank holds experts [ep_rank*L, (ep_rank+1)*L) of each layer,
 FSDP-sharded over ``efsdp``. They are stored as DTensors over a (dp_replicate, ep, efsdp) view of the
@@ -19,8 +25,7 @@ which is exactly where every rank's rows sit in the global [E, ...] tensor.
 from __future__ import annotations
 
 import json
-import os
-import random
+import logging
 import shutil
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -39,14 +44,34 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moekit.errors import CheckpointError
+from moekit.train.manifest import (
+    move_into_place,
+    read_json,
+    record_checkpoint,
+    remove_stale_temps,
+    write_manifest,
+)
+from moekit.train.rng import resume_rng, rng_state
+from moekit.train.tokenizer import FILE_NAME as TOKENIZER
 
-LATEST = "latest"
+log = logging.getLogger(__name__)
+
 METADATA = ".metadata"
+CONFIG, STATE = "config.json", "trainer_state.json"
 
 
 def is_sharded(ckpt_dir: str | Path) -> bool:
     """Whether a checkpoint folder was written by DCP."""
     return (Path(ckpt_dir) / METADATA).is_file()
+
+
+def is_shard_file(name: str) -> bool:
+    """Whether a file of a sharded checkpoint folder is one that ``load`` reads (besides the JSON files)."""
+    return name == METADATA or name.endswith(".distcp") or (name.startswith("rng-") and name.endswith(".json"))
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-{rank}.json"
 
 
 def _global_experts(sd: dict, plan, key_of) -> dict:
@@ -85,22 +110,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, plan) -> t
     sd = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         sd["optim"] = get_optimizer_state_dict(model, optimizer)
-    sd["rng"] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        sd["rng"]["cuda"] = torch.cuda.get_rng_state()
     return sd, _global_experts(sd, plan, _key_of)
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -117,52 +127,54 @@ class SaveHandle:
         if self.future is not None:
             self.future.result()
             self.future = None
-            if _is_main():
+            if _rank() == 0:
                 _publish(self.tmp, self.final, self.keep_last)
         return self.final
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _publish(tmp: Path, final: Path, keep_last: int) -> None:
-    """Rename the complete folder into place, then point ``latest`` at it (both atomic on POSIX)."""
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    if final.exists():  # re-saving the same step: the old one goes first
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    run_dir = final.parent
-    _fsync(run_dir)
-    pointer = run_dir / f".{LATEST}.tmp"
-    pointer.write_text(final.name)
-    _fsync(pointer)
-    os.replace(pointer, run_dir / LATEST)
-    _fsync(run_dir)
-    for old in sorted(run_dir.glob("ckpt-*"))[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    """Rank 0, once every rank's files are complete: DCP ends a save with a collective in which rank 0
+    writes ``.metadata`` after gathering every rank's write results, so when rank 0's ``dcp.save`` (or its
+    async future) returns, all shards (and the ``rng-<rank>.json`` each rank wrote before it) are on disk.
+    Only then is the manifest computed, the folder renamed into place and ``latest`` pointed at it."""
+    write_manifest(tmp, "moekit sharded checkpoint")
+    move_into_place(tmp, final)
+    record_checkpoint(final, keep_last)
 
 
 def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, plan,
          model_config: dict, trainer_state: dict, *, async_save: bool = False, keep_last: int = 2) -> SaveHandle:
-    """Collective: every rank calls it. ``trainer_state`` must be JSON-serialisable (rank 0's is written).
-    Returns a handle; with ``async_save`` call ``handle.wait()`` before relying on the files."""
+    """Collective: every rank calls it, after the previous save's ``wait()``. ``trainer_state`` must be
+    JSON-serialisable (rank 0's is written). Returns a handle; with ``async_save`` call ``handle.wait()``
+    before relying on the files."""
     run_dir = Path(run_dir)
     final = run_dir / f"ckpt-{step:06d}"
-    tmp = run_dir / f".{final.name}.tmp"
-    if _is_main():
+    tmp = run_dir / f".{final.name}.tmp-dcp"  # the same name on every rank; a crash's leftover is removed below
+    if _rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash
+        remove_stale_temps(run_dir)  # no save is in flight: the previous one was waited for
         tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            dict(trainer_state, step=step, python_rng=_python_rng_to_json()), indent=2))
+        (tmp / CONFIG).write_text(json.dumps(model_config, indent=2))
+        (tmp / STATE).write_text(json.dumps(dict(trainer_state, step=step, world_size=_world_size()), indent=2))
+        if (run_dir / TOKENIZER).is_file():  # as in a single-process checkpoint: checksummed with the rest
+            shutil.copyfile(run_dir / TOKENIZER, tmp / TOKENIZER)
     if dist.is_initialized():
         dist.barrier()
+    (tmp / _rng_file(_rank())).write_text(json.dumps(rng_state()))
     _, sd = _state(model, optimizer, plan)
     if async_save:
         group = plan.mesh.checkpoint_group if plan is not None else None
         return SaveHandle(tmp, final, dcp.async_save(sd, checkpoint_id=str(tmp), process_group=group), keep_last)
     dcp.save(sd, checkpoint_id=str(tmp))
-    if _is_main():
+    if _rank() == 0:
         _publish(tmp, final, keep_last)
     if dist.is_initialized():
         dist.barrier()  # nobody resumes from or lists the folder before it is in place
@@ -171,7 +183,8 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
 
 def load(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, plan) -> dict:
     """Load a DCP checkpoint saved at any world size into ``model`` (sharded by ``plan``, or whole when
-    ``plan`` is None) and ``optimizer``; restores the RNG; returns the trainer state (with ``step``)."""
+    ``plan`` is None) and ``optimizer``; restores this rank's RNG streams (``train/rng.py``); returns the trainer
+    state (with ``step``)."""
     ckpt_dir = Path(ckpt_dir)
     if not is_sharded(ckpt_dir):
         raise CheckpointError(f"{str(ckpt_dir)!r} is not a sharded (DCP) checkpoint: no {METADATA} file")
@@ -182,11 +195,10 @@ def load(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimize
     if optimizer is not None:
         sd["optim"]["param_groups"] = view["optim"]["param_groups"]
         set_optimizer_state_dict(model, optimizer, sd["optim"])
-    torch.set_rng_state(sd["rng"]["torch"])
-    if "cuda" in sd["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(sd["rng"]["cuda"])
-    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-    _python_rng_from_json(state.pop("python_rng"))
+    state = read_json(ckpt_dir / STATE)
+    saved_ranks = state.pop("world_size")
+    saved = read_json(ckpt_dir / _rng_file(_rank())) if _rank() < saved_ranks else None
+    resume_rng(saved, state["step"], _rank(), saved_ranks, _world_size())
     return state
 
 
@@ -196,13 +208,3 @@ def load_full_model_state(ckpt_dir: str | Path, model: nn.Module) -> dict[str, t
     sd = {"model": model.state_dict()}
     dcp.load(sd, checkpoint_id=str(ckpt_dir))
     return sd["model"]
-
-
-def _python_rng_to_json() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _python_rng_from_json(state: list) -> None:
-    version, internal, gauss = state
-    random.setstate((version, tuple(internal), gauss))

@@ -11,27 +11,23 @@ A model folder holds
     manifest.json          size and sha256 of every other file, written last; checked on load
 Nothing in a folder is unpickled, so loading one cannot run code.
 
-A run folder holds model folders ``ckpt-NNNNNN``, ``checkpoints.txt`` (their names in the order they were
-written), ``latest`` (the newest) and the run's tokenizer and metrics. Every folder is written into a
-temporary folder beside its final name, every file fsynced, then renamed (atomic on POSIX); ``latest`` is
-replaced (os.replace, atomic) only after that, so a crash at any moment leaves ``latest`` naming a complete
-checkpoint. Temporary folders left by a crash are removed at the next save (and when training starts).
+A run folder holds model folders ``ckpt-NNNNNN`` (single-process, or sharded: see ``distributed/dcp.py``),
+``checkpoints.txt`` (their names in the order they were written), ``latest`` (the newest) and the run's
+tokenizer and metrics. Every folder is written into a temporary folder beside its final name, every file
+fsynced, then renamed (atomic on POSIX); ``latest`` is replaced (os.replace, atomic) only after that, so a
+crash at any moment leaves ``latest`` naming a complete checkpoint. Temporary folders left by a crash are
+removed at the next save (and when training starts). ``train/manifest.py`` does all of this, for both kinds.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
-import os
-import random
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -40,52 +36,25 @@ from torch import nn
 from moekit.config import ModelConfig
 from moekit.deploy.layout import build_model, build_transformer, model_layout
 from moekit.errors import CheckpointError, ConfigError, UsageError
+from moekit.train.manifest import (
+    LATEST,
+    history,
+    move_into_place,
+    read_json,
+    record_checkpoint,
+    remove_stale_temps,
+    verify_manifest,
+    write_manifest,
+)
+from moekit.train.tokenizer import FILE_NAME as TOKENIZER
 
 log = logging.getLogger(__name__)
 
 WEIGHTS, CONFIG, LAYERS, STATE, OPTIMIZER = ("model.safetensors", "config.json", "layers.json", "trainer_state.json",
                                              "optimizer.safetensors")
-TOKENIZER, MANIFEST = "tokenizer.json", "manifest.json"
-LATEST, HISTORY = "latest", "checkpoints.txt"
-HASH = "sha256"
 
 
-# ----------------------------------------------------------------------------- RNG and optimizer state as JSON
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.numpy().tobytes()).decode()
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-
-# Per-device generators (CUDA, XPU, ...): device support registers kind -> (get_all, set_all) here, where
-# get_all() returns one ByteTensor state per device; rng_state saves them under "devices"[kind].
-DEVICE_RNG: dict[str, tuple[Callable[[], list[torch.Tensor]], Callable[[list[torch.Tensor]], None]]] = {}
-if torch.cuda.is_available():  # dropout and router noise on a GPU draw from its generator
-    DEVICE_RNG["cuda"] = (torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all)
-
-
-def rng_state() -> dict:
-    """Every RNG a training step draws from, as JSON-ready values."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": _b64(torch.get_rng_state()), "python": [version, list(mt), gauss],
-            "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-            "devices": {kind: [_b64(t) for t in get()] for kind, (get, _) in DEVICE_RNG.items()}}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(_unb64(state["torch"]))
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    for kind, states in state.get("devices", {}).items():
-        if kind in DEVICE_RNG:  # saved on a device this process does not use: nothing to restore
-            DEVICE_RNG[kind][1]([_unb64(s) for s in states])
-
-
+# ----------------------------------------------------------------------------- optimizer state as JSON
 def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """optimizer.state_dict() -> (tensors for safetensors, JSON rest). State keys keep their type in JSON."""
     keys = list(sd["state"])
@@ -106,27 +75,6 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- writing
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, HASH).hexdigest()
-
-
-def _table_digest(files: dict) -> str:
-    """Checksum of the manifest's own table, so that damage to the manifest is reported as such."""
-    return hashlib.new(HASH, json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
 def model_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """state_dict (or the given one, e.g. gathered from expert-parallel ranks) with tied tensors stored once
     (safetensors refuses shared storage)."""
@@ -138,20 +86,6 @@ def model_tensors(model: nn.Module, state_dict: dict | None = None) -> dict[str,
         seen.add(key)
         out[name] = t.detach().contiguous().cpu()
     return out
-
-
-def remove_stale_temps(parent: str | Path, name: str = "*") -> None:
-    """Delete the temporary files and folders a killed save of ``parent/<name>`` left behind (default: all
-    of them, for a run folder, where every ``.*.tmp-*`` entry is moekit's)."""
-    for p in Path(parent).glob(f".{name}.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def _replace_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 def save_model(path: str | Path, model: nn.Module, *, config: dict | None = None, state: dict | None = None,
@@ -183,23 +117,11 @@ def save_model(path: str | Path, model: nn.Module, *, config: dict | None = None
             (tmp / STATE).write_text(json.dumps(state, indent=1))
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
-        files = {f.name: {"size": f.stat().st_size, HASH: file_digest(f)} for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"format": "moekit model folder", "version": 1, "files": files,
-                                                "files_" + HASH: _table_digest(files)}, indent=1))
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        if path.exists():  # replacing a model folder of the same name: move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-old-", dir=path.parent))
-            os.rename(path, old / path.name)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        write_manifest(tmp, "moekit model folder")
+        move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(path.parent)
     return path
 
 
@@ -207,16 +129,6 @@ def _is_model_folder(path: Path) -> bool:
     from moekit.distributed.dcp import is_sharded  # a sharded checkpoint written by several ranks
 
     return ((path / WEIGHTS).is_file() or is_sharded(path)) and (path / CONFIG).is_file()
-
-
-def history(run_dir: Path) -> list[str]:
-    """Checkpoint folder names in the order they were written (oldest first); folders written before
-    ``checkpoints.txt`` existed come first, by modification time."""
-    listed = (run_dir / HISTORY).read_text(errors="replace").split() if (run_dir / HISTORY).is_file() else []
-    listed = [n for n in listed if n.startswith("ckpt-") and Path(n).name == n]  # never a path outside run_dir
-    unlisted = sorted((p for p in run_dir.glob("ckpt-*") if p.is_dir() and p.name not in listed),
-                      key=lambda p: p.stat().st_mtime_ns)
-    return [p.name for p in unlisted] + [n for n in listed if (run_dir / n).is_dir()]
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, model_cfg: ModelConfig,
@@ -233,13 +145,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, model_cfg:
     final = save_model(run_dir / f"ckpt-{step:06d}", model, config=model_cfg.to_dict(), state=state,
                        optimizer=optimizer, tokenizer=tokenizer if tokenizer.is_file() else None,
                        state_dict=state_dict)
-    order = [n for n in history(run_dir) if n != final.name] + [final.name]
-    keep = order[-keep_last:] if keep_last > 0 else order
-    _replace_atomically(run_dir / HISTORY, "".join(f"{n}\n" for n in keep))
-    _replace_atomically(run_dir / LATEST, final.name)
-    _fsync(run_dir)
-    for name in order[:-len(keep)]:  # never the newest: it is the last of ``order``
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+    record_checkpoint(final, keep_last)
     return final
 
 
@@ -266,35 +172,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def verify_checkpoint(folder: str | Path) -> None:
-    """Check every file of a model folder against its manifest; CheckpointError naming the first bad file."""
-    folder = Path(folder)
-    from moekit.distributed.dcp import is_sharded
+    """Check every file of a model folder (single-process or sharded) against its manifest; CheckpointError
+    naming the first bad file."""
+    from moekit.distributed.dcp import is_shard_file
 
-    if is_sharded(folder):  # NOTE: DCP folders have no manifest yet (sizes/checksums unchecked); DCP reads its .metadata
-        return
-    manifest = _read_json(folder / MANIFEST, missing="missing, so the folder's files cannot be checked (written "
-                                                     "by an older moekit or by hand); use --no-verify to load it "
-                                                     "unchecked")
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict):
-        raise CheckpointError(f"{folder / MANIFEST}: not a moekit manifest (no 'files' table)")
-    if manifest.get("files_" + HASH) != _table_digest(files):
-        raise CheckpointError(f"{folder / MANIFEST}: damaged (its table does not match its own checksum)")
-    for name in (WEIGHTS, CONFIG, LAYERS, STATE, OPTIMIZER, TOKENIZER):
-        if name not in files and (folder / name).exists():
-            raise CheckpointError(f"{folder / name}: not listed in {MANIFEST} (added after the folder was saved)")
-    for name, entry in files.items():
-        f = folder / name
-        if Path(name).name != name or not isinstance(entry, dict):
-            raise CheckpointError(f"{folder / MANIFEST}: bad entry {name!r}")
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing (listed in {MANIFEST})")
-        if f.stat().st_size != entry.get("size"):
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {entry.get('size')} "
-                                  f"(truncated or damaged)")
-        if file_digest(f) != entry.get(HASH):
-            raise CheckpointError(f"{f}: {HASH} checksum mismatch (the file changed after it was saved: damaged "
-                                  f"or edited)")
+    folder = Path(folder)
+    read = [f.name for f in folder.iterdir() if f.name in (WEIGHTS, CONFIG, LAYERS, STATE, OPTIMIZER, TOKENIZER)
+            or is_shard_file(f.name)]
+    verify_manifest(folder, read)
 
 
 def newest_intact(run_dir: str | Path, verify: bool = True) -> tuple[Path, list[tuple[Path, str]]]:
@@ -317,15 +202,6 @@ def newest_intact(run_dir: str | Path, verify: bool = True) -> tuple[Path, list[
     if not damaged:
         resolve_checkpoint(run_dir)  # raises the "not a model folder" error
     raise CheckpointError(f"{run_dir}: no intact checkpoint (" + "; ".join(r for _, r in damaged) + ")")
-
-
-def _read_json(file: Path, missing: str = "missing"):
-    if not file.is_file():
-        raise CheckpointError(f"{file}: {missing}")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 
 def _read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
@@ -355,7 +231,7 @@ def read_state(path: str | Path) -> dict:
     """The JSON trainer state / notes of a model folder (unchecked; {} if it has none): e.g. the step, or the
     HF family a converted model came from."""
     file = resolve_checkpoint(path) / STATE
-    state = _read_json(file) if file.is_file() else {}
+    state = read_json(file) if file.is_file() else {}
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     return state
@@ -364,13 +240,13 @@ def read_state(path: str | Path) -> dict:
 def load_checkpoint(path: str | Path, map_location: str = "cpu", verify: bool = True):
     """-> (ModelConfig, model tensors, trainer state with "optimizer" rebuilt as an optimizer state dict)."""
     ckpt = resolve_checkpoint(path)
-    from moekit.distributed import dcp
-
-    if dcp.is_sharded(ckpt):  # written by several ranks (no manifest: DCP's own metadata): read whole, here
-        return _config(ckpt, ModelConfig.from_dict), dcp.load_full_model_state(ckpt, build_transformer(
-            _read_json(ckpt / CONFIG))), read_state(ckpt)
     if verify:
         verify_checkpoint(ckpt)
+    from moekit.distributed import dcp
+
+    if dcp.is_sharded(ckpt):  # written by several ranks: read whole, here
+        return _config(ckpt, ModelConfig.from_dict), dcp.load_full_model_state(ckpt, build_transformer(
+            read_json(ckpt / CONFIG))), read_state(ckpt)
     cfg = _config(ckpt, ModelConfig.from_dict)
     tensors = _read_tensors(ckpt / WEIGHTS, map_location)
     state = read_state(ckpt)
@@ -384,7 +260,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", verify: bool = 
 
 def _config(ckpt: Path, parse: Callable):
     try:
-        return parse(_read_json(ckpt / CONFIG))
+        return parse(read_json(ckpt / CONFIG))
     except ConfigError as e:
         raise CheckpointError(f"{ckpt / CONFIG}: {e}") from None
 
@@ -397,7 +273,7 @@ def load_model(path: str | Path, *, verify: bool = True,
     ckpt = resolve_checkpoint(path)
     if verify:
         verify_checkpoint(ckpt)
-    layout = _read_json(ckpt / LAYERS) if (ckpt / LAYERS).is_file() else {}
+    layout = read_json(ckpt / LAYERS) if (ckpt / LAYERS).is_file() else {}
     model = _config(ckpt, lambda config: build_model(config, layout, build))
     from moekit.distributed import dcp
 

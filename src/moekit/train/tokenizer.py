@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from moekit.errors import UsageError
+from moekit.errors import CheckpointError, UsageError
 
 DOC_SEPARATOR = "<|endoftext|>"
+FILE_NAME = "tokenizer.json"  # a tokenizer's name in run folders and model folders
 
 
 def cache_dir() -> Path:
@@ -60,12 +61,20 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
+        """CheckpointError naming ``path`` if it is missing, damaged or not a moekit tokenizer."""
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        return cls(HFTokenizer.from_file(str(path)))
+            raise CheckpointError(f"{path}: tokenizer file does not exist")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises a bare Exception for any unreadable file
+            raise CheckpointError(f"{path}: not a readable tokenizer file, damaged or not a tokenizer.json "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if hf.token_to_id(DOC_SEPARATOR) is None:
+            raise CheckpointError(f"{path}: has no {DOC_SEPARATOR} token (not a tokenizer moekit trained)")
+        return cls(hf)
 
 
 def train_bpe(texts: list[str], vocab_size: int, progress: bool = False) -> Tokenizer:

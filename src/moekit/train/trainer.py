@@ -28,9 +28,10 @@ from moekit.device import model_device, resolve_device
 from moekit.distributed import dcp
 from moekit.errors import UsageError
 from moekit.models.decoder import lm_loss
-from moekit.train.checkpoint import (load_checkpoint, newest_intact, remove_stale_temps, rng_state, save_checkpoint,
-                                     set_rng_state)
+from moekit.train.checkpoint import load_checkpoint, newest_intact, save_checkpoint
 from moekit.train.data import TokenStream
+from moekit.train.manifest import remove_stale_temps
+from moekit.train.rng import resume_rng, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,9 @@ def train(model, train_data: TokenStream, val_data: TokenStream | None, cfg: Tra
             else:
                 model.load_state_dict(tensors, strict=False)
                 opt.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
+            # a single-process checkpoint holds one rank's streams: rank 0's under a plan
+            rank, ranks = (parallel.mesh.rank, parallel.mesh.world_size) if parallel is not None else (0, 1)
+            resume_rng(state["rng"] if rank == 0 else None, state["step"], rank, 1, ranks)
         start = state["step"]
         for hook in hooks:
             if hasattr(hook, "after_resume"):
