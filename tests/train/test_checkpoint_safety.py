@@ -135,6 +135,42 @@ def test_pickle_payloads_run_no_code(run, tmp_path, capsys, no_verify):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("target", [".metadata", "__0_0.distcp"])
+def test_sharded_checkpoint_pickles_run_no_code(run, sharded_run, tmp_path, capsys, target):
+    """DCP itself unpickles .metadata and non-tensor entries. Whoever can write the files can also rewrite the
+    manifest: the payload must be refused by the loader, not only by the checksums."""
+    import torch.distributed.checkpoint as torch_dcp
+
+    from moekit.train.manifest import write_manifest
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    shutil.copytree(sharded_run, evil)
+    folder = evil / "ckpt-000006"
+    if target == ".metadata":
+        (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    else:  # a valid checkpoint whose one non-tensor entry is the payload
+        model = ckpt.load_model(folder)
+        for f in folder.glob("*.distcp"):
+            f.unlink()
+        torch_dcp.save({"model": model.state_dict(), "optim": {"param_groups": [{"lr": Payload(marker)}]}},
+                       checkpoint_id=str(folder))
+        torch_dcp.load({"optim": {"param_groups": [{"lr": None}]}}, checkpoint_id=str(folder))
+        assert marker.exists()  # the payload is live: DCP's own load runs it
+        marker.unlink()
+    (folder / "manifest.json").unlink()
+    write_manifest(folder, "moekit sharded checkpoint")
+    for argv in (["generate", str(evil)], ["inspect", str(evil), *data_args(run)],
+                 ["convert", str(evil), str(tmp_path / "hf"), "--to", "hf"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        one_line_error(capsys, folder / target)
+    capsys.readouterr()
+    assert train_cli(run, evil, "--resume") == 2
+    one_line_error(capsys, folder / target)
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------------- damage is detected and named
 def flip_byte(f: Path) -> None:
     data = bytearray(f.read_bytes())

@@ -24,8 +24,10 @@ which is exactly where every rank's rows sit in the global [E, ...] tensor.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import pickle
 import shutil
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -72,6 +75,55 @@ def is_shard_file(name: str) -> bool:
 
 def _rng_file(rank: int) -> str:
     return f"rng-{rank}.json"
+
+
+# What a .metadata file written by torch.distributed.checkpoint refers to (module, name); nothing else is
+# unpickled. Names are exact: pickle resolves dotted names attribute by attribute.
+_METADATA_GLOBALS = {("pathlib", "PosixPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+                     ("torch.distributed.checkpoint.filesystem", "_StorageInfo")} | {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                      torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a DCP metadata file does not hold")
+
+
+def _check_loadable(ckpt_dir: Path) -> None:
+    """CheckpointError naming the file unless loading ``ckpt_dir`` with DCP unpickles nothing but plain data.
+
+    NOTE: DCP's reader unpickles ``.metadata`` and its planner unpickles every non-tensor entry with
+    ``torch.load(weights_only=False)``: either could run code from a checkpoint someone else wrote. Both are
+    read here first, ``.metadata`` with an allow-list of DCP's own classes and each non-tensor entry with
+    ``weights_only=True``; only then does DCP unpickle the same bytes."""
+    file = ckpt_dir / METADATA
+    try:
+        with open(file, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+        if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
+            raise TypeError(f"holds a {type(md).__name__}")
+        entries = [(index.fqn, info.relative_path, info.offset, info.length)
+                   for index, info in md.storage_data.items()
+                   if isinstance(md.state_dict_metadata.get(index.fqn), BytesStorageMetadata)]
+        files = {info.relative_path for info in md.storage_data.values()}
+    except Exception as e:  # anything unpickling or walking a damaged or foreign file raises
+        raise CheckpointError(f"{file}: not a DCP metadata file moekit loads ({e})") from None
+    for name in files:
+        if not isinstance(name, str) or Path(name).name != name:
+            raise CheckpointError(f"{file}: names {name!r}, not a file in {ckpt_dir}")
+    for fqn, name, offset, length in entries:
+        try:
+            with open(ckpt_dir / name, "rb") as f:
+                f.seek(offset)
+                torch.load(io.BytesIO(f.read(length)), weights_only=True)
+        except Exception as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{ckpt_dir / name}: entry {fqn!r} is not plain data ({why})") from None
 
 
 def _global_experts(sd: dict, plan, key_of) -> dict:
@@ -188,6 +240,7 @@ def load(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimize
     ckpt_dir = Path(ckpt_dir)
     if not is_sharded(ckpt_dir):
         raise CheckpointError(f"{str(ckpt_dir)!r} is not a sharded (DCP) checkpoint: no {METADATA} file")
+    _check_loadable(ckpt_dir)
     sd, view = _state(model, optimizer, plan)
     dcp.load(view, checkpoint_id=str(ckpt_dir))
     # tensors were loaded in place (the views share storage); non-tensor entries only into ``view``
@@ -205,6 +258,7 @@ def load(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimize
 def load_full_model_state(ckpt_dir: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole (single-process) state dict of a sharded checkpoint, read in one process into ``model``'s
     tensors (e.g. for ``moekit convert``)."""
+    _check_loadable(Path(ckpt_dir))
     sd = {"model": model.state_dict()}
     dcp.load(sd, checkpoint_id=str(ckpt_dir))
     return sd["model"]
