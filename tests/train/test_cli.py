@@ -243,14 +243,14 @@ def test_ctrl_c_under_default_flags_saves_and_resume_matches_an_uninterrupted_ru
 SLOW_FINAL_SAVE = """
 import pathlib, signal, sys, time
 from moekit.cli import main
-from moekit.train import checkpoint
-real = checkpoint.file_digest
+from moekit.train import manifest
+real = manifest.file_digest
 def digest_then_stall(path):
     if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
         pathlib.Path(sys.argv[1]).write_text(str(path.parent))
         time.sleep(600)
     return real(path)
-checkpoint.file_digest = digest_then_stall
+manifest.file_digest = digest_then_stall
 sys.exit(main(sys.argv[2:]))
 """
 

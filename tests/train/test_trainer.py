@@ -100,7 +100,7 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
     assert (tmp_path / "latest").read_text() == "ckpt-000001"
     assert not list(tmp_path.glob(".ckpt-*"))  # no temp folder left behind
     # a crash after the folder rename but before the pointer update also keeps the old pointer
-    monkeypatch.setattr(ckpt.os, "replace", crash)
+    monkeypatch.setattr("os.replace", crash)  # the pointer files are replaced with os.replace
     with pytest.raises(OSError):
         ckpt.save_checkpoint(tmp_path, 3, model, model.cfg)
     monkeypatch.undo()
