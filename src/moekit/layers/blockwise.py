@@ -58,7 +58,7 @@ def sum_rows_into(g_nO: Tensor, out: Tensor | None) -> None:
 # The blocks' outputs are written to disjoint rows and summed afterwards in row order, so both schedules give
 # the same sums whichever worker ran which block (bit-identical at a fixed thread count).
 BLOCK_SCHEDULES = ("serial", "pooled", "auto")
-_schedule = "serial"  # until bench_layer measures the pooled schedule on an idle machine
+_schedule = "auto"
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 _in_worker = threading.local()
 
