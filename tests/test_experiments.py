@@ -160,6 +160,12 @@ def test_confirmation_runs_fresh_seeds_and_reports_the_paired_interval(tmp_path)
         for spec, v in zip(plan[label], vs):
             r.rows[spec.key(experiments.FULL)] = {"key": spec.key(experiments.FULL), "seed": spec.seed, "val_loss": v,
                                                   "val_curve": [[150, v + 0.2], [300, v]]}
+    first = experiments.plan_moe_vs_dense(experiments.FULL, vocab)  # experiment 1: the base MoE on seeds 0-2
+    first_losses = {"dense": [3.30, 3.25, 3.28], "MoE": [3.27, 3.24, 3.22]}
+    for label, vs in first_losses.items():
+        for spec, v in zip(first[label], vs):
+            r.rows[spec.key(experiments.FULL)] = {"key": spec.key(experiments.FULL), "seed": spec.seed, "val_loss": v,
+                                                  "val_curve": [[150, v + 0.2], [300, v]]}
     g, got_seeds = experiments.seed_groups(r, plan)
     lines = []
     experiments.report_confirm(r, plan, g, got_seeds, lines)
@@ -168,3 +174,7 @@ def test_confirmation_runs_fresh_seeds_and_reports_the_paired_interval(tmp_path)
     assert f"{mean:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}]" in text
     assert "MoE aux 0.001: the MoE aux 0.001 beats the dense twin" in text
     assert "MoE aux 0.01: no significant difference" in text
+    # the base MoE pooled over experiment 1's seeds and the fresh ones: one paired interval over six seeds
+    mean, lo, hi = paired_reference(first_losses["dense"] + losses["dense"], first_losses["MoE"] + losses["MoE aux 0.01"])
+    assert lo < 0 < hi and f"{mean:+.4f} nats [95% CI {lo:+.4f}, {hi:+.4f}] crosses 0 (n=6 seeds)" in text
+    assert "ends lower in 4 of 6 seeds" in text  # 3 of experiment 1's, 1 of the fresh ones
