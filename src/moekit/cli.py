@@ -42,8 +42,12 @@ def _add_verify_arg(p: argparse.ArgumentParser) -> None:
                    help="skip checking the model folder's files against its manifest checksums (faster)")
 
 
+_MODEL_HELP = ("a run folder, a model folder moekit wrote, or an HF model folder of a patchable family (config.json + "
+               "safetensors, as save_pretrained writes them); tokenizer.json in it or beside it")
+
+
 def _load_model(ns, path=None):
-    """The model of a folder moekit wrote (checksums checked unless --no-verify)."""
+    """The model of a folder moekit wrote (checksums checked unless --no-verify) or of an HF model folder."""
     from moekit.train.checkpoint import load_model
 
     return load_model(ns.checkpoint if path is None else path, verify=not ns.no_verify)
@@ -144,7 +148,7 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
 
 # ---- analysis: inspect
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a run folder or checkpoint folder (tokenizer.json beside it)")
+    p.add_argument("checkpoint", help=_MODEL_HELP)
     _add_data_args(p, vocab=False)  # the data is encoded with the checkpoint's own tokenizer
     p.add_argument("--batches", type=int, default=8, help="validation batches to route")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
@@ -162,16 +166,15 @@ def _inspect(ns) -> int:
     from pathlib import Path
 
     from moekit.analysis.report import inspect_model
-    from moekit.train.checkpoint import resolve_checkpoint, tokenizer_path
+    from moekit.train.checkpoint import load_tokenizer, resolve_checkpoint
     from moekit.train.data import build_corpus
-    from moekit.train.tokenizer import Tokenizer
 
     from moekit.device import resolve_device
 
     ckpt = resolve_checkpoint(ns.checkpoint)
     model = _load_model(ns, ckpt).to(resolve_device(ns.device))
     # the data is encoded with the tokenizer the model was trained with (token ids mean nothing otherwise)
-    corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=Tokenizer.load(tokenizer_path(ns.checkpoint)))
+    corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=load_tokenizer(ns.checkpoint))
     _check_checkpoint_seq_len(ns, model, corpus)
     out = Path(ns.out) if ns.out else ckpt.parent / "inspect"
     report = inspect_model(model, corpus, out, batches=ns.batches, batch_size=ns.batch_size, seq_len=ns.seq_len)
@@ -227,21 +230,16 @@ def _upcycle_args(p: argparse.ArgumentParser) -> None:
     _add_verify_arg(p)
 
 
-def _is_hf_folder(path) -> bool:
-    cfg = path / "config.json"
-    return cfg.is_file() and "model_type" in json.loads(cfg.read_text())
-
-
 def _copy_tokenizer(src, dst) -> None:
     """Put the source model's tokenizer.json (moekit's, or an HF folder's) into run folder ``dst``, so that
     generate / inspect / finetune can encode text for the written model; none is copied if there is none."""
     import shutil
 
     from moekit.errors import CheckpointError
-    from moekit.train.checkpoint import tokenizer_path
+    from moekit.train.checkpoint import is_hf_folder, tokenizer_path
 
     try:
-        tok = src / "tokenizer.json" if _is_hf_folder(src) else tokenizer_path(src)
+        tok = src / "tokenizer.json" if is_hf_folder(src) else tokenizer_path(src)
     except CheckpointError:
         return
     if tok.is_file():
@@ -257,10 +255,10 @@ def _upcycle(ns) -> int:
 
     from moekit.interop.hf import load_hf, save_hf
     from moekit.interop.upcycle import upcycle
-    from moekit.train.checkpoint import save_checkpoint
+    from moekit.train.checkpoint import is_hf_folder, save_checkpoint
 
     src = Path(ns.src)
-    dense = load_hf(src) if _is_hf_folder(src) else _load_model(ns, src)
+    dense = load_hf(src) if is_hf_folder(src) else _load_model(ns, src)
     moe = upcycle(dense, ns.num_experts, ns.top_k, moe_layers=ns.moe_layers, router_std=ns.router_std,
                   expert_noise=ns.expert_noise)
     if ns.to == "hf":
@@ -733,14 +731,13 @@ def _generate_cmd(ns) -> int:
     import torch
 
     from moekit.models.generate import generate
-    from moekit.train.checkpoint import tokenizer_path
-    from moekit.train.tokenizer import Tokenizer
+    from moekit.train.checkpoint import load_tokenizer
 
     from moekit.device import resolve_device
 
     device = resolve_device(ns.device)
     model = _load_model(ns).to(device)
-    tok = Tokenizer.load(tokenizer_path(ns.checkpoint))
+    tok = load_tokenizer(ns.checkpoint)
     # an empty prompt starts a fresh document: training saw the separator before every document
     ids = torch.tensor([tok.encode(ns.prompt) or [tok.eos_id]], device=device)
     if ns.max_new_tokens < 1:
@@ -748,7 +745,8 @@ def _generate_cmd(ns) -> int:
     if ids.shape[1] >= model.cfg.max_seq_len:
         raise UsageError(f"--prompt is {ids.shape[1]} tokens; the model's max_seq_len is {model.cfg.max_seq_len}")
     n = min(ns.max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
-    out = generate(model, ids, n, temperature=ns.temperature, top_p=ns.top_p,
+    # a patched HF model keeps transformers' attention, which has no moekit KV cache: each step recomputes
+    out = generate(model, ids, n, temperature=ns.temperature, top_p=ns.top_p, use_cache=hasattr(model, "new_cache"),
                    generator=torch.Generator(device).manual_seed(ns.seed))
     print(tok.decode(out[0].tolist()))
     return 0
@@ -756,7 +754,7 @@ def _generate_cmd(ns) -> int:
 
 # ---- fine-tuning and deployment: finetune / distill / merge / prune / extract
 def _deploy_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a run folder or checkpoint folder (tokenizer.json beside it)")
+    p.add_argument("checkpoint", help=_MODEL_HELP)
     _add_data_args(p, vocab=False)  # the data is encoded with the checkpoint's own tokenizer
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most the model's max_seq_len)")
@@ -766,13 +764,12 @@ def _deploy_data_args(p: argparse.ArgumentParser) -> None:
 
 def _deploy_inputs(ns, device="cpu"):
     """(model, tokenizer path, train, val) with the data encoded by the checkpoint's own tokenizer."""
-    from moekit.train.checkpoint import tokenizer_path
+    from moekit.train.checkpoint import load_tokenizer, tokenizer_path
     from moekit.train.data import build_corpus
-    from moekit.train.tokenizer import Tokenizer
 
     model = _load_model(ns).to(device)
     tok_path = tokenizer_path(ns.checkpoint)
-    corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=Tokenizer.load(tok_path))
+    corpus = build_corpus(ns.data, max_bytes=ns.max_bytes, tokenizer=load_tokenizer(ns.checkpoint))
     _check_checkpoint_seq_len(ns, model, corpus)
     return model, tok_path, corpus.train, corpus.val
 
@@ -900,7 +897,7 @@ def _distill_cmd(ns) -> int:
     return 0
 
 
-def _print_deploy_result(before, after, model, out, extra: dict) -> None:
+def _print_deploy_result(before, after, model, out, extra: dict, written: str) -> None:
     from moekit.deploy import tensor_bytes
 
     print(f"params: {before['params']:,} -> {sum(p.numel() for p in model.parameters()):,}; "
@@ -908,7 +905,7 @@ def _print_deploy_result(before, after, model, out, extra: dict) -> None:
     print(f"val loss: {before['loss']:.4f} -> {after:.4f}")
     for k, v in extra.items():
         print(f"{k}: {v}")
-    print(f"saved: {out} (a model folder: moekit generate / inspect / finetune take it)")
+    print(f"saved: {out}, {written}")
 
 
 def _add_dst_arg(p: argparse.ArgumentParser) -> None:
@@ -928,7 +925,7 @@ def _take_dst(ns) -> None:
 def _deploy_transform(ns, transform) -> int:
     """Shared by merge / prune / extract: load, measure loads, transform, report, save."""
     from moekit.deploy import tensor_bytes
-    from moekit.train.checkpoint import save_model
+    from moekit.train.checkpoint import save_deployed
 
     _take_dst(ns)
     model, tok_path, train, val = _deploy_inputs(ns)
@@ -936,8 +933,8 @@ def _deploy_transform(ns, transform) -> int:
         raise UsageError(f"checkpoint {ns.checkpoint!r} is a dense model; it has no experts to {ns.command}")
     before = {"params": model.num_params(), "bytes": tensor_bytes(model), "loss": _val_loss(model, val, ns)}
     model, extra = transform(model, train, val)
-    save_model(ns.dst, model, state={"command": ns.command, **extra}, tokenizer=tok_path)
-    _print_deploy_result(before, _val_loss(model, val, ns), model, ns.dst, extra)
+    written = save_deployed(ns.dst, model, state={"command": ns.command, **extra}, tokenizer=tok_path)
+    _print_deploy_result(before, _val_loss(model, val, ns), model, ns.dst, extra, written)
     return 0
 
 

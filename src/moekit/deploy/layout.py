@@ -55,10 +55,20 @@ def build_transformer(config: dict) -> nn.Module:
     return MoETransformer(ModelConfig.from_dict(config))
 
 
+def default_build(config: dict) -> nn.Module:
+    """The untransformed model of a saved config: a patched transformers model for a pruned / merged /
+    fine-tuned HF model (``interop.patched_lm.hf_base_config``), else an ``MoETransformer``."""
+    if "hf_config" in config:
+        from moekit.interop.patched_lm import build_patched
+
+        return build_patched(config)
+    return build_transformer(config)
+
+
 def build_model(config: dict, layout: dict[str, dict],
-                build: Callable[[dict], nn.Module] = build_transformer) -> nn.Module:
-    """``build(config)`` (default: an ``MoETransformer``) with the MoE layers of ``layout`` put in place."""
-    model = build(config)
+                build: Callable[[dict], nn.Module] | None = None) -> nn.Module:
+    """``build(config)`` (default: ``default_build``) with the MoE layers of ``layout`` put in place."""
+    model = (build or default_build)(config)
     for name, spec in layout.items():
         model = replace_module(model, name, build_layer(spec))
     return model

@@ -67,9 +67,10 @@ class PatchedMoEBlock(nn.Module):
 def entry_for(config: Any) -> PatchEntry:
     mt = getattr(config, "model_type", None)
     if mt in NOT_PATCHABLE:
-        raise UsageError(f"model_type={mt!r}: patch cannot reproduce this family: {NOT_PATCHABLE[mt]}")
+        raise UsageError(f"model_type={mt!r}: patch cannot reproduce this family: {NOT_PATCHABLE[mt]}; "
+                         f"patchable: {', '.join(sorted(PATCH_FAMILIES))}")
     if mt not in PATCH_FAMILIES:
-        raise UsageError(f"model_type={mt!r}: no patch entry; patchable: {sorted(PATCH_FAMILIES)}")
+        raise UsageError(f"model_type={mt!r}: no patch entry; patchable: {', '.join(sorted(PATCH_FAMILIES))}")
     return PATCH_FAMILIES[mt]
 
 

@@ -9,16 +9,19 @@ then run on it unchanged. Attention, norms, embeddings and dense layers stay tra
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
 from moekit.deploy import moe_layers
+from moekit.deploy.merge import GroupRouter
 from moekit.errors import CheckpointError
-from moekit.interop.patch import PatchedMoEBlock, layer_index, patch
+from moekit.interop.patch import PatchedMoEBlock, block_tensors, entry_for, layer_index, moe_config, patch
 from moekit.models.decoder import LMOutput, MoETransformer
 
 
@@ -78,20 +81,17 @@ def load_patched(folder: str | Path, dtype: torch.dtype = torch.float32, dispatc
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{str(folder)!r} has no config.json (expected a Hugging Face model folder)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not a JSON object ({e})") from None
+    entry_for(SimpleNamespace(model_type=model_type))  # an unpatchable family fails before its weights are read
     import transformers
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return PatchedLM(patch(hf.eval(), dispatcher=dispatcher, experts=experts))
-
-
-def is_hf_folder(path: str | Path) -> bool:
-    """True for a folder transformers can load (config.json with a model_type), False for moekit checkpoints."""
-    import json
-
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and "model_type" in json.loads(cfg.read_text())
 
 
 def hf_base_config(model: PatchedLM) -> dict:
@@ -109,3 +109,73 @@ def build_patched(base_config: dict) -> PatchedLM:
         warnings.simplefilter("ignore")
         cfg = transformers.AutoConfig.for_model(**base_config["hf_config"])
         return PatchedLM(patch(transformers.AutoModelForCausalLM.from_config(cfg).eval()))
+
+
+# the HF config fields that hold the number of routed experts, by family (DBRX: under ffn_config)
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+# the moekit layer fields that the family's HF block fixes; the rest (dispatch, kernels, losses, training-time
+# capacity and dropout) do not change what the saved model computes in eval mode
+_BLOCK_FIELDS = ("expert_hidden", "expert_hidden_sizes", "activation", "bias", "num_shared_experts", "shared_hidden",
+                 "shared_gate", "router")
+
+
+def _expert_count_field(text_cfg) -> tuple[object, str]:
+    for owner in (text_cfg, getattr(text_cfg, "ffn_config", None)):
+        for name in EXPERT_COUNT_FIELDS:
+            if isinstance(getattr(owner, name, None), int):
+                return owner, name
+    raise RuntimeError(f"{type(text_cfg).__name__}: none of {EXPERT_COUNT_FIELDS} holds the expert count")
+
+
+def to_hf(model: PatchedLM) -> tuple[nn.Module | None, str]:
+    """The family's own transformers model (no moekit modules) computing what ``model`` computes after
+    prune / merge / extract: the expert count changed in its config, the blocks' tensors mapped back through
+    the family's key map. ``(None, why)`` when the family's config cannot say it: MoE layers with different
+    expert counts (extract keeps what each layer uses), merge's many-to-one router (``--router map``), a top-k
+    capped below the config's, or moekit tensors the HF block has no place for."""
+    import copy
+
+    import transformers
+
+    hf = model.hf
+    entry = entry_for(hf.config)
+    blocks = {n: m for n, m in hf.named_modules() if isinstance(m, PatchedMoEBlock)}
+    counts = sorted({b.moe.cfg.num_experts for b in blocks.values()})
+    if len(counts) != 1:
+        return None, f"its MoE layers keep different numbers of experts ({counts[0]}..{counts[-1]})"
+    config = copy.deepcopy(hf.config)
+    owner, name = _expert_count_field(config.get_text_config())
+    setattr(owner, name, counts[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = next(hf.parameters())
+        out = transformers.AutoModelForCausalLM.from_config(config, dtype=ref.dtype).eval()
+    text_cfg = out.config.get_text_config()
+    filled = set()
+    with torch.no_grad():
+        for bname, block in out.named_modules():
+            if type(block).__name__ != entry.block:
+                continue
+            layer = blocks[bname].moe
+            if isinstance(layer.router, GroupRouter):
+                return None, f"{bname}: merged with a many-to-one router (--router map); --router average is portable"
+            if layer.cfg.capacity.eval_capacity_factor is not None:
+                return None, f"{bname}: drops tokens in evaluation (eval_capacity_factor); HF blocks are dropless"
+            views = block_tensors(entry, block)  # views into the new block's tensors (every TRANSFORMS rule is one)
+            want = moe_config(entry, text_cfg, layer_index(bname), views)
+            if any(getattr(want, f) != getattr(layer.cfg, f) for f in _BLOCK_FIELDS):
+                return None, (f"{bname}: its layer ({layer.cfg.router}) differs from what {type(config).__name__} "
+                              f"describes ({want.router}), e.g. a merged many-to-one router or a capped top-k")
+            src = layer.state_dict()
+            extra = [k for k in src if k not in views and src[k].count_nonzero()] + \
+                [k for k in views if k not in src or src[k].shape != views[k].shape]
+            if extra:
+                return None, f"{bname}: {entry.block} has no place for {extra}"
+            for k, view in views.items():
+                view.copy_(src[k])
+            filled |= {f"{bname}.{k}" for k in block.state_dict()}
+        own = {k: v for k, v in hf.state_dict().items() if ".moe." not in k}
+        for k, t in out.state_dict().items():
+            if k not in filled:
+                t.copy_(own[k])
+    return out, f"{type(out).__name__} with {counts[0]} experts per MoE layer"

@@ -42,10 +42,11 @@ def generate(model, prompt_ids: Tensor, max_new_tokens: int, *, temperature: flo
     cache = model.new_cache(ids.shape[0], total) if use_cache else None
     pos = 0
     for _ in range(max_new_tokens):
-        inp = ids[:, pos:] if use_cache else ids
-        logits = model(inp, cache=cache, start_pos=pos if use_cache else 0).logits[:, -1]
         if use_cache:
+            logits = model(ids[:, pos:], cache=cache, start_pos=pos).logits[:, -1]
             pos = ids.shape[1]
+        else:  # model(ids) alone: any model with moekit's forward interface (a patched HF model too)
+            logits = model(ids).logits[:, -1]
         ids = torch.cat([ids, sample_next(logits, temperature, top_p, generator)[:, None]], dim=1)
     model.train(was_training)
     return ids

@@ -1,5 +1,7 @@
 """The one model format: every folder moekit writes (training checkpoints, finetune / distill runs, prune /
-merge / extract / upcycle / convert outputs) is read by ``load_model``.
+merge / extract / upcycle / convert outputs) is read by ``load_model``, and so is a Hugging Face model folder
+(config.json with a ``model_type``, as ``save_pretrained`` writes it): transformers loads it and its MoE blocks
+are patched with moekit's layers (``interop.patched_lm``), so every command that takes a model takes one.
 
 A model folder holds
     model.safetensors      parameters and buffers (tied tensors once)
@@ -97,14 +99,10 @@ def save_model(path: str | Path, model: nn.Module, *, config: dict | None = None
     ``state``: JSON-ready trainer state or notes; ``optimizer``: an optimizer state dict;
     ``tokenizer``: a tokenizer.json to copy in; ``state_dict``: tensors to save instead of the model's."""
     path = Path(path)
-    if path.exists() and not _is_model_folder(path) and (not path.is_dir() or any(path.iterdir())):
-        raise UsageError(f"{path}: exists and is not a moekit model folder; give a new or empty folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path.parent, path.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = _new_folder(path)
     try:
         save_file(model_tensors(model, state_dict), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config = model.cfg.to_dict() if config is None else config
+        config = config_dict(model) if config is None else config
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         layout = model_layout(model, config)
         if layout:
@@ -125,6 +123,67 @@ def save_model(path: str | Path, model: nn.Module, *, config: dict | None = None
     return path
 
 
+def _new_folder(path: Path) -> Path:
+    """A temporary folder beside ``path`` to write it in (``move_into_place`` renames it); refuses to replace
+    anything but a model folder."""
+    if path.exists() and not (_is_model_folder(path) or is_hf_folder(path)) and (not path.is_dir()
+                                                                                  or any(path.iterdir())):
+        raise UsageError(f"{path}: exists and is not a model folder; give a new or empty folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def save_deployed(path: str | Path, model: nn.Module, *, state: dict, tokenizer: str | Path) -> str:
+    """Write a pruned / merged / extracted model. A patched HF model goes back to an HF model folder
+    (``save_pretrained`` of ``interop.patched_lm.to_hf``: transformers loads it, with its tokenizer files and
+    ``state`` as trainer_state.json) when its family's config can describe it; otherwise, and for moekit's own
+    models, a moekit model folder (``save_model``). Returns what was written, and why for the fallback."""
+    from moekit.interop.patched_lm import PatchedLM, to_hf
+
+    path = Path(path)
+    if not isinstance(model, PatchedLM):
+        save_model(path, model, state=state, tokenizer=tokenizer)
+        return "a moekit model folder (moekit generate / inspect / finetune take it)"
+    hf, why = to_hf(model)
+    if hf is None:
+        save_model(path, model, state=state, tokenizer=tokenizer)
+        return (f"a moekit model folder holding the HF config (moekit commands read it, transformers does not: "
+                f"{why})")
+    tmp = _new_folder(path)
+    try:
+        hf.save_pretrained(tmp)
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+        for f in (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(tokenizer).parent / f).is_file():
+                shutil.copyfile(Path(tokenizer).parent / f, tmp / f)
+        move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return f"an HF model folder ({why}; transformers and moekit commands load it)"
+
+
+def config_dict(model: nn.Module, cfg: ModelConfig | None = None) -> dict:
+    """What a model folder's config.json holds: the config the untransformed model is built from. A patched
+    HF model's ``cfg`` is only nominal (FLOPs, the dense twin): its HF config is saved instead, and
+    ``deploy.layout.build_model`` rebuilds it through transformers."""
+    from moekit.interop.patched_lm import PatchedLM, hf_base_config
+
+    if isinstance(model, PatchedLM):
+        return hf_base_config(model)
+    return (model.cfg if cfg is None else cfg).to_dict()
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A folder transformers loads: config.json with a model_type (moekit's config.json has none)."""
+    file = Path(path) / CONFIG
+    if not file.is_file():
+        return False
+    config = read_json(file)
+    return isinstance(config, dict) and "model_type" in config
+
+
 def _is_model_folder(path: Path) -> bool:
     from moekit.distributed.dcp import is_sharded  # a sharded checkpoint written by several ranks
 
@@ -135,14 +194,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, model_cfg:
                     trainer_state: dict | None = None, keep_last: int = 2, state_dict: dict | None = None) -> Path:
     """Write ``run_dir/ckpt-<step>`` and point ``latest`` at it; keep the ``keep_last`` most recently written
     checkpoints (0 = all). ``trainer_state``: JSON-ready values, except "optimizer" (an optimizer state
-    dict, its tensors go to optimizer.safetensors). The run folder's tokenizer.json is copied in."""
+    dict, its tensors go to optimizer.safetensors). The run folder's tokenizer.json is copied in.
+    ``model_cfg`` is what config.json holds, except for a patched HF model (``config_dict``)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run_dir)
     state = dict(trainer_state or {}, step=step)
     optimizer = state.pop("optimizer", None)
     tokenizer = run_dir / TOKENIZER
-    final = save_model(run_dir / f"ckpt-{step:06d}", model, config=model_cfg.to_dict(), state=state,
+    final = save_model(run_dir / f"ckpt-{step:06d}", model, config=config_dict(model, model_cfg), state=state,
                        optimizer=optimizer, tokenizer=tokenizer if tokenizer.is_file() else None,
                        state_dict=state_dict)
     record_checkpoint(final, keep_last)
@@ -160,7 +220,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if not name or Path(name).name != name or not (path / name).is_dir():
             raise CheckpointError(f"{path / LATEST}: names {name!r}, which is not a checkpoint folder in {path}")
         path = path / name
-    if _is_model_folder(path):
+    if _is_model_folder(path) or is_hf_folder(path):
         return path
     inside = sorted(p for p in path.iterdir() if (p / LATEST).is_file() or (p / CONFIG).is_file()) \
         if path.is_dir() else []
@@ -209,6 +269,24 @@ def _read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
         return load_file(str(file), device=device)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model (``tokenizer_path``). An HF model (its folder, or a moekit folder holding its
+    config) separates documents by its own end-of-text token (eos_token_id), not moekit's separator token."""
+    from moekit.train.tokenizer import DOC_SEPARATOR, Tokenizer
+
+    file = tokenizer_path(path)
+    ckpt = resolve_checkpoint(path)
+    config = read_json(ckpt / CONFIG)
+    eos = (config if is_hf_folder(ckpt) else config.get("hf_config", {})).get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    tok = Tokenizer.load(file)
+    tok.eos_id = tok.eos_id if eos is None else int(eos)
+    if tok.eos_id is None:
+        raise CheckpointError(f"{file}: no {DOC_SEPARATOR} token and no eos_token_id in {ckpt / CONFIG} (the "
+                              "token that separates documents)")
+    return tok
 
 
 def tokenizer_path(path: str | Path) -> Path:
@@ -266,11 +344,17 @@ def _config(ckpt: Path, parse: Callable):
 
 
 def load_model(path: str | Path, *, verify: bool = True,
-               build: Callable[[dict], nn.Module] = build_transformer) -> nn.Module:
+               build: Callable[[dict], nn.Module] | None = None) -> nn.Module:
     """The model of any folder moekit writes (run folder, checkpoint, prune/merge/extract/upcycle/convert
-    output), in eval mode. ``build(config dict)`` makes the untransformed model (default: MoETransformer);
-    the MoE layers listed in layers.json are rebuilt, then the tensors are loaded strictly."""
+    output) or of an HF model folder of a patchable family (``interop.patched_lm.load_patched``; it has no
+    manifest to verify), in eval mode. ``build(config dict)`` makes the untransformed model (default:
+    ``deploy.layout.default_build``); the MoE layers listed in layers.json are rebuilt, then the tensors are
+    loaded strictly."""
     ckpt = resolve_checkpoint(path)
+    if is_hf_folder(ckpt):
+        from moekit.interop.patched_lm import load_patched
+
+        return load_patched(ckpt)
     if verify:
         verify_checkpoint(ckpt)
     layout = read_json(ckpt / LAYERS) if (ckpt / LAYERS).is_file() else {}
