@@ -232,3 +232,23 @@ def test_generate_on_an_hf_folder_is_transformers_greedy_decoding(hf_folder, cap
     with torch.no_grad():
         ref = hf.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.rstrip("\n") == tok.decode(ref[0].tolist())
+
+
+def test_a_pruned_model_transformers_cannot_run_stays_in_moekit_format(tmp_path):
+    """DeepSeek-V3 scores a group by its two best experts: 8 experts in 4 groups pruned to 4 leave one per group,
+    which transformers' router cannot select from; moekit's can, so the model is saved in moekit's format."""
+    from moekit.deploy.prune import prune_layer
+    from moekit.interop.patched_lm import load_patched, to_hf
+    from moekit.train.checkpoint import save_deployed
+
+    tiny_hf("deepseek_v3").save_pretrained(tmp_path / "ds")
+    model = load_patched(tmp_path / "ds")
+    for name, layer in [(n, m) for n, m in model.named_modules() if type(m).__name__ == "MoELayer"]:
+        model.set_submodule(name, prune_layer(layer, [0, 2, 4, 6]))
+    out, why = to_hf(model)
+    assert out is None and "DeepseekV3ForCausalLM with 4 experts fails" in why
+    (tmp_path / "tokenizer.json").write_text("{}")
+    written = save_deployed(tmp_path / "p", model, state={}, tokenizer=tmp_path / "tokenizer.json")
+    assert written.startswith("a moekit model folder holding the HF config")
+    x = ids() % 96
+    assert torch.equal(logits(load_model(tmp_path / "p"), x), logits(model, x))

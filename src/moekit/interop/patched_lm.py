@@ -96,7 +96,7 @@ def load_patched(folder: str | Path, dtype: torch.dtype = torch.float32, dispatc
 
 def hf_base_config(model: PatchedLM) -> dict:
     """``train.checkpoint.save_model``'s ``config`` for a (pruned, merged, ...) patched HF model: the HF
-    config it was built from; ``load_model(path, build=build_patched)`` rebuilds it."""
+    config it was built from; ``load_model(path)`` rebuilds it (``deploy.layout.default_build``)."""
     return {"hf_config": model.hf.config.to_dict()}
 
 
@@ -175,7 +175,19 @@ def to_hf(model: PatchedLM) -> tuple[nn.Module | None, str]:
                 view.copy_(src[k])
             filled |= {f"{bname}.{k}" for k in block.state_dict()}
         own = {k: v for k, v in hf.state_dict().items() if ".moe." not in k}
-        for k, t in out.state_dict().items():
-            if k not in filled:
-                t.copy_(own[k])
-    return out, f"{type(out).__name__} with {counts[0]} experts per MoE layer"
+        rest = {k: t for k, t in out.state_dict().items() if k not in filled}
+        resized = [k for k, t in rest.items() if t.shape != own[k].shape]
+        if resized:  # JetMoE: the expert count also sizes its mixture-of-attention experts
+            return None, f"{name}={counts[0]} also resizes {resized[0]} outside the MoE blocks"
+        for k, t in rest.items():
+            t.copy_(own[k])
+        # the config may still hold settings that no longer fit (DeepSeek-V3's group scores need >= 2 experts
+        # per group): transformers' model must give the same logits on a probe
+        probe = torch.randint(0, text_cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        try:
+            diff = (out(input_ids=probe.to(ref.device)).logits - model(probe.to(ref.device)).logits).abs().max()
+        except (RuntimeError, IndexError, ValueError) as e:
+            return None, f"transformers' {type(out).__name__} with {counts[0]} experts fails ({str(e)[:80]})"
+        if diff > 1e-4 * (1 + model(probe.to(ref.device)).logits.abs().max()):
+            return None, f"transformers' {type(out).__name__} with {counts[0]} experts differs (max logit diff {diff:.2g})"
+    return out, f"{type(out).__name__} with {counts[0]} experts per MoE layer, same logits on a probe"

@@ -176,11 +176,12 @@ def config_dict(model: nn.Module, cfg: ModelConfig | None = None) -> dict:
 
 
 def is_hf_folder(path: str | Path) -> bool:
-    """A folder transformers loads: config.json with a model_type (moekit's config.json has none)."""
-    file = Path(path) / CONFIG
-    if not file.is_file():
+    """A folder transformers loads: config.json with a model_type (moekit's config.json has none). A damaged
+    config.json is not an HF folder's: moekit's loader then reports it against the manifest."""
+    try:
+        config = json.loads((Path(path) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    config = read_json(file)
     return isinstance(config, dict) and "model_type" in config
 
 
