@@ -275,19 +275,13 @@ def _read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
 def load_tokenizer(path: str | Path):
     """The tokenizer of a model (``tokenizer_path``). An HF model (its folder, or a moekit folder holding its
     config) separates documents by its own end-of-text token (eos_token_id), not moekit's separator token."""
-    from moekit.train.tokenizer import DOC_SEPARATOR, Tokenizer
+    from moekit.train.tokenizer import Tokenizer
 
-    file = tokenizer_path(path)
     ckpt = resolve_checkpoint(path)
     config = read_json(ckpt / CONFIG)
     eos = (config if is_hf_folder(ckpt) else config.get("hf_config", {})).get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    tok = Tokenizer.load(file)
-    tok.eos_id = tok.eos_id if eos is None else int(eos)
-    if tok.eos_id is None:
-        raise CheckpointError(f"{file}: no {DOC_SEPARATOR} token and no eos_token_id in {ckpt / CONFIG} (the "
-                              "token that separates documents)")
-    return tok
+    return Tokenizer.load(tokenizer_path(path), eos_id=None if eos is None else int(eos))
 
 
 def tokenizer_path(path: str | Path) -> Path:

@@ -60,8 +60,9 @@ class Tokenizer:
         self.hf.save(str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        """CheckpointError naming ``path`` if it is missing, damaged or not a moekit tokenizer."""
+    def load(cls, path: str | Path, eos_id: int | None = None) -> Tokenizer:
+        """CheckpointError naming ``path`` if it is missing, damaged or not a moekit tokenizer. ``eos_id``: the
+        token that separates documents, for an HF model's tokenizer (default: moekit's separator)."""
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
@@ -72,9 +73,11 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises a bare Exception for any unreadable file
             raise CheckpointError(f"{path}: not a readable tokenizer file, damaged or not a tokenizer.json "
                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        if hf.token_to_id(DOC_SEPARATOR) is None:
+        if eos_id is None and hf.token_to_id(DOC_SEPARATOR) is None:
             raise CheckpointError(f"{path}: has no {DOC_SEPARATOR} token (not a tokenizer moekit trained)")
-        return cls(hf)
+        tok = cls(hf)
+        tok.eos_id = tok.eos_id if eos_id is None else eos_id
+        return tok
 
 
 def train_bpe(texts: list[str], vocab_size: int, progress: bool = False) -> Tokenizer:
