@@ -174,6 +174,8 @@ def test_confirmation_runs_fresh_seeds_and_reports_the_paired_interval(tmp_path)
     assert f"{mean:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}]" in text
     assert "MoE aux 0.001: the MoE aux 0.001 beats the dense twin" in text
     assert "MoE aux 0.01: no significant difference" in text
+    mean, lo, hi = paired_reference(losses["MoE aux 0.01"], losses["MoE aux 0.001"])
+    assert f"aux 0.001 beats aux 0.01 by {mean:.4f} nats [95% CI {lo:.4f}, {hi:.4f}] (n=3 seeds)" in text
     # the base MoE pooled over experiment 1's seeds and the fresh ones: one paired interval over six seeds
     mean, lo, hi = paired_reference(first_losses["dense"] + losses["dense"], first_losses["MoE"] + losses["MoE aux 0.01"])
     assert lo < 0 < hi and f"{mean:+.4f} nats [95% CI {lo:+.4f}, {hi:+.4f}] crosses 0 (n=6 seeds)" in text

@@ -432,6 +432,9 @@ def report_confirm(r: Runner, specs: dict[str, list[RunSpec]], g: dict[str, list
         rows.append(f"| {label} | {mean_std(losses(moe))} | {diff} | {len(reached)} of {len(seeds)}"
                     + (f", {mean_std(reached, '.2f')}x fewer steps" if reached else "") + " |")
         verdicts.append(f"- {label}: {verdict(diff, 'the ' + label, 'the dense twin')}.")
+    setups = paired_diff(losses(g["MoE aux 0.01"]), losses(g["MoE aux 0.001"]))  # positive: aux 0.001 better
+    verdicts.append(f"- aux 0.001 against aux 0.01 on these seeds (aux 0.01 minus aux 0.001): "
+                    f"{verdict(setups, 'aux 0.001', 'aux 0.01')}.")
     # the base setup was fixed before any run: experiment 1's seeds and these together are one larger sample
     first, _ = seed_groups(r, plan_moe_vs_dense(r.b, specs["dense"][0].cfg.vocab_size))
     r.planned_seeds = [s.seed for s in specs["dense"]]
