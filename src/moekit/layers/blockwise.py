@@ -74,10 +74,8 @@ def set_block_schedule(schedule: str) -> str:
 
 
 def nonempty_blocks(bounds: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) of every expert with rows, largest first: a greedy queue of the largest
-    remaining block balances the workers best (longest-processing-time-first)."""
-    blocks = [(e, r0, r1) for e, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:])) if r1 > r0]
-    return sorted(blocks, key=lambda b: b[1] - b[2])
+    """(expert, first row, end row) of every expert with rows, in expert order."""
+    return [(e, r0, r1) for e, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:])) if r1 > r0]
 
 
 def _single_thread_worker() -> None:
@@ -117,7 +115,9 @@ def run_blocks(pool: tuple[int, ThreadPoolExecutor] | None, blocks: list[tuple[i
         for b in blocks:
             block(*b)
         return
-    queue = iter(blocks)
+    # largest first: a queue of the largest remaining block balances the workers best (longest processing
+    # time first); only here, so the serial and compiled paths keep expert order and data-independent code
+    queue = iter(sorted(blocks, key=lambda b: b[1] - b[2]))
     lock = threading.Lock()
 
     def work() -> None:
