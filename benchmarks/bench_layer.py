@@ -51,8 +51,7 @@ DENSE = ("dense plain", "dense row-chunked", "dense fused 1-expert", "dense comp
 MOEKIT_CASES = {"auto": ("local", "auto", None), "blockwise serial": ("local", "blockwise", "serial"),
                 "blockwise pooled": ("local", "blockwise", "pooled"), "grouped": ("local", "grouped_mm", None),
                 "loop": ("local", "loop", None), "padded": ("padded", "auto", None)}
-DEFAULT_SCHEDULE = blockwise.set_block_schedule("serial")
-blockwise.set_block_schedule(DEFAULT_SCHEDULE)
+DEFAULT_SCHEDULE = blockwise.block_schedule()  # the library's, for cases that name none
 
 
 def fwd_and_fwdbwd(module: nn.Module, x: torch.Tensor, out=lambda o: o, schedule: str | None = None

@@ -248,17 +248,21 @@ def seed_groups(r: Runner, specs: dict[str, list[RunSpec]], required: tuple[str,
                 ) -> tuple[dict[str, list[dict]], list[int]]:
     """Rows per label for the seeds every kept label has finished (paired comparisons need the same seeds).
     Labels outside ``required`` (default: all are required) are left out unless every seed has finished."""
-    planned = [s.seed for s in next(iter(specs.values()))]
+    planned = planned_seeds(specs)
     rows = {label: [r.get(s) for s in ss] for label, ss in specs.items()}
     rows = {label: v for label, v in rows.items()
             if required is None or label in required or all(x is not None for x in v)}
     keep = [i for i in range(len(planned)) if all(v[i] is not None for v in rows.values())]
-    r.planned_seeds = planned
     return {label: [v[i] for i in keep] for label, v in rows.items()}, [planned[i] for i in keep]
 
 
-def seeds_note(r: Runner, seeds: list[int]) -> str:
-    planned = getattr(r, "planned_seeds", list(r.b.seeds))
+def planned_seeds(specs: dict[str, list[RunSpec]]) -> list[int]:
+    """The seeds an experiment's plan runs (every label runs the same ones)."""
+    return [s.seed for s in next(iter(specs.values()))]
+
+
+def seeds_note(specs: dict[str, list[RunSpec]], seeds: list[int]) -> str:
+    planned = planned_seeds(specs)
     if len(seeds) == len(planned):
         return ""
     return (f"**Incomplete: {len(seeds)} of {len(planned)} seeds finished ({seeds}); the rest were not run "
@@ -327,7 +331,7 @@ def report_moe_vs_dense(r: Runner, specs: dict[str, list[RunSpec]], g: dict[str,
              + (f"; in those, {mean_std(reached, '.2f')}x fewer steps (= "
                 f"{mean_std([s / flop_ratio for s in reached], '.2f')}x fewer training FLOPs)" if reached else "")
              + f" ({per_seed}).")
-    lines += [seeds_note(r, seeds) +
+    lines += [seeds_note(specs, seeds) +
               f"MoE: {b.num_experts} experts x hidden {b.expert_hidden}, top-2, in each of {b.n_layers} layers "
               f"(d={b.d_model}; {moe[0]['params']:,} params, {moe[0]['active']:,} active per token). Dense twin: "
               f"one FFN of hidden {2 * b.expert_hidden} ({dense[0]['params']:,} params). Training FLOPs per step "
@@ -369,7 +373,7 @@ def report_num_experts(r: Runner, specs: dict[str, list[RunSpec]], g: dict[str, 
     plots.xy_lines({"MoE top-2": (list(Es), means)}, r.out / "num_experts.png", "experts (top-2, hidden "
                    f"{r.b.expert_hidden} each)", "final val loss (mean over seeds)", "number of experts", logx=True)
     twin = paired_diff(losses(g["dense"]), losses(g[base]))
-    lines += [seeds_note(r, seeds) +
+    lines += [seeds_note(specs, seeds) +
               f"Every model routes each token to 2 experts of hidden {r.b.expert_hidden}: the same active FLOPs as "
               f"the dense twin (hidden {2 * r.b.expert_hidden}). E={Es[0]} top-2 is the dense-twin equivalent "
               "(both experts always active, mixed by the router's weights; the dense twin's FFN parameters plus "
@@ -399,7 +403,7 @@ def report_setup(r: Runner, specs: dict[str, list[RunSpec]], g: dict[str, list[d
         d = paired_diff(losses(rs), losses(g[base]))
         rows.append(f"| {label} | {mean_std(losses(rs))} | {mean_std([x['imbalance'] for x in rs], '.2f')} | "
                     + ("-" if label == base else str(d)) + " |")
-    lines += [seeds_note(r, seeds) +
+    lines += [seeds_note(specs, seeds) +
               "Before blaming scale, the MoE's own setup: the load-balancing coefficient (Switch Transformer and "
               "OLMoE use 0.01; transformers' Mixtral and Qwen-MoE configs default to 0.001) and renormalising the "
               "top-2 weights to sum 1 (Mixtral and DeepSeek-V3 do; OLMoE and Qwen-MoE do not). Router initialised "
@@ -437,7 +441,6 @@ def report_confirm(r: Runner, specs: dict[str, list[RunSpec]], g: dict[str, list
                     f"{verdict(setups, 'aux 0.001', 'aux 0.01')}.")
     # the base setup was fixed before any run: experiment 1's seeds and these together are one larger sample
     first, _ = seed_groups(r, plan_moe_vs_dense(r.b, specs["dense"][0].cfg.vocab_size))
-    r.planned_seeds = [s.seed for s in specs["dense"]]
     pooled = ""
     if first["MoE"]:
         moe_all, dense_all = first["MoE"] + g["MoE aux 0.01"], first["dense"] + dense
@@ -449,7 +452,7 @@ def report_confirm(r: Runner, specs: dict[str, list[RunSpec]], g: dict[str, list
                   f"these: {verdict(diff, 'the MoE', 'the dense twin')}.** The MoE ends lower in {wins} of {diff.n} "
                   f"seeds and reaches the dense twin's final loss in {len(reached)} of {diff.n}"
                   + (f", in {mean_std(reached, '.2f')}x fewer steps." if reached else ".") + "")
-    lines += [seeds_note(r, seeds) +
+    lines += [seeds_note(specs, seeds) +
               f"The setup experiment chose aux 0.001 after seeing seeds {list(r.b.seeds)}, so its win over the dense twin on "
               f"those seeds is not evidence. Here both MoE setups and the dense twin train on fresh seeds "
               f"{seeds} (same model, steps and data as experiment 1).", "",
@@ -474,7 +477,7 @@ def report_distill(r: Runner, specs: dict[str, list[RunSpec]], g: dict[str, list
                                    "KD student": g["student"]}, "step"), r.out / "distill.png", "step",
                      "validation loss", "distillation into the dense twin (mean, min-max band over seeds)")
     ok = [x for x in gains if not math.isnan(x)]
-    lines += [seeds_note(r, seeds) +
+    lines += [seeds_note(specs, seeds) +
               "Each seed's MoE of experiment 1 teaches a dense twin trained with the same seed, steps and batches: "
               f"{KD['alpha']} x KL(teacher || student) at temperature {KD['temperature']} + {1 - KD['alpha']} x CE "
               "(`moekit.deploy.distill.kd_loss`).", "",

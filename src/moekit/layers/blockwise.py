@@ -73,6 +73,11 @@ def set_block_schedule(schedule: str) -> str:
     return previous
 
 
+def block_schedule() -> str:
+    """The schedule ``set_block_schedule`` last set ("auto" by default)."""
+    return _schedule
+
+
 def nonempty_blocks(bounds: list[int]) -> list[tuple[int, int, int]]:
     """(expert, first row, end row) of every expert with rows, in expert order."""
     return [(e, r0, r1) for e, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:])) if r1 > r0]
@@ -134,6 +139,26 @@ def run_blocks(pool: tuple[int, ThreadPoolExecutor] | None, blocks: list[tuple[i
         f.result()
 
 
+class RowsInto:
+    """Adds each block's output rows into out_TD at the rows' tokens. Serial: at once, while the block is in
+    cache. Pooled: workers write disjoint rows of a buffer, added in row order at ``finish``, so the sum is
+    the same whichever worker computed which block."""
+
+    def __init__(self, out_TD: Tensor, token_R: Tensor, pooled: bool):
+        self.out_TD, self.token_R = out_TD, token_R
+        self.rows_RD = out_TD.new_empty(token_R.shape[0], out_TD.shape[1]) if pooled else None
+
+    def add(self, r0: int, r1: int, rows_nD: Tensor) -> None:
+        if self.rows_RD is None:
+            self.out_TD.index_add_(0, self.token_R[r0:r1], rows_nD)
+        else:
+            self.rows_RD[r0:r1] = rows_nD
+
+    def finish(self) -> None:
+        if self.rows_RD is not None:
+            self.out_TD.index_add_(0, self.token_R, self.rows_RD)
+
+
 class BlockwiseFFN(torch.autograd.Function):
     """y_TD[t] = sum over rows r with token_R[r] = t of scale_R[r] * expert_e(r)(x_TD[t]).
 
@@ -154,7 +179,7 @@ class BlockwiseFFN(torch.autograd.Function):
         g_RF = x_TD.new_empty(R, F_) if save and act.gated else None
         blocks = nonempty_blocks(bounds)
         pool = block_pool(x_TD, blocks)
-        y_RD = x_TD.new_empty(R, x_TD.shape[1]) if pool else None  # workers write disjoint rows, summed below
+        y = RowsInto(y_TD, token_R, pooled=pool is not None)
 
         def block(e: int, r0: int, r1: int) -> None:
             f = hidden_E[e]
@@ -167,14 +192,10 @@ class BlockwiseFFN(torch.autograd.Function):
             if keep_RF is not None:
                 h.mul_(keep_RF[r0:r1, :f])
             y_nD = ffn_out(h, w_e, scale=scale_R[r0:r1], inplace=True)
-            if pool:
-                y_RD[r0:r1] = y_nD
-            else:
-                y_TD.index_add_(0, tok, y_nD)
+            y.add(r0, r1, y_nD)
 
         run_blocks(pool, blocks, block)
-        if pool:  # rows in the serial order: the same sum, whichever worker computed which block
-            y_TD.index_add_(0, token_R, y_RD)
+        y.finish()
         if save:
             ctx.save_for_backward(x_TD, scale_R, w_gate, w_up, w_down, b_gate, b_up, b_down, token_R, keep_RF,
                                   g_RF, u_RF)
@@ -207,7 +228,7 @@ class BlockwiseFFN(torch.autograd.Function):
                 dw.b_down[e].zero_()
         blocks = nonempty_blocks(bounds)
         pool = block_pool(x_TD, blocks)
-        dx_RD = x_TD.new_empty(token_R.shape[0], x_TD.shape[1]) if pool and need_x else None
+        dx = RowsInto(dx_TD, token_R, pooled=pool is not None) if need_x else None
 
         def block(e: int, r0: int, r1: int) -> None:
             f = ctx.hidden_E[e]
@@ -250,14 +271,11 @@ class BlockwiseFFN(torch.autograd.Function):
                 dx_nD = du @ w_e.up
                 if act.gated:
                     dx_nD.addmm_(dg, w_e.gate)
-                if pool:
-                    dx_RD[r0:r1] = dx_nD
-                else:
-                    dx_TD.index_add_(0, tok, dx_nD)
+                dx.add(r0, r1, dx_nD)
 
         run_blocks(pool, blocks, block)
-        if dx_RD is not None:
-            dx_TD.index_add_(0, token_R, dx_RD)
+        if dx is not None:
+            dx.finish()
         return (dx_TD, ds_R, dw.gate, dw.up, dw.down, dw.b_gate, dw.b_up, dw.b_down) + (None,) * 5
 
 
