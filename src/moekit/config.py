@@ -165,6 +165,8 @@ class RouterConfig:
     noise_std: float = spec(1.0, ge=0)  # noisy_topk: scale of the N(0,1) * softplus(x W_noise) noise
     # top_p
     top_p: float = spec(0.5, gt=0, le=1)
+    # sparsemixer: candidates lie within a relative logit gap 2*eps of the best (PhiMoE's router_jitter_noise)
+    sparsemixer_eps: float = spec(0.01, ge=0)
     # expert_choice / sinkhorn
     sinkhorn_iters: int = spec(8, ge=1)
     # deepseek

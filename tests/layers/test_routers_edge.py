@@ -106,6 +106,21 @@ def ref_deepseek(lg, k, bias, n_groups, topk_groups, scale, sigmoid, **_):
     return sel, out
 
 
+def ref_sparsemixer(lg, k, eps, **_):
+    # SparseMixer eval (GRIN / PhiMoE): twice, the best remaining expert, gated by its softmax over the remaining
+    # experts within a relative gap (m - s) / max(|s|, m) <= 2 * eps of the best m (a 0/0 gap counts as inside)
+    out = []
+    for t, row in enumerate(lg.tolist()):
+        left = list(range(len(row)))
+        for _ in range(2):
+            m = max(row[e] for e in left)
+            best = min(e for e in left if row[e] == m)
+            cand = [e for e in left if row[e] == m or (m - row[e]) / max(abs(row[e]), m) <= 2 * eps]
+            out.append((t, t, best, math.exp(row[best]) / sum(math.exp(row[e]) for e in cand)))
+            left.remove(best)
+    return lg, out
+
+
 def ref_task(lg, k, task_ids, **_):
     T, E = lg.shape
     member = torch.zeros(T, E, dtype=torch.float64)
@@ -143,6 +158,7 @@ KINDS = {  # kind -> (router kwargs, top_k, reference, training mode)
     "deepseek": ({"score_func": "sigmoid", "n_groups": 3, "topk_groups": 2, "routed_scaling_factor": 2.0},
                  2, ref_deepseek, True),
     "deepseek_v2": ({"score_func": "softmax", "n_groups": 3, "topk_groups": 1}, 2, ref_deepseek, True),
+    "sparsemixer": ({"sparsemixer_eps": 0.2}, 2, ref_sparsemixer, False),  # training samples the experts
     "task": ({"num_tasks": 4}, 2, ref_task, True),
     "sequence": ({}, 2, ref_sequence, True),
 }
@@ -156,8 +172,8 @@ def build(kind, case):
     if case == "one_expert":
         E, k = 1, 1
         kw.update({key: 1 for key in ("n_groups", "topk_groups") if key in kw})
-    if kind == "gshard" and E == 1:
-        pytest.skip("GShard needs two experts")
+    if kind in ("gshard", "sparsemixer") and E == 1:
+        pytest.skip(f"{kind} needs two experts")
     T = {"few_tokens": 2, "no_tokens": 0}.get(case, T)
     torch.manual_seed(hash((kind, case)) % 1000)
     router_kind = "deepseek" if kind == "deepseek_v2" else kind
@@ -185,7 +201,8 @@ def run_reference(kind, layer, x, task_ids, k, ref):
     bias = layer.router.bias.double() if hasattr(layer.router, "bias") else None
     return ref(lg, k, x=x64, gate=gate, seq_len=x.shape[1], task_ids=task_ids.repeat_interleave(x.shape[1]),
                iters=c.sinkhorn_iters, top_p=c.top_p, bias=bias, n_groups=c.n_groups,
-               topk_groups=c.topk_groups, scale=c.routed_scaling_factor, sigmoid=c.score_func == "sigmoid")
+               topk_groups=c.topk_groups, scale=c.routed_scaling_factor, sigmoid=c.score_func == "sigmoid",
+               eps=c.sparsemixer_eps)
 
 
 def per_owner(entries, sel_TE):

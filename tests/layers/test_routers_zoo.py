@@ -401,3 +401,91 @@ def test_hierarchical_top_router_is_any_registered_router():
         torch.testing.assert_close(switch(xt).y[t].double(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match=r"RouterConfig.top_k=2: must be 1 for kind='switch'"):
         hierarchical(top_router=RouterConfig(kind="switch", top_k=2))
+
+
+# ------------------------------------------------------------------ SparseMixer (PhiMoE)
+def sparsemixer_logits(dtype, seed=0, eps=0.1):
+    """Random rows plus the rows a threshold router can get wrong: exact ties for the best and the second
+    best, candidates at a relative gap of exactly 2*eps and just either side, negative rows, all-zero rows
+    (a 0/0 gap) and one dominant expert."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(40, 6, generator=g, dtype=torch.float64) * 0.5]
+    ties = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    ties[:, 1] = ties[:, 0] = ties.max(-1).values + 0.1
+    ties[:, 3] = ties[:, 2]
+    rows.append(ties)
+    edge = 1.0 - 2 * eps
+    rows.append(torch.tensor([[1.0, edge, edge + 1e-6, edge - 1e-6, -1.0, 0.5],
+                              [edge, 1.0, -0.3, edge, edge - 1e-6, 1.0 - 1e-7],
+                              [-0.5, -0.6, -0.55, -2.0, -0.51, -0.7],
+                              [0.0] * 6,
+                              [5.0, 0.0, 0.0, 0.0, 0.0, -0.0]], dtype=torch.float64))
+    return torch.cat(rows).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("training", [False, True])
+def test_sparsemixer_matches_transformers_phimoe_routing(training, dtype):
+    """moekit's SparseMixer against transformers' own PhiMoE ``sparsemixer`` on the same logits and seed:
+    the same experts, gate values, logit gradients (the Heun straight-through estimate in training) and the
+    same random numbers consumed."""
+    phimoe = pytest.importorskip("transformers.models.phimoe.modeling_phimoe")
+    from moekit.layers.routing import sparsemixer_top2
+
+    for seed in range(4):
+        logits = sparsemixer_logits(dtype, seed)
+        ours, theirs = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        torch.manual_seed(seed)
+        want_w, want_e = phimoe.sparsemixer(theirs, jitter_eps=0.1, training=training)
+        rng_after = torch.get_rng_state()
+        torch.manual_seed(seed)
+        got_e, got_w = sparsemixer_top2(ours, 0.1, training)
+        assert torch.equal(torch.get_rng_state(), rng_after)
+        assert torch.equal(got_e, want_e)
+        torch.testing.assert_close(got_w, want_w, rtol=0, atol=0)
+        dy = torch.randn(want_w.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        (want_w * dy).sum().backward()
+        (got_w * dy).sum().backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-6 if dtype == torch.float32 else 1e-12)
+        assert ours.grad.abs().max() > 0
+        if training:  # on these logits the sampling picks non-argmax experts and the Heun scale is used
+            assert not torch.equal(got_e[:, 0], logits.argmax(-1))
+            ratios = set()
+            for t, row in enumerate(logits.double().tolist()):
+                m = max(row)
+                cand = [e for e, v in enumerate(row) if v == m or (m - v) / max(abs(v), m) <= 0.2]
+                p = math.exp(row[got_e[t, 0]]) / sum(math.exp(row[e]) for e in cand)
+                ratios.add(round(got_w[t, 0].item() / p, 4))
+            assert ratios == {1.0, 0.3333}
+
+
+def test_sparsemixer_in_a_plain_moe_layer_and_the_calculator():
+    """``RouterConfig(kind="sparsemixer")``: top-2 only (one-line errors otherwise); in training the layer runs
+    exactly the sampled assignments and the gate gets the straight-through gradient; the calculator counts
+    a decoder using it to the parameter."""
+    from moekit.analysis import params
+
+    with pytest.raises(ConfigError, match=r"RouterConfig.top_k=1: must be 2 .*kind='sparsemixer'"):
+        MoEConfig(d_model=8, num_experts=4, expert_hidden=8, router=RouterConfig(kind="sparsemixer", top_k=1))
+    with pytest.raises(ConfigError, match=r"RouterConfig.top_k=2: must be 2 \(and num_experts >= 2\)"):
+        MoEConfig(d_model=8, num_experts=1, expert_hidden=8, router=RouterConfig(kind="sparsemixer"))
+    with pytest.raises(ConfigError, match="sparsemixer_eps"):
+        RouterConfig(kind="sparsemixer", sparsemixer_eps=-0.1)
+    layer = layer_for("sparsemixer", E=5, k=2, sparsemixer_eps=0.3).train()
+    x = torch.randn(24, 8)
+    torch.manual_seed(3)
+    r = layer.router(x)
+    torch.manual_seed(3)
+    y = layer(x).y
+    assert r.num_assignments == 48 and (r.expert_N.view(24, 2)[:, 0] != r.expert_N.view(24, 2)[:, 1]).all()
+    ref = combine_loop64(x, layer.experts, r.token_N, r.expert_N, r.weight_N.detach())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+    y.square().sum().backward()
+    assert torch.isfinite(layer.router.gate.weight.grad).all() and layer.router.gate.weight.grad.abs().max() > 0
+
+    moe = MoEConfig(d_model=16, num_experts=4, expert_hidden=8, router=RouterConfig(kind="sparsemixer"))
+    cfg = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, moe=moe)
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    counts = params.count_params(params.spec_from_moekit(cfg))
+    assert (counts.total, counts.active) == (model.num_params(), model.num_active_params())

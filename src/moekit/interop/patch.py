@@ -39,7 +39,8 @@ class PatchedMoEBlock(nn.Module):
     """moekit's MoELayer behind the HF block interface: hidden_states [B, S, D] -> [B, S, D]."""
 
     def __init__(self, moe: MoELayer, router_name: str, hf_router: nn.Module, router_weight: nn.Parameter,
-                 logits_index: int, jitter_eps: float = 0.0, output_bias: nn.Parameter | None = None):
+                 logits_index: int, jitter_eps: float = 0.0, output_bias: nn.Parameter | None = None,
+                 jitter_draws: int = 1):
         super().__init__()
         self.moe = moe
         self.moe.router.gate.weight = router_weight  # one parameter, also the HF router's
@@ -49,8 +50,10 @@ class PatchedMoEBlock(nn.Module):
             for tensors in (m._parameters, m._buffers):
                 tensors.update(dict.fromkeys(tensors))  # None, like an nn.Linear without bias
         self.add_module(router_name, router)
-        # Mixtral/DBRX multiply the block input (router and experts see it) by U(1-eps, 1+eps) in training
+        # Mixtral/DBRX/PhiMoE multiply the block input (router and experts see it) by U(1-eps, 1+eps) in
+        # training (PhiMoE twice: its block and its router each multiply the same tensor in place)
         self.jitter_eps = jitter_eps
+        self.jitter_draws = jitter_draws
         self.bias = output_bias
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -58,7 +61,8 @@ class PatchedMoEBlock(nn.Module):
         if self.training and self.jitter_eps > 0:
             # in place, as transformers does: MiniMax reuses the block input as its residual, so the noise
             # reaches the residual too
-            x *= torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            for _ in range(self.jitter_draws):
+                x *= torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         out = self.moe(x)
         getattr(self, self.router_name)(out.aux.logits_TE.to(x.dtype))
         return out.y if self.bias is None else out.y + self.bias
@@ -133,7 +137,7 @@ def patched_block(hf_model: nn.Module, entry: PatchEntry, block: nn.Module, laye
     bias = block.get_parameter(entry.output_bias) if entry.output_bias else None
     patched = PatchedMoEBlock(moe, entry.router, router, block.get_parameter(router_key),
                               _logits_index(hf_model, router),
-                              entry.jitter_eps(text_cfg), bias)
+                              entry.jitter_eps(text_cfg), bias, entry.jitter_draws)
     return patched.train(block.training)
 
 

@@ -127,6 +127,12 @@ def ernie(cfg: Any, layer: int) -> RouterConfig:
     return RouterConfig(kind="deepseek", score_func="softmax", top_k=k, renormalize=True)
 
 
+def phimoe(cfg: Any, layer: int) -> RouterConfig:
+    """SparseMixer top-2 with ``router_jitter_noise`` as its candidate threshold; always two experts, as
+    transformers' sparsemixer (it ignores num_experts_per_tok)."""
+    return RouterConfig(kind="sparsemixer", top_k=2, sparsemixer_eps=float(cfg.router_jitter_noise))
+
+
 def dbrx(cfg: Any, layer: int) -> RouterConfig:
     ffn = cfg.ffn_config
     p = ffn.moe_normalize_expert_weights
@@ -156,6 +162,7 @@ class PatchEntry:
     gating: Callable[[Any, int], RouterConfig]  # (HF text config, layer index) -> RouterConfig
     activation: Callable[[Any], str] = field(default_factory=hidden_act)
     jitter: str | None = None  # config field (dotted): training-time multiplicative noise on the block input
+    jitter_draws: int = 1  # fresh noise multiplications of the input (PhiMoE: by its block, then its router)
     output_bias: str | None = None  # HF tensor added to the block output (JetMoE)
 
     def jitter_eps(self, cfg: Any) -> float:
@@ -217,6 +224,8 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
                       extra=(("expert_bias", "router.bias", "same"),) + DEEPSEEK_SHARED),
     "ernie4_5_moe": standard("Ernie4_5_MoeSparseMoeBlock", ernie, extra=(
         ("gate.moe_statics.e_score_correction_bias", "router.bias", "flat"),) + shared_keys("shared_experts")),
+    "phimoe": standard("PhimoeSparseMoeBlock", phimoe, gate="router", router_key="router.weight",
+                       jitter="input_jitter_noise", jitter_draws=2),
     "jetmoe": PatchEntry(block="JetMoeMoE", router="router", keys=(
         ("router.layer.weight", "router.gate.weight", "same"),
         ("input_linear.weight", "experts.w_gate_EFD", "first_half"),
@@ -239,8 +248,6 @@ NOT_PATCHABLE: dict[str, str] = {
                    "weight their outputs, which differs for a nonlinear FFN",
     "llama4": "Llama 4 multiplies each routed token's expert *input* by its sigmoid gate; moekit's experts weight "
               "their outputs, which differs for a nonlinear FFN",
-    "phimoe": "PhiMoE routes with SparseMixer (second expert picked among those within a jitter threshold of the "
-              "first, weights from masked softmaxes, a Heun straight-through gradient in training), not top-k",
     "gpt_oss": "gpt-oss experts use a clamped SwiGLU (alpha=1.702, limit, up+1) with per-expert biases and a "
                "router bias; moekit's FFN has no such activation or biases",
 }

@@ -257,6 +257,74 @@ class GShardTop2Router(Router):
         return r.select(keep_N)
 
 
+def sparsemixer_choice(candidates_TE: Tensor, logits_TE: Tensor, eps: float, training: bool,
+                       coin_draws: int = 1) -> tuple[Tensor, Tensor]:
+    """One SparseMixer choice per token -> (expert_T1, weight_T1).
+
+    Candidates are the experts whose logit lies within a relative gap 2*eps of the best remaining candidate
+    m: (m - s_e) / max(|s_e|, m) <= 2*eps (``candidates_TE`` holds -inf for experts already chosen). The gate
+    is the chosen expert's softmax over the candidates only. Eval: the best candidate. Training: a sample
+    from that masked softmax (Gumbel-max), and the gate's value is scaled by 1/3 (0.3333, transformers'
+    constant) unless the sample is the argmax or a U(0,1) coin exceeds 0.75, while its gradient stays the
+    unscaled gate's (straight-through): GRIN's Heun third-order estimate of the routing gradient.
+    ``coin_draws``: U(0,1) draws consumed for the coin (transformers draws PhiMoE's second coin twice; the
+    same RNG use lets a seeded run reproduce it).
+    """
+    with torch.no_grad():
+        best_T1, best_expert_T1 = candidates_TE.max(dim=-1, keepdim=True)
+        scale_TE = logits_TE.abs().clamp(min=best_T1)
+        far_TE = (best_T1 - logits_TE) / scale_TE > 2 * eps
+    masked_TE = candidates_TE.masked_fill(far_TE, float("-inf"))
+    if training:
+        with torch.no_grad():  # Gumbel-max: argmax(s - log(Exp(1))) samples from softmax(s)
+            gumbel_TE = -torch.empty_like(masked_TE).exponential_().log()
+            expert_T1 = (masked_TE + gumbel_TE).max(-1, keepdim=True)[1]
+    else:
+        expert_T1 = best_expert_T1
+    probs_TE = masked_TE.softmax(dim=-1)
+    weight_T1 = probs_TE.gather(-1, expert_T1)
+    if not training:
+        return expert_T1, weight_T1
+    with torch.no_grad():
+        coin_T1 = torch.rand_like(weight_T1)
+        for _ in range(coin_draws - 1):
+            coin_T1.uniform_()
+        full_T1 = (expert_T1 == probs_TE.max(-1, keepdim=True)[1]) | (coin_T1 > 0.75)
+        scale_T1 = torch.where(full_T1, 1.0, 0.3333).to(weight_T1.dtype)
+    # value weight * scale, gradient d(weight): exact, since weight - weight.detach() is 0
+    return expert_T1, weight_T1.detach() * scale_T1 + (weight_T1 - weight_T1.detach())
+
+
+def sparsemixer_top2(logits_TE: Tensor, eps: float, training: bool) -> tuple[Tensor, Tensor]:
+    """SparseMixer top-2 as PhiMoE routes -> (expert_T2, weight_T2): a first choice, then a second among the
+    others with the candidate threshold measured from the best of them. The weights are not renormalised."""
+    expert1_T1, weight1_T1 = sparsemixer_choice(logits_TE, logits_TE, eps, training)
+    others_TE = logits_TE.scatter(-1, expert1_T1, float("-inf"))
+    expert2_T1, weight2_T1 = sparsemixer_choice(others_TE, logits_TE, eps, training, coin_draws=2)
+    return torch.cat([expert1_T1, expert2_T1], dim=-1), torch.cat([weight1_T1, weight2_T1], dim=-1)
+
+
+@register_router("sparsemixer")
+class SparseMixerRouter(Router):
+    """SparseMixer top-2 (Liu et al. 2023, "Sparse Backpropagation for MoE Training"; the v2 in GRIN, Liu et
+    al. 2024, is PhiMoE's router; ``sparsemixer_top2``). ``RouterConfig.sparsemixer_eps`` is the candidate
+    threshold (PhiMoE's ``router_jitter_noise``). In training the experts are sampled and the gate gradient is
+    a straight-through estimate, so training and eval outputs differ even without input jitter."""
+
+    @classmethod
+    def config_problem(cls, cfg):
+        k = cfg.router.top_k
+        ok = k == 2 and cfg.num_experts >= 2
+        return None if ok else ("top_k", k, "must be 2 (and num_experts >= 2) for kind='sparsemixer'")
+
+    def route(self, logits_TE: Tensor, **ctx) -> Routing:
+        T, E = logits_TE.shape
+        expert_TK, weight_TK = sparsemixer_top2(logits_TE, self.cfg.sparsemixer_eps, self.training)
+        token_TK, rank_TK = token_rank_TK(T, 2, logits_TE.device)
+        return Routing(token_TK.reshape(-1), expert_TK.reshape(-1), weight_TK.reshape(-1),
+                       rank_TK.reshape(-1), logits_TE, logits_TE.softmax(dim=-1), T, E, 2)
+
+
 @register_router("expert_choice")
 class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022): S = softmax(X W^T) over experts; each expert takes the
