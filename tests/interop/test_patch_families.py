@@ -95,6 +95,21 @@ FAMILIES = {
     "dbrx": dict(d_model=32, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64,
                  attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2, moe_jitter_eps=0.1)),
+    # issue #18: the families examined after the first table
+    "kimi_linear": dict(DEEPSEEK, num_local_experts=8, q_lora_rank=None, layer_types=["linear_attention", "full_attention"],
+                        mlp_layer_types=["dense", "sparse"], linear_head_dim=8, linear_num_heads=4,
+                        pad_token_id=0, bos_token_id=0, eos_token_id=0, **{k: MLA[k] for k in MLA if k != "q_lora_rank"}),
+    "bailing_hybrid": dict(DEEPSEEK, num_local_experts=8, head_dim=8, layer_types=["linear_attention", "full_attention"],
+                           mlp_layer_types=["dense", "sparse"], pad_token_id=0, eos_token_id=0,
+                           **{k: MLA[k] for k in MLA if k != "q_lora_rank"}),
+    "axk2": dict(DEEPSEEK, n_group=None, topk_group=None, head_dim=16, index_head_dim=16, index_n_heads=2,
+                 index_topk=4, gated_norm_rank=4, **MLA),
+    "lfm2_moe": dict(MOE, num_experts=4, moe_intermediate_size=16, num_dense_layers=1, routed_scaling_factor=1.5,
+                     layer_types=["full_attention", "conv"]),
+    "lfm2_moe:no_bias": dict(MOE, num_experts=4, moe_intermediate_size=16, num_dense_layers=0, use_expert_bias=False,
+                             norm_topk_prob=False, layer_types=["conv", "full_attention"]),
+    "lara_mini": dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
+                      **LINEAR_ATTENTION),
 }
 
 
@@ -288,3 +303,12 @@ def test_not_patchable_families_are_refused_and_the_nearest_moe_layer_differs(mo
 
 def test_every_patch_entry_has_a_tiny_model_here():
     assert {k.split(":")[0] for k in FAMILIES} == set(PATCH_FAMILIES)
+
+
+def test_grouped_axk2_is_refused():
+    """A.X-K2 with expert groups fills dropped groups' experts with 0, not -inf: a kept expert whose score + bias
+    is negative loses to them, which moekit's group-limited router never does."""
+    from moekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config.n_group=2"):
+        patch(tiny_hf("axk2", n_group=2, topk_group=1))

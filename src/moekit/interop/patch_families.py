@@ -142,6 +142,15 @@ def dbrx(cfg: Any, layer: int) -> RouterConfig:
     return RouterConfig(kind="softmax_topk", top_k=int(ffn.moe_top_k), renormalize=p is not None)
 
 
+def axk2(cfg: Any, layer: int) -> RouterConfig:
+    """DeepSeek-V3 gating; A.X-K2 releases with expert groups fill the experts of dropped groups with score 0
+    (not -inf), so a negative score + bias in a kept group can lose to them: those are refused."""
+    if cfg.n_group is not None:
+        raise ConfigError(f"config.n_group={cfg.n_group}: patch supports A.X-K2 without expert groups (None); "
+                          "its group routing masks dropped groups to 0, not -inf")
+    return deepseek_v3(cfg, layer)
+
+
 # ---------------------------------------------------------------- activations
 def hidden_act(field_name: str = "hidden_act") -> Callable[[Any], str]:
     def act(cfg: Any) -> str:
@@ -239,6 +248,13 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
         ("experts.mlp.w2", "experts.w_down_EDF", "rows_EFD_T")),
         gating=dbrx, activation=lambda cfg: hidden_act("ffn_act_fn")(cfg.ffn_config),
         jitter="ffn_config.moe_jitter_eps"),
+    # token-choice families examined for issue #18 (text models; multimodal ones patch their language model)
+    "kimi_linear": standard("KimiLinearMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "bailing_hybrid": standard("BailingHybridMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "axk2": standard("AXK2MoE", axk2, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "lfm2_moe": standard("Lfm2MoeSparseMoeBlock", sigmoid_topk("norm_topk_prob"), activation=lambda cfg: "swiglu",
+                         extra=(("expert_bias", "router.bias", "same"),)),
+    "lara_mini": standard("LaraMiniSparseMoeBlock", softmax_topk("norm_topk_prob"), extra=shared_keys("shared_expert")),
 }
 
 # families whose MoE block moekit's MoELayer does not compute; the tests in tests/interop/test_patch_families.py
