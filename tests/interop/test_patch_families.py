@@ -2,7 +2,8 @@
 
 For every entry of PATCH_FAMILIES: the patched model gives the unpatched model's logits and the same gradient
 for every parameter (float32, eval mode), expert gradients compared through the entry's key map; a bf16 model
-patches and runs. Families with training-time input jitter draw the same noise as transformers.
+patches and runs. Families with training-time input jitter draw the same noise as transformers; PhiMoE's
+training mode (sampled experts, straight-through gradients) equals transformers' with the same seed.
 """
 
 import copy
