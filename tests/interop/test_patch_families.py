@@ -313,3 +313,13 @@ def test_grouped_axk2_is_refused():
 
     with pytest.raises(ConfigError, match="config.n_group=2"):
         patch(tiny_hf("axk2", n_group=2, topk_group=1))
+
+
+def test_a_family_without_an_entry_is_refused_by_name():
+    from moekit.errors import UsageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("llama", **TINY))
+    with pytest.raises(UsageError, match=r"model_type='llama': no patch entry; patchable: .*\bphimoe\b"):
+        patch(hf)

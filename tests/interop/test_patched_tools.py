@@ -37,8 +37,10 @@ def logits(model, ids):
 
 
 # one family per gating class: softmax top-k (+ jitter), gated shared expert, DeepSeek-V2 softmax groups,
-# DeepSeek-V3 sigmoid + bias + groups, top-k-then-softmax, ERNIE bias, JetMoE output bias, DBRX row layout
-CLASSES = ["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "granitemoe", "ernie4_5_moe", "jetmoe", "dbrx"]
+# DeepSeek-V3 sigmoid + bias + groups, top-k-then-softmax, ERNIE bias, JetMoE output bias, DBRX row layout,
+# PhiMoE SparseMixer
+CLASSES = ["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "granitemoe", "ernie4_5_moe", "jetmoe", "dbrx",
+           "phimoe"]
 
 
 @pytest.mark.parametrize("model_type", CLASSES)
