@@ -262,11 +262,12 @@ def sparsemixer_choice(candidates_TE: Tensor, logits_TE: Tensor, eps: float, tra
     """One SparseMixer choice per token -> (expert_T1, weight_T1).
 
     Candidates are the experts whose logit lies within a relative gap 2*eps of the best remaining candidate
-    m: (m - s_e) / max(|s_e|, m) <= 2*eps (``candidates_TE`` holds -inf for experts already chosen). The gate
-    is the chosen expert's softmax over the candidates only. Eval: the best candidate. Training: a sample
-    from that masked softmax (Gumbel-max), and the gate's value is scaled by 1/3 (0.3333, transformers'
-    constant) unless the sample is the argmax or a U(0,1) coin exceeds 0.75, while its gradient stays the
-    unscaled gate's (straight-through): GRIN's Heun third-order estimate of the routing gradient.
+    m: (m - s_e) / max(|s_e|, m) <= 2*eps, a 0/0 gap (all-zero logits) inside (``candidates_TE`` holds -inf
+    for experts already chosen). The gate is the chosen expert's softmax over the candidates only.
+    Eval: the best candidate. Training: a sample from that masked softmax (Gumbel-max), and the gate's value
+    is scaled by 1/3 (0.3333, transformers' constant) unless the sample is the argmax or a U(0,1) coin
+    exceeds 0.75, while its gradient stays the unscaled gate's (straight-through): GRIN's Heun third-order
+    estimate of the routing gradient.
     ``coin_draws``: U(0,1) draws consumed for the coin (transformers draws PhiMoE's second coin twice; the
     same RNG use lets a seeded run reproduce it).
     """
