@@ -23,7 +23,7 @@ TINY_CASES = {
     "qwen3_next": dict(intermediate_size=80, moe_intermediate_size=32, shared_expert_intermediate_size=24,
                        num_experts=6, num_experts_per_tok=2, head_dim=16, linear_num_key_heads=2,
                        linear_key_head_dim=8, linear_num_value_heads=4, linear_value_head_dim=8, num_hidden_layers=4,
-                       mlp_only_layers=[1]),
+                       mlp_only_layers=[1], attention_bias=True),  # the bias of the doubled (gated) q_proj
     "flex_olmo": dict(intermediate_size=32, num_experts=6, num_experts_per_tok=2, eos_token_id=0, pad_token_id=0),
     "minimax": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
     "phimoe": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, attention_bias=True,
@@ -90,6 +90,39 @@ TINY_CASES = {
                         head_dim=16, interleave_moe_layer_step=2, num_hidden_layers=4, attention_chunk_size=8),
     "switch_transformers": dict(d_model=64, d_ff=48, d_kv=16, num_heads=4, num_layers=4, num_decoder_layers=3,
                                 num_experts=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=1),
+    # hybrids: Mamba / Mamba-2 / gated DeltaNet layers beside attention, MoE beside dense FFNs
+    "jamba": dict(intermediate_size=48, num_experts=4, num_experts_per_tok=2, num_hidden_layers=4,
+                  attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0),
+    "jamba:biases": dict(intermediate_size=48, num_experts=4, num_experts_per_tok=2, num_hidden_layers=4,
+                         attn_layer_period=4, attn_layer_offset=3, expert_layer_period=3, expert_layer_offset=1,
+                         mamba_proj_bias=True, mamba_conv_bias=False, mamba_dt_rank=6, mamba_expand=3),
+    "granitemoehybrid": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                             shared_intermediate_size=40, mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16,
+                             attention_bias=True, layer_types=["mamba", "attention", "mamba"]),
+    "granitemoehybrid:dense": dict(num_local_experts=0, shared_intermediate_size=40, mamba_n_heads=4,
+                                   mamba_proj_bias=True, layer_types=["attention", "mamba", "mamba"]),
+    "qwen3_5_moe_text": dict(moe_intermediate_size=32, shared_expert_intermediate_size=24, num_experts=6,
+                             num_experts_per_tok=2, head_dim=16, linear_num_key_heads=2, linear_key_head_dim=8,
+                             linear_num_value_heads=4, linear_value_head_dim=8, num_hidden_layers=4,
+                             attention_bias=True),
+    # parallel blocks (one norm per layer), wider dense prefix layers, shared experts
+    "cohere2_moe": dict(intermediate_size=48, num_experts=4, num_experts_per_tok=2, head_dim=16,
+                        mlp_layer_types=["dense", "sparse", "sparse"], prefix_dense_intermediate_size=80,
+                        num_shared_experts=2, shared_expert_combination_strategy="sum"),
+    "cohere2_moe:biases": dict(intermediate_size=48, num_experts=4, num_experts_per_tok=2, head_dim=16,
+                               attention_bias=True, first_k_dense_replace=1, rms_norm_eps=1e-6),
+    # heads per layer, a per-head (or per head dim) output gate, dense first layer
+    "laguna": dict(intermediate_size=80, moe_intermediate_size=32, shared_expert_intermediate_size=24,
+                   num_experts=6, num_experts_per_tok=2, head_dim=16, num_attention_heads_per_layer=[4, 8, 2],
+                   layer_types=["full_attention", "sliding_attention", "sliding_attention"], sliding_window=8),
+    "laguna:per_element_gate": dict(intermediate_size=80, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                                    head_dim=16, gating="per-element", attention_bias=True,
+                                    mlp_layer_types=["sparse", "dense", "sparse"]),
+    # value heads narrower than query/key heads; sliding layers with twice the kv heads and sinks
+    "mimo_v2_flash": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                          head_dim=24, v_head_dim=16, attention_bias=True,
+                          layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
     "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),
@@ -98,10 +131,12 @@ LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      patch_size=14, projector_input_dim=64, projector_output_dim=64, vision_output_dim=64)
 
 
-def tiny_config(model_type: str) -> dict:
+def tiny_config(case: str) -> dict:
+    """The tiny config of a TINY_CASES key ("family" or "family:variant")."""
+    model_type = case.split(":")[0]
     if model_type in ("switch_transformers", "dbrx"):
-        return dict(model_type=model_type, vocab_size=100, **TINY_CASES[model_type])
-    return dict(model_type=model_type, **{**TINY, **TINY_CASES[model_type]})
+        return dict(model_type=model_type, vocab_size=100, **TINY_CASES[case])
+    return dict(model_type=model_type, **{**TINY, **TINY_CASES[case]})
 
 
 def hf_model(cfg_dict, device="meta", **kwargs):
@@ -246,7 +281,8 @@ def test_deepseek_v3_mtp_and_buffers():
     assert c.buffers == {"e_score_correction_bias": 58 * 256}
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "llama", "qwen3_moe", "deepseek_v3", "qwen3"])
+@pytest.mark.parametrize("model_type", ["mixtral", "llama", "qwen3_moe", "deepseek_v3", "qwen3", "mimo_v2_flash", "laguna",
+                                        "cohere2_moe"])
 def test_forward_flops_equal_torch_flop_counter_on_hf_eager(model_type):
     """2 x matmul params + attention FLOPs, times T tokens at context T (eager attention computes the full
     T x T scores), equals torch's FlopCounterMode on transformers' eager forward."""
@@ -292,6 +328,55 @@ def test_moekit_preset_spec_matches_the_real_module():
     with pytest.raises(ValueError, match="router.kind='top_p'"):
         params.spec_from_moekit(dataclasses.replace(mix, moe=dataclasses.replace(
             mix.moe, router=RouterConfig(kind="top_p", top_k=2))))
+
+
+@pytest.mark.parametrize("case", ["mimo_v2_flash", "laguna", "cohere2_moe", "qwen3_5_moe_text", "jamba",
+                                  "granitemoehybrid"])
+def test_kv_cache_equals_the_hf_cache_after_a_forward(case):
+    """Per-layer K/V widths (MiMo-V2-Flash: 2x kv heads on sliding layers, narrower values) and no K/V on Mamba /
+    linear-attention layers: the calculator's cache at 1 value per element equals what transformers stores."""
+    model = hf_model(tiny_config(case), device="cpu").eval()
+    T = 5
+    with torch.no_grad():
+        cache = model(torch.randint(0, 100, (1, T)), use_cache=True).past_key_values
+    stored = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers
+                 if getattr(layer, "keys", None) is not None)
+    spec = spec_of(case, model)
+    assert memory.kv_cache_bytes(spec, 1, T, bytes_per_value=1) == stored > 0
+
+
+# configs.json that leave the family's layer patterns to be derived at load time (transformers fills them in
+# __post_init__; without transformers the calculator derives them)
+DERIVED_PATTERNS = {
+    "cohere2_moe": dict(intermediate_size=48, num_experts=4, head_dim=16, first_k_dense_replace=2,
+                        num_hidden_layers=5, prefix_dense_intermediate_size=80, sliding_window_pattern=2,
+                        prefix_dense_sliding_window_pattern=2),
+    "qwen3_5_moe_text": dict(num_hidden_layers=6, full_attention_interval=3, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=24, num_experts=6, head_dim=16, linear_num_key_heads=2,
+                             linear_key_head_dim=8, linear_num_value_heads=4, linear_value_head_dim=8),
+    "mimo_v2_flash": dict(num_hidden_layers=7, intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8,
+                          head_dim=24, v_head_dim=16),
+    "laguna": dict(intermediate_size=80, moe_intermediate_size=32, shared_expert_intermediate_size=24,
+                   num_experts=6, head_dim=16),
+    "jamba": dict(num_hidden_layers=9, intermediate_size=48, num_experts=4, attn_layer_period=4,
+                  attn_layer_offset=2),
+    "granitemoehybrid": dict(intermediate_size=48, num_local_experts=4, mamba_n_heads=8),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(DERIVED_PATTERNS))
+def test_derived_layer_patterns_equal_hf_with_and_without_transformers(model_type, monkeypatch):
+    from moekit.interop import config_reader
+
+    cfg = dict(model_type=model_type, **{**TINY, **DERIVED_PATTERNS[model_type]})
+    want = numel(hf_model(cfg))
+    with_tf = params.spec_from_hf(cfg)
+    monkeypatch.setattr(config_reader, "_transformers", lambda: None)
+    table = params.spec_from_hf(cfg)
+    assert params.count_params(with_tf).total == params.count_params(table).total == want
+    for i in range(table.n_layers):  # the same windows and mixers per layer, read either way
+        assert (table.window(i), i in table.linear_layers) == (with_tf.window(i), i in with_tf.linear_layers)
+    assert table.moe_layers == with_tf.moe_layers
 
 
 def test_flops_and_memory_hand_computed():
@@ -362,6 +447,13 @@ def test_errors_and_cli(capsys, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(tiny_config("mixtral")))
     assert cli_main(["calc", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    (tmp_path / "hybrid").mkdir()  # a saved HF config.json of a Mamba hybrid
+    hybrid = hf_model(tiny_config("jamba"))
+    hybrid.config.save_pretrained(tmp_path / "hybrid")
+    assert cli_main(["calc", str(tmp_path / "hybrid")]) == 0
+    out = capsys.readouterr().out
+    assert f"{numel(hybrid):,}" in out and "2 of 4 layers use Mamba" in out
     assert cli_main(["calc", "no-such-model"]) == 2
     assert cli_main(["calc", "mixtral-8x7b", "--ep", "3"]) == 2
 
@@ -383,13 +475,14 @@ def test_moekit_expert_biases_are_counted_to_the_parameter():
 
 
 @pytest.mark.parametrize("use_transformers", [True, False], ids=["transformers", "table"])
-@pytest.mark.parametrize("model_type", sorted(TINY_CASES))
-def test_trimmed_configs_count_the_same(model_type, use_transformers, monkeypatch):
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_trimmed_configs_count_the_same(case, use_transformers, monkeypatch):
     """A config.json with every field at transformers' default left out counts as the full one, read through
     transformers or through the defaults table (no transformers)."""
     from moekit.interop import config_reader
 
-    full = hf_model(tiny_config(model_type)).config.to_dict()
+    model_type = case.split(":")[0]
+    full = hf_model(tiny_config(case)).config.to_dict()
     fields = config_reader.table()[model_type]["fields"]
     trimmed = {k: v for k, v in full.items() if k not in fields or fields[k] != v}
     assert len(trimmed) < len(full)

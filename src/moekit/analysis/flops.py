@@ -27,9 +27,10 @@ def matmul_params_per_token(s: ArchSpec) -> int:
     minus every vector parameter (norm weights, biases, attention sinks, T5 relative position biases)."""
     c = count_params(s)
     # + cross-attention; linear-attention layers (hybrids) count all their parameters as matmul ones
-    n_attn = s.n_layers - len(s.linear_layers) + (s.n_layers - s.n_encoder_layers if s.is_encoder_decoder else 0)
+    n_cross = s.n_layers - s.n_encoder_layers if s.is_encoder_decoder else 0
+    attn_vectors = sum(attention_vector_params(s.attn_at(i)) for i in s.attention_layers())
     n_moe = len(s.moe_layers)
-    vectors = (c.breakdown["norms"] + rel_pos_params(s) + n_attn * attention_vector_params(s)
+    vectors = (c.breakdown["norms"] + rel_pos_params(s) + attn_vectors + n_cross * attention_vector_params(s)
                + n_moe * (s.top_k * expert_bias_params(s) + (s.num_experts if s.router_bias else 0)
                           + (expert_bias_params(s, s.shared_inter) if s.shared_inter else 0)
                           + (s.d if s.moe_out_bias else 0)))
@@ -39,18 +40,14 @@ def matmul_params_per_token(s: ArchSpec) -> int:
 def attention_flops_per_token(s: ArchSpec, context: int) -> int:
     if context < 0:
         raise UsageError(f"context={context}: must be >= 0 (positions attended)")
-    if s.attention == "mla":
-        qk_dim, v_dim = s.qk_nope_dim + s.qk_rope_dim, s.v_head_dim
-    else:
-        qk_dim = v_dim = s.head_dim
+    qk_dim = s.qk_nope_dim + s.qk_rope_dim if s.attention == "mla" else s.head_dim
+    v_dim = s.v_head_dim or s.head_dim
     total = 0
-    for i in range(s.n_layers):
-        if i in s.linear_layers:
-            continue  # linear attention: a fixed-size state, no per-position scores
+    for i in s.attention_layers():  # linear attention / Mamba: a fixed-size state, no per-position scores
         w = s.window(i)
         ctx = min(context, w) if w else context
         reads = 2 if s.is_encoder_decoder and s.is_decoder_layer(i) else 1
-        total += reads * 2 * ctx * s.n_heads * (qk_dim + v_dim)
+        total += reads * 2 * ctx * s.attn_at(i).n_heads * (qk_dim + v_dim)
     return total
 
 

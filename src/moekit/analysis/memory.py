@@ -2,7 +2,8 @@
 
 Weights: bytes/param = 4 (fp32), 2 (bf16/fp16), 1 (fp8), 0.5 (int4) + one bf16 scale per group of
 ``int4_group`` weights (0.125 bytes/param more at group 128).
-KV cache per token and layer: GQA stores K and V for n_kv_heads heads (2 x kv_heads x head_dim values);
+KV cache per token and layer: GQA stores K and V for n_kv_heads heads (kv_heads x (head_dim + v_head_dim)
+values; v_head_dim = head_dim except in MiMo-V2-Flash), per layer where heads differ by layer;
 MLA (DeepSeek) stores the compressed latent plus the shared RoPE key (kv_lora_rank + qk_rope_head_dim).
 Sliding-window (gpt-oss) and chunked (Llama 4) layers keep at most their window. An encoder-decoder
 keeps the decoder's self-attention K/V per generated token and the cross-attention K/V of each encoder
@@ -17,7 +18,7 @@ sequence and recomputation).
 
 from __future__ import annotations
 
-from moekit.analysis.params import ArchSpec, count_params
+from moekit.analysis.params import ArchSpec, count_params, gqa_v_dim
 from moekit.errors import UsageError
 
 BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
@@ -34,7 +35,7 @@ def weight_bytes(total_params: int, int4_group: int = 128) -> dict[str, float]:
 
 
 def _kv_values_per_token_layer(s: ArchSpec) -> int:
-    return s.kv_lora_rank + s.qk_rope_dim if s.attention == "mla" else 2 * s.n_kv_heads * s.head_dim
+    return s.kv_lora_rank + s.qk_rope_dim if s.attention == "mla" else s.n_kv_heads * (s.head_dim + gqa_v_dim(s))
 
 
 def kv_cache_bytes_per_token(s: ArchSpec, bytes_per_value: float = 2.0) -> float:
@@ -45,11 +46,11 @@ def kv_cache_bytes_per_token(s: ArchSpec, bytes_per_value: float = 2.0) -> float
 def kv_cache_bytes(s: ArchSpec, batch: int, context: int, bytes_per_value: float = 2.0) -> float:
     if batch < 1 or context < 0:
         raise UsageError(f"batch={batch}, context={context}: need batch >= 1 and context >= 0")
-    per_layer = _kv_values_per_token_layer(s) * bytes_per_value
     total = 0.0
-    for i in range(s.n_layers):
-        if (s.is_encoder_decoder and not s.is_decoder_layer(i)) or i in s.linear_layers:
-            continue  # the encoder runs once over the input; linear attention keeps a fixed-size state
+    for i in s.attention_layers():  # linear attention / Mamba layers keep a fixed-size state
+        if s.is_encoder_decoder and not s.is_decoder_layer(i):
+            continue  # the encoder runs once over the input
+        per_layer = _kv_values_per_token_layer(s.attn_at(i)) * bytes_per_value
         w = s.window(i)
         positions = min(context, w) if w else context
         total += per_layer * positions * (2 if s.is_encoder_decoder else 1)  # + cross-attention K/V

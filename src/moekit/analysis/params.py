@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +53,10 @@ class ArchSpec:
     o_bias: bool = False
     qk_norm: str = "none"  # "none" | "per_head" (RMSNorm over head_dim) | "full" (over the projection)
     attn_sinks: bool = False  # gpt-oss: one learned sink logit per head
-    attn_output_gate: bool = False  # Qwen3-Next: q_proj also produces a sigmoid gate per head dim
+    # output gate on the attention heads: "q_doubled" (Qwen3-Next/3.5: q_proj also produces a gate per head dim,
+    # with the q bias doubled too) | "per_dim" (AFMoE, Laguna "per-element": a bias-free projection, a gate per
+    # head dim) | "per_head" (Laguna: a bias-free g_proj of one gate per head)
+    attn_output_gate: str = "none"
     # JetMoE mixture of attention heads: attn_experts experts, each a query projection to n_kv_heads heads and
     # an output projection back, top_k per token (n_heads = top_k * n_kv_heads query heads), a router, and a
     # shared key/value projection
@@ -60,18 +64,23 @@ class ArchSpec:
     moe_out_bias: bool = False  # JetMoE: one output bias per mixture block (attention and FFN)
     attn_windows: list[int] = field(default_factory=list)  # per layer: max positions attended (0 = all)
     window_kind: str = ""  # "sliding" (gpt-oss) | "chunked" (Llama 4: attention within fixed chunks)
-    # hybrids: these layers replace softmax attention by a linear-attention block of linear_attn_params
+    # layer -> attention fields that differ on that layer (MiMo-V2-Flash's sliding layers: twice the kv heads and
+    # sinks; Laguna: heads per layer); attn_at(i) applies them
+    layer_attention: dict[int, dict] = field(default_factory=dict)
+    # hybrids: these layers replace softmax attention by a fixed-state mixer of linear_attn_params parameters,
+    # linear_kind says which (gated DeltaNet, lightning attention, Mamba, Mamba-2)
     linear_layers: list[int] = field(default_factory=list)
     linear_attn_params: int = 0
+    linear_kind: str = "linear attention"
     norm_bias: bool = False  # LayerNorms with a bias (PhiMoE)
-    sandwich_norms: bool = False  # AFMoE: two more norms per layer, before and after the FFN
+    norms_per_layer: int = 2  # AFMoE: 4 (norms before and after the FFN too); Cohere2-MoE: 1 (parallel block)
     lm_head_bias: bool = False
     # MLA (DeepSeek-V2/V3)
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     qk_nope_dim: int = 0
     qk_rope_dim: int = 0
-    v_head_dim: int = 0
+    v_head_dim: int = 0  # also GQA with value heads narrower than query/key heads (MiMo-V2-Flash); 0 = head_dim
     # DeepSeek-V3.2 / GLM-5 sparse attention: a lightning indexer per layer, indexer_heads query heads of
     # indexer_head_dim from the compressed query, one key head (LayerNorm with bias), per-head weights
     indexer_heads: int = 0
@@ -108,6 +117,16 @@ class ArchSpec:
 
     def window(self, i: int) -> int:
         return self.attn_windows[i] if self.attn_windows else 0
+
+    def attn_at(self, i: int) -> ArchSpec:
+        """The spec of layer i's attention (layer_attention applied)."""
+        over = self.layer_attention.get(i)
+        return dataclasses.replace(self, layer_attention={}, **over) if over else self
+
+    def attention_layers(self) -> list[int]:
+        """Layers with softmax self-attention (not a linear-attention / Mamba mixer)."""
+        linear = set(self.linear_layers)
+        return [i for i in range(self.n_layers) if i not in linear]
 
 
 def _windows(layer_types: list[str] | None, n_layers: int, default_local, local_kind: str, span: int) -> list[int]:
@@ -203,7 +222,8 @@ def _spec_minimax(c: dict, name: str) -> ArchSpec:
     inner, d = c["num_attention_heads"] * hd, c["hidden_size"]
     return dataclasses.replace(_spec_mixtral(c, name), linear_layers=[i for i, t in enumerate(types)
                                                                       if t == "linear_attention"],
-                               linear_attn_params=3 * d * inner + inner * d + d * inner + inner)
+                               linear_attn_params=3 * d * inner + inner * d + d * inner + inner,
+                               linear_kind="lightning attention")
 
 
 def _spec_minimax_m2(c: dict, name: str) -> ArchSpec:
@@ -230,7 +250,7 @@ def _spec_afmoe(c: dict, name: str) -> ArchSpec:
     Qwen3-Next's doubled q_proj), norms before and after the FFN too, num_dense_layers dense layers first,
     shared experts as one MLP, a selection bias that is a (frozen) parameter."""
     E, L = c["num_experts"], c["num_hidden_layers"]
-    return _decoder(c, name, **_bias(c), qk_norm="per_head", attn_output_gate=True, sandwich_norms=True,
+    return _decoder(c, name, **_bias(c), qk_norm="per_head", attn_output_gate="per_dim", norms_per_layer=4,
                     moe_layers=[i for i in range(L) if E and i >= (c["num_dense_layers"] or 0)], router_bias=True,
                     **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
                     shared_inter=(c["num_shared_experts"] or 0) * c["moe_intermediate_size"])
@@ -262,22 +282,140 @@ def _spec_qwen_moe(c: dict, name: str) -> ArchSpec:
                     shared_inter=c["shared_expert_intermediate_size"] if qwen2 else 0, shared_gate=qwen2)
 
 
-def _spec_qwen3_next(c: dict, name: str) -> ArchSpec:
-    """Qwen3-Next: gated full attention (q_proj doubled for the output gate) on every 4th layer, gated
-    DeltaNet linear attention on the others (fused qkvz and beta/alpha projections, a causal depthwise
-    convolution over q, k, v, per-value-head decay parameters, a norm per value head)."""
+def _gated_deltanet(c: dict) -> dict:
+    """Qwen3-Next / Qwen3.5: gated full attention (q_proj doubled for the output gate) on every
+    full_attention_interval-th layer (4), gated DeltaNet linear attention on the others: q, k, v, z, beta and
+    alpha projections (fused or not, the same count), a causal depthwise convolution over q, k, v, per-value-head
+    decay parameters (dt_bias, A_log), a norm over the value head dim, the output projection."""
     L, d = c["num_hidden_layers"], c["hidden_size"]
-    types = c["layer_types"] or ["linear_attention" if (i + 1) % 4 else "full_attention" for i in range(L)]
+    interval = c.get("full_attention_interval") or 4
+    types = c["layer_types"] or ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(L)]
     hk, dk, hv, dv = (c["linear_num_key_heads"], c["linear_key_head_dim"], c["linear_num_value_heads"],
                       c["linear_value_head_dim"])
     conv = 2 * hk * dk + hv * dv
     linear = d * (2 * hk * dk + 2 * hv * dv) + d * 2 * hv + conv * c["linear_conv_kernel_dim"] + 2 * hv + dv \
         + hv * dv * d
-    return _decoder(c, name, **_bias(c), qk_norm="per_head", attn_output_gate=True,
-                    linear_layers=[i for i, t in enumerate(types) if t == "linear_attention"],
-                    linear_attn_params=linear, moe_layers=_sparse_step_layers(c, c["num_experts"]),
-                    **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
-                    shared_inter=c["shared_expert_intermediate_size"], shared_gate=True)
+    return dict(**_bias(c), qk_norm="per_head", attn_output_gate="q_doubled", linear_kind="gated DeltaNet",
+                linear_layers=[i for i, t in enumerate(types) if t == "linear_attention"], linear_attn_params=linear,
+                **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                shared_inter=c["shared_expert_intermediate_size"], shared_gate=True)
+
+
+def _spec_qwen3_next(c: dict, name: str) -> ArchSpec:
+    """Qwen3-Next: gated DeltaNet hybrid, MoE layers by mlp_only_layers / decoder_sparse_step."""
+    return _decoder(c, name, **_gated_deltanet(c), moe_layers=_sparse_step_layers(c, c["num_experts"]))
+
+
+def _spec_qwen3_5_moe(c: dict, name: str) -> ArchSpec:
+    """Qwen3.5-MoE's text decoder: Qwen3-Next's gated DeltaNet hybrid with MoE on every layer."""
+    return _decoder(c, name, **_gated_deltanet(c), moe_layers=_all_layers(c) if c["num_experts"] else [])
+
+
+def _mamba_params(c: dict) -> int:
+    """Jamba's Mamba mixer (Gu & Dao 2023) on width I = mamba_expand * d: in_proj to (x, z), a causal depthwise
+    convolution, x_proj to (dt, B, C), dt_proj with a bias, A_log [I, N], D, out_proj, and Jamba's RMSNorms on
+    dt, B and C (Lieber et al. 2024)."""
+    d = c["hidden_size"]
+    I, N, K, R = c["mamba_expand"] * d, c["mamba_d_state"], c["mamba_d_conv"], c["mamba_dt_rank"]
+    R = math.ceil(d / 16) if R == "auto" else R
+    proj_bias = 2 * I + d if c["mamba_proj_bias"] else 0
+    return (2 * d * I + I * d + proj_bias + I * K + (I if c["mamba_conv_bias"] else 0)
+            + I * (R + 2 * N) + R * I + I + I * N + I + R + 2 * N)
+
+
+def _mamba2_params(c: dict) -> int:
+    """A Mamba-2 mixer (Dao & Gu 2024) on width I = mamba_expand * d with G groups of B/C of state N and nh heads:
+    in_proj to (z, x, B, C, dt), a causal depthwise convolution over (x, B, C), per-head dt_bias, A_log and D, a
+    gated RMSNorm over I, out_proj."""
+    d = c["hidden_size"]
+    I, G, N, nh, K = (c["mamba_expand"] * d, c["mamba_n_groups"], c["mamba_d_state"], c["mamba_n_heads"],
+                      c["mamba_d_conv"])
+    conv = I + 2 * G * N
+    proj_bias = I + conv + nh + d if c["mamba_proj_bias"] else 0
+    return (d * (I + conv + nh) + I * d + proj_bias + conv * K + (conv if c["mamba_conv_bias"] else 0)
+            + 3 * nh + I)
+
+
+def _spec_jamba(c: dict, name: str) -> ArchSpec:
+    """Jamba: attention on every attn_layer_period-th layer (from attn_layer_offset), Mamba on the others; MoE on
+    every expert_layer_period-th layer (from expert_layer_offset), dense MLPs on the others."""
+    L, E = c["num_hidden_layers"], c["num_experts"]
+    return _decoder(c, name, linear_layers=[i for i in range(L) if i % c["attn_layer_period"] != c["attn_layer_offset"]],
+                    linear_attn_params=_mamba_params(c), linear_kind="Mamba",
+                    moe_layers=[i for i in range(L) if E > 1 and i % c["expert_layer_period"] == c["expert_layer_offset"]],
+                    **_experts(c, "num_experts", "num_experts_per_tok", "intermediate_size"))
+
+
+def _spec_granitemoehybrid(c: dict, name: str) -> ArchSpec:
+    """GraniteMoE-Hybrid (Granite 4.0-H): Mamba-2 on the layers layer_types marks, attention on the others; every
+    layer has the shared MLP, and routed experts unless num_local_experts is 0 (then the shared MLP is the only
+    FFN)."""
+    types = c["layer_types"] or ["linear_attention"] * c["num_hidden_layers"]
+    hybrid = dict(linear_layers=[i for i, t in enumerate(types) if t in ("mamba", "linear_attention")],
+                  linear_attn_params=_mamba2_params(c), linear_kind="Mamba-2", **_bias(c))
+    if not c["num_local_experts"]:
+        return _decoder(c, name, **hybrid, dense_inter=c["shared_intermediate_size"])
+    return dataclasses.replace(_spec_granitemoe(c, name), **hybrid)
+
+
+def _spec_cohere2_moe(c: dict, name: str) -> ArchSpec:
+    """Cohere2-MoE: parallel attention + FFN blocks (one norm per layer), no biases but attention_bias, dense
+    layers (mlp_layer_types; prefix_dense_intermediate_size wide) before the MoE ones, num_shared_experts
+    shared experts as one MLP, sliding-window attention on the layers layer_types marks."""
+    L, E, inter = c["num_hidden_layers"], c["num_experts"], c["intermediate_size"]
+    first = c.get("first_k_dense_replace") or 0  # a config.json field transformers reads into the two lists
+    types = c["mlp_layer_types"] or ["dense" if i < first else "sparse" for i in range(L)]
+    pattern = lambda i: c["prefix_dense_sliding_window_pattern"] if i < first else c["sliding_window_pattern"]
+    local = lambda i: (i - (first if i >= first else 0) + 1) % pattern(i) != 0
+    windows = _sliding(c) if c["layer_types"] else [(c["sliding_window"] or 0) if local(i) else 0 for i in range(L)]
+    return _decoder(c, name, **_bias(c), norms_per_layer=1, dense_inter=c["prefix_dense_intermediate_size"] or inter,
+                    moe_layers=[i for i, t in enumerate(types) if E and t == "sparse"],
+                    attn_windows=windows, window_kind="sliding",
+                    **_experts(c, "num_experts", "num_experts_per_tok", "intermediate_size"),
+                    shared_inter=(c["num_shared_experts"] or 0) * inter)
+
+
+def _sliding(c: dict) -> list[int]:
+    """Per-layer window from layer_types (transformers 5 fills it in every family that has it)."""
+    types = c["layer_types"] or []
+    return [c["sliding_window"] if t == "sliding_attention" and c["sliding_window"] else 0 for t in types]
+
+
+def _mlp_types_dense_first(c: dict) -> list[str]:
+    """mlp_layer_types, or the default of the families that have one dense layer first (Laguna, MiMo-V2-Flash)."""
+    return c["mlp_layer_types"] or ["dense"] + ["sparse"] * (c["num_hidden_layers"] - 1)
+
+
+def _spec_laguna(c: dict, name: str) -> ArchSpec:
+    """Laguna: per-head q/k norms, a softplus output gate (g_proj: one per head, or per head dim when gating is
+    "per-element"), heads per layer (num_attention_heads_per_layer), sliding-window layers, dense layers by
+    mlp_layer_types (first only by default), an ungated shared expert, a selection bias that is a (frozen)
+    parameter."""
+    E, heads = c["num_experts"], c["num_attention_heads_per_layer"]
+    gate = "per_head" if c["gating"] is True or c["gating"] == "per-head" else "per_dim"
+    return _decoder(c, name, **_bias(c), qk_norm="per_head", attn_output_gate=gate,
+                    layer_attention={i: dict(n_heads=h) for i, h in enumerate(heads or []) if h != c["num_attention_heads"]},
+                    attn_windows=_sliding(c), window_kind="sliding",
+                    moe_layers=[i for i, t in enumerate(_mlp_types_dense_first(c)) if E and t == "sparse"],
+                    router_bias=True, **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=c["shared_expert_intermediate_size"] or 0)
+
+
+def _spec_mimo_v2_flash(c: dict, name: str) -> ArchSpec:
+    """MiMo-V2-Flash: GQA with value heads narrower than query/key heads (v_head_dim), q/k/v biases only; its
+    sliding-window layers (layer_types; the first and every 6th layer are full by default) have twice the kv
+    heads and attention sinks; dense layers by mlp_layer_types (first only by default), no shared expert, a
+    selection-only correction bias (a buffer)."""
+    L, E, kv = c["num_hidden_layers"], c["n_routed_experts"], c["num_key_value_heads"]
+    types = c["layer_types"] or ["full_attention" if i == 0 or (i + 1) % 6 == 0 else "sliding_attention"
+                                 for i in range(L)]
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    return _decoder(c, name, qkv_bias=bool(c["attention_bias"]), v_head_dim=c["v_head_dim"],
+                    layer_attention={i: dict(n_kv_heads=2 * kv, attn_sinks=True) for i in sliding},
+                    attn_windows=[c["sliding_window"] if i in sliding else 0 for i in range(L)], window_kind="sliding",
+                    moe_layers=[i for i, t in enumerate(_mlp_types_dense_first(c)) if E and t == "sparse"],
+                    router_correction_bias=True,
+                    **_experts(c, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"))
 
 
 def _spec_olmoe(c: dict, name: str) -> ArchSpec:
@@ -414,7 +552,9 @@ def _spec_dense(c: dict, name: str) -> ArchSpec:
 HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "mixtral": _spec_mixtral, "minimax": _spec_minimax, "phimoe": _spec_phimoe, "granitemoe": _spec_granitemoe,
     "granitemoeshared": _spec_granitemoe, "granitemoe_swa": _spec_granitemoe, "qwen2_moe": _spec_qwen_moe,
-    "qwen3_moe": _spec_qwen_moe, "qwen3_next": _spec_qwen3_next, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "qwen3_moe": _spec_qwen_moe, "qwen3_next": _spec_qwen3_next, "qwen3_5_moe_text": _spec_qwen3_5_moe,
+    "jamba": _spec_jamba, "granitemoehybrid": _spec_granitemoehybrid, "cohere2_moe": _spec_cohere2_moe,
+    "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,
@@ -494,8 +634,13 @@ def attention_matrix_params(s: ArchSpec) -> int:
         kv = d * (s.kv_lora_rank + s.qk_rope_dim) + s.kv_lora_rank * s.n_heads * (s.qk_nope_dim + s.v_head_dim)
         indexer = s.indexer_heads * s.indexer_head_dim * s.q_lora_rank + s.indexer_head_dim * d + s.indexer_heads * d
         return q + kv + s.n_heads * s.v_head_dim * d + indexer
-    q_out, kv_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    return (3 if s.attn_output_gate else 2) * d * q_out + 2 * d * kv_out
+    q_out, k_out, v_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * gqa_v_dim(s)
+    gate = {"none": 0, "q_doubled": q_out, "per_dim": q_out, "per_head": s.n_heads}[s.attn_output_gate]
+    return d * (q_out + k_out + v_out + gate) + s.n_heads * gqa_v_dim(s) * d
+
+
+def gqa_v_dim(s: ArchSpec) -> int:
+    return s.v_head_dim or s.head_dim
 
 
 def attention_vector_params(s: ArchSpec) -> int:
@@ -505,9 +650,10 @@ def attention_vector_params(s: ArchSpec) -> int:
         norms = s.q_lora_rank + s.kv_lora_rank  # RMSNorms on the compressed query and kv latents
         norms += 2 * s.indexer_head_dim  # the indexer's key LayerNorm
         return norms + ((s.q_lora_rank + s.kv_lora_rank + s.qk_rope_dim + s.d) if s.qkv_bias else 0)
-    q_out, kv_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    n = (q_out + 2 * kv_out if s.qkv_bias else 0) + (s.d if s.o_bias else 0)
-    n += {"none": 0, "per_head": 2 * s.head_dim, "full": q_out + kv_out}[s.qk_norm]
+    q_out, k_out, v_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * gqa_v_dim(s)
+    q_bias = 2 * q_out if s.attn_output_gate == "q_doubled" else q_out
+    n = (q_bias + k_out + v_out if s.qkv_bias else 0) + (s.d if s.o_bias else 0)
+    n += {"none": 0, "per_head": 2 * s.head_dim, "full": q_out + k_out}[s.qk_norm]
     return n + (s.n_heads if s.attn_sinks else 0)
 
 
@@ -551,7 +697,7 @@ def norm_count(s: ArchSpec) -> int:
     n_dec = s.n_layers - s.n_encoder_layers
     if s.is_encoder_decoder:
         return 2 * s.n_encoder_layers + 1 + 3 * n_dec + 1
-    return (4 if s.sandwich_norms else 2) * s.n_layers + 1
+    return s.norms_per_layer * s.n_layers + 1
 
 
 @dataclass
@@ -589,7 +735,7 @@ def count_params(s: ArchSpec) -> ParamCount:
     b = {
         "embeddings": s.vocab * s.d,
         "lm_head": (0 if s.tie_embeddings else s.vocab * s.d) + (s.vocab if s.lm_head_bias else 0),
-        "attention": (s.n_layers - len(s.linear_layers)) * attention_params(s) + cross + rel_pos_params(s)
+        "attention": sum(attention_params(s.attn_at(i)) for i in s.attention_layers()) + cross + rel_pos_params(s)
         + len(s.linear_layers) * s.linear_attn_params,
         "norms": norm_count(s) * s.d * (2 if s.norm_bias else 1),
         "dense_ffn": sum(s.dense_matrices_overrides.get(i, s.dense_matrices) * s.d
@@ -623,7 +769,7 @@ def count_params(s: ArchSpec) -> ParamCount:
     if s.is_encoder_decoder:
         notes.append("encoder-decoder: active = one encoder token + one decoder token")
     if s.linear_layers:
-        notes.append(f"hybrid: {len(s.linear_layers)} of {s.n_layers} layers use linear attention (a fixed-size "
+        notes.append(f"hybrid: {len(s.linear_layers)} of {s.n_layers} layers use {s.linear_kind} (a fixed-size "
                      "state: no KV cache, no per-position attention FLOPs; the conv/recurrence FLOPs beyond the "
                      "projections are not counted)")
     emb = b["embeddings"] + b["lm_head"]
