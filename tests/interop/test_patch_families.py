@@ -28,6 +28,14 @@ DEEPSEEK = dict(MOE, n_routed_experts=8, n_shared_experts=1, moe_intermediate_si
 MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
 LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
                         linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)
+MROPE = dict(rope_type="default", rope_theta=1e4, mrope_section=[1, 1, 2])
+VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+OCR_TEXT = dict(TINY, **DEEPSEEK, topk_method="group_limited_greedy", mlp_layer_types=["dense", "sparse"])
+OCR_VISION = dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=64, global_attn_indexes=[0], window_size=2, downsample_channels=[16, 32]),
+                  encoder_config=dict(vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2))
+MULTIMODAL = ("qwen3_vl_moe", "qwen3_omni_moe_thinker", "glm4v_moe", "aria", "deepseek_ocr2", "unlimited_ocr")
 FAMILIES = {
     "mixtral": dict(MOE, num_local_experts=4, router_jitter_noise=0.1),
     "minimax": dict(MOE, num_local_experts=4, router_jitter_noise=0.1, head_dim=8,
@@ -111,18 +119,38 @@ FAMILIES = {
                              norm_topk_prob=False, layer_types=["conv", "full_attention"]),
     "lara_mini": dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
                       **LINEAR_ATTENTION),
+    "dots3_note_text": dict(DEEPSEEK, num_local_experts=8, shared_experts_intermediate_size=16, head_dim=8,
+                            num_key_value_heads=4, mlp_layer_types=["dense", "sparse"], pad_token_id=0, bos_token_id=0,
+                            eos_token_id=0),
+    "aria_text": dict(MOE, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
+    # multimodal models (built by AutoModelForImageTextToText, run on text): patch finds their language model's blocks
+    "qwen3_vl_moe": dict(text_config=dict(TINY, **MOE, num_experts=4, moe_intermediate_size=16, head_dim=8,
+                                          rope_parameters=MROPE), vision_config=VISION),
+    "qwen3_omni_moe_thinker": dict(text_config=dict(TINY, **MOE, num_experts=4, moe_intermediate_size=16, head_dim=8,
+                                                    norm_topk_prob=False),
+                                   vision_config=dict(VISION, deepstack_visual_indexes=[0]),
+                                   audio_config=dict(d_model=16, encoder_layers=1, encoder_attention_heads=2,
+                                                     encoder_ffn_dim=32, output_dim=32, downsample_hidden_size=8)),
+    "glm4v_moe": dict(text_config=dict(TINY, **DEEPSEEK, num_local_experts=8, head_dim=8,
+                                       rope_parameters=dict(MROPE, partial_rotary_factor=1.0)), vision_config=VISION),
+    "aria": dict(text_config=dict(TINY, **MOE, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
+                 vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=32, patch_size=16)),
+    "deepseek_ocr2": dict(text_config=OCR_TEXT, vision_config=OCR_VISION),
+    "unlimited_ocr": dict(text_config=OCR_TEXT, vision_config=OCR_VISION),
 }
 
 
 def tiny_hf(model_type, dtype=torch.float32, seed=0, **over):
     """A tiny random HF model of the family (``over``: config fields off the tiny defaults)."""
     torch.manual_seed(seed)
-    kw = {**(TINY if model_type != "dbrx" else {}), **FAMILIES[model_type], **over}
-    model_type = model_type.split(":")[0]  # "family:variant" keys test another gating of the family
+    family = model_type.split(":")[0]  # "family:variant" keys test another gating of the family
+    kw = {**(TINY if family not in ("dbrx", *MULTIMODAL) else {}), **FAMILIES[model_type], **over}
+    auto = transformers.AutoModelForImageTextToText if family in MULTIMODAL else transformers.AutoModelForCausalLM
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg = transformers.AutoConfig.for_model(model_type, **kw)
-        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        cfg = transformers.AutoConfig.for_model(family, **kw)
+        model = auto.from_config(cfg).eval()
     with torch.no_grad():  # HF zero-inits some tensors (routers, correction biases): randomise everything
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if t.is_floating_point() and "rotary" not in name and "inv_freq" not in name:

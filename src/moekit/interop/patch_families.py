@@ -30,6 +30,10 @@ TRANSFORMS: dict[str, Callable[[Tensor, int], Tensor]] = {
     "flat": lambda t, E: t.reshape(-1),  # [1, E] -> [E]
     "rows_EFD": lambda t, E: t.view(E, -1, t.shape[-1]),  # DBRX: experts stacked along rows [E*F, D]
     "rows_EFD_T": lambda t, E: t.view(E, -1, t.shape[-1]).transpose(1, 2),  # DBRX w2 [E*F, D] -> [E, D, F]
+    # Aria stores experts as (in, out): gate_up [E, D, 2F] (gate columns, then up), down [E, F, D]
+    "T_first_half": lambda t, E: t.chunk(2, dim=-1)[0].transpose(1, 2),
+    "T_second_half": lambda t, E: t.chunk(2, dim=-1)[1].transpose(1, 2),
+    "T": lambda t, E: t.transpose(1, 2),
 }
 
 Key = tuple[str, str, str]  # (HF tensor under the block, MoELayer tensor, TRANSFORMS name)
@@ -151,6 +155,14 @@ def axk2(cfg: Any, layer: int) -> RouterConfig:
     return deepseek_v3(cfg, layer)
 
 
+
+def aria_swiglu(cfg: Any) -> str:
+    """Aria's routed experts are always SiLU-gated; its shared experts follow hidden_act (one activation in moekit)."""
+    if cfg.hidden_act != "silu":
+        raise ConfigError(f"config.hidden_act={cfg.hidden_act!r}: patch supports Aria with 'silu' (its routed experts "
+                          "are SiLU-gated whatever hidden_act says; moekit's shared expert uses the same activation)")
+    return "swiglu"
+
 # ---------------------------------------------------------------- activations
 def hidden_act(field_name: str = "hidden_act") -> Callable[[Any], str]:
     def act(cfg: Any) -> str:
@@ -192,6 +204,13 @@ def standard(prefix: str, gating, *, gate: str = "gate", router_key: str = "gate
 QWEN_SHARED = shared_keys("shared_expert") + (("shared_expert_gate.weight", "shared_gate.weight", "same"),)
 DEEPSEEK_SHARED = shared_keys("shared_experts")
 E_SCORE_BIAS = (("gate.e_score_correction_bias", "router.bias", "same"),)
+
+ARIA = PatchEntry(block="AriaTextMoELayer", router="router", keys=(
+    ("router.weight", "router.gate.weight", "same"),
+    ("experts.gate_up_proj", "experts.w_gate_EFD", "T_first_half"),
+    ("experts.gate_up_proj", "experts.w_up_EFD", "T_second_half"),
+    ("experts.down_proj", "experts.w_down_EDF", "T")) + shared_keys("shared_experts"),
+    gating=softmax_topk(None, k_field="moe_topk"), activation=aria_swiglu)  # top-k logits, softmax over the k
 
 PATCH_FAMILIES: dict[str, PatchEntry] = {
     "mixtral": standard("MixtralSparseMoeBlock", softmax_topk(None), jitter="router_jitter_noise"),
@@ -255,6 +274,14 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "lfm2_moe": standard("Lfm2MoeSparseMoeBlock", sigmoid_topk("norm_topk_prob"), activation=lambda cfg: "swiglu",
                          extra=(("expert_bias", "router.bias", "same"),)),
     "lara_mini": standard("LaraMiniSparseMoeBlock", softmax_topk("norm_topk_prob"), extra=shared_keys("shared_expert")),
+    "dots3_note_text": standard("Dots3NoteTextMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "qwen3_vl_moe": standard("Qwen3VLMoeTextSparseMoeBlock", softmax_topk(None)),
+    "qwen3_omni_moe_thinker": standard("Qwen3OmniMoeThinkerTextSparseMoeBlock", softmax_topk("norm_topk_prob")),
+    "glm4v_moe": standard("Glm4vMoeTextMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "deepseek_ocr2": standard("DeepseekOcr2TextMoe", deepseek_v2, extra=DEEPSEEK_SHARED),
+    "unlimited_ocr": standard("UnlimitedOcrTextMoe", deepseek_v2, extra=DEEPSEEK_SHARED),
+    "aria": ARIA,
+    "aria_text": ARIA,
 }
 
 # families whose MoE block moekit's MoELayer does not compute; the tests in tests/interop/test_patch_families.py
