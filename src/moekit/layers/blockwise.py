@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from moekit.layers import buffers
 from moekit.layers.ffn import Activation, FFNWeights, ffn_out
 
 
@@ -146,7 +147,7 @@ class RowsInto:
 
     def __init__(self, out_TD: Tensor, token_R: Tensor, pooled: bool):
         self.out_TD, self.token_R = out_TD, token_R
-        self.rows_RD = out_TD.new_empty(token_R.shape[0], out_TD.shape[1]) if pooled else None
+        self.rows_RD = buffers.empty(out_TD, token_R.shape[0], out_TD.shape[1]) if pooled else None
 
     def add(self, r0: int, r1: int, rows_nD: Tensor) -> None:
         if self.rows_RD is None:
@@ -173,10 +174,10 @@ class BlockwiseFFN(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:8])
         w = FFNWeights(w_gate, w_up, w_down, b_gate, b_up, b_down)
         R, F_ = token_R.shape[0], w_up.shape[1]
-        y_TD = torch.zeros_like(x_TD)
+        y_TD = buffers.zeros(x_TD, *x_TD.shape)
         # pre-activations are kept for backward; in inference each block uses a temporary instead
-        u_RF = x_TD.new_empty(R, F_) if save else None
-        g_RF = x_TD.new_empty(R, F_) if save and act.gated else None
+        u_RF = buffers.empty(x_TD, R, F_) if save else None
+        g_RF = buffers.empty(x_TD, R, F_) if save and act.gated else None
         blocks = nonempty_blocks(bounds)
         pool = block_pool(x_TD, blocks)
         y = RowsInto(y_TD, token_R, pooled=pool is not None)
@@ -209,11 +210,11 @@ class BlockwiseFFN(torch.autograd.Function):
         act = ctx.act
         need = ctx.needs_input_grad[:8]
         need_x, need_s = need[0], need[1]
-        dx_TD = torch.zeros_like(x_TD) if need_x else None
+        dx_TD = buffers.zeros(x_TD, *x_TD.shape) if need_x else None
         ds_R = torch.zeros_like(scale_R) if need_s else None
         # weight grads: each expert's block is written whole below; only what no block writes is zeroed
         # (empty experts, units beyond a smaller expert's own size), not every stack up front
-        dw = FFNWeights(*(torch.empty_like(t) if n and t is not None else None
+        dw = FFNWeights(*(buffers.empty_like(t) if n and t is not None else None
                           for n, t in zip(need[2:], (w_gate, w_up, w_down, b_gate, b_up, b_down))))
         need_hidden = need_x or any(t is not None for t in (dw.gate, dw.up, dw.b_gate, dw.b_up))
         bounds = ctx.bounds
