@@ -123,6 +123,21 @@ TINY_CASES = {
     "mimo_v2_flash": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
                           head_dim=24, v_head_dim=16, attention_bias=True,
                           layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
+    "lara_mini": dict(moe_intermediate_size=32, shared_expert_intermediate_size=24, num_experts=6,
+                      num_experts_per_tok=2, head_dim=16, linear_num_key_heads=2, linear_key_head_dim=8,
+                      linear_num_value_heads=4, linear_value_head_dim=8, num_hidden_layers=5, sliding_window=8),
+    # gated short-convolution layers beside attention
+    "lfm2_moe": dict(intermediate_size=80, moe_intermediate_size=32, num_experts=6, num_experts_per_tok=2,
+                     num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
+    "lfm2_moe:conv_bias": dict(intermediate_size=80, moe_intermediate_size=32, num_experts=6, num_experts_per_tok=2,
+                               num_dense_layers=0, conv_bias=True, use_expert_bias=False, conv_L_cache=4,
+                               layer_types=["full_attention", "conv", "conv"]),
+    # Kimi Delta Attention beside MLA
+    "kimi_linear": dict(intermediate_size=80, moe_intermediate_size=32, num_local_experts=8, n_shared_experts=2,
+                        num_experts_per_tok=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                        num_key_value_heads=4, linear_head_dim=8, linear_num_heads=4, attention_bias=True,
+                        layer_types=["linear_attention", "full_attention", "linear_attention"],
+                        pad_token_id=0, bos_token_id=0, eos_token_id=0),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
     "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),
@@ -197,8 +212,9 @@ def test_llama4_vision_tower_counted_apart_equals_hf():
     assert c.total_with_separate == numel(model)
 
 
+# dots1/hunyuan/dbrx: see TINY_CASES; lfm2_moe's default layer_types is None, which transformers cannot build
 FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_transformers", "dots1",
-                                                   "hunyuan_v1_moe", "dbrx"})  # dots1/hunyuan/dbrx: see TINY_CASES
+                                                   "hunyuan_v1_moe", "dbrx", "lfm2_moe"})
 
 
 @pytest.mark.parametrize("model_type", FAMILY_DEFAULTS)
@@ -331,7 +347,7 @@ def test_moekit_preset_spec_matches_the_real_module():
 
 
 @pytest.mark.parametrize("case", ["mimo_v2_flash", "laguna", "cohere2_moe", "qwen3_5_moe_text", "jamba",
-                                  "granitemoehybrid"])
+                                  "granitemoehybrid", "lara_mini", "lfm2_moe"])
 def test_kv_cache_equals_the_hf_cache_after_a_forward(case):
     """Per-layer K/V widths (MiMo-V2-Flash: 2x kv heads on sliding layers, narrower values) and no K/V on Mamba /
     linear-attention layers: the calculator's cache at 1 value per element equals what transformers stores."""
@@ -361,6 +377,14 @@ DERIVED_PATTERNS = {
     "jamba": dict(num_hidden_layers=9, intermediate_size=48, num_experts=4, attn_layer_period=4,
                   attn_layer_offset=2),
     "granitemoehybrid": dict(intermediate_size=48, num_local_experts=4, mamba_n_heads=8),
+    "lara_mini": dict(num_hidden_layers=7, moe_intermediate_size=32, shared_expert_intermediate_size=24,
+                      num_experts=6, head_dim=16, linear_num_key_heads=2, linear_key_head_dim=8,
+                      linear_num_value_heads=4, linear_value_head_dim=8),
+    "kimi_linear": dict(num_hidden_layers=6, intermediate_size=80, moe_intermediate_size=32, num_local_experts=8,
+                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4,
+                        pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                        linear_attn_config=dict(head_dim=8, num_heads=2, short_conv_kernel_size=3,
+                                                full_attn_layers=[2, 6], kda_layers=[1, 3, 4, 5])),
 }
 
 

@@ -282,33 +282,97 @@ def _spec_qwen_moe(c: dict, name: str) -> ArchSpec:
                     shared_inter=c["shared_expert_intermediate_size"] if qwen2 else 0, shared_gate=qwen2)
 
 
-def _gated_deltanet(c: dict) -> dict:
-    """Qwen3-Next / Qwen3.5: gated full attention (q_proj doubled for the output gate) on every
-    full_attention_interval-th layer (4), gated DeltaNet linear attention on the others: q, k, v, z, beta and
+def _gated_deltanet(c: dict, types: list[str]) -> dict:
+    """Gated DeltaNet linear attention on the layers ``types`` marks "linear_attention": q, k, v, z, beta and
     alpha projections (fused or not, the same count), a causal depthwise convolution over q, k, v, per-value-head
     decay parameters (dt_bias, A_log), a norm over the value head dim, the output projection."""
-    L, d = c["num_hidden_layers"], c["hidden_size"]
-    interval = c.get("full_attention_interval") or 4
-    types = c["layer_types"] or ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(L)]
+    d = c["hidden_size"]
     hk, dk, hv, dv = (c["linear_num_key_heads"], c["linear_key_head_dim"], c["linear_num_value_heads"],
                       c["linear_value_head_dim"])
     conv = 2 * hk * dk + hv * dv
     linear = d * (2 * hk * dk + 2 * hv * dv) + d * 2 * hv + conv * c["linear_conv_kernel_dim"] + 2 * hv + dv \
         + hv * dv * d
-    return dict(**_bias(c), qk_norm="per_head", attn_output_gate="q_doubled", linear_kind="gated DeltaNet",
-                linear_layers=[i for i, t in enumerate(types) if t == "linear_attention"], linear_attn_params=linear,
+    return dict(linear_kind="gated DeltaNet", linear_layers=[i for i, t in enumerate(types) if t == "linear_attention"],
+                linear_attn_params=linear)
+
+
+def _qwen_next(c: dict) -> dict:
+    """Qwen3-Next / Qwen3.5: gated full attention (q_proj doubled for the output gate, per-head q/k norms) on every
+    full_attention_interval-th layer (4), gated DeltaNet on the others, a sigmoid-gated shared expert."""
+    L, interval = c["num_hidden_layers"], c.get("full_attention_interval") or 4
+    types = c["layer_types"] or ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(L)]
+    return dict(**_gated_deltanet(c, types), **_bias(c), qk_norm="per_head", attn_output_gate="q_doubled",
                 **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
                 shared_inter=c["shared_expert_intermediate_size"], shared_gate=True)
 
 
 def _spec_qwen3_next(c: dict, name: str) -> ArchSpec:
-    """Qwen3-Next: gated DeltaNet hybrid, MoE layers by mlp_only_layers / decoder_sparse_step."""
-    return _decoder(c, name, **_gated_deltanet(c), moe_layers=_sparse_step_layers(c, c["num_experts"]))
+    """Qwen3-Next: MoE layers by mlp_only_layers / decoder_sparse_step."""
+    return _decoder(c, name, **_qwen_next(c), moe_layers=_sparse_step_layers(c, c["num_experts"]))
 
 
 def _spec_qwen3_5_moe(c: dict, name: str) -> ArchSpec:
-    """Qwen3.5-MoE's text decoder: Qwen3-Next's gated DeltaNet hybrid with MoE on every layer."""
-    return _decoder(c, name, **_gated_deltanet(c), moe_layers=_all_layers(c) if c["num_experts"] else [])
+    """Qwen3.5-MoE's text decoder: Qwen3-Next's hybrid with MoE on every layer."""
+    return _decoder(c, name, **_qwen_next(c), moe_layers=_all_layers(c) if c["num_experts"] else [])
+
+
+def _spec_lara_mini(c: dict, name: str) -> ArchSpec:
+    """Lara-mini: gated DeltaNet, sliding-window and full attention layers (layer_types; by default the pattern
+    linear, sliding, linear, full, sliding), per-head q/k norms, no output gate, MoE on every layer with an ungated
+    shared expert."""
+    pattern = ["linear_attention", "sliding_attention", "linear_attention", "full_attention", "sliding_attention"]
+    types = c["layer_types"] or [pattern[i % 5] for i in range(c["num_hidden_layers"])]
+    return _decoder(c, name, **_gated_deltanet(c, types), **_bias(c), qk_norm="per_head",
+                    attn_windows=_sliding(dict(c, layer_types=types)), window_kind="sliding",
+                    moe_layers=_all_layers(c) if c["num_experts"] else [],
+                    **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=c["shared_expert_intermediate_size"])
+
+
+def _spec_lfm2_moe(c: dict, name: str) -> ArchSpec:
+    """LFM2-MoE: gated short-convolution layers (in_proj to 3 x d, a depthwise causal convolution of conv_L_cache,
+    out_proj; biases if conv_bias) and GQA layers with per-head q/k norms, as layer_types marks; num_dense_layers
+    dense layers first, then MoE without shared experts, a selection-only expert bias (a buffer)."""
+    if c["layer_types"] is None:
+        raise ConfigError("config.json layer_types=None (lfm2_moe): the calculator needs the per-layer list of "
+                          "'full_attention' / 'conv' (transformers cannot build the model without it either)")
+    L, E, d, K = c["num_hidden_layers"], c["num_experts"], c["hidden_size"], c["conv_L_cache"]
+    conv = 3 * d * d + d * K + d * d + (5 * d if c["conv_bias"] else 0)
+    return _decoder(c, name, qk_norm="per_head", linear_layers=[i for i, t in enumerate(c["layer_types"]) if t == "conv"],
+                    linear_attn_params=conv, linear_kind="gated short convolution",
+                    moe_layers=[i for i in range(L) if E and i >= c["num_dense_layers"]],
+                    router_correction_bias=bool(c["use_expert_bias"]),
+                    **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"))
+
+
+def _kda_params(d: int, head_dim: int, heads: int, conv_kernel: int) -> int:
+    """Kimi Delta Attention (Kimi Linear, Moonshot 2025) of heads x head_dim = Q: q, k, v projections, a depthwise
+    convolution over them, a low-rank (d -> head_dim -> Q) forget gate with dt_bias and per-head A_log, a beta
+    projection per head, a low-rank output gate, a norm over head_dim, the output projection."""
+    Q = heads * head_dim
+    return (3 * d * Q + 3 * Q * conv_kernel + (d * head_dim + head_dim * Q + Q + heads) + d * heads
+            + (d * head_dim + head_dim * Q) + head_dim + Q * d)
+
+
+def _spec_kimi_linear(c: dict, name: str) -> ArchSpec:
+    """Kimi Linear: KDA layers and MLA layers (layer_types; the config.json's linear_attn_config lists both,
+    1-indexed; else MLA on every 4th layer from layer 4), dense layers by mlp_layer_types (first_k_dense_replace,
+    1), n_shared_experts shared experts as one MLP, a selection-only correction bias (a buffer)."""
+    L, E = c["num_hidden_layers"], c["num_local_experts"]
+    lin = c.get("linear_attn_config") or {}
+    types = c["layer_types"]
+    if types is None and "full_attn_layers" in lin and "kda_layers" in lin:
+        types = ["full_attention" if i + 1 in lin["full_attn_layers"] else "linear_attention" for i in range(L)]
+    types = types or ["full_attention" if i and i % 4 == 0 else "linear_attention" for i in range(L)]
+    mlp = c["mlp_layer_types"] or ["dense" if i < c.get("first_k_dense_replace", 1) else "sparse" for i in range(L)]
+    kda = _kda_params(c["hidden_size"], lin.get("head_dim", c["linear_head_dim"]),
+                      lin.get("num_heads", c["linear_num_heads"]),
+                      lin.get("short_conv_kernel_size", c["linear_conv_kernel_dim"]))
+    return _decoder(c, name, **_mla(c), linear_layers=[i for i, t in enumerate(types) if t == "linear_attention"],
+                    linear_attn_params=kda, linear_kind="Kimi Delta Attention",
+                    moe_layers=[i for i, t in enumerate(mlp) if E and t == "sparse"], router_correction_bias=True,
+                    **_experts(c, "num_local_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=(c["n_shared_experts"] or 0) * c["moe_intermediate_size"])
 
 
 def _mamba_params(c: dict) -> int:
@@ -428,6 +492,12 @@ def _spec_olmoe(c: dict, name: str) -> ArchSpec:
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa")
 
 
+def _mla(c: dict) -> dict:
+    """DeepSeek-V2's multi-head latent attention fields; attention_bias biases the q/kv down-projections and o."""
+    return dict(attention="mla", **_bias(c), q_lora_rank=c["q_lora_rank"] or 0, kv_lora_rank=c["kv_lora_rank"],
+                qk_nope_dim=c["qk_nope_head_dim"], qk_rope_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"])
+
+
 def _spec_deepseek(c: dict, name: str) -> ArchSpec:
     """DeepSeekMoE v1 (GQA) and the families that kept its FFN: fine-grained routed experts after
     first_k_dense_replace dense layers (or on the layers mlp_layer_types marks "sparse"), n_shared_experts
@@ -441,9 +511,7 @@ def _spec_deepseek(c: dict, name: str) -> ArchSpec:
               shared_inter=(c["n_shared_experts"] or 0) * c["moe_intermediate_size"],
               router_correction_bias=mt not in ("deepseek", "deepseek_v2"))
     if mt in MLA_FAMILIES:
-        kw.update(attention="mla", **_bias(c), q_lora_rank=c["q_lora_rank"] or 0, kv_lora_rank=c["kv_lora_rank"],
-                  qk_nope_dim=c["qk_nope_head_dim"], qk_rope_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
-                  mtp_layers=c["num_nextn_predict_layers"] if mt == "deepseek_v3" else 0,
+        kw.update(**_mla(c), mtp_layers=c["num_nextn_predict_layers"] if mt == "deepseek_v3" else 0,
                   indexer_heads=c.get("index_n_heads") or 0, indexer_head_dim=c.get("index_head_dim") or 0)
     elif mt == "glm4_moe":
         kw.update(qkv_bias=bool(c["attention_bias"]), qk_norm="per_head" if c["use_qk_norm"] else "none")
@@ -554,7 +622,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "granitemoeshared": _spec_granitemoe, "granitemoe_swa": _spec_granitemoe, "qwen2_moe": _spec_qwen_moe,
     "qwen3_moe": _spec_qwen_moe, "qwen3_next": _spec_qwen3_next, "qwen3_5_moe_text": _spec_qwen3_5_moe,
     "jamba": _spec_jamba, "granitemoehybrid": _spec_granitemoehybrid, "cohere2_moe": _spec_cohere2_moe,
-    "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "lara_mini": _spec_lara_mini,
+    "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,
