@@ -138,6 +138,13 @@ TINY_CASES = {
                         num_key_value_heads=4, linear_head_dim=8, linear_num_heads=4, attention_bias=True,
                         layer_types=["linear_attention", "full_attention", "linear_attention"],
                         pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    # KDA with full-rank gates beside MLA with a per-head output gate (head_dim = qk_rope_head_dim: transformers
+    # re-reads a saved config's head_dim as the rope dim)
+    "bailing_hybrid": dict(intermediate_size=80, moe_intermediate_size=32, num_local_experts=8, n_shared_experts=1,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=24,
+                           qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4, head_dim=8,
+                           first_k_dense_replace=1, layer_group_size=2, attention_bias=True, pad_token_id=0,
+                           eos_token_id=0),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
     "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),
@@ -385,6 +392,10 @@ DERIVED_PATTERNS = {
                         pad_token_id=0, bos_token_id=0, eos_token_id=0,
                         linear_attn_config=dict(head_dim=8, num_heads=2, short_conv_kernel_size=3,
                                                 full_attn_layers=[2, 6], kda_layers=[1, 3, 4, 5])),
+    "bailing_hybrid": dict(num_hidden_layers=6, intermediate_size=80, moe_intermediate_size=32, num_local_experts=8,
+                           n_group=1, topk_group=1, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                           v_head_dim=12, num_key_value_heads=4, head_dim=16, layer_group_size=3, pad_token_id=0,
+                           eos_token_id=0),
 }
 
 

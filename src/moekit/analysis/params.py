@@ -345,13 +345,35 @@ def _spec_lfm2_moe(c: dict, name: str) -> ArchSpec:
                     **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"))
 
 
-def _kda_params(d: int, head_dim: int, heads: int, conv_kernel: int) -> int:
+def _kda_params(d: int, head_dim: int, heads: int, conv_kernel: int, low_rank: bool) -> int:
     """Kimi Delta Attention (Kimi Linear, Moonshot 2025) of heads x head_dim = Q: q, k, v projections, a depthwise
-    convolution over them, a low-rank (d -> head_dim -> Q) forget gate with dt_bias and per-head A_log, a beta
-    projection per head, a low-rank output gate, a norm over head_dim, the output projection."""
+    convolution over them, a forget gate projection with dt_bias and per-head A_log, a beta projection per head,
+    an output gate projection, a norm over head_dim, the output projection. Kimi's gate projections are low-rank
+    (d -> head_dim -> Q), Bailing-hybrid's full (d -> Q)."""
     Q = heads * head_dim
-    return (3 * d * Q + 3 * Q * conv_kernel + (d * head_dim + head_dim * Q + Q + heads) + d * heads
-            + (d * head_dim + head_dim * Q) + head_dim + Q * d)
+    gate = d * head_dim + head_dim * Q if low_rank else d * Q
+    return 3 * d * Q + 3 * Q * conv_kernel + (gate + Q + heads) + d * heads + gate + head_dim + Q * d
+
+
+def _spec_bailing_hybrid(c: dict, name: str) -> ArchSpec:
+    """Bailing-hybrid (Ling 2.5): KDA with full-rank gates (head_dim and heads those of the config's attention) and
+    MLA with a sigmoid gate per head (g_proj) on every layer_group_size-th layer, first_k_dense_replace dense
+    layers, n_shared_experts shared experts as one MLP, a selection-only correction bias (a buffer). The MTP layers
+    (num_mtp_layers) are not built by transformers and not counted."""
+    L, E = c["num_hidden_layers"], c["num_local_experts"]
+    types = c["layer_types"] or ["full_attention" if (i + 1) % c["layer_group_size"] == 0 else "linear_attention"
+                                 for i in range(L)]
+    mlp = c["mlp_layer_types"] or ["dense" if i < c["first_k_dense_replace"] else "sparse" for i in range(L)]
+    # transformers sets linear_* from head_dim / num_attention_heads / short_conv_kernel_size when it reads a config
+    kda = _kda_params(c["hidden_size"], c.get("linear_head_dim") or c["head_dim"],
+                      c.get("linear_num_heads") or c["num_attention_heads"],
+                      c.get("linear_conv_kernel_dim") or c["short_conv_kernel_size"], low_rank=False)
+    return _decoder(c, name, **_mla(c), attn_output_gate="per_head",
+                    linear_layers=[i for i, t in enumerate(types) if t == "linear_attention"],
+                    linear_attn_params=kda, linear_kind="Kimi Delta Attention",
+                    moe_layers=[i for i, t in enumerate(mlp) if E and t == "sparse"], router_correction_bias=True,
+                    **_experts(c, "num_local_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=(c["n_shared_experts"] or 0) * c["moe_intermediate_size"])
 
 
 def _spec_kimi_linear(c: dict, name: str) -> ArchSpec:
@@ -367,7 +389,7 @@ def _spec_kimi_linear(c: dict, name: str) -> ArchSpec:
     mlp = c["mlp_layer_types"] or ["dense" if i < c.get("first_k_dense_replace", 1) else "sparse" for i in range(L)]
     kda = _kda_params(c["hidden_size"], lin.get("head_dim", c["linear_head_dim"]),
                       lin.get("num_heads", c["linear_num_heads"]),
-                      lin.get("short_conv_kernel_size", c["linear_conv_kernel_dim"]))
+                      lin.get("short_conv_kernel_size", c["linear_conv_kernel_dim"]), low_rank=True)
     return _decoder(c, name, **_mla(c), linear_layers=[i for i, t in enumerate(types) if t == "linear_attention"],
                     linear_attn_params=kda, linear_kind="Kimi Delta Attention",
                     moe_layers=[i for i, t in enumerate(mlp) if E and t == "sparse"], router_correction_bias=True,
@@ -623,7 +645,7 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "qwen3_moe": _spec_qwen_moe, "qwen3_next": _spec_qwen3_next, "qwen3_5_moe_text": _spec_qwen3_5_moe,
     "jamba": _spec_jamba, "granitemoehybrid": _spec_granitemoehybrid, "cohere2_moe": _spec_cohere2_moe,
     "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "lara_mini": _spec_lara_mini,
-    "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,
@@ -702,7 +724,8 @@ def attention_matrix_params(s: ArchSpec) -> int:
         q = (d * s.q_lora_rank + s.q_lora_rank * s.n_heads * qk_head) if s.q_lora_rank else d * s.n_heads * qk_head
         kv = d * (s.kv_lora_rank + s.qk_rope_dim) + s.kv_lora_rank * s.n_heads * (s.qk_nope_dim + s.v_head_dim)
         indexer = s.indexer_heads * s.indexer_head_dim * s.q_lora_rank + s.indexer_head_dim * d + s.indexer_heads * d
-        return q + kv + s.n_heads * s.v_head_dim * d + indexer
+        gate = d * s.n_heads if s.attn_output_gate == "per_head" else 0  # Bailing-hybrid's g_proj
+        return q + kv + s.n_heads * s.v_head_dim * d + indexer + gate
     q_out, k_out, v_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * gqa_v_dim(s)
     gate = {"none": 0, "q_doubled": q_out, "per_dim": q_out, "per_head": s.n_heads}[s.attn_output_gate]
     return d * (q_out + k_out + v_out + gate) + s.n_heads * gqa_v_dim(s) * d
