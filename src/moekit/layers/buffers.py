@@ -41,9 +41,10 @@ def empty(like: Tensor, *shape: int) -> Tensor:
     key = (like.device, like.dtype)
     with _lock:
         bufs = _pool.setdefault(key, [])
-        fits = [b for b in bufs if b.numel() >= n and _free(b)]
+        # best fit, at most 25% larger: a big buffer is not tied up (and counted as saved memory) by a small request
+        fits = [b for b in bufs if n <= b.numel() <= n + n // 4 and _free(b)]
         if fits:
-            buf = min(fits, key=Tensor.numel)  # best fit: a big buffer is not tied up by a small request
+            buf = min(fits, key=Tensor.numel)
         else:
             free = sorted((b for b in bufs if _free(b)), key=Tensor.numel)
             for b in free[:max(0, len(free) + 1 - MAX_FREE)]:
