@@ -173,6 +173,9 @@ class RouterConfig:
     score_func: str = spec("softmax", choices=("softmax", "sigmoid"))  # DeepSeek-V3 uses sigmoid
     n_groups: int = spec(1, ge=1)  # group-limited routing: experts split into n_groups groups
     topk_groups: int = spec(1, ge=1)  # ... of which the best topk_groups are eligible per token
+    # a group's score: the sum of its two best experts or its best one; auto = two (sigmoid, V3) / one (softmax, V2).
+    # Mistral 4 scores softmax groups by their two best
+    group_score: str = spec("auto", choices=("auto", "top2_sum", "max"))
     routed_scaling_factor: float = spec(1.0, gt=0)
     bias_update_rate: float = spec(0.0, ge=0)  # aux-loss-free balancing step gamma (0 = no bias)
     # task routing

@@ -35,7 +35,9 @@ OCR_VISION = dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden
                                   image_size=64, global_attn_indexes=[0], window_size=2, downsample_channels=[16, 32]),
                   encoder_config=dict(vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2))
-MULTIMODAL = ("qwen3_vl_moe", "qwen3_omni_moe_thinker", "glm4v_moe", "aria", "deepseek_ocr2", "unlimited_ocr")
+MISTRAL4 = dict(DEEPSEEK, first_k_dense_replace=0, **MLA)
+MULTIMODAL = ("qwen3_vl_moe", "qwen3_omni_moe_thinker", "glm4v_moe", "aria", "deepseek_ocr2", "unlimited_ocr",
+              "mistral_large4", "mistral4")  # built by AutoModelForImageTextToText (Mistral 4: a flat text config)
 FAMILIES = {
     "mixtral": dict(MOE, num_local_experts=4, router_jitter_noise=0.1),
     "minimax": dict(MOE, num_local_experts=4, router_jitter_noise=0.1, head_dim=8,
@@ -138,6 +140,10 @@ FAMILIES = {
                                     image_size=32, patch_size=16)),
     "deepseek_ocr2": dict(text_config=OCR_TEXT, vision_config=OCR_VISION),
     "unlimited_ocr": dict(text_config=OCR_TEXT, vision_config=OCR_VISION),
+    "mistral4": dict(MISTRAL4),
+    "mistral_large4": dict(text_config=dict(TINY, **MISTRAL4),
+                           vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, head_dim=8, patch_size=16, image_size=32)),
 }
 
 
@@ -145,7 +151,8 @@ def tiny_hf(model_type, dtype=torch.float32, seed=0, **over):
     """A tiny random HF model of the family (``over``: config fields off the tiny defaults)."""
     torch.manual_seed(seed)
     family = model_type.split(":")[0]  # "family:variant" keys test another gating of the family
-    kw = {**(TINY if family not in ("dbrx", *MULTIMODAL) else {}), **FAMILIES[model_type], **over}
+    nested = family == "dbrx" or "text_config" in FAMILIES[model_type]
+    kw = {**({} if nested else TINY), **FAMILIES[model_type], **over}
     auto = transformers.AutoModelForImageTextToText if family in MULTIMODAL else transformers.AutoModelForCausalLM
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

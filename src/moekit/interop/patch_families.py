@@ -156,6 +156,19 @@ def axk2(cfg: Any, layer: int) -> RouterConfig:
 
 
 
+def mistral4(renorm_field: str | None):
+    """Softmax scores, groups ranked by their two best experts, renormalised (always if ``renorm_field`` is None;
+    a single expert too), scaled."""
+    def gating(cfg: Any, layer: int) -> RouterConfig:
+        k = int(cfg.num_experts_per_tok)
+        renorm = True if renorm_field is None else bool(getattr(cfg, renorm_field))
+        if renorm and k < 2:  # moekit's softmax DeepSeek router leaves a single weight unnormalised
+            raise ConfigError(f"config.num_experts_per_tok={k}: patch supports Mistral 4 with top-k >= 2")
+        return RouterConfig(kind="deepseek", score_func="softmax", top_k=k, n_groups=int(_get(cfg, "n_group", default=1)),
+                            topk_groups=int(_get(cfg, "topk_group", default=1)), group_score="top2_sum",
+                            renormalize=renorm, routed_scaling_factor=float(cfg.routed_scaling_factor))
+    return gating
+
 def aria_swiglu(cfg: Any) -> str:
     """Aria's routed experts are always SiLU-gated; its shared experts follow hidden_act (one activation in moekit)."""
     if cfg.hidden_act != "silu":
@@ -282,6 +295,8 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "unlimited_ocr": standard("UnlimitedOcrTextMoe", deepseek_v2, extra=DEEPSEEK_SHARED),
     "aria": ARIA,
     "aria_text": ARIA,
+    "mistral4": standard("Mistral4MoE", mistral4("norm_topk_prob"), extra=DEEPSEEK_SHARED),
+    "mistral_large4": standard("MistralLarge4TextMoE", mistral4(None), extra=DEEPSEEK_SHARED),
 }
 
 # families whose MoE block moekit's MoELayer does not compute; the tests in tests/interop/test_patch_families.py

@@ -419,7 +419,7 @@ class DeepSeekRouter(Router):
     s = sigmoid(logits) (V3) or softmax(logits) (V2). Selection uses s + b, where b is a per-expert bias
     that only steers selection (V3 aux-loss-free balancing, Wang et al. 2024). Group-limited routing: the
     E experts form n_groups groups; a group's score is the sum of its two best (s + b) (V3; V2's max for
-    softmax scores); only the best topk_groups groups are eligible. Gate weights are the chosen s,
+    softmax scores; ``group_score`` picks either); only the best topk_groups groups are eligible. Gate weights are the chosen s,
     normalised to sum 1 when ``renormalize`` (V3 always for sigmoid), times routed_scaling_factor.
 
     ``update_bias(counts_E)``: b_i += gamma * sign(mean load - load_i), called after the optimizer step,
@@ -446,7 +446,7 @@ class DeepSeekRouter(Router):
         select_TE = scores_TE + self.bias.float()
         if c.n_groups > 1:
             select_TGe = select_TE.view(T, c.n_groups, E // c.n_groups)
-            if c.score_func == "sigmoid":
+            if c.group_score == "top2_sum" or (c.group_score == "auto" and c.score_func == "sigmoid"):
                 group_TG = select_TGe.topk(min(2, E // c.n_groups), dim=-1).values.sum(-1)
             else:
                 group_TG = select_TGe.max(dim=-1).values
