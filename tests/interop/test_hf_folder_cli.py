@@ -217,10 +217,12 @@ def test_distill_from_an_hf_teacher(hf_folder, capsys, tmp_path):
 
 
 def test_an_unpatchable_family_folder_is_one_line(tmp_path, capsys):
-    transformers.AutoConfig.for_model("gpt_oss").save_pretrained(tmp_path / "gpt")
-    assert main(["prune", str(tmp_path / "gpt"), str(tmp_path / "p"), "--keep", "2"]) == 2
+    # an encoder-decoder (capacity-limited Switch): no patch entry, refused before any weights are read
+    transformers.AutoConfig.for_model("switch_transformers").save_pretrained(tmp_path / "switch")
+    assert main(["prune", str(tmp_path / "switch"), str(tmp_path / "p"), "--keep", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "model_type='gpt_oss'" in err and "patchable: " in err and "mixtral" in err
+    assert err.count("\n") == 0 and "model_type='switch_transformers'" in err and "patchable: " in err
+    assert "mixtral" in err and "gpt_oss" in err
 
 
 @pytest.mark.parametrize("hf_folder", ["qwen2_moe"], indirect=True)

@@ -12,10 +12,8 @@ import warnings
 import pytest
 import torch
 
-from moekit.config import RouterConfig
-from moekit.interop.patch import PatchedMoEBlock, moe_config, patch
-from moekit.layers.moe import MoELayer
-from moekit.interop.patch_families import PATCH_FAMILIES, TRANSFORMS, shared_keys, topk_softmax
+from moekit.interop.patch import PatchedMoEBlock, patch
+from moekit.interop.patch_families import NOT_PATCHABLE, PATCH_FAMILIES, TRANSFORMS
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,6 +24,8 @@ MOE = dict(num_experts_per_tok=2, intermediate_size=24)
 DEEPSEEK = dict(MOE, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=16, n_group=2, topk_group=1,
                 routed_scaling_factor=1.5, first_k_dense_replace=1)
 MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
+LLAMA4_TEXT = dict(intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=1,
+                   head_dim=8)
 LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
                         linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)
 MROPE = dict(rope_type="default", rope_theta=1e4, mrope_section=[1, 1, 2])
@@ -36,8 +36,9 @@ OCR_VISION = dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden
                   encoder_config=dict(vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2))
 MISTRAL4 = dict(DEEPSEEK, first_k_dense_replace=0, **MLA)
+# built by AutoModelForImageTextToText (Mistral 4: a flat text config)
 MULTIMODAL = ("qwen3_vl_moe", "qwen3_omni_moe_thinker", "glm4v_moe", "aria", "deepseek_ocr2", "unlimited_ocr",
-              "mistral_large4", "mistral4")  # built by AutoModelForImageTextToText (Mistral 4: a flat text config)
+              "mistral_large4", "mistral4", "llama4")
 FAMILIES = {
     "mixtral": dict(MOE, num_local_experts=4, router_jitter_noise=0.1),
     "minimax": dict(MOE, num_local_experts=4, router_jitter_noise=0.1, head_dim=8,
@@ -125,6 +126,9 @@ FAMILIES = {
                             num_key_value_heads=4, mlp_layer_types=["dense", "sparse"], pad_token_id=0, bos_token_id=0,
                             eos_token_id=0),
     "aria_text": dict(MOE, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
+    "gpt_oss": dict(MOE, num_local_experts=4, head_dim=8, sliding_window=4),
+    "llama4_text": dict(LLAMA4_TEXT, interleave_moe_layer_step=2),  # layer 0 dense, layer 1 MoE
+    "llama4_text:top2": dict(LLAMA4_TEXT, num_experts_per_tok=2),
     # multimodal models (built by AutoModelForImageTextToText, run on text): patch finds their language model's blocks
     "qwen3_vl_moe": dict(text_config=dict(TINY, **MOE, num_experts=4, moe_intermediate_size=16, head_dim=8,
                                           rope_parameters=MROPE), vision_config=VISION),
@@ -144,7 +148,18 @@ FAMILIES = {
     "mistral_large4": dict(text_config=dict(TINY, **MISTRAL4),
                            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                               num_attention_heads=2, head_dim=8, patch_size=16, image_size=32)),
+    "llama4": dict(text_config=dict(TINY, **LLAMA4_TEXT), tie_word_embeddings=False,
+                   vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                                      projector_output_dim=32)),
 }
+# transformers' multimodal Llama 4 forward fails without pixel inputs (5.24): its language model runs the text
+LANGUAGE_MODEL = {"llama4": "language_model"}
+
+
+def lm(model):
+    """The causal LM of ``model`` to call on token ids (the model itself but for multimodal families)."""
+    return getattr(model, LANGUAGE_MODEL.get(model.config.model_type, ""), model)
 
 
 def tiny_hf(model_type, dtype=torch.float32, seed=0, **over):
@@ -158,11 +173,11 @@ def tiny_hf(model_type, dtype=torch.float32, seed=0, **over):
         warnings.simplefilter("ignore")
         cfg = transformers.AutoConfig.for_model(family, **kw)
         model = auto.from_config(cfg).eval()
-    with torch.no_grad():  # HF zero-inits some tensors (routers, correction biases): randomise everything
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.is_floating_point() and "rotary" not in name and "inv_freq" not in name:
-                t.normal_(1.0 if "norm" in name and t.dim() == 1 else 0.0, 0.1 if "norm" in name else 0.05)
-    return model.to(dtype)
+        with torch.no_grad():  # HF zero-inits some tensors (routers, correction biases): randomise everything
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                if t.is_floating_point() and "rotary" not in name and "inv_freq" not in name:
+                    t.normal_(1.0 if "norm" in name and t.dim() == 1 else 0.0, 0.1 if "norm" in name else 0.05)
+        return model.to(dtype)  # (Llama 4's vision tower: a complex RoPE buffer cast to real, unused by text)
 
 
 def ids_labels(seed=1):
@@ -195,14 +210,37 @@ def grad_pairs(ref, patched):
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_patch_matches_hf_forward_and_backward(model_type):
-    ref = tiny_hf(model_type)
+    assert_patch_matches(tiny_hf(model_type))
+
+
+def test_gpt_oss_patch_matches_past_the_clamp():
+    """Expert weights large enough that gate/up pre-activations pass gpt-oss's clamp at +-7 (clamped units
+    pass no gradient: the patched model must agree on which)."""
+    ref = tiny_hf("gpt_oss")
+    experts = ref.model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.gate_up_proj.mul_(60)
+    seen = []
+    hook = experts.register_forward_hook(lambda m, args, out: seen.append(args[0] @ m.gate_up_proj[0]))
+    with torch.no_grad():
+        ref(ids_labels()[0])
+    hook.remove()
+    assert (seen[0].abs() > 7).float().mean() > 0.05
+    assert_patch_matches(ref)
+
+
+def assert_patch_matches(ref):
+    """Logits, router logits and every parameter's gradient of ``patch(ref)`` equal the unpatched model's."""
     model = patch(copy.deepcopy(ref))
     n = sum(isinstance(m, PatchedMoEBlock) for m in model.modules())
     block = PATCH_FAMILIES[ref.config.model_type].block
     assert n >= 1 and not any(type(m).__name__ == block for m in model.modules())
+    # the HF router's tensors live in moekit's router only: one copy for prune/merge/state dicts
+    echoes = [f"{name}.{b.router_name}." for name, b in model.named_modules() if isinstance(b, PatchedMoEBlock)]
+    assert not [k for k in model.state_dict() if k.startswith(tuple(echoes))]
     ids, labels = ids_labels()
-    want = ref(ids, labels=labels, output_router_logits=True)
-    got = model(ids, labels=labels, output_router_logits=True)
+    want = lm(ref)(ids, labels=labels, output_router_logits=True)
+    got = lm(model)(ids, labels=labels, output_router_logits=True)
     assert (got.logits - want.logits).abs().max().item() <= 1e-5
     # transformers' hooks still collect the router logits (and its load-balancing loss, part of .loss)
     assert len(got.router_logits) == len(want.router_logits) >= n
@@ -225,8 +263,8 @@ def test_patch_runs_in_bf16(model_type):
     model = patch(copy.deepcopy(ref))
     ids, labels = ids_labels()
     with torch.no_grad():
-        want = ref(ids).logits.float()
-        got = model(ids).logits.float()
+        want = lm(ref)(ids).logits.float()
+        got = lm(model)(ids).logits.float()
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     # bf16 rounding differs (moekit computes router logits in float32, which may flip a near-tie choice)
     assert (got - want).abs().mean().item() <= 0.05 * want.abs().mean().item()
@@ -271,70 +309,15 @@ def test_phimoe_training_matches_hf_with_the_same_seed():
         assert (model(ids).logits - want.logits).abs().max().item() > 1e-4
 
 
-NEAREST = {  # each NOT_PATCHABLE family's block, mapped onto the closest MoELayer moekit has
-    "llama4_text": (dict(intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=1,
-                         head_dim=8), "Llama4TextMoe", "router",
-                    (("router.weight", "router.gate.weight", "same"),
-                     ("experts.gate_up_proj", "experts.w_gate_EFD", "T_first_half"),
-                     ("experts.gate_up_proj", "experts.w_up_EFD", "T_second_half"),
-                     ("experts.down_proj", "experts.w_down_EDF", "T")) + shared_keys("shared_expert"),
-                    lambda cfg, i: RouterConfig(kind="deepseek", score_func="sigmoid", top_k=1, renormalize=False)),
-    "gpt_oss": (dict(MOE, num_local_experts=4, head_dim=8), "GptOssMLP", "router",
-                (("router.weight", "router.gate.weight", "same"),
-                 ("experts.gate_up_proj", "experts.w_gate_EFD", "T_even"),
-                 ("experts.gate_up_proj", "experts.w_up_EFD", "T_odd"),
-                 ("experts.down_proj", "experts.w_down_EDF", "T")), topk_softmax),
-}
-LAYOUTS = {"T": lambda t, E: t.transpose(1, 2), "T_first_half": lambda t, E: t.chunk(2, dim=-1)[0].transpose(1, 2),
-           "T_second_half": lambda t, E: t.chunk(2, dim=-1)[1].transpose(1, 2),
-           "T_even": lambda t, E: t[..., ::2].transpose(1, 2), "T_odd": lambda t, E: t[..., 1::2].transpose(1, 2)}
-
-
-@pytest.mark.parametrize("model_type", sorted(NEAREST))
-def test_not_patchable_families_are_refused_and_the_nearest_moe_layer_differs(model_type, monkeypatch):
-    """The README's reasons, measured: the closest MoELayer (same experts, closest router) computes another
-    function than the family's block, so patch refuses the family with the reason instead."""
+def test_a_not_patchable_family_is_refused_with_its_reason(monkeypatch):
+    """NOT_PATCHABLE is empty now (gpt_oss, llama4 and phimoe patch); a family listed there is refused with
+    its reason, even where an entry exists."""
     from moekit.errors import UsageError
-    from moekit.interop.patch_families import NOT_PATCHABLE, PatchEntry
 
-    over, block_cls, router, keys, gating = NEAREST[model_type]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = transformers.AutoConfig.for_model(model_type, **{**TINY, **over})
-        hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    assert model_type in NOT_PATCHABLE or hf.config.model_type in NOT_PATCHABLE
-    with pytest.raises(UsageError, match="patch cannot reproduce this family"):
-        patch(hf)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, t in hf.named_parameters():
-            t.normal_(0.0, 0.05 if "bias" not in name else 0.0)  # gpt-oss biases 0: its activation alone differs
-    block = next(m for m in hf.modules() if type(m).__name__ == block_cls)
-    for k, f in LAYOUTS.items():
-        monkeypatch.setitem(TRANSFORMS, k, f)
-    src = block.state_dict()
-    tensors = {mk: TRANSFORMS[t](src[hk], len(src["router.weight"])) for hk, mk, t in keys}
-    entry = PatchEntry(block=block_cls, router=router, keys=keys, gating=gating)
-    moe = MoELayer(moe_config(entry, hf.config, 0, tensors))
-    missing, unexpected = moe.load_state_dict(tensors, strict=False)
-    assert not unexpected and set(missing) <= {"router.bias"}
-    x = torch.randn(2, 7, 32)
-    with torch.no_grad():
-        want = block(x)
-        want = (want[0] if isinstance(want, tuple) else want).reshape(x.shape)
-        got = moe(x).y
-    assert (got - want).abs().max().item() > 1e-3, "the nearest MoELayer computes the family's block: patch it"
-    if model_type == "llama4_text":  # the same experts and router gating the expert *input* give Llama 4 exactly
-        x_TD, w = x.reshape(-1, 32), moe.experts
-        r = moe.router(x_TD)
-        with torch.no_grad():
-            gx = [(e, g * x_TD[t]) for t, e, g in zip(r.token_N.tolist(), r.expert_N.tolist(), r.weight_N)]
-            rows = [w.w_down_EDF[e] @ (torch.nn.functional.silu(w.w_gate_EFD[e] @ v) * (w.w_up_EFD[e] @ v))
-                    for e, v in gx]
-            y_TD = torch.stack(rows) + moe.shared(x_TD)
-        assert (y_TD - want.reshape(-1, 32)).abs().max().item() <= 1e-5
-    print(f"{model_type}: nearest MoELayer max |diff| {(got - want).abs().max().item():.3g}, "
-          f"output scale {want.abs().max().item():.3g}")
+    monkeypatch.setitem(NOT_PATCHABLE, "mixtral", "a reason")
+    with pytest.raises(UsageError, match=r"model_type='mixtral': patch cannot reproduce this family: a reason; "
+                                         r"patchable: .*\bgpt_oss\b"):
+        patch(tiny_hf("mixtral"))
 
 
 def test_every_patch_entry_has_a_tiny_model_here():

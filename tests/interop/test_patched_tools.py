@@ -38,9 +38,9 @@ def logits(model, ids):
 
 # one family per gating class: softmax top-k (+ jitter), gated shared expert, DeepSeek-V2 softmax groups,
 # DeepSeek-V3 sigmoid + bias + groups, top-k-then-softmax, ERNIE bias, JetMoE output bias, DBRX row layout,
-# PhiMoE SparseMixer
+# PhiMoE SparseMixer, gpt-oss router and expert biases (clamped SwiGLU), Llama 4 input-gated experts
 CLASSES = ["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "granitemoe", "ernie4_5_moe", "jetmoe", "dbrx",
-           "phimoe"]
+           "phimoe", "gpt_oss", "llama4_text"]
 
 
 @pytest.mark.parametrize("model_type", CLASSES)
@@ -66,6 +66,16 @@ def test_hf_folder_loads_patched_and_prunes(model_type, tmp_path):
     assert read_state(tmp_path / "pruned")["kept"] == kept and torch.equal(logits(again, ids), out)
 
 
+def test_a_llama4_multimodal_folder_loads_its_language_model_patched(tmp_path):
+    """Scout's format (Llama4ForConditionalGeneration): transformers' causal-LM loader reads the language model,
+    which patches as llama4_text and gives the multimodal model's text logits."""
+    hf, folder = saved("llama4", tmp_path)
+    model = load_patched(folder)
+    assert model.hf.config.model_type == "llama4_text" and model.moe_layers()
+    ids = BATCHES[0][0]
+    assert (logits(model, ids) - logits(hf.language_model, ids)).abs().max().item() <= 1e-5
+
+
 def native_and_patched(model_type, tmp_path):
     _, folder = saved(model_type, tmp_path)
     return load_hf(folder).eval(), load_patched(folder)
@@ -77,7 +87,8 @@ def same_function(a, b, tol=1e-5):
 
 
 @pytest.mark.parametrize("model_type, tool", [("qwen2_moe", "prune"), ("qwen2_moe", "merge"), ("qwen2_moe", "extract"),
-                                              ("deepseek_v3", "prune"), ("deepseek_v3", "merge")])
+                                              ("deepseek_v3", "prune"), ("deepseek_v3", "merge"),
+                                              ("gpt_oss", "prune"), ("gpt_oss", "merge")])
 def test_prune_merge_extract_match_the_native_model(model_type, tool, tmp_path):
     native, patched = native_and_patched(model_type, tmp_path)
     assert same_function(native, patched)

@@ -7,13 +7,14 @@ entry's key map, so outputs and gradients are the same function.
 Router logits: transformers collects them with forward hooks on instances of its router class
 (``output_router_logits=True`` -> ``outputs.router_logits`` and the load-balancing loss). The HF router module
 is kept under its own name (``block.gate``, ``block.router``: some recorders match the module path), its weight
-shared with moekit's router, and re-classed so that calling it only echoes the logits moekit computed: the hooks
-fire exactly as before and see the same tensor.
+(and bias, gpt-oss) shared with moekit's router, and re-classed so that calling it only echoes the logits moekit
+computed: the hooks fire exactly as before and see the same tensor.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,14 +37,16 @@ def _echo(router: nn.Module, logits_index: int) -> nn.Module:
 
 
 class PatchedMoEBlock(nn.Module):
-    """moekit's MoELayer behind the HF block interface: hidden_states [B, S, D] -> [B, S, D]."""
+    """moekit's MoELayer behind the HF block interface: hidden_states [B, S, D] -> [B, S, D] (or, with
+    ``pair_output``, ([B, S, D], router logits [B*S, E]) for a decoder layer that unpacks a pair)."""
 
-    def __init__(self, moe: MoELayer, router_name: str, hf_router: nn.Module, router_weight: nn.Parameter,
+    def __init__(self, moe: MoELayer, router_name: str, hf_router: nn.Module, router_params: dict[str, nn.Parameter],
                  logits_index: int, jitter_eps: float = 0.0, output_bias: nn.Parameter | None = None,
-                 jitter_draws: int = 1):
+                 jitter_draws: int = 1, pair_output: bool = False):
         super().__init__()
         self.moe = moe
-        self.moe.router.gate.weight = router_weight  # one parameter, also the HF router's
+        for name, p in router_params.items():  # one parameter each ("weight", "bias"), also the HF router's
+            setattr(self.moe.router.gate, name, p)
         self.router_name = router_name
         router = _echo(hf_router, logits_index)
         for m in router.modules():  # its tensors now live in moekit's router: one copy for prune/merge/state dicts
@@ -55,8 +58,9 @@ class PatchedMoEBlock(nn.Module):
         self.jitter_eps = jitter_eps
         self.jitter_draws = jitter_draws
         self.bias = output_bias
+        self.pair_output = pair_output
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         x = hidden_states
         if self.training and self.jitter_eps > 0:
             # in place, as transformers does: MiniMax reuses the block input as its residual, so the noise
@@ -64,8 +68,10 @@ class PatchedMoEBlock(nn.Module):
             for _ in range(self.jitter_draws):
                 x *= torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         out = self.moe(x)
-        getattr(self, self.router_name)(out.aux.logits_TE.to(x.dtype))
-        return out.y if self.bias is None else out.y + self.bias
+        logits_TE = out.aux.logits_TE.to(x.dtype)
+        getattr(self, self.router_name)(logits_TE)
+        y = out.y if self.bias is None else out.y + self.bias
+        return (y, logits_TE) if self.pair_output else y
 
 
 def entry_for(config: Any) -> PatchEntry:
@@ -99,20 +105,21 @@ def moe_config(entry: PatchEntry, text_cfg: Any, layer: int, tensors: dict[str, 
                dispatcher: str = "local", experts: str = "auto") -> MoEConfig:
     E, D = tensors["router.gate.weight"].shape
     shared = tensors.get("shared.w_up.weight")
+    router = replace(entry.gating(text_cfg, layer), gate_bias="router.gate.bias" in tensors)
     return MoEConfig(d_model=D, num_experts=E, expert_hidden=tensors["experts.w_up_EFD"].shape[1],
-                     activation=entry.activation(text_cfg), num_shared_experts=int(shared is not None),
-                     shared_hidden=0 if shared is None else shared.shape[0],
-                     shared_gate="shared_gate.weight" in tensors, dispatcher=dispatcher, experts=experts,
-                     router=entry.gating(text_cfg, layer), loss=LossConfig(aux_coef=0.0))
+                     activation=entry.activation(text_cfg), bias="experts.b_up_EF" in tensors,
+                     num_shared_experts=int(shared is not None), shared_hidden=0 if shared is None else shared.shape[0],
+                     shared_gate="shared_gate.weight" in tensors, gate_input=entry.gate_input, dispatcher=dispatcher,
+                     experts=experts, router=router, loss=LossConfig(aux_coef=0.0))
 
 
 def _logits_index(hf_model: nn.Module, router: nn.Module) -> int:
-    specs = getattr(hf_model, "_can_record_outputs", None) or {}
-    specs = specs.get("router_logits", [])
-    for spec in specs if isinstance(specs, list) else [specs]:
-        target = getattr(spec, "target_class", spec)
-        if isinstance(target, type) and isinstance(router, target):
-            return getattr(spec, "index", 1)  # a bare class records index 1 (transformers' rule)
+    for m in hf_model.modules():  # Llama 4 declares its recorders on the text model, not on the LM class
+        specs = (getattr(m, "_can_record_outputs", None) or {}).get("router_logits", [])
+        for spec in specs if isinstance(specs, list) else [specs]:
+            target = getattr(spec, "target_class", spec)
+            if isinstance(target, type) and isinstance(router, target):
+                return getattr(spec, "index", 1)  # a bare class records index 1 (transformers' rule)
     return 0
 
 
@@ -133,11 +140,12 @@ def patched_block(hf_model: nn.Module, entry: PatchEntry, block: nn.Module, laye
     if unexpected or set(missing) - {"router.bias"}:  # DeepSeek-V2 has no selection bias: moekit's stays 0
         raise RuntimeError(f"{entry.block} key map: MoELayer tensors missing {missing}, unexpected {unexpected}")
     router = block.get_submodule(entry.router)
-    router_key = next(hk for hk, mk, _ in entry.keys if mk == "router.gate.weight")
+    router_params = {mk.removeprefix("router.gate."): block.get_parameter(hk) for hk, mk, _ in entry.keys
+                     if mk.startswith("router.gate.")}
     bias = block.get_parameter(entry.output_bias) if entry.output_bias else None
-    patched = PatchedMoEBlock(moe, entry.router, router, block.get_parameter(router_key),
+    patched = PatchedMoEBlock(moe, entry.router, router, router_params,
                               _logits_index(hf_model, router),
-                              entry.jitter_eps(text_cfg), bias, entry.jitter_draws)
+                              entry.jitter_eps(text_cfg), bias, entry.jitter_draws, entry.pair_output)
     return patched.train(block.training)
 
 

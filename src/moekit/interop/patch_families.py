@@ -8,7 +8,10 @@ the block's tensors (some families vary them per layer).
 
 Gating shapes that are the same function under another name map onto one moekit router:
 - top-k of the logits, then softmax over the k kept (Granite, JetMoE) = softmax, top-k, renormalise;
-- DBRX's p=1 norm of the kept (positive) softmax weights = renormalise.
+- DBRX's p=1 norm of the kept (positive) softmax weights = renormalise;
+- gpt-oss's softmax over the top-k of (biased) logits = softmax, top-k, renormalise;
+- Llama 4's sigmoid of the top-k logits = DeepSeek's sigmoid router without selection bias or renormalisation.
+A router bias and expert biases in the key map give the MoELayer a biased gate and biased experts.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from torch import Tensor
 
 from moekit.config import RouterConfig
 from moekit.errors import ConfigError
+from moekit.interop.families import EVEN, EVEN_T, ODD, ODD_T
+from moekit.layers.ffn import OSS_ALPHA, OSS_LIMIT
 
 # reshape rules, HF tensor -> moekit tensor; each is linear, so it maps gradients the same way (tests rely on it)
 TRANSFORMS: dict[str, Callable[[Tensor, int], Tensor]] = {
@@ -30,10 +35,16 @@ TRANSFORMS: dict[str, Callable[[Tensor, int], Tensor]] = {
     "flat": lambda t, E: t.reshape(-1),  # [1, E] -> [E]
     "rows_EFD": lambda t, E: t.view(E, -1, t.shape[-1]),  # DBRX: experts stacked along rows [E*F, D]
     "rows_EFD_T": lambda t, E: t.view(E, -1, t.shape[-1]).transpose(1, 2),  # DBRX w2 [E*F, D] -> [E, D, F]
-    # Aria stores experts as (in, out): gate_up [E, D, 2F] (gate columns, then up), down [E, F, D]
+    # Aria and Llama 4 store experts as (in, out): gate_up [E, D, 2F] (gate columns, then up), down [E, F, D]
     "T_first_half": lambda t, E: t.chunk(2, dim=-1)[0].transpose(1, 2),
     "T_second_half": lambda t, E: t.chunk(2, dim=-1)[1].transpose(1, 2),
     "T": lambda t, E: t.transpose(1, 2),
+    # gpt-oss: gate and up interleaved along the last dim of gate_up [E, D, 2F] and its bias [E, 2F] (the
+    # views convert uses, interop.families)
+    "even_T": lambda t, E: EVEN_T.view(t),
+    "odd_T": lambda t, E: ODD_T.view(t),
+    "even": lambda t, E: EVEN.view(t),
+    "odd": lambda t, E: ODD.view(t),
 }
 
 Key = tuple[str, str, str]  # (HF tensor under the block, MoELayer tensor, TRANSFORMS name)
@@ -137,6 +148,12 @@ def phimoe(cfg: Any, layer: int) -> RouterConfig:
     return RouterConfig(kind="sparsemixer", top_k=2, sparsemixer_eps=float(cfg.router_jitter_noise))
 
 
+def llama4(cfg: Any, layer: int) -> RouterConfig:
+    """Sigmoid of the top-k logits, not renormalised (the block scales each expert's *input* by it)."""
+    return RouterConfig(kind="deepseek", score_func="sigmoid", top_k=int(cfg.num_experts_per_tok),
+                        renormalize=False)
+
+
 def dbrx(cfg: Any, layer: int) -> RouterConfig:
     ffn = cfg.ffn_config
     p = ffn.moe_normalize_expert_weights
@@ -188,6 +205,14 @@ def hidden_act(field_name: str = "hidden_act") -> Callable[[Any], str]:
     return act
 
 
+def clamped_swiglu(cfg: Any) -> str:
+    """gpt-oss's expert activation; moekit's has gpt-oss's constants."""
+    if (cfg.swiglu_alpha, cfg.swiglu_limit) != (OSS_ALPHA, OSS_LIMIT):
+        raise ConfigError(f"config.swiglu_alpha={cfg.swiglu_alpha}, swiglu_limit={cfg.swiglu_limit}: patch supports "
+                          f"gpt-oss's ({OSS_ALPHA}, {OSS_LIMIT}) (moekit's clamped_swiglu)")
+    return "clamped_swiglu"
+
+
 @dataclass(frozen=True)
 class PatchEntry:
     block: str  # transformers class of the sparse MoE block
@@ -198,6 +223,9 @@ class PatchEntry:
     jitter: str | None = None  # config field (dotted): training-time multiplicative noise on the block input
     jitter_draws: int = 1  # fresh noise multiplications of the input (PhiMoE: by its block, then its router)
     output_bias: str | None = None  # HF tensor added to the block output (JetMoE)
+    gate_input: bool = False  # the gate weight scales the expert's input (Llama 4: MoEConfig.gate_input)
+    # the block returns (y, a router tensor), which the family's decoder layer unpacks and drops (gpt-oss, Llama 4)
+    pair_output: bool = False
 
     def jitter_eps(self, cfg: Any) -> float:
         if self.jitter is None:
@@ -217,6 +245,12 @@ def standard(prefix: str, gating, *, gate: str = "gate", router_key: str = "gate
 QWEN_SHARED = shared_keys("shared_expert") + (("shared_expert_gate.weight", "shared_gate.weight", "same"),)
 DEEPSEEK_SHARED = shared_keys("shared_experts")
 E_SCORE_BIAS = (("gate.e_score_correction_bias", "router.bias", "same"),)
+LLAMA4 = PatchEntry(block="Llama4TextMoe", router="router", keys=(
+    ("router.weight", "router.gate.weight", "same"),
+    ("experts.gate_up_proj", "experts.w_gate_EFD", "T_first_half"),
+    ("experts.gate_up_proj", "experts.w_up_EFD", "T_second_half"),
+    ("experts.down_proj", "experts.w_down_EDF", "T")) + shared_keys("shared_expert"),
+    gating=llama4, gate_input=True, pair_output=True)
 
 ARIA = PatchEntry(block="AriaTextMoELayer", router="router", keys=(
     ("router.weight", "router.gate.weight", "same"),
@@ -297,15 +331,20 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "aria_text": ARIA,
     "mistral4": standard("Mistral4MoE", mistral4("norm_topk_prob"), extra=DEEPSEEK_SHARED),
     "mistral_large4": standard("MistralLarge4TextMoE", mistral4(None), extra=DEEPSEEK_SHARED),
+    "gpt_oss": PatchEntry(block="GptOssMLP", router="router", keys=(
+        ("router.weight", "router.gate.weight", "same"),
+        ("router.bias", "router.gate.bias", "same"),
+        ("experts.gate_up_proj", "experts.w_gate_EFD", "even_T"),
+        ("experts.gate_up_proj", "experts.w_up_EFD", "odd_T"),
+        ("experts.gate_up_proj_bias", "experts.b_gate_EF", "even"),
+        ("experts.gate_up_proj_bias", "experts.b_up_EF", "odd"),
+        ("experts.down_proj", "experts.w_down_EDF", "T"),
+        ("experts.down_proj_bias", "experts.b_down_ED", "same")),
+        gating=topk_softmax, activation=clamped_swiglu, pair_output=True),
+    "llama4_text": LLAMA4,
+    "llama4": LLAMA4,  # the multimodal model's language model
 }
 
-# families whose MoE block moekit's MoELayer does not compute; the tests in tests/interop/test_patch_families.py
-# measure each reason
-NOT_PATCHABLE: dict[str, str] = {
-    "llama4_text": "Llama 4 multiplies each routed token's expert *input* by its sigmoid gate; moekit's experts "
-                   "weight their outputs, which differs for a nonlinear FFN",
-    "llama4": "Llama 4 multiplies each routed token's expert *input* by its sigmoid gate; moekit's experts weight "
-              "their outputs, which differs for a nonlinear FFN",
-    "gpt_oss": "gpt-oss experts use a clamped SwiGLU (alpha=1.702, limit, up+1) with per-expert biases and a "
-               "router bias; moekit's FFN has no such activation or biases",
-}
+# families whose MoE block moekit's MoELayer does not compute, by model_type, with the reason patch gives
+# (none at present: gpt_oss, llama4 and phimoe moved to PATCH_FAMILIES)
+NOT_PATCHABLE: dict[str, str] = {}
