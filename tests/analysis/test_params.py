@@ -145,6 +145,8 @@ TINY_CASES = {
                            qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4, head_dim=8,
                            first_k_dense_replace=1, layer_group_size=2, attention_bias=True, pad_token_id=0,
                            eos_token_id=0),
+    "aria_text": dict(intermediate_size=48, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=2,
+                      attention_bias=True),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
     "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),

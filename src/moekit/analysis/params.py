@@ -256,6 +256,16 @@ def _spec_afmoe(c: dict, name: str) -> ArchSpec:
                     shared_inter=(c["num_shared_experts"] or 0) * c["moe_intermediate_size"])
 
 
+def _spec_aria_text(c: dict, name: str) -> ArchSpec:
+    """Aria's text decoder: Mixtral's layout (MoE on every layer) with moe_num_shared_experts shared experts of
+    the expert width as one MLP."""
+    if c["mlp_bias"]:
+        raise ConfigError("config.json mlp_bias=True (aria_text): the calculator counts bias-free FFNs")
+    return _decoder(c, name, **_bias(c), moe_layers=_all_layers(c) if c["moe_num_experts"] else [],
+                    **_experts(c, "moe_num_experts", "moe_topk", "intermediate_size"),
+                    shared_inter=(c["moe_num_shared_experts"] or 0) * c["intermediate_size"])
+
+
 def _spec_flint(c: dict, name: str) -> ArchSpec:
     """Flint: Qwen3-MoE's layout (mlp_only_layers, decoder_sparse_step, per-head q/k norms) with attention sinks
     and an ungated shared expert."""
@@ -645,7 +655,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "qwen3_moe": _spec_qwen_moe, "qwen3_next": _spec_qwen3_next, "qwen3_5_moe_text": _spec_qwen3_5_moe,
     "jamba": _spec_jamba, "granitemoehybrid": _spec_granitemoehybrid, "cohere2_moe": _spec_cohere2_moe,
     "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "lara_mini": _spec_lara_mini,
-    "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid,
+    "aria_text": _spec_aria_text, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,
