@@ -145,6 +145,10 @@ FAMILIES = {
     "deepseek_ocr2": dict(text_config=OCR_TEXT, vision_config=OCR_VISION),
     "unlimited_ocr": dict(text_config=OCR_TEXT, vision_config=OCR_VISION),
     "mistral4": dict(MISTRAL4),
+    "nemotron_h": dict(MOE, n_routed_experts=8, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24,
+                       n_group=2, topk_group=1, routed_scaling_factor=1.5, head_dim=8,
+                       layers_block_type=["moe", "attention", "mamba"], num_hidden_layers=3, mamba_num_heads=4,
+                       mamba_head_dim=8, n_groups=1, ssm_state_size=8, use_mamba_kernels=False, chunk_size=4),
     "mistral_large4": dict(text_config=dict(TINY, **MISTRAL4),
                            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                               num_attention_heads=2, head_dim=8, patch_size=16, image_size=32)),
@@ -341,3 +345,12 @@ def test_a_family_without_an_entry_is_refused_by_name():
         hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("llama", **TINY))
     with pytest.raises(UsageError, match=r"model_type='llama': no patch entry; patchable: .*\bphimoe\b"):
         patch(hf)
+
+
+def test_nemotron_h_with_a_latent_projection_is_refused():
+    """moe_latent_size: Nemotron-H's experts run in a projected width (fc1/fc2 latent projections around them),
+    tensors moekit's MoELayer has no place for."""
+    from moekit.errors import UsageError
+
+    with pytest.raises(UsageError, match="fc1_latent_proj"):
+        patch(tiny_hf("nemotron_h", moe_latent_size=16))

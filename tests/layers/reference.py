@@ -22,7 +22,7 @@ def expert_ffn64(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
         act = F.silu if experts.activation == "swiglu" else F.gelu
         h = act(proj("w_gate_EFD", "b_gate_EF", x_D)) * up
     else:
-        h = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[experts.activation](up)
+        h = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "relu2": lambda u: F.relu(u) ** 2}[experts.activation](up)
     return proj("w_down_EDF", "b_down_ED", h)
 
 
@@ -33,7 +33,8 @@ def mlp64(mlp, x_TD: torch.Tensor) -> torch.Tensor:
         out = lin.weight.double() @ v
         return out if lin.bias is None else out + lin.bias.double()
 
-    act = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}[mlp.act.name]
+    act = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu, "silu": F.silu,
+           "relu2": lambda u: F.relu(u) ** 2}[mlp.act.name]
     rows = []
     for x_D in x_TD.double():
         up = proj(mlp.w_up, x_D)

@@ -103,7 +103,7 @@ def block_schedule(request):
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu", "clamped_swiglu"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu", "clamped_swiglu", "relu2"])
 @pytest.mark.parametrize("frozen", ["none", "experts", "x"])
 def test_blockwise_gradients_equal_float64_loop_including_gate_weights(activation, frozen, block_schedule):
     """The blockwise path writes its backward by hand: every gradient (x, each weight stack, the gate weights)

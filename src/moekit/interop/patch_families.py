@@ -186,6 +186,14 @@ def mistral4(renorm_field: str | None):
                             renormalize=renorm, routed_scaling_factor=float(cfg.routed_scaling_factor))
     return gating
 
+def nemotron_act(cfg: Any) -> str:
+    """Nemotron-H's experts and shared expert are plain (ungated) MLPs with mlp_hidden_act (relu2 by default)."""
+    name = cfg.mlp_hidden_act
+    if name not in ("relu2", "relu", "silu", "gelu"):
+        raise ConfigError(f"config.mlp_hidden_act={name!r}: patch supports 'relu2', 'relu', 'silu' and 'gelu'")
+    return name
+
+
 def aria_swiglu(cfg: Any) -> str:
     """Aria's routed experts are always SiLU-gated; its shared experts follow hidden_act (one activation in moekit)."""
     if cfg.hidden_act != "silu":
@@ -331,6 +339,13 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "aria_text": ARIA,
     "mistral4": standard("Mistral4MoE", mistral4("norm_topk_prob"), extra=DEEPSEEK_SHARED),
     "mistral_large4": standard("MistralLarge4TextMoE", mistral4(None), extra=DEEPSEEK_SHARED),
+    # plain experts [E, F, D] (no gate rows); a moe_latent_size block's latent projections have no place: refused
+    "nemotron_h": PatchEntry(block="NemotronHMoE", router="gate", keys=(
+        ("gate.weight", "router.gate.weight", "same"), ("gate.e_score_correction_bias", "router.bias", "same"),
+        ("experts.up_proj", "experts.w_up_EFD", "same"), ("experts.down_proj", "experts.w_down_EDF", "same"),
+        ("shared_experts.up_proj.weight", "shared.w_up.weight", "same"),
+        ("shared_experts.down_proj.weight", "shared.w_down.weight", "same")),
+        gating=deepseek_v3, activation=nemotron_act),
     "gpt_oss": PatchEntry(block="GptOssMLP", router="router", keys=(
         ("router.weight", "router.gate.weight", "same"),
         ("router.bias", "router.gate.bias", "same"),

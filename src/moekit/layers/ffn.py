@@ -1,7 +1,7 @@
 """The feed-forward network every expert computes, defined once.
 
     gated (SwiGLU, GeGLU; Shazeer 2020):  y = W_down (act(W_gate x + b_gate) * up(W_up x + b_up)) + b_down
-    plain (GELU, ReLU, SiLU):             y = W_down act(W_up x + b_up) + b_down
+    plain (GELU, ReLU, ReLU², SiLU):             y = W_down act(W_up x + b_up) + b_down
 
 ``up`` is the identity except for gpt-oss's clamped SwiGLU: act(g) = min(g, 7) sigmoid(1.702 min(g, 7)),
 up(u) = clamp(u, -7, 7) + 1.
@@ -84,6 +84,8 @@ ACTIVATIONS = {
     "gelu": Activation("gelu", F.gelu, lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="none"), False),
     "relu": Activation("relu", F.relu, lambda g, x: torch.ops.aten.threshold_backward(g, x, 0.0), False),
     "silu": Activation("silu", F.silu, torch.ops.aten.silu_backward, False),
+    # squared ReLU (So et al. 2021, Primer), plain: Nemotron-H's experts
+    "relu2": Activation("relu2", lambda x: F.relu(x).square(), lambda g, x: g * 2 * F.relu(x), False),
     "clamped_swiglu": Activation("clamped_swiglu", _oss_act, _oss_act_grad, True,
                                  up=lambda u: u.clamp(-OSS_LIMIT, OSS_LIMIT) + 1, up_grad=_oss_up_grad),
 }
