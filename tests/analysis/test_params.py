@@ -147,6 +147,9 @@ TINY_CASES = {
                            eos_token_id=0),
     "aria_text": dict(intermediate_size=48, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=2,
                       attention_bias=True),
+    "mistral4": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                     num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
+                     qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
     "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),
@@ -165,9 +168,10 @@ def tiny_config(case: str) -> dict:
 
 def hf_model(cfg_dict, device="meta", **kwargs):
     """transformers' own model class for the config: seq2seq for Switch, image-text for Llama 4 (vision +
-    text), causal LM otherwise."""
+    text) and Mistral 4 (its auto class, a text-only model), causal LM otherwise."""
     auto = {"switch_transformers": transformers.AutoModelForSeq2SeqLM,
-            "llama4": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+            "llama4": transformers.AutoModelForImageTextToText,
+            "mistral4": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -521,7 +521,7 @@ def _spec_olmoe(c: dict, name: str) -> ArchSpec:
                     **_experts(c, E, "num_experts_per_tok", "intermediate_size"))
 
 
-MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa")
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "mistral4")
 
 
 def _mla(c: dict) -> dict:
@@ -535,13 +535,13 @@ def _spec_deepseek(c: dict, name: str) -> ArchSpec:
     first_k_dense_replace dense layers (or on the layers mlp_layer_types marks "sparse"), n_shared_experts
     shared experts as one MLP. DeepSeek-V2/V3 (and Kimi-K2), GLM-4.7-Flash (glm4_moe_lite) add MLA,
     DeepSeek-V3.2 and GLM-5 (glm_moe_dsa) MLA with a sparse-attention indexer; dots1 adds per-head q/k norms;
-    GLM-4.5 optional q/k norms and q/k/v biases; Solar Open is GQA; all but V1/V2 have a selection-only
-    correction bias (a buffer)."""
+    GLM-4.5 optional q/k norms and q/k/v biases; Solar Open is GQA; Mistral 4 is DeepSeek-V3's layout; all but
+    V1/V2 and Mistral 4 have a selection-only correction bias (a buffer)."""
     mt, E = c["model_type"], c["n_routed_experts"]
     kw = dict(moe_layers=_typed_moe_layers(c, E),
               **_experts(c, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
               shared_inter=(c["n_shared_experts"] or 0) * c["moe_intermediate_size"],
-              router_correction_bias=mt not in ("deepseek", "deepseek_v2"))
+              router_correction_bias=mt not in ("deepseek", "deepseek_v2", "mistral4"))
     if mt in MLA_FAMILIES:
         kw.update(**_mla(c), mtp_layers=c["num_nextn_predict_layers"] if mt == "deepseek_v3" else 0,
                   indexer_heads=c.get("index_n_heads") or 0, indexer_head_dim=c.get("index_head_dim") or 0)
@@ -656,7 +656,7 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "jamba": _spec_jamba, "granitemoehybrid": _spec_granitemoehybrid, "cohere2_moe": _spec_cohere2_moe,
     "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "lara_mini": _spec_lara_mini,
     "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid,
-    "aria_text": _spec_aria_text, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,
