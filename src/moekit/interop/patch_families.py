@@ -39,6 +39,8 @@ TRANSFORMS: dict[str, Callable[[Tensor, int], Tensor]] = {
     "T_first_half": lambda t, E: t.chunk(2, dim=-1)[0].transpose(1, 2),
     "T_second_half": lambda t, E: t.chunk(2, dim=-1)[1].transpose(1, 2),
     "T": lambda t, E: t.transpose(1, 2),
+    "cols_first_half": lambda t, E: t.chunk(2, dim=-1)[0],  # fused biases [E, 2F]: gate, then up
+    "cols_second_half": lambda t, E: t.chunk(2, dim=-1)[1],
     # gpt-oss: gate and up interleaved along the last dim of gate_up [E, D, 2F] and its bias [E, 2F] (the
     # views convert uses, interop.families)
     "even_T": lambda t, E: EVEN_T.view(t),
@@ -339,6 +341,16 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "aria_text": ARIA,
     "mistral4": standard("Mistral4MoE", mistral4("norm_topk_prob"), extra=DEEPSEEK_SHARED),
     "mistral_large4": standard("MistralLarge4TextMoE", mistral4(None), extra=DEEPSEEK_SHARED),
+    # gpt-oss's experts with concatenated (not interleaved) gate/up columns; weights softmax(top-k logits) / k, the
+    # block output times k: softmax top-k renormalised
+    "openai_privacy_filter": PatchEntry(block="OpenAIPrivacyFilterMLP", router="router", keys=(
+        ("router.weight", "router.gate.weight", "same"), ("router.bias", "router.gate.bias", "same"),
+        ("experts.gate_up_proj", "experts.w_gate_EFD", "T_first_half"),
+        ("experts.gate_up_proj", "experts.w_up_EFD", "T_second_half"),
+        ("experts.gate_up_proj_bias", "experts.b_gate_EF", "cols_first_half"),
+        ("experts.gate_up_proj_bias", "experts.b_up_EF", "cols_second_half"),
+        ("experts.down_proj", "experts.w_down_EDF", "T"), ("experts.down_proj_bias", "experts.b_down_ED", "same")),
+        gating=topk_softmax, activation=clamped_swiglu, pair_output=True),
     # plain experts [E, F, D] (no gate rows); a moe_latent_size block's latent projections have no place: refused
     "nemotron_h": PatchEntry(block="NemotronHMoE", router="gate", keys=(
         ("gate.weight", "router.gate.weight", "same"), ("gate.e_score_correction_bias", "router.bias", "same"),
