@@ -150,6 +150,14 @@ TINY_CASES = {
     "mistral4": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
                      num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
                      qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4),
+    # blocks of one mixer (Mamba-2, attention) or one FFN (ReLU^2 MLP, MoE)
+    "nemotron_h": dict(intermediate_size=80, moe_intermediate_size=32, moe_shared_expert_intermediate_size=24,
+                       n_routed_experts=6, num_experts_per_tok=2, head_dim=16, mamba_num_heads=4, mamba_head_dim=16,
+                       n_groups=2, ssm_state_size=8, layers_block_type=["linear_attention", "moe", "full_attention",
+                                                                        "mlp", "linear_attention", "moe"]),
+    "nemotron_h:pattern": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=6,
+                               num_experts_per_tok=2, mamba_num_heads=8, mamba_head_dim=8, n_groups=1, ssm_state_size=8,
+                               use_bias=True, mamba_conv_bias=False, hybrid_override_pattern="M-*EME"),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
     "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),
@@ -210,6 +218,7 @@ def test_tiny_configs_count_equals_hf_to_the_parameter(model_type):
     assert (count.active == count.total) == (not spec.num_experts)
     assert count.active == active
     emb = numel(model, lambda n: "embed_tokens" in n or n in ("shared.weight", "transformer.wte.weight",
+                                                              "model.embeddings.weight",
                                                               "lm_head.weight", "lm_head.bias"))
     assert count.active_non_embedding == active - emb
     head = numel(model, lambda n: n.startswith("lm_head.")) if not spec.tie_embeddings else spec.vocab * spec.d
@@ -360,7 +369,7 @@ def test_moekit_preset_spec_matches_the_real_module():
 
 
 @pytest.mark.parametrize("case", ["mimo_v2_flash", "laguna", "cohere2_moe", "qwen3_5_moe_text", "jamba",
-                                  "granitemoehybrid", "lara_mini", "lfm2_moe"])
+                                  "granitemoehybrid", "lara_mini", "lfm2_moe", "nemotron_h"])
 def test_kv_cache_equals_the_hf_cache_after_a_forward(case):
     """Per-layer K/V widths (MiMo-V2-Flash: 2x kv heads on sliding layers, narrower values) and no K/V on Mamba /
     linear-attention layers: the calculator's cache at 1 value per element equals what transformers stores."""
@@ -398,6 +407,9 @@ DERIVED_PATTERNS = {
                         pad_token_id=0, bos_token_id=0, eos_token_id=0,
                         linear_attn_config=dict(head_dim=8, num_heads=2, short_conv_kernel_size=3,
                                                 full_attn_layers=[2, 6], kda_layers=[1, 3, 4, 5])),
+    "nemotron_h": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=6, mamba_num_heads=8,
+                       mamba_head_dim=8, mamba_n_groups=2, mamba_d_conv=3, mamba_conv_bias=False, ssm_state_size=8,
+                       hybrid_override_pattern="M-*EME"),
     "bailing_hybrid": dict(num_hidden_layers=6, intermediate_size=80, moe_intermediate_size=32, num_local_experts=8,
                            n_group=1, topk_group=1, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                            v_head_dim=12, num_key_value_heads=4, head_dim=16, layer_group_size=3, pad_token_id=0,

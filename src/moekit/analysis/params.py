@@ -72,6 +72,9 @@ class ArchSpec:
     linear_layers: list[int] = field(default_factory=list)
     linear_attn_params: int = 0
     linear_kind: str = "linear attention"
+    # Nemotron-H: a layer (block) holds one mixer or one FFN; these layers have no mixer / no FFN
+    mixer_free_layers: list[int] = field(default_factory=list)
+    ffn_free_layers: list[int] = field(default_factory=list)
     norm_bias: bool = False  # LayerNorms with a bias (PhiMoE)
     norms_per_layer: int = 2  # AFMoE: 4 (norms before and after the FFN too); Cohere2-MoE: 1 (parallel block)
     lm_head_bias: bool = False
@@ -124,9 +127,9 @@ class ArchSpec:
         return dataclasses.replace(self, layer_attention={}, **over) if over else self
 
     def attention_layers(self) -> list[int]:
-        """Layers with softmax self-attention (not a linear-attention / Mamba mixer)."""
-        linear = set(self.linear_layers)
-        return [i for i in range(self.n_layers) if i not in linear]
+        """Layers with softmax self-attention (not a linear-attention / Mamba mixer, not a mixer-free block)."""
+        other = set(self.linear_layers) | set(self.mixer_free_layers)
+        return [i for i in range(self.n_layers) if i not in other]
 
 
 def _windows(layer_types: list[str] | None, n_layers: int, default_local, local_kind: str, span: int) -> list[int]:
@@ -419,17 +422,13 @@ def _mamba_params(c: dict) -> int:
             + I * (R + 2 * N) + R * I + I + I * N + I + R + 2 * N)
 
 
-def _mamba2_params(c: dict) -> int:
-    """A Mamba-2 mixer (Dao & Gu 2024) on width I = mamba_expand * d with G groups of B/C of state N and nh heads:
-    in_proj to (z, x, B, C, dt), a causal depthwise convolution over (x, B, C), per-head dt_bias, A_log and D, a
-    gated RMSNorm over I, out_proj."""
-    d = c["hidden_size"]
-    I, G, N, nh, K = (c["mamba_expand"] * d, c["mamba_n_groups"], c["mamba_d_state"], c["mamba_n_heads"],
-                      c["mamba_d_conv"])
+def _mamba2_params(d: int, I: int, G: int, N: int, nh: int, K: int, conv_bias: bool, proj_bias: bool) -> int:
+    """A Mamba-2 mixer (Dao & Gu 2024) on width I with G groups of B/C of state N and nh heads: in_proj to (z, x, B,
+    C, dt), a causal depthwise convolution of K over (x, B, C), per-head dt_bias, A_log and D, a gated RMSNorm over
+    I, out_proj."""
     conv = I + 2 * G * N
-    proj_bias = I + conv + nh + d if c["mamba_proj_bias"] else 0
-    return (d * (I + conv + nh) + I * d + proj_bias + conv * K + (conv if c["mamba_conv_bias"] else 0)
-            + 3 * nh + I)
+    biases = I + conv + nh + d if proj_bias else 0
+    return d * (I + conv + nh) + I * d + biases + conv * K + (conv if conv_bias else 0) + 3 * nh + I
 
 
 def _spec_jamba(c: dict, name: str) -> ArchSpec:
@@ -448,10 +447,44 @@ def _spec_granitemoehybrid(c: dict, name: str) -> ArchSpec:
     FFN)."""
     types = c["layer_types"] or ["linear_attention"] * c["num_hidden_layers"]
     hybrid = dict(linear_layers=[i for i, t in enumerate(types) if t in ("mamba", "linear_attention")],
-                  linear_attn_params=_mamba2_params(c), linear_kind="Mamba-2", **_bias(c))
+                  linear_attn_params=_mamba2_params(c["hidden_size"], c["mamba_expand"] * c["hidden_size"],
+                                                    c["mamba_n_groups"], c["mamba_d_state"], c["mamba_n_heads"],
+                                                    c["mamba_d_conv"], c["mamba_conv_bias"], c["mamba_proj_bias"]),
+                  linear_kind="Mamba-2", **_bias(c))
     if not c["num_local_experts"]:
         return _decoder(c, name, **hybrid, dense_inter=c["shared_intermediate_size"])
     return dataclasses.replace(_spec_granitemoe(c, name), **hybrid)
+
+
+NEMOTRON_H_BLOCKS = {"M": "linear_attention", "mamba": "linear_attention", "E": "moe", "*": "full_attention",
+                     "attention": "full_attention", "-": "mlp"}  # pattern characters and legacy names
+
+
+def _spec_nemotron_h(c: dict, name: str) -> ArchSpec:
+    """Nemotron-H: each block is one norm and one of a Mamba-2 mixer (width mamba_num_heads x mamba_head_dim; its
+    projection biases follow use_bias, not mamba_proj_bias), GQA attention without biases, a ReLU^2 MLP (up, down) or an MoE of ReLU^2 experts with a shared expert and a
+    selection-only correction bias (a buffer); layers_block_type (or hybrid_override_pattern) lists them. Latent
+    MoE (moe_latent_size) and mlp_bias are refused; MTP layers are not built by transformers and not counted."""
+    if c.get("moe_latent_size") or c["mlp_bias"]:
+        raise ConfigError(f"config.json moe_latent_size={c.get('moe_latent_size')}, mlp_bias={c['mlp_bias']} "
+                          "(nemotron_h): the calculator counts experts on the model width without biases (None, False)")
+    pattern = c.get("hybrid_override_pattern")
+    types = c["layers_block_type"] or (list(pattern) if pattern else ["M", "E", "*", "-"])
+    types = [NEMOTRON_H_BLOCKS.get(t, t) for t in types]
+    layers = lambda *kinds: [i for i, t in enumerate(types) if t in kinds]
+    d, E = c["hidden_size"], c["n_routed_experts"]
+    # legacy config.json names transformers reads into these fields (without transformers: read here)
+    c = {**c, **{new: c[old] for old, new in (("mamba_n_groups", "n_groups"), ("mamba_d_conv", "conv_kernel"),
+                                              ("mamba_conv_bias", "use_conv_bias")) if old in c}}
+    mamba = _mamba2_params(d, c["mamba_num_heads"] * c["mamba_head_dim"], c["n_groups"], c["ssm_state_size"],
+                           c["mamba_num_heads"], c["conv_kernel"], c["use_conv_bias"], c["use_bias"])  # not mamba_proj_bias
+    return _decoder(dict(c, num_hidden_layers=len(types)), name, norms_per_layer=1,
+                    linear_layers=layers("linear_attention"), linear_attn_params=mamba, linear_kind="Mamba-2",
+                    mixer_free_layers=layers("moe", "mlp"), ffn_free_layers=layers("linear_attention", "full_attention"),
+                    dense_matrices=2, expert_matrices=2, moe_layers=layers("moe") if E else [],
+                    router_correction_bias=True, **_experts(c, "n_routed_experts", "num_experts_per_tok",
+                                                            "moe_intermediate_size"),
+                    shared_inter=c["moe_shared_expert_intermediate_size"])
 
 
 def _spec_cohere2_moe(c: dict, name: str) -> ArchSpec:
@@ -656,7 +689,7 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "jamba": _spec_jamba, "granitemoehybrid": _spec_granitemoehybrid, "cohere2_moe": _spec_cohere2_moe,
     "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "lara_mini": _spec_lara_mini,
     "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid,
-    "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "nemotron_h": _spec_nemotron_h, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,
@@ -843,7 +876,7 @@ def count_params(s: ArchSpec) -> ParamCount:
         "norms": norm_count(s) * s.d * (2 if s.norm_bias else 1),
         "dense_ffn": sum(s.dense_matrices_overrides.get(i, s.dense_matrices) * s.d
                          * s.dense_inter_overrides.get(i, s.dense_inter)
-                         for i in range(s.n_layers) if i not in s.moe_layers),
+                         for i in range(s.n_layers) if i not in s.moe_layers and i not in s.ffn_free_layers),
         "routed_experts": n_moe * s.num_experts * expert_params(s),
         "shared_experts": n_moe * shared_params(s),
         "router": n_moe * router_params(s),
