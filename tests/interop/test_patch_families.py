@@ -35,10 +35,13 @@ OCR_VISION = dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden
                                   image_size=64, global_attn_indexes=[0], window_size=2, downsample_channels=[16, 32]),
                   encoder_config=dict(vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2))
+QWEN4_EXP_TEXT = dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
+                      norm_topk_prob=False, hc_count=2, hc_lowrank=4, indexer_n_heads=2, indexer_kv_heads=1,
+                      indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2, **LINEAR_ATTENTION)
 MISTRAL4 = dict(DEEPSEEK, first_k_dense_replace=0, **MLA)
 # built by AutoModelForImageTextToText (Mistral 4: a flat text config)
 MULTIMODAL = ("qwen3_vl_moe", "qwen3_omni_moe_thinker", "glm4v_moe", "aria", "deepseek_ocr2", "unlimited_ocr",
-              "mistral_large4", "mistral4", "llama4")
+              "mistral_large4", "mistral4", "llama4", "qwen4_exp")
 FAMILIES = {
     "mixtral": dict(MOE, num_local_experts=4, router_jitter_noise=0.1),
     "minimax": dict(MOE, num_local_experts=4, router_jitter_noise=0.1, head_dim=8,
@@ -125,6 +128,8 @@ FAMILIES = {
     "dots3_note_text": dict(DEEPSEEK, num_local_experts=8, shared_experts_intermediate_size=16, head_dim=8,
                             num_key_value_heads=4, mlp_layer_types=["dense", "sparse"], pad_token_id=0, bos_token_id=0,
                             eos_token_id=0),
+    "qwen4_exp_text": dict(QWEN4_EXP_TEXT),
+    "qwen4_exp": dict(text_config=dict(TINY, **QWEN4_EXP_TEXT), vision_config=VISION),
     "aria_text": dict(MOE, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
     "gpt_oss": dict(MOE, num_local_experts=4, head_dim=8, sliding_window=4),
     "llama4_text": dict(LLAMA4_TEXT, interleave_moe_layer_step=2),  # layer 0 dense, layer 1 MoE

@@ -262,6 +262,7 @@ LLAMA4 = PatchEntry(block="Llama4TextMoe", router="router", keys=(
     ("experts.down_proj", "experts.w_down_EDF", "T")) + shared_keys("shared_expert"),
     gating=llama4, gate_input=True, pair_output=True)
 
+QWEN4_EXP = standard("Qwen4ExpTextSparseMoeBlock", softmax_topk("norm_topk_prob"), extra=QWEN_SHARED)
 ARIA = PatchEntry(block="AriaTextMoELayer", router="router", keys=(
     ("router.weight", "router.gate.weight", "same"),
     ("experts.gate_up_proj", "experts.w_gate_EFD", "T_first_half"),
@@ -331,6 +332,8 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "lfm2_moe": standard("Lfm2MoeSparseMoeBlock", sigmoid_topk("norm_topk_prob"), activation=lambda cfg: "swiglu",
                          extra=(("expert_bias", "router.bias", "same"),)),
     "lara_mini": standard("LaraMiniSparseMoeBlock", softmax_topk("norm_topk_prob"), extra=shared_keys("shared_expert")),
+    "qwen4_exp_text": QWEN4_EXP,
+    "qwen4_exp": QWEN4_EXP,
     "dots3_note_text": standard("Dots3NoteTextMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
     "qwen3_vl_moe": standard("Qwen3VLMoeTextSparseMoeBlock", softmax_topk(None)),
     "qwen3_omni_moe_thinker": standard("Qwen3OmniMoeThinkerTextSparseMoeBlock", softmax_topk("norm_topk_prob")),
