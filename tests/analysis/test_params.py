@@ -158,6 +158,9 @@ TINY_CASES = {
     "nemotron_h:pattern": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=6,
                                num_experts_per_tok=2, mamba_num_heads=8, mamba_head_dim=8, n_groups=1, ssm_state_size=8,
                                use_bias=True, mamba_conv_bias=False, hybrid_override_pattern="M-*EME"),
+    "kolibri1": dict(moe_intermediate_size=32, shared_expert_intermediate_size=24, num_experts=6,
+                     num_experts_per_tok=2, head_dim=16, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
     "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),
@@ -369,7 +372,7 @@ def test_moekit_preset_spec_matches_the_real_module():
 
 
 @pytest.mark.parametrize("case", ["mimo_v2_flash", "laguna", "cohere2_moe", "qwen3_5_moe_text", "jamba",
-                                  "granitemoehybrid", "lara_mini", "lfm2_moe", "nemotron_h"])
+                                  "granitemoehybrid", "lara_mini", "lfm2_moe", "nemotron_h", "kolibri1"])
 def test_kv_cache_equals_the_hf_cache_after_a_forward(case):
     """Per-layer K/V widths (MiMo-V2-Flash: 2x kv heads on sliding layers, narrower values) and no K/V on Mamba /
     linear-attention layers: the calculator's cache at 1 value per element equals what transformers stores."""

@@ -269,6 +269,19 @@ def _spec_aria_text(c: dict, name: str) -> ArchSpec:
                     shared_inter=(c["moe_num_shared_experts"] or 0) * c["intermediate_size"])
 
 
+def _spec_kolibri1(c: dict, name: str) -> ArchSpec:
+    """Kolibri-1: GQA with per-head q/k norms and no biases, sliding-window attention on the layers layer_types
+    marks (all but every 5th by default), norms after attention and FFN too, MoE on every layer with an ungated
+    shared expert and a selection-only correction bias (a buffer)."""
+    L = c["num_hidden_layers"]
+    types = c["layer_types"] or ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(L)]
+    return _decoder(c, name, qk_norm="per_head", norms_per_layer=4, attn_windows=_sliding(dict(c, layer_types=types)),
+                    window_kind="sliding", moe_layers=_all_layers(c) if c["num_local_experts"] else [],
+                    router_correction_bias=True,
+                    **_experts(c, "num_local_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=c["shared_expert_intermediate_size"] or 0)
+
+
 def _spec_flint(c: dict, name: str) -> ArchSpec:
     """Flint: Qwen3-MoE's layout (mlp_only_layers, decoder_sparse_step, per-head q/k norms) with attention sinks
     and an ungated shared expert."""
@@ -689,7 +702,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "jamba": _spec_jamba, "granitemoehybrid": _spec_granitemoehybrid, "cohere2_moe": _spec_cohere2_moe,
     "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "lara_mini": _spec_lara_mini,
     "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid,
-    "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "nemotron_h": _spec_nemotron_h, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "nemotron_h": _spec_nemotron_h,
+    "kolibri1": _spec_kolibri1, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,
