@@ -176,6 +176,9 @@ class RouterConfig:
     # a group's score: the sum of its two best experts or its best one; auto = two (sigmoid, V3) / one (softmax, V2).
     # Mistral 4 scores softmax groups by their two best
     group_score: str = spec("auto", choices=("auto", "top2_sum", "max"))
+    # what the experts of dropped groups score for selection: -inf (never chosen) or zero (A.X-K2: a kept expert
+    # whose score + bias is negative loses to them)
+    group_mask_fill: str = spec("-inf", choices=("-inf", "zero"))
     routed_scaling_factor: float = spec(1.0, gt=0)
     bias_update_rate: float = spec(0.0, ge=0)  # aux-loss-free balancing step gamma (0 = no bias)
     # task routing

@@ -7,6 +7,7 @@ training mode (sampled experts, straight-through gradients) equals transformers'
 """
 
 import copy
+from dataclasses import replace
 import warnings
 
 import pytest
@@ -119,6 +120,8 @@ FAMILIES = {
                            **{k: MLA[k] for k in MLA if k != "q_lora_rank"}),
     "axk2": dict(DEEPSEEK, n_group=None, topk_group=None, head_dim=16, index_head_dim=16, index_n_heads=2,
                  index_topk=4, gated_norm_rank=4, **MLA),
+    "axk2:grouped": dict(DEEPSEEK, head_dim=16, index_head_dim=16, index_n_heads=2, index_topk=4, gated_norm_rank=4,
+                         **MLA),
     "lfm2_moe": dict(MOE, num_experts=4, moe_intermediate_size=16, num_dense_layers=1, routed_scaling_factor=1.5,
                      layer_types=["full_attention", "conv"]),
     "lfm2_moe:no_bias": dict(MOE, num_experts=4, moe_intermediate_size=16, num_dense_layers=0, use_expert_bias=False,
@@ -346,13 +349,25 @@ def test_every_patch_entry_has_a_tiny_model_here():
     assert {k.split(":")[0] for k in FAMILIES} == set(PATCH_FAMILIES)
 
 
-def test_grouped_axk2_is_refused():
-    """A.X-K2 with expert groups fills dropped groups' experts with 0, not -inf: a kept expert whose score + bias
-    is negative loses to them, which moekit's group-limited router never does."""
-    from moekit.errors import ConfigError
+def test_grouped_axk2_fills_dropped_groups_with_zero(monkeypatch):
+    """A.X-K2 with expert groups fills dropped groups' experts with selection score 0, not -inf: with correction
+    biases that push some score + bias below 0, patch (group_mask_fill="zero") gives transformers' logits, and the
+    DeepSeek-V3 rule (-inf) does not."""
+    import moekit.interop.patch_families as pf
 
-    with pytest.raises(ConfigError, match="config.n_group=2"):
-        patch(tiny_hf("axk2", n_group=2, topk_group=1))
+    ref = tiny_hf("axk2:grouped")
+    with torch.no_grad():
+        for name, b in ref.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.fill_(-0.6)  # sigmoid scores here are 0.5 +- a few hundredths: score + bias < 0
+    # (the dropped experts then tie at 0: torch.topk breaks the tie, in transformers and in moekit alike)
+    ids, _ = ids_labels()
+    want = ref(ids).logits
+    got = patch(copy.deepcopy(ref))(ids).logits
+    assert (got - want).abs().max().item() <= 1e-5
+    monkeypatch.setitem(pf.PATCH_FAMILIES, "axk2", replace(pf.PATCH_FAMILIES["axk2"], gating=pf.deepseek_v3))
+    other = patch(copy.deepcopy(ref))(ids).logits
+    assert (other - want).abs().max().item() > 1e-4
 
 
 def test_a_family_without_an_entry_is_refused_by_name():

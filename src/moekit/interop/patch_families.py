@@ -17,7 +17,7 @@ A router bias and expert biases in the key map give the MoELayer a biased gate a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor
@@ -166,12 +166,8 @@ def dbrx(cfg: Any, layer: int) -> RouterConfig:
 
 
 def axk2(cfg: Any, layer: int) -> RouterConfig:
-    """DeepSeek-V3 gating; A.X-K2 releases with expert groups fill the experts of dropped groups with score 0
-    (not -inf), so a negative score + bias in a kept group can lose to them: those are refused."""
-    if cfg.n_group is not None:
-        raise ConfigError(f"config.n_group={cfg.n_group}: patch supports A.X-K2 without expert groups (None); "
-                          "its group routing masks dropped groups to 0, not -inf")
-    return deepseek_v3(cfg, layer)
+    """DeepSeek-V3 gating; with expert groups, A.X-K2 fills the experts of dropped groups with score 0 (not -inf)."""
+    return replace(deepseek_v3(cfg, layer), group_mask_fill="zero")
 
 
 

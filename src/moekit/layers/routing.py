@@ -453,7 +453,7 @@ class DeepSeekRouter(Router):
             keep_groups = group_TG.topk(c.topk_groups, dim=-1).indices
             group_mask_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_groups, True)
             expert_mask_TE = group_mask_TG.repeat_interleave(E // c.n_groups, dim=1)
-            select_TE = select_TE.masked_fill(~expert_mask_TE, float("-inf"))
+            select_TE = select_TE.masked_fill(~expert_mask_TE, 0.0 if c.group_mask_fill == "zero" else float("-inf"))
         token_N, expert_N, rank_N = topk_assignments(select_TE, self.top_k)
         weight_N = scores_TE[token_N, expert_N]
         # V2 (softmax) skips normalising a single expert; V3 (sigmoid) always normalises, so top-1 gets 1
