@@ -179,10 +179,11 @@ def tiny_config(case: str) -> dict:
 
 def hf_model(cfg_dict, device="meta", **kwargs):
     """transformers' own model class for the config: seq2seq for Switch, image-text for Llama 4 (vision +
-    text) and Mistral 4 (its auto class, a text-only model), causal LM otherwise."""
+    text, likewise Qwen3.5-MoE) and Mistral 4 (its auto class, a text-only model), causal LM otherwise."""
     auto = {"switch_transformers": transformers.AutoModelForSeq2SeqLM,
             "llama4": transformers.AutoModelForImageTextToText,
-            "mistral4": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+            "mistral4": transformers.AutoModelForImageTextToText,
+            "qwen3_5_moe": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -238,8 +239,30 @@ def test_llama4_vision_tower_counted_apart_equals_hf():
 
 
 # dots1/hunyuan/dbrx: see TINY_CASES; lfm2_moe's default layer_types is None, which transformers cannot build
+QWEN3_5_VISION = dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=64, patch_size=4,
+                      temporal_patch_size=2, num_position_embeddings=16)
+
+
+@pytest.mark.parametrize("use_transformers", [True, False], ids=["transformers", "table"])
+@pytest.mark.parametrize("size", ["tiny", "full_size_defaults"])
+def test_qwen3_5_moe_vision_tower_counted_apart_equals_hf(size, use_transformers, monkeypatch):
+    """The hub's Qwen3.5-MoE configs are image-text: the text decoder is `total`, the vision tower apart."""
+    from moekit.interop import config_reader
+
+    cfg = {"model_type": "qwen3_5_moe"}
+    if size == "tiny":
+        cfg.update(text_config={**TINY, **TINY_CASES["qwen3_5_moe_text"]}, vision_config=QWEN3_5_VISION)
+    model = hf_model(cfg)
+    if not use_transformers:
+        monkeypatch.setattr(config_reader, "_transformers", lambda: None)
+    c = params.count_params(params.spec_from_hf(cfg))
+    is_vision = lambda n: n.startswith("model.visual.")
+    assert c.total == numel(model, lambda n: not is_vision(n))
+    assert c.separate["vision"] == numel(model, is_vision) > 0
+
+
 FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_transformers", "dots1",
-                                                   "hunyuan_v1_moe", "dbrx", "lfm2_moe"})
+                                                   "hunyuan_v1_moe", "dbrx", "lfm2_moe", "qwen3_5_moe"})
 
 
 @pytest.mark.parametrize("model_type", FAMILY_DEFAULTS)
