@@ -39,10 +39,18 @@ OCR_VISION = dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden
 QWEN4_EXP_TEXT = dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
                       norm_topk_prob=False, hc_count=2, hc_lowrank=4, indexer_n_heads=2, indexer_kv_heads=1,
                       indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2, **LINEAR_ATTENTION)
+DOTS3_NOTE_TEXT = dict(DEEPSEEK, num_local_experts=8, shared_experts_intermediate_size=16, head_dim=8,
+                       num_key_value_heads=4, mlp_layer_types=["dense", "sparse"], pad_token_id=0, bos_token_id=0,
+                       eos_token_id=0)
+MINIMAX_M3_TEXT = dict(MOE, num_local_experts=4, head_dim=8, rotary_dim=4, shared_intermediate_size=24,
+                       dense_intermediate_size=32, mlp_layer_types=["dense", "sparse"], routed_scaling_factor=1.5,
+                       index_n_heads=2, index_head_dim=8, index_block_size=4, index_topk_blocks=2,
+                       pad_token_id=0, bos_token_id=0, eos_token_id=0)
 MISTRAL4 = dict(DEEPSEEK, first_k_dense_replace=0, **MLA)
 # built by AutoModelForImageTextToText (Mistral 4: a flat text config)
 MULTIMODAL = ("qwen3_vl_moe", "qwen3_omni_moe_thinker", "glm4v_moe", "aria", "deepseek_ocr2", "unlimited_ocr",
-              "mistral_large4", "mistral4", "llama4", "qwen4_exp")
+              "mistral_large4", "mistral4", "llama4", "qwen4_exp", "dots3_note",
+              "minimax_m3_vl")
 FAMILIES = {
     "mixtral": dict(MOE, num_local_experts=4, router_jitter_noise=0.1),
     "minimax": dict(MOE, num_local_experts=4, router_jitter_noise=0.1, head_dim=8,
@@ -128,9 +136,19 @@ FAMILIES = {
                              norm_topk_prob=False, layer_types=["conv", "full_attention"]),
     "lara_mini": dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
                       **LINEAR_ATTENTION),
-    "dots3_note_text": dict(DEEPSEEK, num_local_experts=8, shared_experts_intermediate_size=16, head_dim=8,
-                            num_key_value_heads=4, mlp_layer_types=["dense", "sparse"], pad_token_id=0, bos_token_id=0,
-                            eos_token_id=0),
+    "dots3_note_text": dict(DOTS3_NOTE_TEXT),
+    "dots3_note": dict(text_config=dict(TINY, **DOTS3_NOTE_TEXT),
+                       vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          moe_intermediate_size=8, num_local_experts=4, num_experts_per_tok=2,
+                                          mlp_layer_types=["sparse"], adapter_in_dim=16, adapter_out_dim=32),
+                       audio_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         downsample_hidden_size=8, adapter_input_size=16, adapter_out_dim=32)),
+    "minimax_m3_vl_text": dict(MINIMAX_M3_TEXT),
+    "minimax_m3_vl": dict(text_config=dict(TINY, **MINIMAX_M3_TEXT),
+                          vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)),
+    "beam": dict(MOE, num_experts=8, moe_intermediate_size=16, n_group=2, topk_group=1, routed_scaling_factor=1.5,
+                 head_dim=8, sliding_window=4, mlp_layer_types=["dense", "sparse"]),
     "qwen4_exp_text": dict(QWEN4_EXP_TEXT),
     "qwen4_exp": dict(text_config=dict(TINY, **QWEN4_EXP_TEXT), vision_config=VISION),
     "aria_text": dict(MOE, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),

@@ -259,6 +259,13 @@ LLAMA4 = PatchEntry(block="Llama4TextMoe", router="router", keys=(
     gating=llama4, gate_input=True, pair_output=True)
 
 QWEN4_EXP = standard("Qwen4ExpTextSparseMoeBlock", softmax_topk("norm_topk_prob"), extra=QWEN_SHARED)
+DOTS3_NOTE = standard("Dots3NoteTextMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED)
+# gpt-oss's clamped SwiGLU (gate/up in halves, not interleaved) in the routed and the shared experts; sigmoid +
+# correction bias, renormalised, the routed output times routed_scaling_factor (= scaled weights)
+MINIMAX_M3 = standard("MiniMaxM3VLSparseMoeBlock", sigmoid_topk(None), activation=clamped_swiglu, extra=E_SCORE_BIAS + (
+    ("shared_experts.gate_up_proj.weight", "shared.w_gate.weight", "first_half"),
+    ("shared_experts.gate_up_proj.weight", "shared.w_up.weight", "second_half"),
+    ("shared_experts.down_proj.weight", "shared.w_down.weight", "same")))
 ARIA = PatchEntry(block="AriaTextMoELayer", router="router", keys=(
     ("router.weight", "router.gate.weight", "same"),
     ("experts.gate_up_proj", "experts.w_gate_EFD", "T_first_half"),
@@ -330,7 +337,11 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "lara_mini": standard("LaraMiniSparseMoeBlock", softmax_topk("norm_topk_prob"), extra=shared_keys("shared_expert")),
     "qwen4_exp_text": QWEN4_EXP,
     "qwen4_exp": QWEN4_EXP,
-    "dots3_note_text": standard("Dots3NoteTextMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
+    "dots3_note_text": DOTS3_NOTE,
+    "dots3_note": DOTS3_NOTE,
+    "minimax_m3_vl_text": MINIMAX_M3,
+    "minimax_m3_vl": MINIMAX_M3,
+    "beam": standard("BeamMoE", deepseek_v3, extra=E_SCORE_BIAS),  # scales after summing the experts: same weights  # the multimodal model's language model (its vision MoE blocks stay transformers')
     "qwen3_vl_moe": standard("Qwen3VLMoeTextSparseMoeBlock", softmax_topk(None)),
     "qwen3_omni_moe_thinker": standard("Qwen3OmniMoeThinkerTextSparseMoeBlock", softmax_topk("norm_topk_prob")),
     "glm4v_moe": standard("Glm4vMoeTextMoE", deepseek_v3, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
