@@ -179,11 +179,12 @@ def tiny_config(case: str) -> dict:
 
 def hf_model(cfg_dict, device="meta", **kwargs):
     """transformers' own model class for the config: seq2seq for Switch, image-text for Llama 4 (vision +
-    text, likewise Qwen3.5-MoE) and Mistral 4 (its auto class, a text-only model), causal LM otherwise."""
+    text, likewise Qwen3.5-MoE and Qwen3-VL-MoE) and Mistral 4 (its auto class, a text-only model), causal LM otherwise."""
     auto = {"switch_transformers": transformers.AutoModelForSeq2SeqLM,
             "llama4": transformers.AutoModelForImageTextToText,
             "mistral4": transformers.AutoModelForImageTextToText,
-            "qwen3_5_moe": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+            "qwen3_5_moe": transformers.AutoModelForImageTextToText,
+            "qwen3_vl_moe": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -243,15 +244,25 @@ QWEN3_5_VISION = dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2
                       temporal_patch_size=2, num_position_embeddings=16)
 
 
+# image-text families: (text tiny case, vision sub-config) of their tiny configs
+VISION_LANGUAGE = {
+    "qwen3_5_moe": ("qwen3_5_moe_text", QWEN3_5_VISION),
+    "qwen3_vl_moe": ("qwen3_moe", dict(QWEN3_5_VISION, deepstack_visual_indexes=[0, 1])),  # DeepStack mergers
+}
+
+
 @pytest.mark.parametrize("use_transformers", [True, False], ids=["transformers", "table"])
 @pytest.mark.parametrize("size", ["tiny", "full_size_defaults"])
-def test_qwen3_5_moe_vision_tower_counted_apart_equals_hf(size, use_transformers, monkeypatch):
-    """The hub's Qwen3.5-MoE configs are image-text: the text decoder is `total`, the vision tower apart."""
+@pytest.mark.parametrize("model_type", sorted(VISION_LANGUAGE))
+def test_vision_towers_counted_apart_equal_hf(model_type, size, use_transformers, monkeypatch):
+    """The hub's Qwen3.5-MoE and Qwen3-VL-MoE configs are image-text: the text decoder is `total`, the vision tower
+    apart."""
     from moekit.interop import config_reader
 
-    cfg = {"model_type": "qwen3_5_moe"}
+    cfg = {"model_type": model_type}
     if size == "tiny":
-        cfg.update(text_config={**TINY, **TINY_CASES["qwen3_5_moe_text"]}, vision_config=QWEN3_5_VISION)
+        text_case, vision = VISION_LANGUAGE[model_type]
+        cfg.update(text_config={**TINY, **TINY_CASES[text_case]}, vision_config=vision)
     model = hf_model(cfg)
     if not use_transformers:
         monkeypatch.setattr(config_reader, "_transformers", lambda: None)
@@ -262,7 +273,8 @@ def test_qwen3_5_moe_vision_tower_counted_apart_equals_hf(size, use_transformers
 
 
 FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_transformers", "dots1",
-                                                   "hunyuan_v1_moe", "dbrx", "lfm2_moe", "qwen3_5_moe"})
+                                                   "hunyuan_v1_moe", "dbrx", "lfm2_moe", "qwen3_5_moe",
+                                                   "qwen3_vl_moe"})
 
 
 @pytest.mark.parametrize("model_type", FAMILY_DEFAULTS)

@@ -6,7 +6,7 @@ Conventions, stated once:
             tied embeddings counted once). Modules HF does not build into the language model are reported
             apart in ``separate`` (never inside ``total``): DeepSeek-V3's multi-token-prediction module
             (``mtp``; DeepSeek-V3 report, Liu et al. 2024, sec. 2.2) and Llama 4's vision encoder + projector
-            (``vision``; the text decoder is what ``total`` counts), likewise Qwen3.5-MoE's vision tower.
+            (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE and Qwen3-VL-MoE.
   active  = parameters a token touches in one forward pass: all non-expert parameters, top_k routed
             experts and all shared experts per MoE layer. ``active`` includes the embedding table and the
             LM head (the convention of Mixtral's "12.9B", Qwen3's and Llama 4's figures);
@@ -150,15 +150,18 @@ def llama4_vision_params(v: dict, text_d: int) -> int:
 
 
 def qwen3_vl_vision_params(v: dict) -> int:
-    """Qwen3-VL-style vision tower (Qwen3.5): a 3-D patch convolution with bias, learned position embeddings,
+    """Qwen3-VL's vision tower (also Qwen3.5's): a 3-D patch convolution with bias, learned position embeddings,
     ViT blocks (LayerNorms with bias, fused qkv and output projections with biases, a two-layer MLP with biases),
-    and the merger (a LayerNorm, then an MLP from spatial_merge_size^2 patches to the text width)."""
-    h, inter, p, m = v["hidden_size"], v["intermediate_size"], v["patch_size"], v["spatial_merge_size"]
+    the merger (a LayerNorm over the patch width, then an MLP from spatial_merge_size^2 patches to the text
+    width) and one DeepStack merger per deepstack_visual_indexes entry (its LayerNorm over the merged width)."""
+    h, inter, p, m, out = v["hidden_size"], v["intermediate_size"], v["patch_size"], v["spatial_merge_size"], \
+        v["out_hidden_size"]
     embed = v["in_channels"] * v["temporal_patch_size"] * p * p * h + h + v["num_position_embeddings"] * h
     block = 2 * 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * inter + inter) + (inter * h + h)
     merged = h * m * m
-    merger = 2 * h + merged * merged + merged + merged * v["out_hidden_size"] + v["out_hidden_size"]
-    return embed + v["depth"] * block + merger
+    mlp = merged * merged + merged + merged * out + out
+    deepstack = len(v.get("deepstack_visual_indexes") or []) * (2 * merged + mlp)
+    return embed + v["depth"] * block + 2 * h + mlp + deepstack
 
 
 def _switch_layers(n: int, n_sparse: int, offset: int) -> list[int]:
@@ -359,6 +362,12 @@ def _spec_qwen3_5_moe_vl(c: dict, name: str) -> ArchSpec:
     apart."""
     text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="qwen3_5_moe_text")
     return dataclasses.replace(_spec_qwen3_5_moe(text, name), vision_params=qwen3_vl_vision_params(c["vision_config"]))
+
+
+def _spec_qwen3_vl_moe(c: dict, name: str) -> ArchSpec:
+    """Qwen3-VL-MoE (image-text): its Qwen3-MoE text decoder is counted, the vision tower reported apart."""
+    text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="qwen3_vl_moe_text")
+    return dataclasses.replace(_spec_qwen_moe(text, name), vision_params=qwen3_vl_vision_params(c["vision_config"]))
 
 
 def _spec_lara_mini(c: dict, name: str) -> ArchSpec:
@@ -722,7 +731,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "lara_mini": _spec_lara_mini,
     "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid,
     "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "nemotron_h": _spec_nemotron_h,
-    "kolibri1": _spec_kolibri1, "qwen3_5_moe": _spec_qwen3_5_moe_vl, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "kolibri1": _spec_kolibri1, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
+    "qwen3_vl_moe": _spec_qwen3_vl_moe, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,

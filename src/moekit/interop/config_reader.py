@@ -36,7 +36,7 @@ TABLE_FAMILIES = (
     "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "solar_open", "minimax_m2", "exaone_moe", "flint", "mellum",
     "granitemoe_swa", "hy_v3", "afmoe", "qwen3_5_moe_text", "granitemoehybrid", "cohere2_moe", "laguna", "jamba",
     "mimo_v2_flash", "lara_mini", "lfm2_moe", "kimi_linear", "bailing_hybrid", "aria_text", "mistral4",
-    "nemotron_h", "kolibri1", "qwen3_5_moe",
+    "nemotron_h", "kolibri1", "qwen3_5_moe", "qwen3_vl_moe",
 )
 
 # Remote-code families counted analytically. DeepSeekMoE v1 (Dai et al. 2024; deepseek-ai/deepseek-moe-16b):
@@ -130,7 +130,12 @@ def _through_transformers(tf, mt: str, body: dict) -> dict:
             why = " ".join(line.strip() for line in str(e).splitlines()[:2])
             raise ConfigError(f"config.json (model_type={mt!r}) is rejected by transformers' "
                               f"{tf.CONFIG_MAPPING[mt].__name__}: {why}") from None
-    return _both_names(conf.to_dict(), type(conf).attribute_map)
+    full = _both_names(conf.to_dict(), type(conf).attribute_map)
+    for key in getattr(type(conf), "sub_configs", None) or {}:  # (Qwen3-VL's text config renames num_experts)
+        sub = getattr(conf, key, None)
+        if sub is not None and isinstance(full.get(key), dict):
+            full[key] = _both_names(full[key], type(sub).attribute_map)
+    return full
 
 
 @cache
