@@ -23,7 +23,7 @@ ALLOWED = {
                     noise_std=("float", 0, INF), top_p=("float", 0, 1, 1, 0), sparsemixer_eps=("float", 0, INF),
                     sinkhorn_iters=("int", 1, INF),
                     score_func=("choice",), n_groups=("int", 1, INF), topk_groups=("int", 1, INF), group_score=("choice",),
-                    group_mask_fill=("choice",),
+                    group_mask_fill=("choice",), select_on=("choice",),
                     routed_scaling_factor=("float", 0, INF, 1), bias_update_rate=("float", 0, INF),
                     num_tasks=("int", 1, INF), slots_per_expert=("int", 1, INF)),
     CapacityConfig: R(capacity_factor=("float?", 0, INF, 1), eval_capacity_factor=("float?", 0, INF, 1),

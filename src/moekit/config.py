@@ -179,6 +179,9 @@ class RouterConfig:
     # what the experts of dropped groups score for selection: -inf (never chosen) or zero (A.X-K2: a kept expert
     # whose score + bias is negative loses to them)
     group_mask_fill: str = spec("-inf", choices=("-inf", "zero"))
+    # what the selection bias is added to: the scores (DeepSeek-V3) or the raw logits (Kolibri-1, which still
+    # weights by the sigmoid scores)
+    select_on: str = spec("scores", choices=("scores", "logits"))
     routed_scaling_factor: float = spec(1.0, gt=0)
     bias_update_rate: float = spec(0.0, ge=0)  # aux-loss-free balancing step gamma (0 = no bias)
     # task routing

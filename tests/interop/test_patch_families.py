@@ -149,6 +149,10 @@ FAMILIES = {
                                              num_attention_heads=2, image_size=28, patch_size=14)),
     "beam": dict(MOE, num_experts=8, moe_intermediate_size=16, n_group=2, topk_group=1, routed_scaling_factor=1.5,
                  head_dim=8, sliding_window=4, mlp_layer_types=["dense", "sparse"]),
+    "kolibri1": dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
+                     sliding_window=4),
+    "kolibri1:norm": dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
+                          sliding_window=4, norm_topk_prob=True),
     "qwen4_exp_text": dict(QWEN4_EXP_TEXT),
     "qwen4_exp": dict(text_config=dict(TINY, **QWEN4_EXP_TEXT), vision_config=VISION),
     "aria_text": dict(MOE, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
@@ -405,3 +409,20 @@ def test_nemotron_h_with_a_latent_projection_is_refused():
 
     with pytest.raises(UsageError, match="fc1_latent_proj"):
         patch(tiny_hf("nemotron_h", moe_latent_size=16))
+
+
+def test_kolibri1_selects_on_logits_plus_bias(monkeypatch):
+    """Kolibri-1 adds its correction bias to the raw logits for selection (RouterConfig.select_on="logits"); the
+    DeepSeek-V3 rule (bias on the sigmoid scores) picks other experts on the same model."""
+    import moekit.interop.patch_families as pf
+
+    ref = tiny_hf("kolibri1")
+    ids, _ = ids_labels()
+    want = ref(ids).logits
+    assert (patch(copy.deepcopy(ref))(ids).logits - want).abs().max().item() <= 1e-5
+    def on_scores(cfg, layer):
+        return replace(pf.kolibri1(cfg, layer), select_on="scores")
+
+    monkeypatch.setitem(pf.PATCH_FAMILIES, "kolibri1", replace(pf.PATCH_FAMILIES["kolibri1"], gating=on_scores))
+    other = patch(copy.deepcopy(ref))(ids).logits
+    assert (other - want).abs().max().item() > 1e-4

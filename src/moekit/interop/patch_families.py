@@ -171,6 +171,12 @@ def axk2(cfg: Any, layer: int) -> RouterConfig:
 
 
 
+def kolibri1(cfg: Any, layer: int) -> RouterConfig:
+    """Top-k of logits + correction bias, weights the sigmoid of the chosen logits (`norm_topk_prob`), unscaled."""
+    return RouterConfig(kind="deepseek", score_func="sigmoid", select_on="logits", top_k=int(cfg.num_experts_per_tok),
+                        renormalize=bool(cfg.norm_topk_prob))
+
+
 def mistral4(renorm_field: str | None):
     """Softmax scores, groups ranked by their two best experts, renormalised (always if ``renorm_field`` is None;
     a single expert too), scaled."""
@@ -341,6 +347,7 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "dots3_note": DOTS3_NOTE,
     "minimax_m3_vl_text": MINIMAX_M3,
     "minimax_m3_vl": MINIMAX_M3,
+    "kolibri1": standard("Kolibri1SparseMoeBlock", kolibri1, extra=E_SCORE_BIAS + shared_keys("shared_experts")),
     "beam": standard("BeamMoE", deepseek_v3, extra=E_SCORE_BIAS),  # scales after summing the experts: same weights  # the multimodal model's language model (its vision MoE blocks stay transformers')
     "qwen3_vl_moe": standard("Qwen3VLMoeTextSparseMoeBlock", softmax_topk(None)),
     "qwen3_omni_moe_thinker": standard("Qwen3OmniMoeThinkerTextSparseMoeBlock", softmax_topk("norm_topk_prob")),

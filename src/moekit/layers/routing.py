@@ -443,7 +443,7 @@ class DeepSeekRouter(Router):
         T, E = logits_TE.shape
         c = self.cfg
         scores_TE = logits_TE.sigmoid() if c.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
-        select_TE = scores_TE + self.bias.float()
+        select_TE = (logits_TE if c.select_on == "logits" else scores_TE) + self.bias.float()
         if c.n_groups > 1:
             select_TGe = select_TE.view(T, c.n_groups, E // c.n_groups)
             if c.group_score == "top2_sum" or (c.group_score == "auto" and c.score_func == "sigmoid"):
