@@ -179,12 +179,13 @@ def tiny_config(case: str) -> dict:
 
 def hf_model(cfg_dict, device="meta", **kwargs):
     """transformers' own model class for the config: seq2seq for Switch, image-text for Llama 4 (vision +
-    text, likewise Qwen3.5-MoE and Qwen3-VL-MoE) and Mistral 4 (its auto class, a text-only model), causal LM otherwise."""
+    text, likewise Qwen3.5-MoE, Qwen3-VL-MoE, GLM-4.5V) and Mistral 4 (its auto class, a text-only model), causal LM otherwise."""
     auto = {"switch_transformers": transformers.AutoModelForSeq2SeqLM,
             "llama4": transformers.AutoModelForImageTextToText,
             "mistral4": transformers.AutoModelForImageTextToText,
             "qwen3_5_moe": transformers.AutoModelForImageTextToText,
-            "qwen3_vl_moe": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+            "qwen3_vl_moe": transformers.AutoModelForImageTextToText,
+            "glm4v_moe": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -244,10 +245,16 @@ QWEN3_5_VISION = dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2
                       temporal_patch_size=2, num_position_embeddings=16)
 
 
-# image-text families: (text tiny case, vision sub-config) of their tiny configs
+# image-text families: (text sub-config, vision sub-config) of their tiny configs
 VISION_LANGUAGE = {
-    "qwen3_5_moe": ("qwen3_5_moe_text", QWEN3_5_VISION),
-    "qwen3_vl_moe": ("qwen3_moe", dict(QWEN3_5_VISION, deepstack_visual_indexes=[0, 1])),  # DeepStack mergers
+    "qwen3_5_moe": (TINY_CASES["qwen3_5_moe_text"], QWEN3_5_VISION),
+    "qwen3_vl_moe": (TINY_CASES["qwen3_moe"], dict(QWEN3_5_VISION, deepstack_visual_indexes=[0, 1])),  # DeepStack
+    "glm4v_moe": (dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                       num_experts_per_tok=2, first_k_dense_replace=1, head_dim=16, attention_bias=True,
+                       rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 2, 4],
+                                            partial_rotary_factor=1.0)),
+                  dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=64, image_size=56,
+                       attention_bias=True)),
 }
 
 
@@ -261,8 +268,8 @@ def test_vision_towers_counted_apart_equal_hf(model_type, size, use_transformers
 
     cfg = {"model_type": model_type}
     if size == "tiny":
-        text_case, vision = VISION_LANGUAGE[model_type]
-        cfg.update(text_config={**TINY, **TINY_CASES[text_case]}, vision_config=vision)
+        text, vision = VISION_LANGUAGE[model_type]
+        cfg.update(text_config={**TINY, **text}, vision_config=vision)
     model = hf_model(cfg)
     if not use_transformers:
         monkeypatch.setattr(config_reader, "_transformers", lambda: None)
@@ -274,7 +281,7 @@ def test_vision_towers_counted_apart_equal_hf(model_type, size, use_transformers
 
 FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_transformers", "dots1",
                                                    "hunyuan_v1_moe", "dbrx", "lfm2_moe", "qwen3_5_moe",
-                                                   "qwen3_vl_moe"})
+                                                   "qwen3_vl_moe", "glm4v_moe"})
 
 
 @pytest.mark.parametrize("model_type", FAMILY_DEFAULTS)

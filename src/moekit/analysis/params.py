@@ -6,7 +6,7 @@ Conventions, stated once:
             tied embeddings counted once). Modules HF does not build into the language model are reported
             apart in ``separate`` (never inside ``total``): DeepSeek-V3's multi-token-prediction module
             (``mtp``; DeepSeek-V3 report, Liu et al. 2024, sec. 2.2) and Llama 4's vision encoder + projector
-            (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE and Qwen3-VL-MoE.
+            (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE, Qwen3-VL-MoE and GLM-4.5V.
   active  = parameters a token touches in one forward pass: all non-expert parameters, top_k routed
             experts and all shared experts per MoE layer. ``active`` includes the embedding table and the
             LM head (the convention of Mixtral's "12.9B", Qwen3's and Llama 4's figures);
@@ -162,6 +162,20 @@ def qwen3_vl_vision_params(v: dict) -> int:
     mlp = merged * merged + merged + merged * out + out
     deepstack = len(v.get("deepstack_visual_indexes") or []) * (2 * merged + mlp)
     return embed + v["depth"] * block + 2 * h + mlp + deepstack
+
+
+def glm4v_vision_params(v: dict) -> int:
+    """GLM-4.5V's vision tower: learned position embeddings, a 3-D patch convolution with bias, ViT blocks (two
+    RMSNorms, fused qkv (biased if attention_bias) and a bias-free output projection, a gated MLP of the
+    out_hidden_size width), RMSNorms after the patch convolution and after the blocks, a spatial_merge_size
+    downsampling convolution to the text width, and the merger (a projection, a LayerNorm, a gated MLP of
+    intermediate_size)."""
+    h, o, inter, p, m = v["hidden_size"], v["out_hidden_size"], v["intermediate_size"], v["patch_size"], \
+        v["spatial_merge_size"]
+    embed = (v["image_size"] // p) ** 2 * h + v["in_channels"] * v["temporal_patch_size"] * p * p * h + h
+    block = 2 * h + 3 * h * h + (3 * h if v["attention_bias"] else 0) + h * h + 3 * h * o
+    merger = o * o + 2 * o + 3 * o * inter
+    return embed + v["depth"] * block + 2 * h + (o * h * m * m + o) + merger
 
 
 def _switch_layers(n: int, n_sparse: int, offset: int) -> list[int]:
@@ -368,6 +382,14 @@ def _spec_qwen3_vl_moe(c: dict, name: str) -> ArchSpec:
     """Qwen3-VL-MoE (image-text): its Qwen3-MoE text decoder is counted, the vision tower reported apart."""
     text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="qwen3_vl_moe_text")
     return dataclasses.replace(_spec_qwen_moe(text, name), vision_params=qwen3_vl_vision_params(c["vision_config"]))
+
+
+def _spec_glm4v_moe(c: dict, name: str) -> ArchSpec:
+    """GLM-4.5V (image-text): its GLM-4.5 text decoder (q/k/v biases, no q/k norms) is counted, the vision tower
+    reported apart."""
+    text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="glm4_moe",
+                use_qk_norm=c["text_config"].get("use_qk_norm", False))
+    return dataclasses.replace(_spec_deepseek(text, name), vision_params=glm4v_vision_params(c["vision_config"]))
 
 
 def _spec_lara_mini(c: dict, name: str) -> ArchSpec:
@@ -732,7 +754,7 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid,
     "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "nemotron_h": _spec_nemotron_h,
     "kolibri1": _spec_kolibri1, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
-    "qwen3_vl_moe": _spec_qwen3_vl_moe, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,

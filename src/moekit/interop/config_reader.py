@@ -36,7 +36,7 @@ TABLE_FAMILIES = (
     "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "solar_open", "minimax_m2", "exaone_moe", "flint", "mellum",
     "granitemoe_swa", "hy_v3", "afmoe", "qwen3_5_moe_text", "granitemoehybrid", "cohere2_moe", "laguna", "jamba",
     "mimo_v2_flash", "lara_mini", "lfm2_moe", "kimi_linear", "bailing_hybrid", "aria_text", "mistral4",
-    "nemotron_h", "kolibri1", "qwen3_5_moe", "qwen3_vl_moe",
+    "nemotron_h", "kolibri1", "qwen3_5_moe", "qwen3_vl_moe", "glm4v_moe",
 )
 
 # Remote-code families counted analytically. DeepSeekMoE v1 (Dai et al. 2024; deepseek-ai/deepseek-moe-16b):
