@@ -50,7 +50,7 @@ MISTRAL4 = dict(DEEPSEEK, first_k_dense_replace=0, **MLA)
 # built by AutoModelForImageTextToText (Mistral 4: a flat text config)
 MULTIMODAL = ("qwen3_vl_moe", "qwen3_omni_moe_thinker", "glm4v_moe", "aria", "deepseek_ocr2", "unlimited_ocr",
               "mistral_large4", "mistral4", "llama4", "qwen4_exp", "dots3_note",
-              "minimax_m3_vl")
+              "minimax_m3_vl", "qwen3_5_moe")
 FAMILIES = {
     "mixtral": dict(MOE, num_local_experts=4, router_jitter_noise=0.1),
     "minimax": dict(MOE, num_local_experts=4, router_jitter_noise=0.1, head_dim=8,
@@ -149,6 +149,9 @@ FAMILIES = {
                                              num_attention_heads=2, image_size=28, patch_size=14)),
     "beam": dict(MOE, num_experts=8, moe_intermediate_size=16, n_group=2, topk_group=1, routed_scaling_factor=1.5,
                  head_dim=8, sliding_window=4, mlp_layer_types=["dense", "sparse"]),
+    "qwen3_5_moe": dict(text_config=dict(TINY, **MOE, num_experts=4, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24, head_dim=8, rope_parameters=MROPE,
+                                         **LINEAR_ATTENTION), vision_config=VISION),
     "kolibri1": dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
                      sliding_window=4),
     "kolibri1:norm": dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,

@@ -279,6 +279,8 @@ ARIA = PatchEntry(block="AriaTextMoELayer", router="router", keys=(
     ("experts.down_proj", "experts.w_down_EDF", "T")) + shared_keys("shared_experts"),
     gating=softmax_topk(None, k_field="moe_topk"), activation=aria_swiglu)  # top-k logits, softmax over the k
 
+QWEN3_5_MOE = standard("Qwen3_5MoeSparseMoeBlock", softmax_topk(None), extra=QWEN_SHARED)
+
 PATCH_FAMILIES: dict[str, PatchEntry] = {
     "mixtral": standard("MixtralSparseMoeBlock", softmax_topk(None), jitter="router_jitter_noise"),
     "minimax": standard("MiniMaxSparseMoeBlock", softmax_topk(None), jitter="router_jitter_noise"),
@@ -304,7 +306,7 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "mellum": standard("MellumSparseMoeBlock", softmax_topk("norm_topk_prob")),
     "granitemoe_swa": standard("GraniteMoeSWAMoE", topk_softmax, gate="router", router_key="router.weight"),
     "granitemoehybrid": standard("GraniteMoeHybridMoE", topk_softmax, gate="router", router_key="router.weight"),
-    "qwen3_5_moe_text": standard("Qwen3_5MoeSparseMoeBlock", softmax_topk(None), extra=QWEN_SHARED),
+    "qwen3_5_moe_text": QWEN3_5_MOE,
     "minimax_m2": standard("MiniMaxM2SparseMoeBlock", sigmoid_topk(None, None), jitter="router_jitter_noise",
                            extra=(("e_score_correction_bias", "router.bias", "same"),)),
     "hy_v3": standard("HYV3MoE", sigmoid_topk(None, "router_scaling_factor"),
@@ -347,6 +349,8 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "dots3_note": DOTS3_NOTE,
     "minimax_m3_vl_text": MINIMAX_M3,
     "minimax_m3_vl": MINIMAX_M3,
+    # the image-text model the hub's Qwen3.5-MoE configs name (its language model's blocks are qwen3_5_moe_text's)
+    "qwen3_5_moe": QWEN3_5_MOE,
     "kolibri1": standard("Kolibri1SparseMoeBlock", kolibri1, extra=E_SCORE_BIAS + shared_keys("shared_experts")),
     "beam": standard("BeamMoE", deepseek_v3, extra=E_SCORE_BIAS),  # scales after summing the experts: same weights  # the multimodal model's language model (its vision MoE blocks stay transformers')
     "qwen3_vl_moe": standard("Qwen3VLMoeTextSparseMoeBlock", softmax_topk(None)),
