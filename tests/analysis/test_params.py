@@ -179,13 +179,14 @@ def tiny_config(case: str) -> dict:
 
 def hf_model(cfg_dict, device="meta", **kwargs):
     """transformers' own model class for the config: seq2seq for Switch, image-text for Llama 4 (vision +
-    text, likewise Qwen3.5-MoE, Qwen3-VL-MoE, GLM-4.5V) and Mistral 4 (its auto class, a text-only model), causal LM otherwise."""
+    text, likewise Qwen3.5-MoE, Qwen3-VL-MoE, GLM-4.5V, Aria) and Mistral 4 (its auto class, a text-only model), causal LM otherwise."""
     auto = {"switch_transformers": transformers.AutoModelForSeq2SeqLM,
             "llama4": transformers.AutoModelForImageTextToText,
             "mistral4": transformers.AutoModelForImageTextToText,
             "qwen3_5_moe": transformers.AutoModelForImageTextToText,
             "qwen3_vl_moe": transformers.AutoModelForImageTextToText,
-            "glm4v_moe": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+            "glm4v_moe": transformers.AutoModelForImageTextToText,
+            "aria": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -255,6 +256,8 @@ VISION_LANGUAGE = {
                                             partial_rotary_factor=1.0)),
                   dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=64, image_size=56,
                        attention_bias=True)),
+    "aria": (TINY_CASES["aria_text"], dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=16)),
 }
 
 
@@ -274,14 +277,14 @@ def test_vision_towers_counted_apart_equal_hf(model_type, size, use_transformers
     if not use_transformers:
         monkeypatch.setattr(config_reader, "_transformers", lambda: None)
     c = params.count_params(params.spec_from_hf(cfg))
-    is_vision = lambda n: n.startswith("model.visual.")
+    is_vision = lambda n: not n.startswith(("model.language_model.", "lm_head."))  # tower and projector
     assert c.total == numel(model, lambda n: not is_vision(n))
     assert c.separate["vision"] == numel(model, is_vision) > 0
 
 
 FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_transformers", "dots1",
                                                    "hunyuan_v1_moe", "dbrx", "lfm2_moe", "qwen3_5_moe",
-                                                   "qwen3_vl_moe", "glm4v_moe"})
+                                                   "qwen3_vl_moe", "glm4v_moe", "aria"})
 
 
 @pytest.mark.parametrize("model_type", FAMILY_DEFAULTS)

@@ -6,7 +6,7 @@ Conventions, stated once:
             tied embeddings counted once). Modules HF does not build into the language model are reported
             apart in ``separate`` (never inside ``total``): DeepSeek-V3's multi-token-prediction module
             (``mtp``; DeepSeek-V3 report, Liu et al. 2024, sec. 2.2) and Llama 4's vision encoder + projector
-            (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE, Qwen3-VL-MoE and GLM-4.5V.
+            (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE, Qwen3-VL-MoE, GLM-4.5V and Aria.
   active  = parameters a token touches in one forward pass: all non-expert parameters, top_k routed
             experts and all shared experts per MoE layer. ``active`` includes the embedding table and the
             LM head (the convention of Mixtral's "12.9B", Qwen3's and Llama 4's figures);
@@ -178,6 +178,24 @@ def glm4v_vision_params(v: dict) -> int:
     return embed + v["depth"] * block + 2 * h + (o * h * m * m + o) + merger
 
 
+def aria_vision_params(c: dict) -> int:
+    """Aria's vision tower and projector: an Idefics3 (SigLIP) ViT (patch convolution with bias, position
+    embeddings, biased attention and MLP, LayerNorms with bias, a post-LayerNorm), then the projector: learned
+    queries (max_value_projector_patch_to_query_dict of them), a cross-attention (bias-free q/k/v, a torch
+    MultiheadAttention, a biased output linear, two LayerNorms), a LayerNorm and a bias-free MLP to the text width."""
+    v, T = c["vision_config"], c["text_config"]["hidden_size"]
+    h, inter, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
+    embed = v["num_channels"] * p * p * h + h + (v["image_size"] // p) ** 2 * h
+    layer = 4 * (h * h + h) + (h * inter + inter) + (inter * h + h) + 2 * 2 * h
+    cross = 3 * h * h + (3 * h * h + 3 * h) + (h * h + h) + (h * h + h) + 2 * 2 * h
+    # transformers derives the query count in __post_init__ from projector_patch_to_query_dict, whose default
+    # (None in the class) it fills with {1225: 128, 4900: 256}: read here the same way without transformers
+    queries = c.get("max_value_projector_patch_to_query_dict") or max(
+        (c["projector_patch_to_query_dict"] or {1225: 128, 4900: 256}).values())
+    projector = queries * h + cross + 2 * h + h * T + T * T
+    return embed + v["num_hidden_layers"] * layer + 2 * h + projector
+
+
 def _switch_layers(n: int, n_sparse: int, offset: int) -> list[int]:
     # HF derives the step from the number of sparse layers and makes layer i sparse when i % step == 1
     step = n // n_sparse if n_sparse > 0 else n
@@ -309,6 +327,12 @@ def _spec_kolibri1(c: dict, name: str) -> ArchSpec:
                     router_correction_bias=True,
                     **_experts(c, "num_local_experts", "num_experts_per_tok", "moe_intermediate_size"),
                     shared_inter=c["shared_expert_intermediate_size"] or 0)
+
+
+def _spec_aria(c: dict, name: str) -> ArchSpec:
+    """Aria (image-text): its text decoder is counted, the vision tower and projector reported apart."""
+    text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="aria_text")
+    return dataclasses.replace(_spec_aria_text(text, name), vision_params=aria_vision_params(c))
 
 
 def _spec_flint(c: dict, name: str) -> ArchSpec:
@@ -754,7 +778,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid,
     "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "nemotron_h": _spec_nemotron_h,
     "kolibri1": _spec_kolibri1, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
-    "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
+    "aria": _spec_aria, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,

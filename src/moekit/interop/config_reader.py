@@ -36,7 +36,7 @@ TABLE_FAMILIES = (
     "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "solar_open", "minimax_m2", "exaone_moe", "flint", "mellum",
     "granitemoe_swa", "hy_v3", "afmoe", "qwen3_5_moe_text", "granitemoehybrid", "cohere2_moe", "laguna", "jamba",
     "mimo_v2_flash", "lara_mini", "lfm2_moe", "kimi_linear", "bailing_hybrid", "aria_text", "mistral4",
-    "nemotron_h", "kolibri1", "qwen3_5_moe", "qwen3_vl_moe", "glm4v_moe",
+    "nemotron_h", "kolibri1", "qwen3_5_moe", "qwen3_vl_moe", "glm4v_moe", "aria",
 )
 
 # Remote-code families counted analytically. DeepSeekMoE v1 (Dai et al. 2024; deepseek-ai/deepseek-moe-16b):
@@ -200,7 +200,8 @@ def _class_defaults(cls, key: str = "") -> dict[str, dict]:
             fields[f.name] = f.default_factory()
     fields.pop("transformers_version", None)
     # DBRX's sub-config classes have no model_type of their own: they are keyed by their parent's field
-    subs = {k: (v, v.model_type or f"{cls.model_type}.{k}") for k, v in (getattr(cls, "sub_configs", None) or {}).items()}
+    subs = {k: (v, v.model_type or f"{cls.model_type}.{k}")
+            for k, v in ((k, _sub_config_class(cls, k, v)) for k, v in (getattr(cls, "sub_configs", None) or {}).items())}
     out = {key or cls.model_type: dict(fields=json.loads(json.dumps(fields)), aliases=dict(cls.attribute_map),
                                 default_theta=getattr(cls, "default_theta", None), default_rope=_default_rope(cls),
                                 sub_configs={k: name for k, (_, name) in subs.items()},
@@ -208,6 +209,15 @@ def _class_defaults(cls, key: str = "") -> dict[str, dict]:
     for sub, name in subs.values():
         out.update(_class_defaults(sub, name))
     return out
+
+
+def _sub_config_class(cls, key: str, sub):
+    """A sub-config's class; an AutoConfig slot (Aria's vision tower) is the class its parent builds by default."""
+    if sub.__name__ != "AutoConfig":
+        return sub
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return type(getattr(cls(), key))
 
 
 def _default_rope(cls) -> dict | None:
