@@ -228,7 +228,7 @@ class LossConfig:
         validate(self)
 
 
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu", "clamped_swiglu", "relu2")  # clamped_swiglu: gpt-oss
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu", "clamped_swiglu", "relu2", "swiglu_limit10")  # clamped_swiglu: gpt-oss
 
 
 @dataclass(kw_only=True)

@@ -50,7 +50,7 @@ MISTRAL4 = dict(DEEPSEEK, first_k_dense_replace=0, **MLA)
 # built by AutoModelForImageTextToText (Mistral 4: a flat text config)
 MULTIMODAL = ("qwen3_vl_moe", "qwen3_omni_moe_thinker", "glm4v_moe", "aria", "deepseek_ocr2", "unlimited_ocr",
               "mistral_large4", "mistral4", "llama4", "qwen4_exp", "dots3_note",
-              "minimax_m3_vl", "qwen3_5_moe")
+              "minimax_m3_vl", "qwen3_5_moe", "glm5_next")
 FAMILIES = {
     "mixtral": dict(MOE, num_local_experts=4, router_jitter_noise=0.1),
     "minimax": dict(MOE, num_local_experts=4, router_jitter_noise=0.1, head_dim=8,
@@ -152,6 +152,10 @@ FAMILIES = {
     "qwen3_5_moe": dict(text_config=dict(TINY, **MOE, num_experts=4, moe_intermediate_size=16,
                                          shared_expert_intermediate_size=24, head_dim=8, rope_parameters=MROPE,
                                          **LINEAR_ATTENTION), vision_config=VISION),
+    "glm5_next": dict(text_config=dict({**TINY, **DEEPSEEK}, num_local_experts=8, num_key_value_heads=4, head_dim=8,
+                                       mlp_layer_types=["dense", "sparse"], layer_types=["full_attention", "linear_attention"],
+                                       pad_token_id=0, bos_token_id=0, eos_token_id=0),
+                      vision_config=VISION),
     "kolibri1": dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
                      sliding_window=4),
     "kolibri1:norm": dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
@@ -429,3 +433,24 @@ def test_kolibri1_selects_on_logits_plus_bias(monkeypatch):
     monkeypatch.setitem(pf.PATCH_FAMILIES, "kolibri1", replace(pf.PATCH_FAMILIES["kolibri1"], gating=on_scores))
     other = patch(copy.deepcopy(ref))(ids).logits
     assert (other - want).abs().max().item() > 1e-4
+
+
+def test_glm5_next_past_the_swiglu_limit(monkeypatch):
+    """GLM-5-Next clamps gate and up at swiglu_limit=10 in routed and shared experts: with expert weights large
+    enough to pass the clamp, patch (swiglu_limit10) gives transformers' logits and a plain SwiGLU does not."""
+    import moekit.interop.patch_families as pf
+
+    ref = tiny_hf("glm5_next")
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if ".mlp.experts.gate_up_proj" in name or ".mlp.shared_experts.gate_proj" in name \
+                    or ".mlp.shared_experts.up_proj" in name:
+                p.mul_(60.0)
+    ids, _ = ids_labels()
+    want = ref(ids).logits
+    got = patch(copy.deepcopy(ref))(ids).logits
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    monkeypatch.setitem(pf.PATCH_FAMILIES, "glm5_next",
+                        replace(pf.PATCH_FAMILIES["glm5_next"], activation=lambda cfg: "swiglu"))
+    other = patch(copy.deepcopy(ref))(ids).logits
+    assert (other - want).abs().max().item() > 1e-2 * want.abs().max().item()

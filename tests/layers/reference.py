@@ -18,6 +18,8 @@ def expert_ffn64(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
     if experts.activation == "clamped_swiglu":  # gpt-oss: alpha 1.702, limit 7, up + 1
         g = proj("w_gate_EFD", "b_gate_EF", x_D).clamp(max=7.0)
         h = g * torch.sigmoid(1.702 * g) * (up.clamp(-7.0, 7.0) + 1)
+    elif experts.activation == "swiglu_limit10":  # GLM-5-Next: silu(min(g, 10)) * clamp(u, -10, 10)
+        h = F.silu(proj("w_gate_EFD", "b_gate_EF", x_D).clamp(max=10.0)) * up.clamp(-10.0, 10.0)
     elif experts.gated:
         act = F.silu if experts.activation == "swiglu" else F.gelu
         h = act(proj("w_gate_EFD", "b_gate_EF", x_D)) * up

@@ -103,7 +103,8 @@ def block_schedule(request):
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu", "clamped_swiglu", "relu2"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu", "clamped_swiglu", "relu2",
+                                        "swiglu_limit10"])
 @pytest.mark.parametrize("frozen", ["none", "experts", "x"])
 def test_blockwise_gradients_equal_float64_loop_including_gate_weights(activation, frozen, block_schedule):
     """The blockwise path writes its backward by hand: every gradient (x, each weight stack, the gate weights)
@@ -112,8 +113,8 @@ def test_blockwise_gradients_equal_float64_loop_including_gate_weights(activatio
     g = torch.Generator().manual_seed(11)
     T, E, K, D, F = 23, 5, 2, 8, 12
     experts = GroupedExperts(E, D, F, activation, backend="blockwise")
-    # clamped_swiglu: weights large enough that some pre-activations pass the clamp at 7
-    scale = 1.0 if activation == "clamped_swiglu" else 0.3
+    # clamped_swiglu, swiglu_limit10: weights large enough that some pre-activations pass the clamp (7, 10)
+    scale = {"clamped_swiglu": 1.0, "swiglu_limit10": 1.3}.get(activation, 0.3)
     with torch.no_grad():
         for p in experts.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)

@@ -25,7 +25,7 @@ from torch import Tensor
 from moekit.config import RouterConfig
 from moekit.errors import ConfigError
 from moekit.interop.families import EVEN, EVEN_T, ODD, ODD_T
-from moekit.layers.ffn import OSS_ALPHA, OSS_LIMIT
+from moekit.layers.ffn import OSS_ALPHA, OSS_LIMIT, SWIGLU_LIMIT
 
 # reshape rules, HF tensor -> moekit tensor; each is linear, so it maps gradients the same way (tests rely on it)
 TRANSFORMS: dict[str, Callable[[Tensor, int], Tensor]] = {
@@ -198,6 +198,14 @@ def nemotron_act(cfg: Any) -> str:
     return name
 
 
+def swiglu_limit(cfg: Any) -> str:
+    """GLM-5-Next's experts (routed and shared): silu(min(gate, limit)) * clamp(up, -limit, limit)."""
+    if cfg.hidden_act != "silu" or cfg.swiglu_limit != SWIGLU_LIMIT:
+        raise ConfigError(f"config.hidden_act={cfg.hidden_act!r}, swiglu_limit={cfg.swiglu_limit}: patch supports "
+                          f"'silu' with {SWIGLU_LIMIT} (moekit's swiglu_limit10)")
+    return "swiglu_limit10"
+
+
 def aria_swiglu(cfg: Any) -> str:
     """Aria's routed experts are always SiLU-gated; its shared experts follow hidden_act (one activation in moekit)."""
     if cfg.hidden_act != "silu":
@@ -351,6 +359,7 @@ PATCH_FAMILIES: dict[str, PatchEntry] = {
     "minimax_m3_vl": MINIMAX_M3,
     # the image-text model the hub's Qwen3.5-MoE configs name (its language model's blocks are qwen3_5_moe_text's)
     "qwen3_5_moe": QWEN3_5_MOE,
+    "glm5_next": standard("Glm5NextTextMoE", deepseek_v3, activation=swiglu_limit, extra=E_SCORE_BIAS + DEEPSEEK_SHARED),
     "kolibri1": standard("Kolibri1SparseMoeBlock", kolibri1, extra=E_SCORE_BIAS + shared_keys("shared_experts")),
     "beam": standard("BeamMoE", deepseek_v3, extra=E_SCORE_BIAS),  # scales after summing the experts: same weights  # the multimodal model's language model (its vision MoE blocks stay transformers')
     "qwen3_vl_moe": standard("Qwen3VLMoeTextSparseMoeBlock", softmax_topk(None)),

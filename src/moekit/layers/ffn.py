@@ -4,7 +4,8 @@
     plain (GELU, ReLU, ReLU², SiLU):             y = W_down act(W_up x + b_up) + b_down
 
 ``up`` is the identity except for gpt-oss's clamped SwiGLU: act(g) = min(g, 7) sigmoid(1.702 min(g, 7)),
-up(u) = clamp(u, -7, 7) + 1.
+up(u) = clamp(u, -7, 7) + 1; and for the clamped SwiGLU of GLM-5-Next / DeepSeek-V4 / HY-V4 (swiglu_limit10):
+act(g) = silu(min(g, 10)), up(u) = clamp(u, -10, 10).
 
 Weights are in nn.Linear layout (out, in); biases are optional (``MoEConfig.bias``; gpt-oss has them).
 Every experts backend (experts.py), the hand-written blockwise forward and backward (blockwise.py), the
@@ -78,12 +79,29 @@ def _oss_up_grad(dy: Tensor, u: Tensor) -> Tensor:
     return torch.where(u.abs() <= OSS_LIMIT, dy, torch.zeros_like(dy))
 
 
+SWIGLU_LIMIT = 10.0  # GLM-5-Next, DeepSeek-V4, HY-V4: SwiGLU with gate and up clamped at +-10 (no alpha, no +1)
+
+
+def _limited_silu(g: Tensor) -> Tensor:
+    return F.silu(g.clamp(max=SWIGLU_LIMIT))
+
+
+def _limited_silu_grad(dy: Tensor, g: Tensor) -> Tensor:
+    return torch.where(g <= SWIGLU_LIMIT, torch.ops.aten.silu_backward(dy, g), torch.zeros_like(dy))
+
+
+def _limited_up_grad(dy: Tensor, u: Tensor) -> Tensor:
+    return torch.where(u.abs() <= SWIGLU_LIMIT, dy, torch.zeros_like(dy))
+
+
 ACTIVATIONS = {
     "swiglu": Activation("swiglu", F.silu, torch.ops.aten.silu_backward, True),
     "geglu": Activation("geglu", F.gelu, lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="none"), True),
     "gelu": Activation("gelu", F.gelu, lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="none"), False),
     "relu": Activation("relu", F.relu, lambda g, x: torch.ops.aten.threshold_backward(g, x, 0.0), False),
     "silu": Activation("silu", F.silu, torch.ops.aten.silu_backward, False),
+    "swiglu_limit10": Activation("swiglu_limit10", _limited_silu, _limited_silu_grad, True,
+                                 up=lambda u: u.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT), up_grad=_limited_up_grad),
     # squared ReLU (So et al. 2021, Primer), plain: Nemotron-H's experts
     "relu2": Activation("relu2", lambda x: F.relu(x).square(), lambda g, x: g * 2 * F.relu(x), False),
     "clamped_swiglu": Activation("clamped_swiglu", _oss_act, _oss_act_grad, True,
