@@ -161,6 +161,11 @@ TINY_CASES = {
     "kolibri1": dict(moe_intermediate_size=32, shared_expert_intermediate_size=24, num_experts=6,
                      num_experts_per_tok=2, head_dim=16, sliding_window=8,
                      layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # per-head output gate with a bias per head, four norms per layer
+    "beam": dict(intermediate_size=80, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, n_group=2,
+                 topk_group=1, head_dim=16, attention_bias=True, sliding_window=8,
+                 layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                 mlp_layer_types=["dense", "sparse", "sparse"]),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
     "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),
@@ -462,6 +467,8 @@ DERIVED_PATTERNS = {
                            n_group=1, topk_group=1, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                            v_head_dim=12, num_key_value_heads=4, head_dim=16, layer_group_size=3, pad_token_id=0,
                            eos_token_id=0),
+    "beam": dict(num_hidden_layers=8, intermediate_size=80, moe_intermediate_size=32, num_experts=8, n_group=2,
+                 topk_group=1, head_dim=16, sliding_window=8),
 }
 
 

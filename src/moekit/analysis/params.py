@@ -55,7 +55,8 @@ class ArchSpec:
     attn_sinks: bool = False  # gpt-oss: one learned sink logit per head
     # output gate on the attention heads: "q_doubled" (Qwen3-Next/3.5: q_proj also produces a gate per head dim,
     # with the q bias doubled too) | "per_dim" (AFMoE, Laguna "per-element": a bias-free projection, a gate per
-    # head dim) | "per_head" (Laguna: a bias-free g_proj of one gate per head)
+    # head dim) | "per_head" (Laguna: a bias-free g_proj of one gate per head) | "per_dim_head_bias" (Beam: the
+    # bias-free per-dim projection plus one gate bias per head)
     attn_output_gate: str = "none"
     # JetMoE mixture of attention heads: attn_experts experts, each a query projection to n_kv_heads heads and
     # an output projection back, top_k per token (n_heads = top_k * n_kv_heads query heads), a router, and a
@@ -634,6 +635,21 @@ def _spec_mimo_v2_flash(c: dict, name: str) -> ArchSpec:
                     **_experts(c, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"))
 
 
+def _spec_beam(c: dict, name: str) -> ArchSpec:
+    """Beam: GQA with per-head q/k norms and a sigmoid output gate per head dim (a bias-free projection plus one
+    bias per head), norms before and after attention and FFN, sliding-window attention on the layers layer_types
+    marks (all but every 6th and the last by default), dense layers by mlp_layer_types (the first three by
+    default), no shared expert, a selection-only correction bias (a buffer)."""
+    L, E = c["num_hidden_layers"], c["num_experts"]
+    types = c["layer_types"] or ["full_attention" if (i + 1) % 6 == 0 or i == L - 1 else "sliding_attention"
+                                 for i in range(L)]
+    mlp = c["mlp_layer_types"] or ["dense" if i < 3 else "sparse" for i in range(L)]
+    return _decoder(c, name, **_bias(c), qk_norm="per_head", attn_output_gate="per_dim_head_bias", norms_per_layer=4,
+                    attn_windows=_sliding(dict(c, layer_types=types)), window_kind="sliding",
+                    moe_layers=[i for i, t in enumerate(mlp) if E and t == "sparse"], router_correction_bias=True,
+                    **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"))
+
+
 def _spec_olmoe(c: dict, name: str) -> ArchSpec:
     """OLMoE and FlexOlmo: q/k norms over the whole projection."""
     E = "num_experts"
@@ -777,7 +793,7 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "lara_mini": _spec_lara_mini,
     "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid,
     "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "nemotron_h": _spec_nemotron_h,
-    "kolibri1": _spec_kolibri1, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
+    "kolibri1": _spec_kolibri1, "beam": _spec_beam, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
     "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
     "aria": _spec_aria, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
@@ -861,7 +877,8 @@ def attention_matrix_params(s: ArchSpec) -> int:
         gate = d * s.n_heads if s.attn_output_gate == "per_head" else 0  # Bailing-hybrid's g_proj
         return q + kv + s.n_heads * s.v_head_dim * d + indexer + gate
     q_out, k_out, v_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * gqa_v_dim(s)
-    gate = {"none": 0, "q_doubled": q_out, "per_dim": q_out, "per_head": s.n_heads}[s.attn_output_gate]
+    gate = {"none": 0, "q_doubled": q_out, "per_dim": q_out, "per_dim_head_bias": q_out,
+            "per_head": s.n_heads}[s.attn_output_gate]
     return d * (q_out + k_out + v_out + gate) + s.n_heads * gqa_v_dim(s) * d
 
 
@@ -880,6 +897,7 @@ def attention_vector_params(s: ArchSpec) -> int:
     q_bias = 2 * q_out if s.attn_output_gate == "q_doubled" else q_out
     n = (q_bias + k_out + v_out if s.qkv_bias else 0) + (s.d if s.o_bias else 0)
     n += {"none": 0, "per_head": 2 * s.head_dim, "full": q_out + k_out}[s.qk_norm]
+    n += s.n_heads if s.attn_output_gate == "per_dim_head_bias" else 0
     return n + (s.n_heads if s.attn_sinks else 0)
 
 
