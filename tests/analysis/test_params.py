@@ -191,7 +191,8 @@ def hf_model(cfg_dict, device="meta", **kwargs):
             "qwen3_5_moe": transformers.AutoModelForImageTextToText,
             "qwen3_vl_moe": transformers.AutoModelForImageTextToText,
             "glm4v_moe": transformers.AutoModelForImageTextToText,
-            "aria": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+            "aria": transformers.AutoModelForImageTextToText,
+            "glm5_next": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -263,6 +264,17 @@ VISION_LANGUAGE = {
                        attention_bias=True)),
     "aria": (TINY_CASES["aria_text"], dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=32, patch_size=16)),
+    # KDA and MLA (no RoPE dims) layers, an indexer with k-pool compression on the layers the pattern marks "F",
+    # hyper-connections
+    "glm5_next": (dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                       num_experts_per_tok=2, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=0,
+                       v_head_dim=12, num_key_value_heads=4, index_n_heads=2, index_head_dim=8, index_topk=8,
+                       index_kpool=4, linear_head_dim=8, linear_num_heads=2, hc_mult=2, attention_bias=True,
+                       num_hidden_layers=4, pad_token_id=0, index_topk_pattern="FFFS",
+                       layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+                       mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+                  dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=64,
+                       projection_intermediate_size=40, patch_size=4)),
 }
 
 
@@ -289,7 +301,7 @@ def test_vision_towers_counted_apart_equal_hf(model_type, size, use_transformers
 
 FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_transformers", "dots1",
                                                    "hunyuan_v1_moe", "dbrx", "lfm2_moe", "qwen3_5_moe",
-                                                   "qwen3_vl_moe", "glm4v_moe", "aria"})
+                                                   "qwen3_vl_moe", "glm4v_moe", "aria", "glm5_next"})
 
 
 @pytest.mark.parametrize("model_type", FAMILY_DEFAULTS)

@@ -6,7 +6,7 @@ Conventions, stated once:
             tied embeddings counted once). Modules HF does not build into the language model are reported
             apart in ``separate`` (never inside ``total``): DeepSeek-V3's multi-token-prediction module
             (``mtp``; DeepSeek-V3 report, Liu et al. 2024, sec. 2.2) and Llama 4's vision encoder + projector
-            (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE, Qwen3-VL-MoE, GLM-4.5V and Aria.
+            (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE, Qwen3-VL-MoE, GLM-4.5V, Aria and GLM-5-Next.
   active  = parameters a token touches in one forward pass: all non-expert parameters, top_k routed
             experts and all shared experts per MoE layer. ``active`` includes the embedding table and the
             LM head (the convention of Mixtral's "12.9B", Qwen3's and Llama 4's figures);
@@ -89,6 +89,10 @@ class ArchSpec:
     # indexer_head_dim from the compressed query, one key head (LayerNorm with bias), per-head weights
     indexer_heads: int = 0
     indexer_head_dim: int = 0
+    indexer_kpool: int = 0  # GLM-5-Next's k-pool compression: a kpool x indexer_head_dim table and a gate from d
+    # manifold-constrained hyper-connections (Xie et al. 2026): hc_streams residual streams; each layer has two
+    # mixers (attention, FFN), each a projection from the n*d streams to (2+n)*n weights, their bias and 3 scales
+    hc_streams: int = 0
     # FFN
     dense_inter: int = 0
     dense_inter_overrides: dict[int, int] = field(default_factory=dict)  # layer -> hidden (moekit dense twins)
@@ -195,6 +199,27 @@ def aria_vision_params(c: dict) -> int:
         (c["projector_patch_to_query_dict"] or {1225: 128, 4900: 256}).values())
     projector = queries * h + cross + 2 * h + h * T + T * T
     return embed + v["num_hidden_layers"] * layer + 2 * h + projector
+
+
+def glm5_next_vision_params(v: dict) -> int:
+    """GLM-5-Next's vision tower: a 3-D patch convolution with bias, ViT blocks (two RMSNorms, fused qkv and output
+    projections biased if attention_bias, per-head q/k RMSNorms, a gated MLP of intermediate_size biased likewise),
+    an RMSNorm after the blocks, a spatial_merge_size downsampling convolution to out_hidden_size, and the bias-free
+    merger (a projection, a LayerNorm, a gated MLP of projection_intermediate_size); no position embeddings."""
+    h, o, inter, p, m = v["hidden_size"], v["out_hidden_size"], v["intermediate_size"], v["patch_size"], \
+        v["spatial_merge_size"]
+    bias = bool(v["attention_bias"])
+    embed = v["in_channels"] * v["temporal_patch_size"] * p * p * h + h
+    block = 2 * h + 4 * h * h + (4 * h if bias else 0) + 2 * (h // v["num_heads"]) + 3 * h * inter \
+        + ((2 * inter + h) if bias else 0)
+    merger = o * o + 2 * o + 3 * o * v["projection_intermediate_size"]
+    return embed + v["depth"] * block + h + (o * h * m * m + o) + merger
+
+
+def hyper_connection_params(s: ArchSpec) -> int:
+    """Two hyper-connection mixers per layer (ArchSpec.hc_streams)."""
+    n = s.hc_streams
+    return 2 * ((2 + n) * n * (n * s.d + 1) + 3) if n else 0
 
 
 def _switch_layers(n: int, n_sparse: int, offset: int) -> list[int]:
@@ -650,6 +675,40 @@ def _spec_beam(c: dict, name: str) -> ArchSpec:
                     **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"))
 
 
+def _spec_glm5_next(c: dict, name: str) -> ArchSpec:
+    """GLM-5-Next (image-text): its text decoder is counted, the vision tower reported apart. The decoder: Kimi Delta
+    Attention (low-rank gates) and MLA without RoPE dims, with a sparse-attention indexer (k-pool compression) on
+    the layers indexer_types marks "full" (the others reuse the previous selection); every 4th layer is MLA by
+    default; the first three layers dense by default; shared experts as one MLP, a selection-only correction bias
+    (a buffer); hyper-connections (hc_mult streams) around attention and FFN."""
+    t = c["text_config"]
+    L, E = t["num_hidden_layers"], t["n_routed_experts"]
+    types = t["layer_types"] or ["linear_attention" if i % 4 != 3 else "indexed_attention" for i in range(L)]
+    mlp = t["mlp_layer_types"] or ["dense"] * min(3, L) + ["sparse"] * (L - 3)
+    indexers = t["indexer_types"]
+    if indexers is None:  # as Glm5NextTextConfig derives them from the file's schedule fields
+        pattern = t.get("index_topk_pattern")
+        freq, offset = max(t.get("index_topk_freq", 1), 1), t.get("index_skip_topk_offset", 2)
+        indexers = ([{"F": "full", "S": "shared"}[ch] for ch in pattern] if isinstance(pattern, str) else
+                    list(pattern) if pattern is not None else
+                    ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(L)])
+    lin = t.get("linear_attn_config") or {}
+    kda = _kda_params(t["hidden_size"], lin.get("head_dim", t["linear_head_dim"]),
+                      lin.get("num_heads", t["linear_num_heads"]),
+                      lin.get("short_conv_kernel_size", t["linear_conv_kernel_dim"]), low_rank=True)
+    no_indexer = dict(indexer_heads=0, indexer_head_dim=0, indexer_kpool=0)
+    return _decoder(dict(t, tie_word_embeddings=c["tie_word_embeddings"], model_type="glm5_next"), name, **_mla(t),
+                    indexer_heads=t["index_n_heads"], indexer_head_dim=t["index_head_dim"],
+                    indexer_kpool=t["index_kpool"],
+                    layer_attention={i: no_indexer for i, kind in enumerate(indexers) if kind == "shared"},
+                    linear_layers=[i for i, kind in enumerate(types) if kind == "linear_attention"],
+                    linear_attn_params=kda, linear_kind="Kimi Delta Attention", hc_streams=t["hc_mult"],
+                    moe_layers=[i for i, kind in enumerate(mlp) if E and kind == "sparse"], router_correction_bias=True,
+                    **_experts(t, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=(t["n_shared_experts"] or 0) * t["moe_intermediate_size"],
+                    vision_params=glm5_next_vision_params(c["vision_config"]))
+
+
 def _spec_olmoe(c: dict, name: str) -> ArchSpec:
     """OLMoE and FlexOlmo: q/k norms over the whole projection."""
     E = "num_experts"
@@ -793,7 +852,7 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "lara_mini": _spec_lara_mini,
     "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid,
     "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "nemotron_h": _spec_nemotron_h,
-    "kolibri1": _spec_kolibri1, "beam": _spec_beam, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
+    "kolibri1": _spec_kolibri1, "beam": _spec_beam, "glm5_next": _spec_glm5_next, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
     "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
     "aria": _spec_aria, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
@@ -874,6 +933,7 @@ def attention_matrix_params(s: ArchSpec) -> int:
         q = (d * s.q_lora_rank + s.q_lora_rank * s.n_heads * qk_head) if s.q_lora_rank else d * s.n_heads * qk_head
         kv = d * (s.kv_lora_rank + s.qk_rope_dim) + s.kv_lora_rank * s.n_heads * (s.qk_nope_dim + s.v_head_dim)
         indexer = s.indexer_heads * s.indexer_head_dim * s.q_lora_rank + s.indexer_head_dim * d + s.indexer_heads * d
+        indexer += s.indexer_kpool * s.indexer_head_dim + s.indexer_head_dim * d if s.indexer_kpool else 0
         gate = d * s.n_heads if s.attn_output_gate == "per_head" else 0  # Bailing-hybrid's g_proj
         return q + kv + s.n_heads * s.v_head_dim * d + indexer + gate
     q_out, k_out, v_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * gqa_v_dim(s)
@@ -988,6 +1048,7 @@ def count_params(s: ArchSpec) -> ParamCount:
         "routed_experts": n_moe * s.num_experts * expert_params(s),
         "shared_experts": n_moe * shared_params(s),
         "router": n_moe * router_params(s),
+        "hyper_connections": s.n_layers * hyper_connection_params(s),
     }
     total = sum(b.values())
     active = (total - n_moe * (s.num_experts - s.top_k) * expert_params(s)
