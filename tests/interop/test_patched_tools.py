@@ -66,6 +66,28 @@ def test_hf_folder_loads_patched_and_prunes(model_type, tmp_path):
     assert read_state(tmp_path / "pruned")["kept"] == kept and torch.equal(logits(again, ids), out)
 
 
+# every other family with a patch entry (image-text models included: they run on token ids) but the token
+# classifier openai_privacy_filter: its folder loads through moekit's one model loader with transformers'
+# logits, and prune runs on it (the gating classes above check what prune keeps)
+from tests.interop.test_patch_families import FAMILIES, lm  # noqa: E402
+
+OTHERS = sorted(f for f in FAMILIES if ":" not in f and f not in CLASSES + ["llama4", "openai_privacy_filter"])
+
+
+@pytest.mark.parametrize("model_type", OTHERS)
+def test_every_patchable_folder_loads_and_prunes(model_type, tmp_path):
+    hf, folder = saved(model_type, tmp_path)
+    model = load_model(folder)  # the loader every command uses: config.json with a model_type -> patched
+    assert isinstance(model, PatchedLM) and model.moe_layers()
+    ids = BATCHES[0][0]
+    assert (logits(model, ids) - logits(lm(hf), ids)).abs().max().item() <= 1e-5
+    loads = measure_loads(model, BATCHES)
+    E = model.moe_layers()[0].cfg.num_experts
+    model, kept = prune_model(model, loads, keep=E // 2)
+    assert all(layer.cfg.num_experts == E // 2 for layer in model.moe_layers())
+    assert torch.isfinite(logits(model, ids)).all()
+
+
 def test_a_llama4_multimodal_folder_loads_its_language_model_patched(tmp_path):
     """Scout's format (Llama4ForConditionalGeneration): transformers' causal-LM loader reads the language model,
     which patches as llama4_text and gives the multimodal model's text logits."""

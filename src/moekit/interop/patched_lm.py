@@ -75,6 +75,19 @@ class PatchedLM(nn.Module):
                            first_k_dense=min(blocks) if blocks else 0)
 
 
+def auto_class(config):
+    """transformers' Auto class that builds ``config``'s model with an LM head: causal LMs, else the image-text
+    models (Qwen3-VL-MoE, GLM-4.5V, ...), which run on token ids alone; the MoE blocks are their language
+    model's."""
+    import transformers
+
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise CheckpointError(f"model_type={config.model_type!r}: transformers has no causal-LM or image-text-to-text "
+                          "model for this config")
+
+
 def load_patched(folder: str | Path, dtype: torch.dtype = torch.float32, dispatcher: str = "local",
                  experts: str = "auto") -> PatchedLM:
     """An HF model folder (config.json + weights, as ``save_pretrained`` writes it) -> PatchedLM."""
@@ -90,7 +103,7 @@ def load_patched(folder: str | Path, dtype: torch.dtype = torch.float32, dispatc
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        hf = auto_class(transformers.AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype)
     return PatchedLM(patch(hf.eval(), dispatcher=dispatcher, experts=experts))
 
 
@@ -108,7 +121,7 @@ def build_patched(base_config: dict) -> PatchedLM:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = transformers.AutoConfig.for_model(**base_config["hf_config"])
-        return PatchedLM(patch(transformers.AutoModelForCausalLM.from_config(cfg).eval()))
+        return PatchedLM(patch(auto_class(cfg).from_config(cfg).eval()))
 
 
 # the HF config fields that hold the number of routed experts, by family (DBRX: under ffn_config)
@@ -135,8 +148,6 @@ def to_hf(model: PatchedLM) -> tuple[nn.Module | None, str]:
     capped below the config's, or moekit tensors the HF block has no place for."""
     import copy
 
-    import transformers
-
     hf = model.hf
     entry = entry_for(hf.config)
     blocks = {n: m for n, m in hf.named_modules() if isinstance(m, PatchedMoEBlock)}
@@ -149,7 +160,7 @@ def to_hf(model: PatchedLM) -> tuple[nn.Module | None, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = next(hf.parameters())
-        out = transformers.AutoModelForCausalLM.from_config(config, dtype=ref.dtype).eval()
+        out = auto_class(config).from_config(config, dtype=ref.dtype).eval()
     text_cfg = out.config.get_text_config()
     filled = set()
     with torch.no_grad():
