@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moekit.deploy.extract import extract_task
+from moekit.errors import CheckpointError
 from moekit.deploy.merge import merge_model
 from moekit.deploy.prune import measure_loads, prune_model
 from moekit.interop.hf import load_hf
@@ -169,3 +170,10 @@ def test_inspect_and_distill_run_on_a_patched_hf_model(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert student.cfg.moe is None and student.cfg.d_model == hf.config.hidden_size and len(losses) == 4
     assert losses[-1] < losses[0]
+
+
+def test_a_token_classifier_folder_is_refused_in_one_line(tmp_path):
+    """openai_privacy_filter patches, but the tools need an LM head: refused by name before anything runs."""
+    _, folder = saved("openai_privacy_filter", tmp_path)
+    with pytest.raises(CheckpointError, match=r"^model_type='openai_privacy_filter': transformers has no causal-LM"):
+        load_model(folder)
