@@ -166,6 +166,12 @@ TINY_CASES = {
                  topk_group=1, head_dim=16, attention_bias=True, sliding_window=8,
                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                  mlp_layer_types=["dense", "sparse", "sparse"]),
+    # a lightning indexer (GQA) on the sparse layers, dense layers of their own width, a shared expert
+    "minimax_m3_vl_text": dict(intermediate_size=32, dense_intermediate_size=80, shared_intermediate_size=24,
+                               num_local_experts=6, num_experts_per_tok=2, head_dim=16, rotary_dim=8, index_n_heads=2,
+                               index_head_dim=8, layer_types=["full_attention", "minimax_m3_sparse", "full_attention"],
+                               mlp_layer_types=["dense", "sparse", "sparse"], pad_token_id=0, bos_token_id=0,
+                               eos_token_id=0),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
     "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),
@@ -192,7 +198,8 @@ def hf_model(cfg_dict, device="meta", **kwargs):
             "qwen3_vl_moe": transformers.AutoModelForImageTextToText,
             "glm4v_moe": transformers.AutoModelForImageTextToText,
             "aria": transformers.AutoModelForImageTextToText,
-            "glm5_next": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+            "glm5_next": transformers.AutoModelForImageTextToText,
+            "minimax_m3_vl": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -275,6 +282,8 @@ VISION_LANGUAGE = {
                        mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
                   dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=64,
                        projection_intermediate_size=40, patch_size=4)),
+    "minimax_m3_vl": (TINY_CASES["minimax_m3_vl_text"], dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                            num_attention_heads=2, patch_size=4)),
 }
 
 
@@ -301,7 +310,8 @@ def test_vision_towers_counted_apart_equal_hf(model_type, size, use_transformers
 
 FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_transformers", "dots1",
                                                    "hunyuan_v1_moe", "dbrx", "lfm2_moe", "qwen3_5_moe",
-                                                   "qwen3_vl_moe", "glm4v_moe", "aria", "glm5_next"})
+                                                   "qwen3_vl_moe", "glm4v_moe", "aria", "glm5_next",
+                                                   "minimax_m3_vl"})
 
 
 @pytest.mark.parametrize("model_type", FAMILY_DEFAULTS)
@@ -479,6 +489,12 @@ DERIVED_PATTERNS = {
                            n_group=1, topk_group=1, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                            v_head_dim=12, num_key_value_heads=4, head_dim=16, layer_group_size=3, pad_token_id=0,
                            eos_token_id=0),
+    # the checkpoint's own fields: sparse_attention_config (legacy indexer names) and moe_layer_freq
+    "minimax_m3_vl_text": dict(intermediate_size=32, dense_intermediate_size=80, shared_intermediate_size=24,
+                               num_local_experts=6, head_dim=16, rotary_dim=8, moe_layer_freq=[0, 1, 1],
+                               sparse_attention_config=dict(sparse_attention_freq=[0, 1, 1], sparse_num_index_heads=2,
+                                                            sparse_index_dim=8),
+                               pad_token_id=0, bos_token_id=0, eos_token_id=0),
     "beam": dict(num_hidden_layers=8, intermediate_size=80, moe_intermediate_size=32, num_experts=8, n_group=2,
                  topk_group=1, head_dim=16, sliding_window=8),
 }

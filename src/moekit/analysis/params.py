@@ -6,7 +6,8 @@ Conventions, stated once:
             tied embeddings counted once). Modules HF does not build into the language model are reported
             apart in ``separate`` (never inside ``total``): DeepSeek-V3's multi-token-prediction module
             (``mtp``; DeepSeek-V3 report, Liu et al. 2024, sec. 2.2) and Llama 4's vision encoder + projector
-            (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE, Qwen3-VL-MoE, GLM-4.5V, Aria and GLM-5-Next.
+            (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE,
+            Qwen3-VL-MoE, GLM-4.5V, Aria, GLM-5-Next and MiniMax-M3.
   active  = parameters a token touches in one forward pass: all non-expert parameters, top_k routed
             experts and all shared experts per MoE layer. ``active`` includes the embedding table and the
             LM head (the convention of Mixtral's "12.9B", Qwen3's and Llama 4's figures);
@@ -86,7 +87,8 @@ class ArchSpec:
     qk_rope_dim: int = 0
     v_head_dim: int = 0  # also GQA with value heads narrower than query/key heads (MiMo-V2-Flash); 0 = head_dim
     # DeepSeek-V3.2 / GLM-5 sparse attention: a lightning indexer per layer, indexer_heads query heads of
-    # indexer_head_dim from the compressed query, one key head (LayerNorm with bias), per-head weights
+    # indexer_head_dim from the compressed query, one key head (LayerNorm with bias), per-head weights; with GQA
+    # (MiniMax-M3) the query heads come from the hidden state, q and k have RMSNorms, there are no head weights
     indexer_heads: int = 0
     indexer_head_dim: int = 0
     indexer_kpool: int = 0  # GLM-5-Next's k-pool compression: a kpool x indexer_head_dim table and a gate from d
@@ -214,6 +216,19 @@ def glm5_next_vision_params(v: dict) -> int:
         + ((2 * inter + h) if bias else 0)
     merger = o * o + 2 * o + 3 * o * v["projection_intermediate_size"]
     return embed + v["depth"] * block + h + (o * h * m * m + o) + merger
+
+
+def minimax_m3_vision_params(c: dict) -> int:
+    """MiniMax-M3's vision tower and projector: a bias-free 3-D patch convolution, a pre-LayerNorm, CLIP-like
+    blocks (biased q/k/v/out projections and two-layer MLP, two LayerNorms with bias), then the projector: a biased
+    two-layer MLP per patch to the text width, and one from spatial_merge_size^2 merged patches to the text width."""
+    v, T, P = c["vision_config"], c["text_config"]["hidden_size"], c["projector_hidden_size"]
+    h, inter, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
+    embed = v["num_channels"] * v["temporal_patch_size"] * p * p * h + 2 * h
+    layer = 4 * (h * h + h) + (h * inter + inter) + (inter * h + h) + 2 * 2 * h
+    merged = T * v["spatial_merge_size"] ** 2
+    projector = (h * P + P + P * T + T) + (merged * P + P + P * T + T)
+    return embed + v["num_hidden_layers"] * layer + projector
 
 
 def hyper_connection_params(s: ArchSpec) -> int:
@@ -709,6 +724,36 @@ def _spec_glm5_next(c: dict, name: str) -> ArchSpec:
                     vision_params=glm5_next_vision_params(c["vision_config"]))
 
 
+MINIMAX_M3_LEGACY_INDEXER = {"index_n_heads": "sparse_num_index_heads", "index_head_dim": "sparse_index_dim"}
+
+
+def _spec_minimax_m3_text(c: dict, name: str, vision: int = 0) -> ArchSpec:
+    """MiniMax-M3's text decoder: GQA with per-head q/k norms and no biases, a lightning indexer (query heads from
+    the hidden state, q/k RMSNorms) on the layers layer_types marks "minimax_m3_sparse" (from the file's
+    sparse_attention_config when layer_types is absent; none by default), dense layers of dense_intermediate_size
+    by mlp_layer_types (from moe_layer_freq; all MoE by default), a gated shared expert of shared_intermediate_size,
+    a selection-only correction bias (a buffer)."""
+    L, E = c["num_hidden_layers"], c["num_local_experts"]
+    sparse = c.get("sparse_attention_config") or {}  # read by MiniMaxM3VLTextConfig, kept here without transformers
+    c = {**c, **{flat: sparse[old] for flat, old in MINIMAX_M3_LEGACY_INDEXER.items() if old in sparse}}
+    types = c["layer_types"] or ["minimax_m3_sparse" if f else "full_attention"
+                                 for f in sparse.get("sparse_attention_freq") or [0] * L]
+    freq = c.get("moe_layer_freq")
+    mlp = c["mlp_layer_types"] or (["sparse" if f else "dense" for f in freq] if freq is not None else ["sparse"] * L)
+    indexer = dict(indexer_heads=c["index_n_heads"], indexer_head_dim=c["index_head_dim"])
+    return _decoder(c, name, qk_norm="per_head", dense_inter=c["dense_intermediate_size"],
+                    layer_attention={i: indexer for i, t in enumerate(types) if t == "minimax_m3_sparse"},
+                    moe_layers=[i for i, t in enumerate(mlp) if E and t == "sparse"], router_correction_bias=True,
+                    **_experts(c, "num_local_experts", "num_experts_per_tok", "intermediate_size"),
+                    shared_inter=c["shared_intermediate_size"] or 0, vision_params=vision)
+
+
+def _spec_minimax_m3_vl(c: dict, name: str) -> ArchSpec:
+    """MiniMax-M3 (image-text): its text decoder is counted, the vision tower and projector reported apart."""
+    text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="minimax_m3_vl_text")
+    return _spec_minimax_m3_text(text, name, minimax_m3_vision_params(c))
+
+
 def _spec_olmoe(c: dict, name: str) -> ArchSpec:
     """OLMoE and FlexOlmo: q/k norms over the whole projection."""
     E = "num_experts"
@@ -852,7 +897,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "laguna": _spec_laguna, "mimo_v2_flash": _spec_mimo_v2_flash, "lara_mini": _spec_lara_mini,
     "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid,
     "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "nemotron_h": _spec_nemotron_h,
-    "kolibri1": _spec_kolibri1, "beam": _spec_beam, "glm5_next": _spec_glm5_next, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
+    "kolibri1": _spec_kolibri1, "beam": _spec_beam, "glm5_next": _spec_glm5_next,
+    "minimax_m3_vl_text": _spec_minimax_m3_text, "minimax_m3_vl": _spec_minimax_m3_vl, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
     "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
     "aria": _spec_aria, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
@@ -937,9 +983,10 @@ def attention_matrix_params(s: ArchSpec) -> int:
         gate = d * s.n_heads if s.attn_output_gate == "per_head" else 0  # Bailing-hybrid's g_proj
         return q + kv + s.n_heads * s.v_head_dim * d + indexer + gate
     q_out, k_out, v_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * gqa_v_dim(s)
+    indexer = (s.indexer_heads + 1) * s.indexer_head_dim * d if s.indexer_heads else 0
     gate = {"none": 0, "q_doubled": q_out, "per_dim": q_out, "per_dim_head_bias": q_out,
             "per_head": s.n_heads}[s.attn_output_gate]
-    return d * (q_out + k_out + v_out + gate) + s.n_heads * gqa_v_dim(s) * d
+    return d * (q_out + k_out + v_out + gate) + s.n_heads * gqa_v_dim(s) * d + indexer
 
 
 def gqa_v_dim(s: ArchSpec) -> int:
@@ -958,6 +1005,7 @@ def attention_vector_params(s: ArchSpec) -> int:
     n = (q_bias + k_out + v_out if s.qkv_bias else 0) + (s.d if s.o_bias else 0)
     n += {"none": 0, "per_head": 2 * s.head_dim, "full": q_out + k_out}[s.qk_norm]
     n += s.n_heads if s.attn_output_gate == "per_dim_head_bias" else 0
+    n += 2 * s.indexer_head_dim if s.indexer_heads else 0  # the GQA indexer's q/k RMSNorms
     return n + (s.n_heads if s.attn_sinks else 0)
 
 
