@@ -199,7 +199,8 @@ def hf_model(cfg_dict, device="meta", **kwargs):
             "glm4v_moe": transformers.AutoModelForImageTextToText,
             "aria": transformers.AutoModelForImageTextToText,
             "glm5_next": transformers.AutoModelForImageTextToText,
-            "minimax_m3_vl": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+            "minimax_m3_vl": transformers.AutoModelForImageTextToText,
+            "qwen3_omni_moe_thinker": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -284,7 +285,13 @@ VISION_LANGUAGE = {
                        projection_intermediate_size=40, patch_size=4)),
     "minimax_m3_vl": (TINY_CASES["minimax_m3_vl_text"], dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                                             num_attention_heads=2, patch_size=4)),
+    "qwen3_omni_moe_thinker": (dict(TINY_CASES["qwen3_moe"], norm_topk_prob=False),
+                               dict(QWEN3_5_VISION, deepstack_visual_indexes=[1])),
 }
+# towers beside the vision one: tiny config, parameter-name prefix in transformers' model
+AUDIO = {"qwen3_omni_moe_thinker": (dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32,
+                                         output_dim=64, downsample_hidden_size=8, num_mel_bins=20),
+                                    "model.audio_tower.")}
 
 
 @pytest.mark.parametrize("use_transformers", [True, False], ids=["transformers", "table"])
@@ -299,19 +306,23 @@ def test_vision_towers_counted_apart_equal_hf(model_type, size, use_transformers
     if size == "tiny":
         text, vision = VISION_LANGUAGE[model_type]
         cfg.update(text_config={**TINY, **text}, vision_config=vision)
+        if model_type in AUDIO:
+            cfg.update(audio_config=AUDIO[model_type][0])
     model = hf_model(cfg)
     if not use_transformers:
         monkeypatch.setattr(config_reader, "_transformers", lambda: None)
     c = params.count_params(params.spec_from_hf(cfg))
     is_vision = lambda n: not n.startswith(("model.language_model.", "lm_head."))  # tower and projector
+    is_audio = lambda n: model_type in AUDIO and n.startswith(AUDIO[model_type][1])
     assert c.total == numel(model, lambda n: not is_vision(n))
-    assert c.separate["vision"] == numel(model, is_vision) > 0
+    assert c.separate["vision"] == numel(model, lambda n: is_vision(n) and not is_audio(n)) > 0
+    assert c.separate.get("audio", 0) == numel(model, is_audio) and ("audio" in c.separate) == (model_type in AUDIO)
 
 
 FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_transformers", "dots1",
                                                    "hunyuan_v1_moe", "dbrx", "lfm2_moe", "qwen3_5_moe",
                                                    "qwen3_vl_moe", "glm4v_moe", "aria", "glm5_next",
-                                                   "minimax_m3_vl"})
+                                                   "minimax_m3_vl", "qwen3_omni_moe_thinker"})
 
 
 @pytest.mark.parametrize("model_type", FAMILY_DEFAULTS)

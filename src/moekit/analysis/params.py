@@ -7,7 +7,8 @@ Conventions, stated once:
             apart in ``separate`` (never inside ``total``): DeepSeek-V3's multi-token-prediction module
             (``mtp``; DeepSeek-V3 report, Liu et al. 2024, sec. 2.2) and Llama 4's vision encoder + projector
             (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE,
-            Qwen3-VL-MoE, GLM-4.5V, Aria, GLM-5-Next and MiniMax-M3.
+            Qwen3-VL-MoE, GLM-4.5V, Aria, GLM-5-Next, MiniMax-M3 and Qwen3-Omni's thinker (its audio encoder too, as
+            ``audio``).
   active  = parameters a token touches in one forward pass: all non-expert parameters, top_k routed
             experts and all shared experts per MoE layer. ``active`` includes the embedding table and the
             LM head (the convention of Mixtral's "12.9B", Qwen3's and Llama 4's figures);
@@ -117,6 +118,7 @@ class ArchSpec:
     # modules outside `total`
     mtp_layers: int = 0  # DeepSeek-V3 multi-token-prediction modules
     vision_params: int = 0  # Llama 4 vision encoder + multimodal projector
+    audio_params: int = 0  # Qwen3-Omni's audio encoder
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -235,6 +237,21 @@ def hyper_connection_params(s: ArchSpec) -> int:
     """Two hyper-connection mixers per layer (ArchSpec.hc_streams)."""
     n = s.hc_streams
     return 2 * ((2 + n) * n * (n * s.d + 1) + 3) if n else 0
+
+
+def qwen3_omni_audio_params(a: dict) -> int:
+    """Qwen3-Omni's audio encoder: three stride-2 3x3 convolutions with biases over the mel spectrogram, a
+    bias-free linear from the flattened (channels x downsampled mel bins) to d_model, sinusoidal positions (a
+    buffer), Whisper-style encoder layers (biased attention and MLP, LayerNorms with bias), a final LayerNorm and
+    two biased projections to output_dim."""
+    d, ffn, ch = a["d_model"], a["encoder_ffn_dim"], a["downsample_hidden_size"]
+    mel = a["num_mel_bins"]
+    for _ in range(3):  # each conv halves the mel axis (kernel 3, stride 2, padding 1)
+        mel = (mel + 1) // 2
+    convs = (9 * ch + ch) + 2 * (9 * ch * ch + ch)
+    layer = 4 * (d * d + d) + (d * ffn + ffn) + (ffn * d + d) + 2 * 2 * d
+    out = a["output_dim"]
+    return convs + ch * mel * d + a["encoder_layers"] * layer + 2 * d + (d * d + d) + (d * out + out)
 
 
 def _switch_layers(n: int, n_sparse: int, offset: int) -> list[int]:
@@ -447,6 +464,14 @@ def _spec_qwen3_vl_moe(c: dict, name: str) -> ArchSpec:
     """Qwen3-VL-MoE (image-text): its Qwen3-MoE text decoder is counted, the vision tower reported apart."""
     text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="qwen3_vl_moe_text")
     return dataclasses.replace(_spec_qwen_moe(text, name), vision_params=qwen3_vl_vision_params(c["vision_config"]))
+
+
+def _spec_qwen3_omni_moe_thinker(c: dict, name: str) -> ArchSpec:
+    """Qwen3-Omni's thinker (text, image, audio in; text out): its Qwen3-MoE text decoder is counted, the
+    Qwen3-VL-style vision tower and the audio encoder reported apart."""
+    text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="qwen3_omni_moe_text")
+    return dataclasses.replace(_spec_qwen_moe(text, name), vision_params=qwen3_vl_vision_params(c["vision_config"]),
+                               audio_params=qwen3_omni_audio_params(c["audio_config"]))
 
 
 def _spec_glm4v_moe(c: dict, name: str) -> ArchSpec:
@@ -900,7 +925,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "kolibri1": _spec_kolibri1, "beam": _spec_beam, "glm5_next": _spec_glm5_next,
     "minimax_m3_vl_text": _spec_minimax_m3_text, "minimax_m3_vl": _spec_minimax_m3_vl, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
     "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
-    "aria": _spec_aria, "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
+    "aria": _spec_aria, "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
+    "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
     "glm4_moe_lite": _spec_deepseek, "glm_moe_dsa": _spec_deepseek, "solar_open": _spec_deepseek,
@@ -1111,6 +1137,9 @@ def count_params(s: ArchSpec) -> ParamCount:
         separate["vision"] = s.vision_params
         notes.append(f"counts the text decoder; the vision encoder + projector ({s.vision_params:,}) are "
                      "reported apart")
+    if s.audio_params:
+        separate["audio"] = s.audio_params
+        notes.append(f"the audio encoder ({s.audio_params:,}) is reported apart")
     if s.router_correction_bias:
         buffers["e_score_correction_bias"] = n_moe * s.num_experts
         notes.append(f"router e_score_correction_bias: {n_moe * s.num_experts:,} values, an HF buffer "
