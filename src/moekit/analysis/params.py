@@ -7,8 +7,8 @@ Conventions, stated once:
             apart in ``separate`` (never inside ``total``): DeepSeek-V3's multi-token-prediction module
             (``mtp``; DeepSeek-V3 report, Liu et al. 2024, sec. 2.2) and Llama 4's vision encoder + projector
             (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE,
-            Qwen3-VL-MoE, GLM-4.5V, Aria, GLM-5-Next, MiniMax-M3 and Qwen3-Omni's thinker (its audio encoder too, as
-            ``audio``).
+            Qwen3-VL-MoE, GLM-4.5V, Aria, GLM-5-Next, MiniMax-M3, Qwen4-Exp and Qwen3-Omni's thinker (its audio
+            encoder too, as ``audio``).
   active  = parameters a token touches in one forward pass: all non-expert parameters, top_k routed
             experts and all shared experts per MoE layer. ``active`` includes the embedding table and the
             LM head (the convention of Mixtral's "12.9B", Qwen3's and Llama 4's figures);
@@ -92,10 +92,17 @@ class ArchSpec:
     # (MiniMax-M3) the query heads come from the hidden state, q and k have RMSNorms, there are no head weights
     indexer_heads: int = 0
     indexer_head_dim: int = 0
+    indexer_kv_heads: int = 1  # GQA indexers: key heads of the indexer (one fused q/k projection in Qwen4-Exp)
     indexer_kpool: int = 0  # GLM-5-Next's k-pool compression: a kpool x indexer_head_dim table and a gate from d
     # manifold-constrained hyper-connections (Xie et al. 2026): hc_streams residual streams; each layer has two
     # mixers (attention, FFN), each a projection from the n*d streams to (2+n)*n weights, their bias and 3 scales
     hc_streams: int = 0
+    # Qwen4-Exp's gated residuals instead: per mixer a norm over the n*d streams, a rank-hc_lowrank mixing
+    # projection (down and up) and an injection projection to n weights; a last mixer (no injection) before the head
+    hc_lowrank: int = 0
+    final_norm: bool = True  # Qwen4-Exp: no final norm (its last hyper-connection mixer has one)
+    # Qwen4-Exp's per-layer n-gram embeddings (hashed n-gram tables, key/value projections, norms, a convolution)
+    ple_params: int = 0
     # FFN
     dense_inter: int = 0
     dense_inter_overrides: dict[int, int] = field(default_factory=dict)  # layer -> hidden (moekit dense twins)
@@ -234,9 +241,42 @@ def minimax_m3_vision_params(c: dict) -> int:
 
 
 def hyper_connection_params(s: ArchSpec) -> int:
-    """Two hyper-connection mixers per layer (ArchSpec.hc_streams)."""
-    n = s.hc_streams
-    return 2 * ((2 + n) * n * (n * s.d + 1) + 3) if n else 0
+    """All hyper-connection mixers: two per layer (ArchSpec.hc_streams), and Qwen4-Exp's last one."""
+    n, nd, r = s.hc_streams, s.hc_streams * s.d, s.hc_lowrank
+    if not n:
+        return 0
+    if r:  # Qwen4-Exp's gated residual
+        return s.n_layers * 2 * (nd + 2 * nd * r + nd * n) + (nd + 2 * nd * r)
+    return s.n_layers * 2 * ((2 + n) * n * (nd + 1) + 3)
+
+
+def _nth_prime_after(start: int, count: int) -> int:
+    """The count-th prime above start (Qwen4-Exp sizes each hashed n-gram table by one)."""
+    def is_prime(n: int) -> bool:
+        return n > 1 and all(n % f for f in range(2, math.isqrt(n) + 1))
+    n = start
+    for _ in range(count):
+        n += 1
+        while not is_prime(n):
+            n += 1
+    return n
+
+
+def qwen4_exp_ple_params(c: dict) -> int:
+    """Qwen4-Exp's per-layer embeddings on the layers ple_layer_ids lists (1-indexed): (ngram_size - 1) *
+    heads_per_ngram hashed n-gram tables of ple_embed_dim / heads columns, each a distinct prime number of rows
+    above ngram_vocab_size_base (the j-th PLE layer continues the count), one table padded to
+    make_ngram_vocab_size_divisible_by rows; a key projection to the hc_count streams and a value projection to d,
+    three norms over the streams and a depthwise dilated convolution over them."""
+    d, n = c["hidden_size"], c["hc_count"]
+    E = c.get("ple_embed_dim") or d
+    heads = (c["ngram_size"] - 1) * c["heads_per_ngram"]
+    total = 0
+    for j, _ in enumerate(sorted(set(c["ple_layer_ids"] or []))):
+        rows = sum(_nth_prime_after(c["ngram_vocab_size_base"] - 1, j * heads + h + 1) for h in range(heads))
+        div = c["make_ngram_vocab_size_divisible_by"]
+        total += -(-rows // div) * div * (E // heads) + E * n * d + E * d + 3 * n * d + n * d * c["ple_conv_kernel_size"]
+    return total
 
 
 def qwen3_omni_audio_params(a: dict) -> int:
@@ -779,6 +819,29 @@ def _spec_minimax_m3_vl(c: dict, name: str) -> ArchSpec:
     return _spec_minimax_m3_text(text, name, minimax_m3_vision_params(c))
 
 
+def _spec_qwen4_exp_text(c: dict, name: str, vision: int = 0) -> ArchSpec:
+    """Qwen4-Exp's text decoder: Qwen3-Next's hybrid (gated DeltaNet; gated attention with q_proj doubled and per-head
+    q/k norms; every full_attention_interval-th layer, 4, is attention by default), a QSA indexer (one fused q/k
+    projection, q/k norms) on every attention layer, MoE with a sigmoid-gated shared expert on every layer, gated
+    residual hyper-connections (no per-layer or final norms outside them) and per-layer n-gram embeddings."""
+    if c["indexer_n_heads"] is None:
+        raise ConfigError("config.json indexer_n_heads=None (qwen4_exp_text): the calculator needs the QSA indexer "
+                          "fields (transformers cannot build the model without them either)")
+    L = c["num_hidden_layers"]
+    interval = c.get("full_attention_interval") or 4
+    types = c["layer_types"] or ["linear_attention" if (i + 1) % interval else "indexed_attention" for i in range(L)]
+    return _decoder(c, name, **_qwen_next(dict(c, layer_types=types)), norms_per_layer=0, final_norm=False,
+                    indexer_heads=c["indexer_n_heads"], indexer_kv_heads=c["indexer_kv_heads"],
+                    indexer_head_dim=c["indexer_head_dim"], hc_streams=c["hc_count"], hc_lowrank=c["hc_lowrank"],
+                    ple_params=qwen4_exp_ple_params(c), moe_layers=_all_layers(c), vision_params=vision)
+
+
+def _spec_qwen4_exp(c: dict, name: str) -> ArchSpec:
+    """Qwen4-Exp (image-text): its text decoder is counted, the Qwen3-VL-style vision tower reported apart."""
+    text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="qwen4_exp_text")
+    return _spec_qwen4_exp_text(text, name, qwen3_vl_vision_params(c["vision_config"]))
+
+
 def _spec_olmoe(c: dict, name: str) -> ArchSpec:
     """OLMoE and FlexOlmo: q/k norms over the whole projection."""
     E = "num_experts"
@@ -923,7 +986,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "lfm2_moe": _spec_lfm2_moe, "kimi_linear": _spec_kimi_linear, "bailing_hybrid": _spec_bailing_hybrid,
     "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "nemotron_h": _spec_nemotron_h,
     "kolibri1": _spec_kolibri1, "beam": _spec_beam, "glm5_next": _spec_glm5_next,
-    "minimax_m3_vl_text": _spec_minimax_m3_text, "minimax_m3_vl": _spec_minimax_m3_vl, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
+    "minimax_m3_vl_text": _spec_minimax_m3_text, "minimax_m3_vl": _spec_minimax_m3_vl,
+    "qwen4_exp_text": _spec_qwen4_exp_text, "qwen4_exp": _spec_qwen4_exp, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
     "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
     "aria": _spec_aria, "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
     "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
@@ -1009,7 +1073,7 @@ def attention_matrix_params(s: ArchSpec) -> int:
         gate = d * s.n_heads if s.attn_output_gate == "per_head" else 0  # Bailing-hybrid's g_proj
         return q + kv + s.n_heads * s.v_head_dim * d + indexer + gate
     q_out, k_out, v_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * gqa_v_dim(s)
-    indexer = (s.indexer_heads + 1) * s.indexer_head_dim * d if s.indexer_heads else 0
+    indexer = (s.indexer_heads + s.indexer_kv_heads) * s.indexer_head_dim * d if s.indexer_heads else 0
     gate = {"none": 0, "q_doubled": q_out, "per_dim": q_out, "per_dim_head_bias": q_out,
             "per_head": s.n_heads}[s.attn_output_gate]
     return d * (q_out + k_out + v_out + gate) + s.n_heads * gqa_v_dim(s) * d + indexer
@@ -1075,7 +1139,7 @@ def norm_count(s: ArchSpec) -> int:
     n_dec = s.n_layers - s.n_encoder_layers
     if s.is_encoder_decoder:
         return 2 * s.n_encoder_layers + 1 + 3 * n_dec + 1
-    return s.norms_per_layer * s.n_layers + 1
+    return s.norms_per_layer * s.n_layers + (1 if s.final_norm else 0)
 
 
 @dataclass
@@ -1116,13 +1180,14 @@ def count_params(s: ArchSpec) -> ParamCount:
         "attention": sum(attention_params(s.attn_at(i)) for i in s.attention_layers()) + cross + rel_pos_params(s)
         + len(s.linear_layers) * s.linear_attn_params,
         "norms": norm_count(s) * s.d * (2 if s.norm_bias else 1),
+        "per_layer_embeddings": s.ple_params,
         "dense_ffn": sum(s.dense_matrices_overrides.get(i, s.dense_matrices) * s.d
                          * s.dense_inter_overrides.get(i, s.dense_inter)
                          for i in range(s.n_layers) if i not in s.moe_layers and i not in s.ffn_free_layers),
         "routed_experts": n_moe * s.num_experts * expert_params(s),
         "shared_experts": n_moe * shared_params(s),
         "router": n_moe * router_params(s),
-        "hyper_connections": s.n_layers * hyper_connection_params(s),
+        "hyper_connections": hyper_connection_params(s),
     }
     total = sum(b.values())
     active = (total - n_moe * (s.num_experts - s.top_k) * expert_params(s)
