@@ -180,6 +180,9 @@ TINY_CASES = {
                            indexer_budget=8, indexer_compress_ratio=2, ple_layer_ids=[1, 3], ple_embed_dim=16,
                            heads_per_ngram=2, ngram_vocab_size_base=50, make_ngram_vocab_size_divisible_by=8,
                            eos_token_id=0, pad_token_id=0),
+    # gpt-oss's layers, bidirectional, a biased token-classification head of num_labels outputs
+    "openai_privacy_filter": dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                                  sliding_window=8, num_labels=7, pad_token_id=0, eos_token_id=0),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
     "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),
@@ -209,7 +212,8 @@ def hf_model(cfg_dict, device="meta", **kwargs):
             "glm5_next": transformers.AutoModelForImageTextToText,
             "minimax_m3_vl": transformers.AutoModelForImageTextToText,
             "qwen3_omni_moe_thinker": transformers.AutoModelForImageTextToText,
-            "qwen4_exp": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+            "qwen4_exp": transformers.AutoModelForImageTextToText,
+            "openai_privacy_filter": transformers.AutoModelForTokenClassification}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -249,9 +253,11 @@ def test_tiny_configs_count_equals_hf_to_the_parameter(model_type):
     assert count.active == active
     emb = numel(model, lambda n: "embed_tokens" in n or n in ("shared.weight", "transformer.wte.weight",
                                                               "model.embeddings.weight",
-                                                              "lm_head.weight", "lm_head.bias"))
+                                                              "lm_head.weight", "lm_head.bias",
+                                                              "score.weight", "score.bias"))
     assert count.active_non_embedding == active - emb
-    head = numel(model, lambda n: n.startswith("lm_head.")) if not spec.tie_embeddings else spec.vocab * spec.d
+    head = numel(model, lambda n: n.startswith(("lm_head.", "score."))) if not spec.tie_embeddings \
+        else spec.vocab * spec.d
     assert count.active_with_head == count.active_non_embedding + head
 
 
@@ -348,6 +354,16 @@ FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_t
                                                    "qwen3_vl_moe", "glm4v_moe", "aria", "glm5_next",
                                                    "minimax_m3_vl", "qwen3_omni_moe_thinker", "qwen4_exp",
                                                    "qwen4_exp_text"})
+
+
+def test_privacy_filter_default_labels_without_transformers(monkeypatch):
+    """A config.json without id2label / num_labels gets transformers' default label set: the head counted without
+    transformers has as many rows as the one transformers builds."""
+    from moekit.interop import config_reader
+
+    rows = hf_model({"model_type": "openai_privacy_filter"}).score.weight.shape[0]
+    monkeypatch.setattr(config_reader, "_transformers", lambda: None)
+    assert params.spec_from_hf({"model_type": "openai_privacy_filter"}).head_rows == rows
 
 
 @pytest.mark.parametrize("model_type", FAMILY_DEFAULTS)

@@ -81,6 +81,7 @@ class ArchSpec:
     norm_bias: bool = False  # LayerNorms with a bias (PhiMoE)
     norms_per_layer: int = 2  # AFMoE: 4 (norms before and after the FFN too); Cohere2-MoE: 1 (parallel block)
     lm_head_bias: bool = False
+    head_rows: int = 0  # outputs of the head when they are not the vocabulary (a token classifier's labels)
     # MLA (DeepSeek-V2/V3)
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
@@ -842,6 +843,22 @@ def _spec_qwen4_exp(c: dict, name: str) -> ArchSpec:
     return _spec_qwen4_exp_text(text, name, qwen3_vl_vision_params(c["vision_config"]))
 
 
+# "O" and the B/I/E/S tags of its 8 span labels: the id2label transformers' config fills when the file has none
+PRIVACY_FILTER_DEFAULT_LABELS = 33
+
+
+def _spec_openai_privacy_filter(c: dict, name: str) -> ArchSpec:
+    """OpenAI Privacy Filter: gpt-oss's layers (biases everywhere, attention sinks, biased experts and router) as a
+    bidirectional encoder with a band (sliding_window) on every layer, and a biased token-classification head of
+    num_labels outputs instead of an LM head."""
+    L = c["num_hidden_layers"]
+    labels = len(c["id2label"]) if c.get("id2label") else c.get("num_labels") or PRIVACY_FILTER_DEFAULT_LABELS
+    return _decoder(c, name, **_bias(c), attn_sinks=True, window_kind="sliding",
+                    attn_windows=[c["sliding_window"] or 0] * L, head_rows=labels, lm_head_bias=True,
+                    moe_layers=_all_layers(c), **_experts(c, "num_local_experts", "num_experts_per_tok",
+                                                          "intermediate_size"), router_bias=True, expert_bias=True)
+
+
 def _spec_olmoe(c: dict, name: str) -> ArchSpec:
     """OLMoE and FlexOlmo: q/k norms over the whole projection."""
     E = "num_experts"
@@ -987,7 +1004,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "aria_text": _spec_aria_text, "mistral4": _spec_deepseek, "nemotron_h": _spec_nemotron_h,
     "kolibri1": _spec_kolibri1, "beam": _spec_beam, "glm5_next": _spec_glm5_next,
     "minimax_m3_vl_text": _spec_minimax_m3_text, "minimax_m3_vl": _spec_minimax_m3_vl,
-    "qwen4_exp_text": _spec_qwen4_exp_text, "qwen4_exp": _spec_qwen4_exp, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
+    "qwen4_exp_text": _spec_qwen4_exp_text, "qwen4_exp": _spec_qwen4_exp,
+    "openai_privacy_filter": _spec_openai_privacy_filter, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
     "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
     "aria": _spec_aria, "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
     "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
@@ -1173,10 +1191,11 @@ def mtp_params(s: ArchSpec) -> int:
 def count_params(s: ArchSpec) -> ParamCount:
     n_moe = len(s.moe_layers)
     n_dec = s.n_layers - s.n_encoder_layers
+    rows = s.head_rows or s.vocab
     cross = n_dec * attention_params(s) if s.is_encoder_decoder else 0
     b = {
         "embeddings": s.vocab * s.d,
-        "lm_head": (0 if s.tie_embeddings else s.vocab * s.d) + (s.vocab if s.lm_head_bias else 0),
+        "lm_head": (0 if s.tie_embeddings else rows * s.d) + (rows if s.lm_head_bias else 0),
         "attention": sum(attention_params(s.attn_at(i)) for i in s.attention_layers()) + cross + rel_pos_params(s)
         + len(s.linear_layers) * s.linear_attn_params,
         "norms": norm_count(s) * s.d * (2 if s.norm_bias else 1),
@@ -1220,7 +1239,7 @@ def count_params(s: ArchSpec) -> ParamCount:
                      "state: no KV cache, no per-position attention FLOPs; the conv/recurrence FLOPs beyond the "
                      "projections are not counted)")
     emb = b["embeddings"] + b["lm_head"]
-    head = s.vocab * s.d + (s.vocab if s.lm_head_bias else 0)
+    head = rows * s.d + (rows if s.lm_head_bias else 0)
     return ParamCount(s.name, total, active, active - emb, active - emb + head, b, separate, buffers, notes)
 
 
