@@ -213,7 +213,9 @@ def hf_model(cfg_dict, device="meta", **kwargs):
             "minimax_m3_vl": transformers.AutoModelForImageTextToText,
             "qwen3_omni_moe_thinker": transformers.AutoModelForImageTextToText,
             "qwen4_exp": transformers.AutoModelForImageTextToText,
-            "openai_privacy_filter": transformers.AutoModelForTokenClassification}.get(cfg_dict["model_type"],
+            "openai_privacy_filter": transformers.AutoModelForTokenClassification,
+            "deepseek_ocr2": transformers.AutoModelForImageTextToText,
+            "unlimited_ocr": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -271,6 +273,10 @@ def test_llama4_vision_tower_counted_apart_equals_hf():
 
 
 # dots1/hunyuan/dbrx: see TINY_CASES; lfm2_moe's default layer_types is None, which transformers cannot build
+OCR_TEXT = dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2,
+                num_experts_per_tok=2, attention_bias=True, mlp_layer_types=["dense", "sparse", "sparse"])
+OCR_SAM = dict(hidden_size=16, output_channels=16, num_hidden_layers=3, num_attention_heads=2, image_size=64,
+               global_attn_indexes=[1], window_size=2)
 QWEN3_5_VISION = dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=64, patch_size=4,
                       temporal_patch_size=2, num_position_embeddings=16)
 
@@ -303,6 +309,12 @@ VISION_LANGUAGE = {
                                                             num_attention_heads=2, patch_size=4)),
     "qwen3_omni_moe_thinker": (dict(TINY_CASES["qwen3_moe"], norm_topk_prob=False),
                                dict(QWEN3_5_VISION, deepstack_visual_indexes=[1])),
+    # SAM (windowed and global layers; DeepSeek-OCR-2's mlp_dim and downsample_channels derived) + a second encoder
+    "deepseek_ocr2": (OCR_TEXT, dict(sam_config=OCR_SAM, encoder_config=dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))),
+    "unlimited_ocr": (OCR_TEXT, dict(sam_config=dict(OCR_SAM, mlp_dim=48, downsample_channels=[16, 24]),
+                                     encoder_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                         num_attention_heads=2, image_size=32, patch_size=8))),
 }
 # towers beside the vision one: tiny config, parameter-name prefix in transformers' model
 AUDIO = {"qwen3_omni_moe_thinker": (dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32,
@@ -333,6 +345,8 @@ def test_vision_towers_counted_apart_equal_hf(model_type, size, use_transformers
     if size == "full_size_defaults" and model_type in NO_FULL_SIZE_DEFAULTS:
         pytest.skip("transformers cannot build its defaults: see test_families_transformers_cannot_build_at_defaults")
     cfg = {"model_type": model_type}
+    if size == "full_size_defaults" and model_type == "deepseek_ocr2":
+        cfg.update(text_config=dict(mlp_layer_types=["dense"] + ["sparse"] * 31))  # (None by default: see below)
     if size == "tiny":
         text, vision = VISION_LANGUAGE[model_type]
         cfg.update(text_config={**TINY, **text}, vision_config=vision)
@@ -349,11 +363,48 @@ def test_vision_towers_counted_apart_equal_hf(model_type, size, use_transformers
     assert c.separate.get("audio", 0) == numel(model, is_audio) and ("audio" in c.separate) == (model_type in AUDIO)
 
 
+@pytest.mark.parametrize("use_transformers", [True, False], ids=["transformers", "table"])
+@pytest.mark.parametrize("variant", ["language_config", "first_k_dense_replace"])
+def test_unlimited_ocr_text_config_as_the_original_checkpoint_stores_it(variant, use_transformers, monkeypatch):
+    """Unlimited-OCR's original config holds the text config as language_config, and may give the dense layers by
+    first_k_dense_replace instead of mlp_layer_types (1 when absent): read as transformers reads them."""
+    from moekit.interop import config_reader
+
+    text, vision = VISION_LANGUAGE["unlimited_ocr"]
+    text = {k: v for k, v in {**TINY, **text}.items() if k != "mlp_layer_types"}
+    cfg = {"model_type": "unlimited_ocr", "vision_config": vision}
+    if variant == "language_config":
+        cfg.update(language_config=text)
+    else:
+        cfg.update(text_config=dict(text, first_k_dense_replace=2))
+    model = hf_model(cfg)
+    if not use_transformers:
+        monkeypatch.setattr(config_reader, "_transformers", lambda: None)
+    c = params.count_params(params.spec_from_hf(cfg))
+    language = lambda n: n.startswith(("model.language_model.", "lm_head."))
+    assert c.total == numel(model, language)
+    assert c.separate["vision"] == numel(model, lambda n: not language(n))
+
+
+@pytest.mark.parametrize("use_transformers", [True, False], ids=["transformers", "table"])
+def test_deepseek_ocr2_without_mlp_layer_types_is_refused_as_transformers_cannot_build_it(use_transformers,
+                                                                                         monkeypatch):
+    from moekit.errors import ConfigError
+    from moekit.interop import config_reader
+
+    with pytest.raises(TypeError):  # transformers indexes mlp_layer_types[layer_idx]
+        hf_model({"model_type": "deepseek_ocr2"})
+    if not use_transformers:
+        monkeypatch.setattr(config_reader, "_transformers", lambda: None)
+    with pytest.raises(ConfigError, match="mlp_layer_types"):
+        params.spec_from_hf({"model_type": "deepseek_ocr2"})
+
+
 FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_transformers", "dots1",
                                                    "hunyuan_v1_moe", "dbrx", "lfm2_moe", "qwen3_5_moe",
                                                    "qwen3_vl_moe", "glm4v_moe", "aria", "glm5_next",
                                                    "minimax_m3_vl", "qwen3_omni_moe_thinker", "qwen4_exp",
-                                                   "qwen4_exp_text"})
+                                                   "qwen4_exp_text", "deepseek_ocr2", "unlimited_ocr"})
 
 
 def test_privacy_filter_default_labels_without_transformers(monkeypatch):

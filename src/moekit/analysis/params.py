@@ -8,7 +8,7 @@ Conventions, stated once:
             (``mtp``; DeepSeek-V3 report, Liu et al. 2024, sec. 2.2) and Llama 4's vision encoder + projector
             (``vision``; the text decoder is what ``total`` counts), likewise the vision towers of Qwen3.5-MoE,
             Qwen3-VL-MoE, GLM-4.5V, Aria, GLM-5-Next, MiniMax-M3, Qwen4-Exp and Qwen3-Omni's thinker (its audio
-            encoder too, as ``audio``).
+            encoder too, as ``audio``), and the vision encoders of DeepSeek-OCR-2 and Unlimited-OCR.
   active  = parameters a token touches in one forward pass: all non-expert parameters, top_k routed
             experts and all shared experts per MoE layer. ``active`` includes the embedding table and the
             LM head (the convention of Mixtral's "12.9B", Qwen3's and Llama 4's figures);
@@ -295,6 +295,54 @@ def qwen3_omni_audio_params(a: dict) -> int:
     return convs + ch * mel * d + a["encoder_layers"] * layer + 2 * d + (d * d + d) + (d * out + out)
 
 
+def sam_vision_params(s: dict) -> int:
+    """The SAM ViT-B image encoder of DeepSeek-OCR-2 and Unlimited-OCR: a patch convolution with bias, absolute
+    position embeddings (use_abs_pos), blocks (LayerNorms with bias, fused qkv (biased if qkv_bias) and output
+    projections, relative position tables (use_rel_pos) over the window, or the whole patch grid on the
+    global_attn_indexes layers, a biased two-layer MLP of mlp_dim), the neck (bias-free 1x1 and 3x3 convolutions to
+    output_channels, each followed by a LayerNorm with bias) and two bias-free stride-2 3x3 convolutions through
+    downsample_channels."""
+    h, p, grid, out = s["hidden_size"], s["patch_size"], s["image_size"] // s["patch_size"], s["output_channels"]
+    # DeepSeek-OCR-2's config leaves these None and derives them in __post_init__ (read the same way without it)
+    mlp = s["mlp_dim"] or int(h * s["mlp_ratio"])
+    c0, c1 = s["downsample_channels"] or (512, 896)
+    embed = s["num_channels"] * p * p * h + h + (grid * grid * h if s["use_abs_pos"] else 0)
+    blocks = 0
+    for i in range(s["num_hidden_layers"]):
+        span = grid if i in s["global_attn_indexes"] or not s["window_size"] else s["window_size"]
+        rel = 2 * (2 * span - 1) * (h // s["num_attention_heads"]) if s["use_rel_pos"] else 0
+        blocks += 2 * 2 * h + 3 * h * h + (3 * h if s["qkv_bias"] else 0) + h * h + h + rel + 2 * h * mlp + mlp + h
+    neck = h * out + 2 * out + 9 * out * out + 2 * out
+    return embed + blocks + neck + 9 * out * c0 + 9 * c0 * c1
+
+
+def deepseek_ocr2_vision_params(c: dict) -> int:
+    """DeepSeek-OCR-2's vision side: the SAM encoder, a Qwen2-style encoder over its features (q/k/v biases, a
+    bias-free output projection, gated MLPs, RMSNorms, a final norm, no token embedding), learned queries for the
+    768 px (144) and 1024 px (256) resolutions, the linear projector (with bias) to the text width, and the learned
+    view separator (one text-width vector)."""
+    e, T = c["vision_config"]["encoder_config"], c["text_config"]["hidden_size"]
+    h, H = e["hidden_size"], e["num_attention_heads"]
+    hd, kv = e.get("head_dim") or h // H, e["num_key_value_heads"] or H
+    layer = (h * H * hd + H * hd) + 2 * (h * kv * hd + kv * hd) + H * hd * h + 3 * h * e["intermediate_size"] + 2 * h
+    encoder = e["num_hidden_layers"] * layer + h
+    return sam_vision_params(c["vision_config"]["sam_config"]) + encoder + (144 + 256) * h + (h * T + T) + T
+
+
+def unlimited_ocr_vision_params(c: dict) -> int:
+    """Unlimited-OCR's vision side: the SAM encoder, a CLIP ViT over its features (class and position embeddings, a
+    pre-LayerNorm, biased attention and MLP, LayerNorms with bias; no patch embedding, no post-LayerNorm), the
+    linear projector (with bias) from the concatenated SAM and CLIP features to the text width, and two learned
+    text-width vectors (view separator, image newline)."""
+    v, T = c["vision_config"], c["text_config"]["hidden_size"]
+    e, s = v["encoder_config"], v["sam_config"]
+    h, inter = e["hidden_size"], e["intermediate_size"]
+    embed = h + ((e["image_size"] // e["patch_size"]) ** 2 + 1) * h + 2 * h
+    layer = 4 * (h * h + h) + (h * inter + inter) + (inter * h + h) + 2 * 2 * h
+    projector = (s["downsample_channels"][-1] + h) * T + T
+    return sam_vision_params(s) + embed + e["num_hidden_layers"] * layer + projector + 2 * T
+
+
 def _switch_layers(n: int, n_sparse: int, offset: int) -> list[int]:
     # HF derives the step from the number of sparse layers and makes layer i sparse when i % step == 1
     step = n // n_sparse if n_sparse > 0 else n
@@ -513,6 +561,43 @@ def _spec_qwen3_omni_moe_thinker(c: dict, name: str) -> ArchSpec:
     text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="qwen3_omni_moe_text")
     return dataclasses.replace(_spec_qwen_moe(text, name), vision_params=qwen3_vl_vision_params(c["vision_config"]),
                                audio_params=qwen3_omni_audio_params(c["audio_config"]))
+
+
+def _spec_ocr_text(c: dict, name: str, family: str) -> ArchSpec:
+    """The DeepSeek-OCR-2 / Unlimited-OCR text decoder: DeepSeekMoE's GQA layout (head_dim always hidden_size /
+    heads, as their configs set it), MoE on the layers mlp_layer_types marks "sparse", shared experts as one MLP, no
+    correction bias."""
+    if c["mlp_bias"]:
+        raise ConfigError(f"config.json text_config.mlp_bias=True ({family}): the calculator counts "
+                          "bias-free FFNs")
+    if c["mlp_layer_types"] is None:
+        raise ConfigError(f"config.json text_config.mlp_layer_types=None ({family}): expected a list of "
+                          "'dense'/'sparse' per layer (transformers cannot build the model without it)")
+    text = dict(c, model_type="deepseek", head_dim=c["hidden_size"] // c["num_attention_heads"])
+    return dataclasses.replace(_spec_deepseek(text, name), family=family)
+
+
+def _spec_deepseek_ocr2(c: dict, name: str) -> ArchSpec:
+    """DeepSeek-OCR-2 (image-text): its text decoder is counted, the SAM + Qwen2-style vision encoders, queries,
+    projector and view separator reported apart."""
+    text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"])
+    return dataclasses.replace(_spec_ocr_text(text, name, "deepseek_ocr2"),
+                               vision_params=deepseek_ocr2_vision_params(c))
+
+
+def _spec_unlimited_ocr(c: dict, name: str) -> ArchSpec:
+    """Unlimited-OCR (image-text): its text decoder is counted, the SAM + CLIP vision encoders, projector and
+    learned separators reported apart. The original checkpoint's config stores the text config as language_config,
+    which transformers reads as text_config; the defaults table is read the same way."""
+    text = c["text_config"]
+    if isinstance(c.get("language_config"), dict):  # (transformers has consumed it; the table has not)
+        text = read_hf_config(dict(c["language_config"], model_type="unlimited_ocr_text"), use_transformers=False)
+    if text["mlp_layer_types"] is None:  # UnlimitedOcrTextConfig derives them from first_k_dense_replace (1)
+        k = text.get("first_k_dense_replace", 1)
+        text = dict(text, mlp_layer_types=["sparse" if i >= k else "dense" for i in range(text["num_hidden_layers"])])
+    text = dict(text, tie_word_embeddings=c["tie_word_embeddings"])
+    return dataclasses.replace(_spec_ocr_text(text, name, "unlimited_ocr"),
+                               vision_params=unlimited_ocr_vision_params(dict(c, text_config=text)))
 
 
 def _spec_glm4v_moe(c: dict, name: str) -> ArchSpec:
@@ -1008,6 +1093,7 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "openai_privacy_filter": _spec_openai_privacy_filter, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
     "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
     "aria": _spec_aria, "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
+    "deepseek_ocr2": _spec_deepseek_ocr2, "unlimited_ocr": _spec_unlimited_ocr,
     "olmoe": _spec_olmoe, "flex_olmo": _spec_olmoe,
     "deepseek": _spec_deepseek, "deepseek_v2": _spec_deepseek, "deepseek_v3": _spec_deepseek,
     "glm4_moe": _spec_deepseek, "dots1": _spec_deepseek, "deepseek_v32": _spec_deepseek,
