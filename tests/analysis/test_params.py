@@ -183,6 +183,11 @@ TINY_CASES = {
     # gpt-oss's layers, bidirectional, a biased token-classification head of num_labels outputs
     "openai_privacy_filter": dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                                   sliding_window=8, num_labels=7, pad_token_id=0, eos_token_id=0),
+    # MLA with a fused query/gate projection, an indexer on every layer, gated norms
+    "axk2": dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2,
+                 num_experts_per_tok=2, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                 v_head_dim=12, num_key_value_heads=4, index_n_heads=2, index_head_dim=8, gated_norm_rank=4,
+                 attention_bias=True, mlp_layer_types=["dense", "sparse", "dense"]),
     "llama": dict(intermediate_size=80),
     "qwen2": dict(intermediate_size=80),
     "qwen3": dict(intermediate_size=80, head_dim=24, tie_word_embeddings=True),
@@ -598,6 +603,10 @@ DERIVED_PATTERNS = {
                                sparse_attention_config=dict(sparse_attention_freq=[0, 1, 1], sparse_num_index_heads=2,
                                                             sparse_index_dim=8),
                                pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    "axk2": dict(num_hidden_layers=5, intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8,
+                 q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                 num_key_value_heads=4, index_n_heads=2, index_head_dim=8, gated_norm_rank=4, first_k_dense_replace=2,
+                 moe_layer_freq=2),
     "beam": dict(num_hidden_layers=8, intermediate_size=80, moe_intermediate_size=32, num_experts=8, n_group=2,
                  topk_group=1, head_dim=16, sliding_window=8),
 }

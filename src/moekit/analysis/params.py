@@ -58,7 +58,8 @@ class ArchSpec:
     # output gate on the attention heads: "q_doubled" (Qwen3-Next/3.5: q_proj also produces a gate per head dim,
     # with the q bias doubled too) | "per_dim" (AFMoE, Laguna "per-element": a bias-free projection, a gate per
     # head dim) | "per_head" (Laguna: a bias-free g_proj of one gate per head) | "per_dim_head_bias" (Beam: the
-    # bias-free per-dim projection plus one gate bias per head)
+    # bias-free per-dim projection plus one gate bias per head) | "mla_fused_q" (A.X-K2: MLA whose query up-projection
+    # reads twice the q latent and also produces a gate per value dim)
     attn_output_gate: str = "none"
     # JetMoE mixture of attention heads: attn_experts experts, each a query projection to n_kv_heads heads and
     # an output projection back, top_k per token (n_heads = top_k * n_kv_heads query heads), a router, and a
@@ -81,6 +82,9 @@ class ArchSpec:
     norm_bias: bool = False  # LayerNorms with a bias (PhiMoE)
     norms_per_layer: int = 2  # AFMoE: 4 (norms before and after the FFN too); Cohere2-MoE: 1 (parallel block)
     lm_head_bias: bool = False
+    # A.X-K2's gated RMSNorms: a low-rank gate MLP (d -> gated_norm_rank -> d) on every input norm and on the
+    # post-attention norm of MoE layers
+    gated_norm_rank: int = 0
     head_rows: int = 0  # outputs of the head when they are not the vocabulary (a token classifier's labels)
     # MLA (DeepSeek-V2/V3)
     q_lora_rank: int = 0
@@ -944,6 +948,21 @@ def _spec_openai_privacy_filter(c: dict, name: str) -> ArchSpec:
                                                           "intermediate_size"), router_bias=True, expert_bias=True)
 
 
+def _spec_axk2(c: dict, name: str) -> ArchSpec:
+    """A.X-K2: MLA whose fused query/gate projection reads twice the q latent, a DeepSeek-V3.2 indexer on every
+    layer, gated RMSNorms (low-rank gate MLPs) before attention and before MoE FFNs, dense layers by mlp_layer_types
+    (first_k_dense_replace 1 / moe_layer_freq 1 by default), shared experts as one MLP, a selection-only correction
+    bias (a buffer)."""
+    L, E = c["num_hidden_layers"], c["n_routed_experts"]
+    first, freq = c.get("first_k_dense_replace", 1), c.get("moe_layer_freq", 1)  # read by AXK2Config
+    mlp = c["mlp_layer_types"] or ["sparse" if i >= first and i % freq == 0 else "dense" for i in range(L)]
+    return _decoder(c, name, **_mla(c), attn_output_gate="mla_fused_q", indexer_heads=c["index_n_heads"],
+                    indexer_head_dim=c["index_head_dim"], gated_norm_rank=c["gated_norm_rank"],
+                    moe_layers=[i for i, t in enumerate(mlp) if E and t == "sparse"], router_correction_bias=True,
+                    **_experts(c, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=(c["n_shared_experts"] or 0) * c["moe_intermediate_size"])
+
+
 def _spec_olmoe(c: dict, name: str) -> ArchSpec:
     """OLMoE and FlexOlmo: q/k norms over the whole projection."""
     E = "num_experts"
@@ -1090,7 +1109,7 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "kolibri1": _spec_kolibri1, "beam": _spec_beam, "glm5_next": _spec_glm5_next,
     "minimax_m3_vl_text": _spec_minimax_m3_text, "minimax_m3_vl": _spec_minimax_m3_vl,
     "qwen4_exp_text": _spec_qwen4_exp_text, "qwen4_exp": _spec_qwen4_exp,
-    "openai_privacy_filter": _spec_openai_privacy_filter, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
+    "openai_privacy_filter": _spec_openai_privacy_filter, "axk2": _spec_axk2, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
     "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
     "aria": _spec_aria, "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
     "deepseek_ocr2": _spec_deepseek_ocr2, "unlimited_ocr": _spec_unlimited_ocr,
@@ -1171,6 +1190,8 @@ def attention_matrix_params(s: ArchSpec) -> int:
     if s.attention == "mla":
         qk_head = s.qk_nope_dim + s.qk_rope_dim
         q = (d * s.q_lora_rank + s.q_lora_rank * s.n_heads * qk_head) if s.q_lora_rank else d * s.n_heads * qk_head
+        if s.attn_output_gate == "mla_fused_q":
+            q = d * s.q_lora_rank + 2 * s.q_lora_rank * s.n_heads * (qk_head + s.v_head_dim)
         kv = d * (s.kv_lora_rank + s.qk_rope_dim) + s.kv_lora_rank * s.n_heads * (s.qk_nope_dim + s.v_head_dim)
         indexer = s.indexer_heads * s.indexer_head_dim * s.q_lora_rank + s.indexer_head_dim * d + s.indexer_heads * d
         indexer += s.indexer_kpool * s.indexer_head_dim + s.indexer_head_dim * d if s.indexer_kpool else 0
@@ -1286,6 +1307,7 @@ def count_params(s: ArchSpec) -> ParamCount:
         + len(s.linear_layers) * s.linear_attn_params,
         "norms": norm_count(s) * s.d * (2 if s.norm_bias else 1),
         "per_layer_embeddings": s.ple_params,
+        "norm_gates": (s.n_layers + n_moe) * 2 * s.d * s.gated_norm_rank,
         "dense_ffn": sum(s.dense_matrices_overrides.get(i, s.dense_matrices) * s.d
                          * s.dense_inter_overrides.get(i, s.dense_inter)
                          for i in range(s.n_layers) if i not in s.moe_layers and i not in s.ffn_free_layers),
