@@ -98,6 +98,7 @@ class ArchSpec:
     indexer_heads: int = 0
     indexer_head_dim: int = 0
     indexer_kv_heads: int = 1  # GQA indexers: key heads of the indexer (one fused q/k projection in Qwen4-Exp)
+    k_rope_norm: bool = False  # dots3: an RMSNorm over the shared rotary key (qk_rope_dim) in MLA
     indexer_kpool: int = 0  # GLM-5-Next's k-pool compression: a kpool x indexer_head_dim table and a gate from d
     # manifold-constrained hyper-connections (Xie et al. 2026): hc_streams residual streams; each layer has two
     # mixers (attention, FFN), each a projection from the n*d streams to (2+n)*n weights, their bias and 3 scales
@@ -963,6 +964,59 @@ def _spec_axk2(c: dict, name: str) -> ArchSpec:
                     shared_inter=(c["n_shared_experts"] or 0) * c["moe_intermediate_size"])
 
 
+# dots3's sliding-window layers: the MLA shape its config gives them unless the file's swa_* fields say otherwise
+DOTS3_SLIDING_ATTENTION = dict(num_attention_heads=64, num_key_value_heads=64, q_lora_rank=1024, kv_lora_rank=1024,
+                               head_dim=256, qk_nope_head_dim=192, v_head_dim=128)
+
+
+def _dots3_layers(c: dict) -> tuple[list[str], dict[int, dict]]:
+    """dots3's layer_types and per-layer attention overrides, as Dots3NoteTextConfig derives them from the file's
+    legacy fields (use_dsa, use_sliding_window, swa_*) when it has no per_layer_config."""
+    L = c["num_hidden_layers"]
+    use_dsa = c.get("use_dsa", None if "per_layer_config" in c else True)
+    types = c["layer_types"] or [("full_attention" if use_dsa is False else "indexed_attention")
+                                 if not c.get("use_sliding_window", True) or i < 2 or i % 4 == 1
+                                 else "sliding_attention" for i in range(L)]
+    if use_dsa is not None:
+        old, new = ("full_attention", "indexed_attention") if use_dsa else ("indexed_attention", "full_attention")
+        types = [new if t == old else t for t in types]
+    per_layer = c.get("per_layer_config")
+    if per_layer is None:
+        sliding = {k: c.get(f"swa_{k}", v) for k, v in DOTS3_SLIDING_ATTENTION.items()}
+        sliding["qk_rope_head_dim"] = c.get("swa_qk_rope_head_dim", sliding["head_dim"] - sliding["qk_nope_head_dim"])
+        per_layer = {i: sliding for i, t in enumerate(types) if t == "sliding_attention"}
+    return types, {int(i): v for i, v in per_layer.items()}
+
+
+def _spec_dots3_note_text(c: dict, name: str) -> ArchSpec:
+    """dots3 (Dots 3 Note) text decoder: MLA with a per-head output gate (g_proj) and an RMSNorm over the rotary key,
+    each layer's MLA shape from per_layer_config (sliding-window layers are wider by default), a DeepSeek-V3.2
+    indexer on the indexed_attention layers, dense layers by mlp_layer_types (first_k_dense_replace 1 by default),
+    shared experts of shared_experts_intermediate_size as one MLP, a selection-only correction bias (a buffer)."""
+    if c["mlp_bias"]:
+        raise ConfigError("config.json mlp_bias=True (dots3_note_text): the calculator counts bias-free FFNs")
+    L, E = c["num_hidden_layers"], c["n_routed_experts"]
+    first, freq = c.get("first_k_dense_replace", 1), c.get("moe_layer_freq", 1)  # read by Dots3NoteTextConfig
+    mlp = c["mlp_layer_types"] or ["sparse" if i >= first and (bool(freq[i]) if isinstance(freq, list) else
+                                                               i % freq == 0) else "dense" for i in range(L)]
+    types, per_layer = _dots3_layers(c)
+
+    def attention(i: int) -> dict:
+        layer = {**c, **per_layer.get(i, {})}
+        indexed = types[i] == "indexed_attention"
+        return dict(**_mla(layer), n_heads=layer["num_attention_heads"],
+                    indexer_heads=c["index_n_heads"] if indexed else 0,
+                    indexer_head_dim=c["index_head_dim"] if indexed else 0)
+    sliding = c.get("sliding_window") or c.get("sliding_window_size", 512)
+    shared = c.get("moe_shared_expert_intermediate_size", c["shared_experts_intermediate_size"])  # the legacy name
+    return _decoder(c, name, **attention(0), attn_output_gate="per_head", k_rope_norm=True,
+                    layer_attention={i: attention(i) for i in range(1, L)},
+                    attn_windows=[sliding if t == "sliding_attention" else 0 for t in types], window_kind="sliding",
+                    moe_layers=[i for i, t in enumerate(mlp) if E and t == "sparse"], router_correction_bias=True,
+                    **_experts(c, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=(c["n_shared_experts"] or 0) * shared)
+
+
 def _spec_olmoe(c: dict, name: str) -> ArchSpec:
     """OLMoE and FlexOlmo: q/k norms over the whole projection."""
     E = "num_experts"
@@ -1109,7 +1163,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "kolibri1": _spec_kolibri1, "beam": _spec_beam, "glm5_next": _spec_glm5_next,
     "minimax_m3_vl_text": _spec_minimax_m3_text, "minimax_m3_vl": _spec_minimax_m3_vl,
     "qwen4_exp_text": _spec_qwen4_exp_text, "qwen4_exp": _spec_qwen4_exp,
-    "openai_privacy_filter": _spec_openai_privacy_filter, "axk2": _spec_axk2, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
+    "openai_privacy_filter": _spec_openai_privacy_filter, "axk2": _spec_axk2,
+    "dots3_note_text": _spec_dots3_note_text, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
     "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
     "aria": _spec_aria, "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
     "deepseek_ocr2": _spec_deepseek_ocr2, "unlimited_ocr": _spec_unlimited_ocr,
@@ -1214,6 +1269,7 @@ def attention_vector_params(s: ArchSpec) -> int:
     if s.attention == "mla":
         norms = s.q_lora_rank + s.kv_lora_rank  # RMSNorms on the compressed query and kv latents
         norms += 2 * s.indexer_head_dim  # the indexer's key LayerNorm
+        norms += s.qk_rope_dim if s.k_rope_norm else 0
         return norms + ((s.q_lora_rank + s.kv_lora_rank + s.qk_rope_dim + s.d) if s.qkv_bias else 0)
     q_out, k_out, v_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * gqa_v_dim(s)
     q_bias = 2 * q_out if s.attn_output_gate == "q_doubled" else q_out
