@@ -233,7 +233,8 @@ def hf_model(cfg_dict, device="meta", **kwargs):
             "qwen4_exp": transformers.AutoModelForImageTextToText,
             "openai_privacy_filter": transformers.AutoModelForTokenClassification,
             "deepseek_ocr2": transformers.AutoModelForImageTextToText,
-            "unlimited_ocr": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+            "unlimited_ocr": transformers.AutoModelForImageTextToText,
+            "mistral_large4": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -323,6 +324,14 @@ VISION_LANGUAGE = {
                   dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=64,
                        projection_intermediate_size=40, patch_size=4)),
     "qwen4_exp": (TINY_CASES["qwen4_exp_text"], QWEN3_5_VISION),
+    # MLA without a q latent, a NoPE layer (the 4th), a layer reusing layer 0's KV latent, an indexer-free layer
+    "mistral_large4": (dict(intermediate_size=80, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2,
+                            num_experts_per_tok=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                            v_head_dim=12, num_key_value_heads=4, index_n_heads=2, index_head_dim=16, index_topk=8,
+                            num_hidden_layers=4, kv_source_layers=[0, 0, 2, 3], index_topk_pattern="FSFF",
+                            attention_bias=True),
+                       dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            patch_size=16, image_size=32)),
     "minimax_m3_vl": (TINY_CASES["minimax_m3_vl_text"], dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                                             num_attention_heads=2, patch_size=4)),
     "qwen3_omni_moe_thinker": (dict(TINY_CASES["qwen3_moe"], norm_topk_prob=False),
@@ -422,7 +431,8 @@ FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_t
                                                    "hunyuan_v1_moe", "dbrx", "lfm2_moe", "qwen3_5_moe",
                                                    "qwen3_vl_moe", "glm4v_moe", "aria", "glm5_next",
                                                    "minimax_m3_vl", "qwen3_omni_moe_thinker", "qwen4_exp",
-                                                   "qwen4_exp_text", "deepseek_ocr2", "unlimited_ocr"})
+                                                   "qwen4_exp_text", "deepseek_ocr2", "unlimited_ocr",
+                                                   "mistral_large4"})
 
 
 def test_privacy_filter_default_labels_without_transformers(monkeypatch):

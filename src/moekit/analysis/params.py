@@ -98,6 +98,12 @@ class ArchSpec:
     indexer_heads: int = 0
     indexer_head_dim: int = 0
     indexer_kv_heads: int = 1  # GQA indexers: key heads of the indexer (one fused q/k projection in Qwen4-Exp)
+    # Mistral Large 4: layers that reuse an earlier layer's KV latent (no kv down-projection, no latent norm), a
+    # learned scale and bias per head on the attention and indexer logits (its indexer also LayerNorms its input),
+    # and learned per-frequency RoPE parameters (one set per model)
+    kv_shared: bool = False
+    softmax_scaling: bool = False
+    rope_params: int = 0
     k_rope_norm: bool = False  # dots3: an RMSNorm over the shared rotary key (qk_rope_dim) in MLA
     indexer_kpool: int = 0  # GLM-5-Next's k-pool compression: a kpool x indexer_head_dim table and a gate from d
     # manifold-constrained hyper-connections (Xie et al. 2026): hc_streams residual streams; each layer has two
@@ -244,6 +250,21 @@ def minimax_m3_vision_params(c: dict) -> int:
     merged = T * v["spatial_merge_size"] ** 2
     projector = (h * P + P + P * T + T) + (merged * P + P + P * T + T)
     return embed + v["num_hidden_layers"] * layer + projector
+
+
+def pixtral_vision_params(c: dict) -> int:
+    """Mistral Large 4's Pixtral vision tower and projector: a bias-free patch convolution, an RMSNorm, bias-free
+    blocks (two RMSNorms, q/k/v/o of the width, a gated MLP), then the projector: an RMSNorm, the bias-free
+    spatial_merge_size^2 patch merger, and two linears to the text width (biased if multimodal_projector_bias)
+    from the concatenated vision_feature_layer outputs."""
+    v, T = c["vision_config"], c["text_config"]["hidden_size"]
+    h, inter, p, m = v["hidden_size"], v["intermediate_size"], v["patch_size"], c["spatial_merge_size"]
+    layers = c["vision_feature_layer"]
+    n_feature = len(layers) if isinstance(layers, list) else 1
+    bias = bool(c["multimodal_projector_bias"])
+    tower = v["num_channels"] * p * p * h + h + v["num_hidden_layers"] * (2 * h + 4 * h * h + 3 * h * inter)
+    projector = h + h * m * m * h + (h * n_feature * T + (T if bias else 0)) + (T * T + (T if bias else 0))
+    return tower + projector
 
 
 def hyper_connection_params(s: ArchSpec) -> int:
@@ -1017,6 +1038,41 @@ def _spec_dots3_note_text(c: dict, name: str) -> ArchSpec:
                     shared_inter=(c["n_shared_experts"] or 0) * shared)
 
 
+def _spec_mistral_large4(c: dict, name: str) -> ArchSpec:
+    """Mistral Large 4 (image-text): its text decoder is counted, the Pixtral vision tower and projector reported
+    apart. The decoder: MLA without a q latent, every no_rope_layer_interval-th layer (4) without RoPE dims (their
+    kv up-projection carries them as nope dims), layers reusing an earlier layer's KV latent (kv_source_layers), a
+    DeepSeek-V3.2-style indexer with its queries from the (LayerNormed) hidden state on the layers indexer_types
+    marks "full", learned per-head logit scales and biases, learned RoPE frequencies, first_k_dense_replace dense
+    layers, shared experts as one MLP, no correction bias."""
+    t = c["text_config"]
+    L, E = t["num_hidden_layers"], t["n_routed_experts"]
+    rope = t["no_rope_layers"] or [int((i + 1) % t.get("no_rope_layer_interval", 4) != 0) for i in range(L)]
+    source = t["kv_source_layers"] or list(range(L))
+    indexers = t["indexer_types"]
+    if indexers is None:  # as MistralLarge4TextConfig derives them from the file's schedule fields
+        pattern = t.get("index_topk_pattern")
+        freq, offset = max(t.get("index_topk_freq", 1), 1), t.get("index_skip_topk_offset", 2)
+        indexers = ([{"F": "full", "S": "shared"}[ch] for ch in pattern] if isinstance(pattern, str) else
+                    list(pattern) if pattern is not None else
+                    ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(L)])
+    mlp = t["mlp_layer_types"] or ["dense" if i < t["first_k_dense_replace"] else "sparse" for i in range(L)]
+    nope, rdim = t["qk_nope_head_dim"], t["qk_rope_head_dim"]
+
+    def attention(i: int) -> dict:
+        full = indexers[i] == "full"
+        return dict(qk_nope_dim=nope if rope[i] else nope + rdim, qk_rope_dim=rdim if rope[i] else 0,
+                    kv_shared=source[i] != i, indexer_heads=t["index_n_heads"] if full else 0,
+                    indexer_head_dim=t["index_head_dim"] if full else 0)
+    text = dict(t, q_lora_rank=None, tie_word_embeddings=c["tie_word_embeddings"], model_type="mistral_large4_text")
+    return _decoder(text, name, **{**_mla(text), **attention(0)}, layer_attention={i: attention(i) for i in range(1, L)},
+                    softmax_scaling=True, rope_params=rdim // 2,
+                    moe_layers=[i for i, kind in enumerate(mlp) if E and kind == "sparse"],
+                    **_experts(t, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                    shared_inter=(t["n_shared_experts"] or 0) * t["moe_intermediate_size"],
+                    vision_params=pixtral_vision_params(c))
+
+
 def _spec_olmoe(c: dict, name: str) -> ArchSpec:
     """OLMoE and FlexOlmo: q/k norms over the whole projection."""
     E = "num_experts"
@@ -1164,7 +1220,7 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "minimax_m3_vl_text": _spec_minimax_m3_text, "minimax_m3_vl": _spec_minimax_m3_vl,
     "qwen4_exp_text": _spec_qwen4_exp_text, "qwen4_exp": _spec_qwen4_exp,
     "openai_privacy_filter": _spec_openai_privacy_filter, "axk2": _spec_axk2,
-    "dots3_note_text": _spec_dots3_note_text, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
+    "dots3_note_text": _spec_dots3_note_text, "mistral_large4": _spec_mistral_large4, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
     "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
     "aria": _spec_aria, "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
     "deepseek_ocr2": _spec_deepseek_ocr2, "unlimited_ocr": _spec_unlimited_ocr,
@@ -1247,8 +1303,11 @@ def attention_matrix_params(s: ArchSpec) -> int:
         q = (d * s.q_lora_rank + s.q_lora_rank * s.n_heads * qk_head) if s.q_lora_rank else d * s.n_heads * qk_head
         if s.attn_output_gate == "mla_fused_q":
             q = d * s.q_lora_rank + 2 * s.q_lora_rank * s.n_heads * (qk_head + s.v_head_dim)
-        kv = d * (s.kv_lora_rank + s.qk_rope_dim) + s.kv_lora_rank * s.n_heads * (s.qk_nope_dim + s.v_head_dim)
-        indexer = s.indexer_heads * s.indexer_head_dim * s.q_lora_rank + s.indexer_head_dim * d + s.indexer_heads * d
+        kv_down = 0 if s.kv_shared else d * (s.kv_lora_rank + s.qk_rope_dim)
+        kv = kv_down + s.kv_lora_rank * s.n_heads * (s.qk_nope_dim + s.v_head_dim)
+        # the indexer's queries come from the q latent, or from the hidden state without one (Mistral Large 4)
+        indexer = (s.indexer_heads * s.indexer_head_dim * (s.q_lora_rank or d) + s.indexer_head_dim * d
+                   + s.indexer_heads * d)
         indexer += s.indexer_kpool * s.indexer_head_dim + s.indexer_head_dim * d if s.indexer_kpool else 0
         gate = d * s.n_heads if s.attn_output_gate == "per_head" else 0  # Bailing-hybrid's g_proj
         return q + kv + s.n_heads * s.v_head_dim * d + indexer + gate
@@ -1267,10 +1326,13 @@ def attention_vector_params(s: ArchSpec) -> int:
     if s.attn_experts:
         return s.d if s.moe_out_bias else 0
     if s.attention == "mla":
-        norms = s.q_lora_rank + s.kv_lora_rank  # RMSNorms on the compressed query and kv latents
+        norms = s.q_lora_rank + (0 if s.kv_shared else s.kv_lora_rank)  # RMSNorms on the q and kv latents
+        if s.softmax_scaling:
+            norms += 2 * s.n_heads + (2 * s.indexer_heads + 2 * s.d if s.indexer_heads else 0)
         norms += 2 * s.indexer_head_dim  # the indexer's key LayerNorm
         norms += s.qk_rope_dim if s.k_rope_norm else 0
-        return norms + ((s.q_lora_rank + s.kv_lora_rank + s.qk_rope_dim + s.d) if s.qkv_bias else 0)
+        kv_down = 0 if s.kv_shared else s.kv_lora_rank + s.qk_rope_dim
+        return norms + ((s.q_lora_rank + kv_down + s.d) if s.qkv_bias else 0)
     q_out, k_out, v_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * gqa_v_dim(s)
     q_bias = 2 * q_out if s.attn_output_gate == "q_doubled" else q_out
     n = (q_bias + k_out + v_out if s.qkv_bias else 0) + (s.d if s.o_bias else 0)
@@ -1371,6 +1433,7 @@ def count_params(s: ArchSpec) -> ParamCount:
         "shared_experts": n_moe * shared_params(s),
         "router": n_moe * router_params(s),
         "hyper_connections": hyper_connection_params(s),
+        "rope": s.rope_params,
     }
     total = sum(b.values())
     active = (total - n_moe * (s.num_experts - s.top_k) * expert_params(s)

@@ -39,7 +39,7 @@ TABLE_FAMILIES = (
     "nemotron_h", "kolibri1", "qwen3_5_moe", "qwen3_vl_moe", "glm4v_moe", "aria",
     "beam", "glm5_next", "minimax_m3_vl_text", "minimax_m3_vl", "qwen3_omni_moe_thinker",
     "qwen4_exp_text", "qwen4_exp", "openai_privacy_filter", "deepseek_ocr2", "unlimited_ocr",
-    "axk2", "dots3_note_text",
+    "axk2", "dots3_note_text", "mistral_large4",
 )
 
 # Remote-code families counted analytically. DeepSeekMoE v1 (Dai et al. 2024; deepseek-ai/deepseek-moe-16b):
@@ -157,7 +157,9 @@ def _through_table(mt: str, body: dict) -> dict:
         full[aliases.get(k, k)] = v
     for key, sub_mt in entry["sub_configs"].items():
         sub = full.get(key)
-        full[key] = _through_table(sub_mt, sub or {}) if isinstance(sub, dict) or sub is None else sub
+        sub_defaults = entry.get("sub_config_defaults", {}).get(key, {})
+        full[key] = _through_table(sub_mt, {**sub_defaults, **(sub or {})}) if isinstance(sub, dict) or sub is None \
+            else sub
     if entry.get("default_rope") and not (body.get("rope_parameters") or body.get("rope_scaling")):
         full["rope_parameters"] = dict(entry["default_rope"])  # gpt-oss: yarn unless the file says otherwise
     if "rope_parameters" in full:
@@ -205,10 +207,15 @@ def _class_defaults(cls, key: str = "") -> dict[str, dict]:
     # DBRX's sub-config classes have no model_type of their own: they are keyed by their parent's field
     subs = {k: (v, v.model_type or f"{cls.model_type}.{k}")
             for k, v in ((k, _sub_config_class(cls, k, v)) for k, v in (getattr(cls, "sub_configs", None) or {}).items())}
+    # a parent may build a sub-config with other defaults than its class (Mistral Large 4's Pixtral tower)
+    sub_defaults = {k: dict(spec.init_kwargs) for k, spec in (getattr(cls, "sub_configs_defaults", None) or {}).items()
+                    if k in subs and getattr(spec, "init_kwargs", None)}
     out = {key or cls.model_type: dict(fields=json.loads(json.dumps(fields)), aliases=dict(cls.attribute_map),
                                 default_theta=getattr(cls, "default_theta", None), default_rope=_default_rope(cls),
                                 sub_configs={k: name for k, (_, name) in subs.items()},
                                 architecture=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cls.model_type))}
+    if sub_defaults:
+        out[key or cls.model_type]["sub_config_defaults"] = json.loads(json.dumps(sub_defaults))
     for sub, name in subs.values():
         out.update(_class_defaults(sub, name))
     return out
