@@ -234,7 +234,8 @@ def hf_model(cfg_dict, device="meta", **kwargs):
             "openai_privacy_filter": transformers.AutoModelForTokenClassification,
             "deepseek_ocr2": transformers.AutoModelForImageTextToText,
             "unlimited_ocr": transformers.AutoModelForImageTextToText,
-            "mistral_large4": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
+            "mistral_large4": transformers.AutoModelForImageTextToText,
+            "dots3_note": transformers.AutoModelForImageTextToText}.get(cfg_dict["model_type"],
                                                                    transformers.AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -332,6 +333,12 @@ VISION_LANGUAGE = {
                             attention_bias=True),
                        dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                             patch_size=16, image_size=32)),
+    # its vision tower has MoE blocks of its own (and a dense one)
+    "dots3_note": (TINY_CASES["dots3_note_text"], dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=2, moe_intermediate_size=8,
+                                                      num_local_experts=4, num_experts_per_tok=2, attention_bias=True,
+                                                      mlp_layer_types=["sparse", "dense"], adapter_in_dim=16,
+                                                      adapter_out_dim=64)),
     "minimax_m3_vl": (TINY_CASES["minimax_m3_vl_text"], dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                                             num_attention_heads=2, patch_size=4)),
     "qwen3_omni_moe_thinker": (dict(TINY_CASES["qwen3_moe"], norm_topk_prob=False),
@@ -346,7 +353,10 @@ VISION_LANGUAGE = {
 # towers beside the vision one: tiny config, parameter-name prefix in transformers' model
 AUDIO = {"qwen3_omni_moe_thinker": (dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32,
                                          output_dim=64, downsample_hidden_size=8, num_mel_bins=20),
-                                    "model.audio_tower.")}
+                                    "model.audio_tower."),
+         "dots3_note": (dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             downsample_hidden_size=8, adapter_input_size=16, adapter_out_dim=64, feature_size=20),
+                        "model.audio_tower.")}
 
 
 # Qwen4-Exp's defaults leave the QSA indexer fields None: transformers cannot build that model, calc refuses it
@@ -432,7 +442,7 @@ FAMILY_DEFAULTS = sorted(set(params.HF_SPECS) - {"deepseek", "llama4", "switch_t
                                                    "qwen3_vl_moe", "glm4v_moe", "aria", "glm5_next",
                                                    "minimax_m3_vl", "qwen3_omni_moe_thinker", "qwen4_exp",
                                                    "qwen4_exp_text", "deepseek_ocr2", "unlimited_ocr",
-                                                   "mistral_large4"})
+                                                   "mistral_large4", "dots3_note"})
 
 
 def test_privacy_filter_default_labels_without_transformers(monkeypatch):

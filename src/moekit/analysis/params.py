@@ -267,6 +267,48 @@ def pixtral_vision_params(c: dict) -> int:
     return tower + projector
 
 
+def dots3_vision_params(v: dict) -> int:
+    """dots3's vision tower: a patch convolution with bias and an RMSNorm, blocks of two RMSNorms, fused qkv and
+    output projections (biased if attention_bias), per-head q/k RMSNorms and an FFN by mlp_layer_types (a router and
+    num_local_experts gated experts of moe_intermediate_size, or a gated MLP of intermediate_size biased if
+    mlp_bias), a final RMSNorm, and the merger (a LayerNorm, an MLP over adapter_merge_size^2 patches to
+    adapter_out_dim, biased)."""
+    # the released checkpoint's names, read by Dots3NoteVisionEncoderConfig (kept here without transformers)
+    v = {**v, **{new: v[old] for old, new in (("embed_dim", "hidden_size"), ("num_heads", "num_attention_heads"),
+                                              ("use_bias", "attention_bias")) if old in v}}
+    h, p = v["hidden_size"], v["patch_size"]
+    bias = bool(v["attention_bias"])
+    attention = 2 * h + 4 * h * h + (4 * h if bias else 0) + 2 * (h // v["num_attention_heads"])
+    dense = 3 * h * v["intermediate_size"] + ((2 * v["intermediate_size"] + h) if v["mlp_bias"] else 0)
+    # experts per layer: per_layer_config, or the "pyramid" (25 dense layers, then 4, 8, ... 64 experts) by default
+    pyramid = v.get("pyramid_num_routed")
+    if pyramid is None and v["mlp_layer_types"] is None:
+        pyramid = [-1] * 25 + list(range(4, 65, 4)) + [64]
+    per_layer = {int(i): e.get("num_local_experts", v["num_local_experts"])
+                 for i, e in (v.get("per_layer_config") or {}).items()}
+    if pyramid is not None:
+        types, per_layer = ["sparse" if n > 0 else "dense" for n in pyramid], {i: n for i, n in enumerate(pyramid)}
+    else:
+        types = v["mlp_layer_types"]
+    moe = lambda E: E * 3 * h * v["moe_intermediate_size"] + E * h
+    blocks = sum(attention + (moe(per_layer.get(i, v["num_local_experts"])) if t == "sparse" else dense)
+                 for i, t in enumerate(types))
+    merged, out = h * v["adapter_merge_size"] ** 2, v["adapter_out_dim"]
+    merger = 2 * h + (merged * merged + merged) + (merged * out + out)
+    return v["num_channels"] * p * p * h + h + h + blocks + h + merger
+
+
+def dots3_audio_params(a: dict) -> int:
+    """dots3's audio tower: three 3x3 convolutions with biases, a bias-free projection from the flattened
+    (channels x mel bins / 8) to the width, blocks of two RMSNorms, q/k/v/o projections (q, v and o biased if
+    attention_bias) and a biased gated MLP, a final RMSNorm, and the adapter (a LayerNorm, two biased linears)."""
+    h, inter, ch, out = a["hidden_size"], a["intermediate_size"], a["downsample_hidden_size"], a["adapter_out_dim"]
+    convs = (9 * ch + ch) + 2 * (9 * ch * ch + ch) + ch * ((a["feature_size"] + 7) // 8) * h
+    layer = 2 * h + 4 * h * h + (3 * h if a["attention_bias"] else 0) + (2 * inter * h + 2 * inter) + (inter * h + h)
+    adapter = 2 * a["adapter_input_size"] + (a["adapter_input_size"] * out + out) + (out * out + out)
+    return convs + a["num_hidden_layers"] * layer + h + adapter
+
+
 def hyper_connection_params(s: ArchSpec) -> int:
     """All hyper-connection mixers: two per layer (ArchSpec.hc_streams), and Qwen4-Exp's last one."""
     n, nd, r = s.hc_streams, s.hc_streams * s.d, s.hc_lowrank
@@ -1073,6 +1115,14 @@ def _spec_mistral_large4(c: dict, name: str) -> ArchSpec:
                     vision_params=pixtral_vision_params(c))
 
 
+def _spec_dots3_note(c: dict, name: str) -> ArchSpec:
+    """dots3 (text, image and audio in): its text decoder is counted, the vision tower (with its own MoE blocks) and
+    the audio tower reported apart."""
+    text = dict(c["text_config"], tie_word_embeddings=c["tie_word_embeddings"], model_type="dots3_note_text")
+    return dataclasses.replace(_spec_dots3_note_text(text, name), vision_params=dots3_vision_params(c["vision_config"]),
+                               audio_params=dots3_audio_params(c["audio_config"]))
+
+
 def _spec_olmoe(c: dict, name: str) -> ArchSpec:
     """OLMoE and FlexOlmo: q/k norms over the whole projection."""
     E = "num_experts"
@@ -1220,7 +1270,8 @@ HF_SPECS: dict[str, Callable[[dict, str], ArchSpec]] = {
     "minimax_m3_vl_text": _spec_minimax_m3_text, "minimax_m3_vl": _spec_minimax_m3_vl,
     "qwen4_exp_text": _spec_qwen4_exp_text, "qwen4_exp": _spec_qwen4_exp,
     "openai_privacy_filter": _spec_openai_privacy_filter, "axk2": _spec_axk2,
-    "dots3_note_text": _spec_dots3_note_text, "mistral_large4": _spec_mistral_large4, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
+    "dots3_note_text": _spec_dots3_note_text, "mistral_large4": _spec_mistral_large4,
+    "dots3_note": _spec_dots3_note, "qwen3_5_moe": _spec_qwen3_5_moe_vl,
     "qwen3_vl_moe": _spec_qwen3_vl_moe, "glm4v_moe": _spec_glm4v_moe,
     "aria": _spec_aria, "qwen3_omni_moe_thinker": _spec_qwen3_omni_moe_thinker,
     "deepseek_ocr2": _spec_deepseek_ocr2, "unlimited_ocr": _spec_unlimited_ocr,

@@ -39,7 +39,7 @@ TABLE_FAMILIES = (
     "nemotron_h", "kolibri1", "qwen3_5_moe", "qwen3_vl_moe", "glm4v_moe", "aria",
     "beam", "glm5_next", "minimax_m3_vl_text", "minimax_m3_vl", "qwen3_omni_moe_thinker",
     "qwen4_exp_text", "qwen4_exp", "openai_privacy_filter", "deepseek_ocr2", "unlimited_ocr",
-    "axk2", "dots3_note_text", "mistral_large4",
+    "axk2", "dots3_note_text", "mistral_large4", "dots3_note",
 )
 
 # Remote-code families counted analytically. DeepSeekMoE v1 (Dai et al. 2024; deepseek-ai/deepseek-moe-16b):
