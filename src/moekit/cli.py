@@ -18,6 +18,10 @@ from collections.abc import Callable
 
 from moekit.errors import MoekitError, UsageError
 
+# the calc breakdown rows every model has (0 or not); other parts are printed only where a family has them
+CORE_BREAKDOWN = ("embeddings", "lm_head", "attention", "norms", "dense_ffn", "routed_experts", "shared_experts",
+                  "router")
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
 
 
@@ -123,7 +127,8 @@ def _calc(ns) -> int:
               f"the real total is {count.total / naive:.0%} of it")
     print("  breakdown:")
     for k, v in count.breakdown.items():
-        print(f"    {k:20} {v:>18,}  {v / count.total:6.1%}")
+        if v or k in CORE_BREAKDOWN:  # family-specific parts (hyper-connections, rope tables, ...) only when present
+            print(f"    {k:20} {v:>18,}  {v / count.total:6.1%}")
     for k, v in count.buffers.items():
         print(f"    {k}: {v:,} (a buffer, not a parameter)")
     for note in count.notes:
