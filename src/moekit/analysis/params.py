@@ -909,6 +909,21 @@ def _spec_beam(c: dict, name: str) -> ArchSpec:
                     **_experts(c, "num_experts", "num_experts_per_tok", "moe_intermediate_size"))
 
 
+def _indexer_types(t: dict, L: int) -> list[str]:
+    """Which layers run the sparse-attention indexer ("full") and which reuse the previous selection ("shared"):
+    ``indexer_types``, else derived from the file's schedule fields as Glm5NextTextConfig and
+    MistralLarge4TextConfig do."""
+    if t["indexer_types"] is not None:
+        return t["indexer_types"]
+    pattern = t.get("index_topk_pattern")
+    if isinstance(pattern, str):
+        return [{"F": "full", "S": "shared"}[ch] for ch in pattern]
+    if pattern is not None:
+        return list(pattern)
+    freq, offset = max(t.get("index_topk_freq", 1), 1), t.get("index_skip_topk_offset", 2)
+    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(L)]
+
+
 def _spec_glm5_next(c: dict, name: str) -> ArchSpec:
     """GLM-5-Next (image-text): its text decoder is counted, the vision tower reported apart. The decoder: Kimi Delta
     Attention (low-rank gates) and MLA without RoPE dims, with a sparse-attention indexer (k-pool compression) on
@@ -919,13 +934,7 @@ def _spec_glm5_next(c: dict, name: str) -> ArchSpec:
     L, E = t["num_hidden_layers"], t["n_routed_experts"]
     types = t["layer_types"] or ["linear_attention" if i % 4 != 3 else "indexed_attention" for i in range(L)]
     mlp = t["mlp_layer_types"] or ["dense"] * min(3, L) + ["sparse"] * (L - 3)
-    indexers = t["indexer_types"]
-    if indexers is None:  # as Glm5NextTextConfig derives them from the file's schedule fields
-        pattern = t.get("index_topk_pattern")
-        freq, offset = max(t.get("index_topk_freq", 1), 1), t.get("index_skip_topk_offset", 2)
-        indexers = ([{"F": "full", "S": "shared"}[ch] for ch in pattern] if isinstance(pattern, str) else
-                    list(pattern) if pattern is not None else
-                    ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(L)])
+    indexers = _indexer_types(t, L)
     lin = t.get("linear_attn_config") or {}
     kda = _kda_params(t["hidden_size"], lin.get("head_dim", t["linear_head_dim"]),
                       lin.get("num_heads", t["linear_num_heads"]),
@@ -1091,13 +1100,7 @@ def _spec_mistral_large4(c: dict, name: str) -> ArchSpec:
     L, E = t["num_hidden_layers"], t["n_routed_experts"]
     rope = t["no_rope_layers"] or [int((i + 1) % t.get("no_rope_layer_interval", 4) != 0) for i in range(L)]
     source = t["kv_source_layers"] or list(range(L))
-    indexers = t["indexer_types"]
-    if indexers is None:  # as MistralLarge4TextConfig derives them from the file's schedule fields
-        pattern = t.get("index_topk_pattern")
-        freq, offset = max(t.get("index_topk_freq", 1), 1), t.get("index_skip_topk_offset", 2)
-        indexers = ([{"F": "full", "S": "shared"}[ch] for ch in pattern] if isinstance(pattern, str) else
-                    list(pattern) if pattern is not None else
-                    ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(L)])
+    indexers = _indexer_types(t, L)
     mlp = t["mlp_layer_types"] or ["dense" if i < t["first_k_dense_replace"] else "sparse" for i in range(L)]
     nope, rdim = t["qk_nope_head_dim"], t["qk_rope_head_dim"]
 
