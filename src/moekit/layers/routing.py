@@ -231,6 +231,13 @@ class NoisyTopKRouter(Router):
         return Routing(token_N, expert_N, weight_N, rank_N, clean_TE, probs_TE, T, E, k, extra)
 
 
+def top2_problem(cfg, kind: str) -> tuple[str, object, str] | None:
+    """``config_problem`` of the routers defined for exactly two experts per token (GShard, SparseMixer)."""
+    k = cfg.router.top_k
+    ok = k == 2 and cfg.num_experts >= 2
+    return None if ok else ("top_k", k, f"must be 2 (and num_experts >= 2) for kind={kind!r}")
+
+
 @register_router("gshard")
 class GShardTop2Router(Router):
     """GShard top-2 (Lepikhin et al. 2020, Algorithm 1): g1, g2 = top-2 softmax gates renormalised to
@@ -239,9 +246,7 @@ class GShardTop2Router(Router):
 
     @classmethod
     def config_problem(cls, cfg):
-        k = cfg.router.top_k
-        ok = k == 2 and cfg.num_experts >= 2
-        return None if ok else ("top_k", k, "must be 2 (and num_experts >= 2) for kind='gshard'")
+        return top2_problem(cfg, "gshard")
 
     def route(self, logits_TE: Tensor, **ctx) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
@@ -314,9 +319,7 @@ class SparseMixerRouter(Router):
 
     @classmethod
     def config_problem(cls, cfg):
-        k = cfg.router.top_k
-        ok = k == 2 and cfg.num_experts >= 2
-        return None if ok else ("top_k", k, "must be 2 (and num_experts >= 2) for kind='sparsemixer'")
+        return top2_problem(cfg, "sparsemixer")
 
     def route(self, logits_TE: Tensor, **ctx) -> Routing:
         T, E = logits_TE.shape
