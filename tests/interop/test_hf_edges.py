@@ -10,6 +10,7 @@ import torch
 from moekit.interop.hf import load_hf
 from moekit.interop.patch import patch
 from tests.interop.test_hf import tiny_hf as build
+from tests.interop.test_patch_families import scale_gpt_oss_past_the_clamp
 
 transformers = pytest.importorskip("transformers")
 
@@ -176,15 +177,7 @@ def test_rope_scaling_converts_both_ways_with_transformers_logits(model_type, ro
 def test_gpt_oss_clamped_swiglu_converts_both_ways_past_the_clamp(tmp_path):
     """Expert weights large enough that gate/up pre-activations pass gpt-oss's clamp at +-7."""
     hf = build("gpt_oss")
-    experts = hf.model.layers[0].mlp.experts
-    with torch.no_grad():
-        experts.gate_up_proj.mul_(60)
-    seen = []
-    hook = experts.register_forward_hook(lambda m, args, out: seen.append(args[0] @ m.gate_up_proj[0]))
-    with torch.no_grad():
-        hf(IDS)
-    hook.remove()
-    assert (seen[0].abs() > 7).float().mean() > 0.05
+    scale_gpt_oss_past_the_clamp(hf, IDS)
     assert_converts_both_ways(hf, tmp_path)
 
 

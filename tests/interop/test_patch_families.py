@@ -259,19 +259,25 @@ def test_patch_matches_hf_forward_and_backward(model_type):
     assert_patch_matches(tiny_hf(model_type))
 
 
-def test_gpt_oss_patch_matches_past_the_clamp():
-    """Expert weights large enough that gate/up pre-activations pass gpt-oss's clamp at +-7 (clamped units
-    pass no gradient: the patched model must agree on which)."""
-    ref = tiny_hf("gpt_oss")
-    experts = ref.model.layers[0].mlp.experts
+def scale_gpt_oss_past_the_clamp(model, ids):
+    """Scale a gpt-oss model's first expert weights so that, on ``ids``, more than 5% of its gate/up
+    pre-activations pass the clamp at +-7 (checked, so the test using it does exercise the clamp)."""
+    experts = model.model.layers[0].mlp.experts
     with torch.no_grad():
         experts.gate_up_proj.mul_(60)
     seen = []
     hook = experts.register_forward_hook(lambda m, args, out: seen.append(args[0] @ m.gate_up_proj[0]))
     with torch.no_grad():
-        ref(ids_labels()[0])
+        model(ids)
     hook.remove()
     assert (seen[0].abs() > 7).float().mean() > 0.05
+
+
+def test_gpt_oss_patch_matches_past_the_clamp():
+    """Expert weights large enough that gate/up pre-activations pass gpt-oss's clamp at +-7 (clamped units
+    pass no gradient: the patched model must agree on which)."""
+    ref = tiny_hf("gpt_oss")
+    scale_gpt_oss_past_the_clamp(ref, ids_labels()[0])
     assert_patch_matches(ref)
 
 
