@@ -103,7 +103,8 @@ def load_patched(folder: str | Path, dtype: torch.dtype = torch.float32, dispatc
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = auto_class(transformers.AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype)
+        config = transformers.AutoConfig.from_pretrained(folder)
+        hf = auto_class(config).from_pretrained(folder, config=config, dtype=dtype)
     return PatchedLM(patch(hf.eval(), dispatcher=dispatcher, experts=experts))
 
 

@@ -12,6 +12,7 @@ never reused. CUDA has its own caching allocator, and traced code allocates as u
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -32,9 +33,7 @@ def _free(buf: Tensor) -> bool:
 
 def empty(like: Tensor, *shape: int) -> Tensor:
     """An uninitialised tensor of ``shape`` with ``like``'s dtype and device, reusing a free pooled buffer."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     if (_use_count is None or like.device.type != "cpu" or n * like.element_size() < MIN_BYTES
             or torch.compiler.is_compiling()):
         return like.new_empty(shape)
