@@ -288,6 +288,14 @@ def recorded_router_logits(model, ids, out):
     return model.base_model(ids, output_router_logits=True).router_logits
 
 
+def assert_grad_close(name, g, g_ref):
+    """float32 rounding through a model reaches entries near 0 in proportion to the gradient's scale, so the
+    absolute part of the tolerance is 1e-5 of the tensor's largest entry (1e-6 of a unit-scale gradient
+    depended on the rounding order of the expert math: the fused CPU kernels or aten's)."""
+    atol = max(1e-6, 1e-5 * g_ref.abs().max().item())
+    assert torch.allclose(g, g_ref, rtol=1e-4, atol=atol), f"{name}: {(g - g_ref).abs().max().item()}"
+
+
 def assert_patch_matches(ref):
     """Logits, router logits and every parameter's gradient of ``patch(ref)`` equal the unpatched model's."""
     model = patch(copy.deepcopy(ref))
@@ -314,7 +322,7 @@ def assert_patch_matches(ref):
         assert (g_ref is None) == (g is None), name
         if g is None:  # no gradient in HF either (DeepSeek-V3.2's sparse-attention indexer: a top-k selection)
             continue
-        assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-6), f"{name}: {(g - g_ref).abs().max().item()}"
+        assert_grad_close(name, g, g_ref)
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
@@ -361,7 +369,7 @@ def test_phimoe_training_matches_hf_with_the_same_seed():
     want.loss.backward()
     got.loss.backward()
     for name, g_ref, g in grad_pairs(ref, model):
-        assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-6), f"{name}: {(g - g_ref).abs().max().item()}"
+        assert_grad_close(name, g, g_ref)
     router_grads = [g for name, _, g in grad_pairs(ref, model) if name.endswith("router.gate.weight")]
     assert router_grads and all(g.abs().max() > 0 for g in router_grads)
     torch.manual_seed(6)

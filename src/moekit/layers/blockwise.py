@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from moekit.layers import buffers
+from moekit.layers import buffers, cpu_kernels
 from moekit.layers.ffn import Activation, FFNWeights, ffn_out
 
 
@@ -140,6 +140,13 @@ def run_blocks(pool: tuple[int, ThreadPoolExecutor] | None, blocks: list[tuple[i
         f.result()
 
 
+def fused_swiglu(x_TD: Tensor, act: Activation, keep_RF: Tensor | None, b_down: Tensor | None) -> bool:
+    """Whether the blocks use cpu_kernels' one-pass SwiGLU: plain SwiGLU in float32 on the CPU, no expert
+    dropout mask and no down bias (both change where the gate weight applies); else the aten path."""
+    return (act.name == "swiglu" and keep_RF is None and b_down is None and cpu_kernels.usable(x_TD)
+            and cpu_kernels.library() is not None)
+
+
 class RowsInto:
     """Adds each block's output rows into out_TD at the rows' tokens. Serial: at once, while the block is in
     cache. Pooled: workers write disjoint rows of a buffer, added in row order at ``finish``, so the sum is
@@ -181,6 +188,7 @@ class BlockwiseFFN(torch.autograd.Function):
         blocks = nonempty_blocks(bounds)
         pool = block_pool(x_TD, blocks)
         y = RowsInto(y_TD, token_R, pooled=pool is not None)
+        fused = fused_swiglu(x_TD, act, keep_RF, b_down)
 
         def block(e: int, r0: int, r1: int) -> None:
             f = hidden_E[e]
@@ -189,10 +197,14 @@ class BlockwiseFFN(torch.autograd.Function):
             x_nD = x_TD.index_select(0, tok)
             u = linear_into(x_nD, w_e.up, w_e.b_up, u_RF[r0:r1, :f] if save else None)
             g = linear_into(x_nD, w_e.gate, w_e.b_gate, g_RF[r0:r1, :f] if save else None) if act.gated else None
-            h = act.hidden(g, u, inplace=True)
-            if keep_RF is not None:
-                h.mul_(keep_RF[r0:r1, :f])
-            y_nD = ffn_out(h, w_e, scale=scale_R[r0:r1], inplace=True)
+            if fused:  # silu(g) * u * gate weight in one pass; the scale on the hidden side whatever f is
+                hs = cpu_kernels.swiglu_forward(g, u, scale_R[r0:r1], x_nD.new_empty(r1 - r0, f))
+                y_nD = torch.mm(hs, w_e.down.t())
+            else:
+                h = act.hidden(g, u, inplace=True)
+                if keep_RF is not None:
+                    h.mul_(keep_RF[r0:r1, :f])
+                y_nD = ffn_out(h, w_e, scale=scale_R[r0:r1], inplace=True)
             y.add(r0, r1, y_nD)
 
         run_blocks(pool, blocks, block)
@@ -230,6 +242,7 @@ class BlockwiseFFN(torch.autograd.Function):
         blocks = nonempty_blocks(bounds)
         pool = block_pool(x_TD, blocks)
         dx = RowsInto(dx_TD, token_R, pooled=pool is not None) if need_x else None
+        fused = need_hidden and fused_swiglu(x_TD, act, keep_RF, b_down)
 
         def block(e: int, r0: int, r1: int) -> None:
             f = ctx.hidden_E[e]
@@ -238,28 +251,35 @@ class BlockwiseFFN(torch.autograd.Function):
             u, s = u_RF[r0:r1, :f], scale_R[r0:r1]
             g = g_RF[r0:r1, :f] if act.gated else None
             dy_nD = dy_TD.index_select(0, tok)
-            # the hidden units before the gate scale: act.hidden(g, u), keeping act(g) for hidden_backward
-            a = act.fn(g) if act.gated else None
-            hu = act.gated_product(a, u) if act.gated else act.fn(u)
-            if keep_RF is not None:
-                hu.mul_(keep_RF[r0:r1, :f])
-            if dw_e.down is not None:
-                mm_into(dy_nD.t(), hu * s[:, None], dw_e.down)
-            if dw_e.b_down is not None:
-                torch.mv(dy_nD.t(), s, out=dw_e.b_down)
-            if not (need_s or need_hidden):
-                return
-            dh = dy_nD @ w_e.down
-            if need_s:
-                torch.sum(dh * hu, 1, out=ds_R[r0:r1])
-                if w_e.b_down is not None:
-                    ds_R[r0:r1].add_(dy_nD @ w_e.b_down)
-            if not need_hidden:
-                return
-            dh.mul_(s[:, None])
-            if keep_RF is not None:
-                dh.mul_(keep_RF[r0:r1, :f])
-            dg, du = act.hidden_backward(dh, g, u, a)
+            if fused:  # one pass: the scaled hidden units, ds, du and dg (in place of dh)
+                dh, du, hs = dy_nD @ w_e.down, u.new_empty(r1 - r0, f), u.new_empty(r1 - r0, f)
+                cpu_kernels.swiglu_backward(g, u, s, dh, du, hs, ds_R[r0:r1] if need_s else None)
+                if dw_e.down is not None:
+                    mm_into(dy_nD.t(), hs, dw_e.down)
+                dg = dh
+            else:
+                # the hidden units before the gate scale: act.hidden(g, u), keeping act(g) for hidden_backward
+                a = act.fn(g) if act.gated else None
+                hu = act.gated_product(a, u) if act.gated else act.fn(u)
+                if keep_RF is not None:
+                    hu.mul_(keep_RF[r0:r1, :f])
+                if dw_e.down is not None:
+                    mm_into(dy_nD.t(), hu * s[:, None], dw_e.down)
+                if dw_e.b_down is not None:
+                    torch.mv(dy_nD.t(), s, out=dw_e.b_down)
+                if not (need_s or need_hidden):
+                    return
+                dh = dy_nD @ w_e.down
+                if need_s:
+                    torch.sum(dh * hu, 1, out=ds_R[r0:r1])
+                    if w_e.b_down is not None:
+                        ds_R[r0:r1].add_(dy_nD @ w_e.b_down)
+                if not need_hidden:
+                    return
+                dh.mul_(s[:, None])
+                if keep_RF is not None:
+                    dh.mul_(keep_RF[r0:r1, :f])
+                dg, du = act.hidden_backward(dh, g, u, a)
             x_nD = x_TD.index_select(0, tok) if (dw_e.up is not None or dw_e.gate is not None) else None
             if dw_e.up is not None:
                 mm_into(du.t(), x_nD, dw_e.up)

@@ -1,0 +1,131 @@
+"""Fused CPU elementwise kernels for the blockwise experts (cpu_kernels.c), built on first use.
+
+The blockwise kernel's SwiGLU elementwise work is ~9% of W2's forward+backward with aten ops (their nine
+passes over each [n, f] block in the backward); one C loop per block does it in one pass (bench_layer,
+README "Layer speed"). The C file is compiled once per machine with the system C compiler into
+``$MOEKIT_CACHE`` (default ``~/.cache/moekit``), keyed by the source, flags and CPU, written atomically,
+and loaded with ctypes (which releases the GIL during the call, so pooled workers run in parallel).
+
+No compiler, a failed build or ``MOEKIT_CPU_KERNELS=0``: ``swiglu()`` returns None and the callers keep
+their aten path; the results agree to float32 rounding (tests/layers/test_cpu_kernels.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# no -ffast-math: it would link crtfastmath and flush denormals in the whole process
+FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+NATIVE = ["-march=native"]  # tried first; a compiler without it builds the portable version
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+
+
+def enabled() -> bool:
+    return os.environ.get("MOEKIT_CPU_KERNELS", "1") != "0"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("MOEKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moekit")
+    return Path(base) / "kernels"
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: a library built on another CPU must not be loaded here."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("flags", "model name", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _compile(cc: str, out: Path) -> bool:
+    for extra in (NATIVE, []):
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            so = Path(tmp) / out.name
+            r = subprocess.run([cc, *FLAGS, *extra, "-o", str(so), str(SOURCE)], capture_output=True, text=True)
+            if r.returncode == 0:
+                os.replace(so, out)  # atomic: a concurrent builder or a crash never leaves half a library
+                return True
+            log.debug("moekit cpu kernels: %s %s failed: %s", cc, extra, r.stderr[-500:])
+    return False
+
+
+def _load() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        log.debug("moekit cpu kernels: no C compiler; using aten ops")
+        return None
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, platform.machine(), _cpu_id()]).encode())
+    path = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() and not _compile(cc, path):
+            return None
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        log.debug("moekit cpu kernels: %s; using aten ops", e)
+        return None
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    lib.swiglu_forward.argtypes = [I, I, P, I, P, I, P, P, I]
+    lib.swiglu_backward.argtypes = [I, I, P, I, P, I, P, P, I, P, I, P, I, P]
+    for fn in (lib.swiglu_forward, lib.swiglu_backward):
+        fn.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on the first call; None when unavailable or disabled."""
+    global _lib
+    if not enabled():
+        return None
+    if _lib is False:
+        with _lock:
+            if _lib is False:
+                _lib = _load()
+    return _lib
+
+
+def usable(*ts: Tensor) -> bool:
+    """The kernels take float32 CPU matrices whose rows are contiguous."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in ts)
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def swiglu_forward(g: Tensor, u: Tensor, s: Tensor | None, out: Tensor) -> Tensor:
+    """out = silu(g) * u * s[:, None] ([n, f] each, s [n] or None). Call only when ``library()`` is not None."""
+    n, f = g.shape
+    library().swiglu_forward(n, f, g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), _ptr(s),
+                             out.data_ptr(), out.stride(0))
+    return out
+
+
+def swiglu_backward(g: Tensor, u: Tensor, s: Tensor | None, dh: Tensor, du: Tensor, hs: Tensor,
+                    ds: Tensor | None) -> None:
+    """Given dh = d loss / d (silu(g) * u * s): writes hs = silu(g) * u * s, du, ds (row sums of dh * silu(g) * u,
+    when given) and overwrites dh with dg. ``s``, ``ds``: contiguous [n] or None."""
+    n, f = g.shape
+    library().swiglu_backward(n, f, g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), _ptr(s),
+                              dh.data_ptr(), dh.stride(0), du.data_ptr(), du.stride(0), hs.data_ptr(),
+                              hs.stride(0), _ptr(ds))
