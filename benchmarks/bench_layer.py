@@ -8,8 +8,9 @@ W1: T=4096, d=512, 8 experts h=1408, top-2            (Mixtral-shaped)   dense t
 W2: T=4096, d=512, 64 experts h=352, top-8, 1 shared  (Qwen2-MoE-shaped) dense twin h = 8*352 + 352
 
 Dense baselines, all with the dense twin's hidden size H (the MoE's active width):
-- plain: nn.Linear SwiGLU under autograd;
+- plain: nn.Linear SwiGLU under autograd (aten ops: F.silu(gate) * up);
 - row-chunked: the same module applied to 512-row chunks (smaller intermediates, cache-friendlier);
+- moekit MLP: moekit's dense FFN (its SwiGLU one fused pass forward and backward on the CPU);
 - fused 1-expert: moekit's own blockwise kernel with one expert of hidden H and every token on it;
 - compiled: torch.compile of the plain module, when compilation works on this machine.
 Every MoE ratio is to the BEST dense (lowest fwd+bwd median); the ratio to plain is printed beside it.
@@ -46,7 +47,7 @@ WORKLOADS = {
     "W1": dict(d=512, E=8, h=1408, k=2, shared=0),
     "W2": dict(d=512, E=64, h=352, k=8, shared=1),
 }
-DENSE = ("dense plain", "dense row-chunked", "dense fused 1-expert", "dense compiled")
+DENSE = ("dense plain", "dense row-chunked", "dense moekit MLP", "dense fused 1-expert", "dense compiled")
 # label -> (MoEConfig.dispatcher, MoEConfig.experts, blockwise schedule or None for the default)
 MOEKIT_CASES = {"auto": ("local", "auto", None), "blockwise serial": ("local", "blockwise", "serial"),
                 "blockwise pooled": ("local", "blockwise", "pooled"), "grouped": ("local", "grouped_mm", None),
@@ -90,6 +91,18 @@ def saved_for_backward_mb(module: nn.Module, x: torch.Tensor, out=lambda o: o) -
     return sum(n for ptr, n in saved.items() if ptr not in skip) / 2**20
 
 
+class PlainSwiGLU(nn.Module):
+    """The FFN as a user writes it: three nn.Linear and aten's silu under autograd."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.w_gate, self.w_up = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        return self.w_down(nn.functional.silu(self.w_gate(x)) * self.w_up(x))
+
+
 class RowChunked(nn.Module):
     """The same FFN applied to row chunks: intermediates of chunk x H instead of T x H."""
 
@@ -111,15 +124,16 @@ def moe_layer(w: dict, dispatcher: str, experts: str) -> MoELayer:
 def dense_cases(w: dict, x: torch.Tensor, compile_: bool = True) -> dict[str, nn.Module]:
     """The dense baselines (see the module docstring) with hidden H = the MoE's active width."""
     H = w["k"] * w["h"] + w["shared"] * w["h"]
-    plain = MLP(w["d"], H)
+    plain = PlainSwiGLU(w["d"], H)
     fused = MoELayer(MoEConfig(d_model=w["d"], num_experts=1, expert_hidden=H, experts="blockwise",
                                router=RouterConfig(top_k=1), loss=LossConfig(aux_coef=0.0)))
-    cases = {"dense plain": (plain, lambda o: o), "dense row-chunked": (RowChunked(MLP(w["d"], H)), lambda o: o),
-             "dense fused 1-expert": (fused, lambda o: o.y)}
+    cases = {"dense plain": (plain, lambda o: o),
+             "dense row-chunked": (RowChunked(PlainSwiGLU(w["d"], H)), lambda o: o),
+             "dense moekit MLP": (MLP(w["d"], H), lambda o: o), "dense fused 1-expert": (fused, lambda o: o.y)}
     if not compile_:
         return cases
     try:
-        compiled = torch.compile(MLP(w["d"], H))
+        compiled = torch.compile(PlainSwiGLU(w["d"], H))
         compiled(x.detach().requires_grad_(True)).sum().backward()  # compile now: fails here if it cannot
         cases["dense compiled"] = (compiled, lambda o: o)
     except Exception as e:  # no C++ compiler, unsupported platform: report and go on without it

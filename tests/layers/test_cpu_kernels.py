@@ -42,13 +42,14 @@ def test_swiglu_kernels_match_float64_math(with_scale):
     h = cpu_kernels.swiglu_forward(g, u, s, torch.empty(n, f))
     torch.testing.assert_close(h.double(), want_h, rtol=1e-6, atol=1e-6)
     dg, du, hs, ds = strided(dh.clone()), torch.empty(n, f), torch.empty(n, f), torch.empty(n)
-    cpu_kernels.swiglu_backward(g, u, s, dg, du, hs, ds)
+    cpu_kernels.swiglu_backward(g, u, s, dg, dg, du, hs, ds)  # dg in place of dh, as the blockwise kernel does
     got = {"hs": hs, "ds": ds, "du": du, "dg": dg}
     for name in want:
         torch.testing.assert_close(got[name].double(), want[name], rtol=1e-5, atol=1e-5, msg=name)
-    dg2 = dh.clone()
-    cpu_kernels.swiglu_backward(g, u, s, dg2, du, hs, None)  # no gate-weight gradient: ds untouched
-    assert torch.equal(dg2, dg)
+    dg2, du2 = torch.empty(n, f), torch.empty(n, f)
+    cpu_kernels.swiglu_backward(g, u, s, dh, dg2, du2, None, None)  # no hs, no ds; dh left as it was
+    assert torch.equal(dg2, dg) and torch.equal(du2, du)
+    torch.testing.assert_close(dh.double(), dh64)
 
 
 def run_experts(experts, x, weight_N, token_N, expert_N, T, E, K, dy):
@@ -137,3 +138,56 @@ def test_kernels_build_once_into_the_cache_and_load_from_it(monkeypatch, tmp_pat
     monkeypatch.setenv("CC", "/bin/false")  # a second load must not need the compiler
     assert cpu_kernels.library() is not None
     assert built[0].stat().st_mtime_ns == stamp and list((tmp_path / "kernels").iterdir()) == built
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale", ["none", "fixed", "learned"])
+def test_swiglu_autograd_op_matches_float64_autograd(scale):
+    """The one-pass SwiGLU under autograd (MLP, shared experts, grouped and bmm backends): 3-D inputs, an
+    upstream gradient that is not contiguous (an expanded one from .sum()), the scale with or without grad."""
+    g_ = torch.Generator().manual_seed(8)
+    g = (torch.randn(3, 11, 29, generator=g_) * 3).requires_grad_(True)
+    u = torch.randn(3, 11, 29, generator=g_, requires_grad=True)
+    s = None if scale == "none" else torch.rand(3, 11, generator=g_).requires_grad_(scale == "learned")
+    h = cpu_kernels.swiglu_hidden(g, u, s)
+    assert h is not None and type(h.grad_fn).__name__ == "SwiGLUHiddenBackward"
+    inputs = [t for t in (g, u, s) if t is not None and t.requires_grad]
+    g64, u64 = g.double(), u.double()
+    want = F.silu(g64) * u64 * (1 if s is None else s.double()[..., None])
+    torch.testing.assert_close(h.double(), want, rtol=1e-6, atol=1e-6)
+    for dh in (torch.randn(h.shape, generator=g_), None):  # None: the expanded gradient of h.sum()
+        got = torch.autograd.grad(h.sum() if dh is None else (h * dh).sum(), inputs, retain_graph=True)
+        ref = torch.autograd.grad(want.sum() if dh is None else (want * dh.double()).sum(), inputs,
+                                  retain_graph=True)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_op_steps_aside_where_it_does_not_apply():
+    g, u = torch.randn(4, 6), torch.randn(4, 6)
+    assert cpu_kernels.swiglu_hidden(g.double(), u.double()) is None  # float64: aten
+    assert cpu_kernels.swiglu_hidden(g.t(), u.t()) is None  # rows not contiguous
+    assert cpu_kernels.swiglu_hidden(g, u, torch.ones(5)) is None  # a scale of another shape
+
+
+@needs_kernels
+def test_mlp_with_scale_matches_float64_and_the_aten_path(monkeypatch):
+    """A gated shared expert: MLP(x, scale) = scale * FFN(x), fused and through aten, against float64 rows."""
+    from moekit.layers.experts import MLP
+
+    from .reference import mlp64
+
+    torch.manual_seed(2)
+    mlp = MLP(16, 24)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    s = torch.rand(2, 9, requires_grad=True)
+    dy = torch.randn(2, 9, 16)
+    runs = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("MOEKIT_CPU_KERNELS", enabled)
+        y = mlp(x, scale=s)
+        runs.append([y.detach(), *torch.autograd.grad((y * dy).sum(), (x, s, *mlp.parameters()))])
+    ref = mlp64(mlp, x.reshape(-1, 16)).view(2, 9, 16) * s.double()[..., None]
+    torch.testing.assert_close(runs[0][0].double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    for fused, aten in zip(*runs):
+        torch.testing.assert_close(fused, aten, rtol=1e-5, atol=1e-6)

@@ -140,10 +140,11 @@ def run_blocks(pool: tuple[int, ThreadPoolExecutor] | None, blocks: list[tuple[i
         f.result()
 
 
-def fused_swiglu(x_TD: Tensor, act: Activation, keep_RF: Tensor | None, b_down: Tensor | None) -> bool:
+def fused_swiglu(x_TD: Tensor, scale_R: Tensor, act: Activation, keep_RF: Tensor | None, b_down: Tensor | None
+                 ) -> bool:
     """Whether the blocks use cpu_kernels' one-pass SwiGLU: plain SwiGLU in float32 on the CPU, no expert
     dropout mask and no down bias (both change where the gate weight applies); else the aten path."""
-    return (act.name == "swiglu" and keep_RF is None and b_down is None and cpu_kernels.usable(x_TD)
+    return (act.name == "swiglu" and keep_RF is None and b_down is None and cpu_kernels.usable(x_TD, scale_R)
             and cpu_kernels.library() is not None)
 
 
@@ -156,10 +157,15 @@ class RowsInto:
         self.out_TD, self.token_R = out_TD, token_R
         self.rows_RD = buffers.empty(out_TD, token_R.shape[0], out_TD.shape[1]) if pooled else None
 
+    def slot(self, r0: int, r1: int) -> Tensor | None:
+        """Where a block may compute its output rows in place (pooled: its rows of the buffer, saving a copy),
+        else None (a matmul's ``out=None`` allocates)."""
+        return None if self.rows_RD is None else self.rows_RD[r0:r1]
+
     def add(self, r0: int, r1: int, rows_nD: Tensor) -> None:
         if self.rows_RD is None:
             self.out_TD.index_add_(0, self.token_R[r0:r1], rows_nD)
-        else:
+        elif rows_nD.data_ptr() != self.rows_RD[r0:r1].data_ptr():  # not already written in its slot
             self.rows_RD[r0:r1] = rows_nD
 
     def finish(self) -> None:
@@ -188,7 +194,7 @@ class BlockwiseFFN(torch.autograd.Function):
         blocks = nonempty_blocks(bounds)
         pool = block_pool(x_TD, blocks)
         y = RowsInto(y_TD, token_R, pooled=pool is not None)
-        fused = fused_swiglu(x_TD, act, keep_RF, b_down)
+        fused = fused_swiglu(x_TD, scale_R, act, keep_RF, b_down)
 
         def block(e: int, r0: int, r1: int) -> None:
             f = hidden_E[e]
@@ -197,9 +203,13 @@ class BlockwiseFFN(torch.autograd.Function):
             x_nD = x_TD.index_select(0, tok)
             u = linear_into(x_nD, w_e.up, w_e.b_up, u_RF[r0:r1, :f] if save else None)
             g = linear_into(x_nD, w_e.gate, w_e.b_gate, g_RF[r0:r1, :f] if save else None) if act.gated else None
-            if fused:  # silu(g) * u * gate weight in one pass; the scale on the hidden side whatever f is
-                hs = cpu_kernels.swiglu_forward(g, u, scale_R[r0:r1], x_nD.new_empty(r1 - r0, f))
-                y_nD = torch.mm(hs, w_e.down.t())
+            if fused:  # silu(g) * u (* gate weight) in one pass; the scale where ffn_out puts it
+                on_hidden = f < w_e.down.shape[0]
+                hs = cpu_kernels.swiglu_forward(g, u, scale_R[r0:r1] if on_hidden else None,
+                                                x_nD.new_empty(r1 - r0, f))
+                y_nD = torch.mm(hs, w_e.down.t(), out=y.slot(r0, r1))
+                if not on_hidden:
+                    y_nD.mul_(scale_R[r0:r1, None])
             else:
                 h = act.hidden(g, u, inplace=True)
                 if keep_RF is not None:
@@ -242,7 +252,7 @@ class BlockwiseFFN(torch.autograd.Function):
         blocks = nonempty_blocks(bounds)
         pool = block_pool(x_TD, blocks)
         dx = RowsInto(dx_TD, token_R, pooled=pool is not None) if need_x else None
-        fused = need_hidden and fused_swiglu(x_TD, act, keep_RF, b_down)
+        fused = need_hidden and fused_swiglu(x_TD, scale_R, act, keep_RF, b_down)
 
         def block(e: int, r0: int, r1: int) -> None:
             f = ctx.hidden_E[e]
@@ -253,7 +263,7 @@ class BlockwiseFFN(torch.autograd.Function):
             dy_nD = dy_TD.index_select(0, tok)
             if fused:  # one pass: the scaled hidden units, ds, du and dg (in place of dh)
                 dh, du, hs = dy_nD @ w_e.down, u.new_empty(r1 - r0, f), u.new_empty(r1 - r0, f)
-                cpu_kernels.swiglu_backward(g, u, s, dh, du, hs, ds_R[r0:r1] if need_s else None)
+                cpu_kernels.swiglu_backward(g, u, s, dh, dh, du, hs, ds_R[r0:r1] if need_s else None)
                 if dw_e.down is not None:
                     mm_into(dy_nD.t(), hs, dw_e.down)
                 dg = dh
@@ -289,7 +299,7 @@ class BlockwiseFFN(torch.autograd.Function):
                     mm_into(dg.t(), x_nD, dw_e.gate)
                 sum_rows_into(dg, dw_e.b_gate)
             if need_x:
-                dx_nD = du @ w_e.up
+                dx_nD = torch.mm(du, w_e.up, out=dx.slot(r0, r1))
                 if act.gated:
                     dx_nD.addmm_(dg, w_e.gate)
                 dx.add(r0, r1, dx_nD)

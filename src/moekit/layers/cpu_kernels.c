@@ -31,9 +31,10 @@ static inline float exp_f32(float x) {
 void swiglu_forward(int64_t n, int64_t f, const float *g, int64_t ldg, const float *u, int64_t ldu,
                     const float *s, float *h, int64_t ldh) {
     for (int64_t i = 0; i < n; i++) {
-        const float *restrict gi = g + i * ldg, *restrict ui = u + i * ldu;
-        float *restrict hi = h + i * ldh;
+        const float *gi = g + i * ldg, *ui = u + i * ldu;
+        float *hi = h + i * ldh;
         const float si = s ? s[i] : 1.0f;
+#pragma omp simd
         for (int64_t j = 0; j < f; j++) {
             const float x = gi[j];
             hi[j] = x / (1.0f + exp_f32(-x)) * ui[j] * si;
@@ -42,27 +43,39 @@ void swiglu_forward(int64_t n, int64_t f, const float *g, int64_t ldg, const flo
 }
 
 /* From dh (the gradient of the scaled hidden units hs = silu(g) * u * s), in one pass per row:
- *   hs  = silu(g) * u * s                       (the down projection's weight gradient is dy^T hs)
- *   ds  = sum_j dh * silu(g) * u                (the gate weight's gradient; skipped when ds is NULL)
- *   du  = dh * s * silu(g)
- *   dh <- dh * s * u * silu'(g),  silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))   (dg, in place) */
+ *   hs = silu(g) * u * s                       (the down projection's weight gradient is dy^T hs; NULL: skip)
+ *   ds = sum_j dh * silu(g) * u                (the gate weight's gradient; NULL: skip)
+ *   du = dh * s * silu(g)
+ *   dg = dh * s * u * silu'(g),  silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))   (dg may be dh itself) */
 void swiglu_backward(int64_t n, int64_t f, const float *g, int64_t ldg, const float *u, int64_t ldu,
-                     const float *s, float *dh, int64_t lddh, float *du, int64_t lddu, float *hs,
-                     int64_t ldhs, float *ds) {
+                     const float *s, const float *dh, int64_t lddh, float *dg, int64_t lddg, float *du,
+                     int64_t lddu, float *hs, int64_t ldhs, float *ds) {
     for (int64_t i = 0; i < n; i++) {
-        const float *restrict gi = g + i * ldg, *restrict ui = u + i * ldu;
-        float *restrict dhi = dh + i * lddh, *restrict dui = du + i * lddu, *restrict hsi = hs + i * ldhs;
+        const float *gi = g + i * ldg, *ui = u + i * ldu, *dhi = dh + i * lddh;
+        float *dgi = dg + i * lddg, *dui = du + i * lddu, *hsi = hs ? hs + i * ldhs : 0;
         const float si = s ? s[i] : 1.0f;
         float acc = 0.0f;
+        if (hsi) {
 #pragma omp simd reduction(+:acc)
-        for (int64_t j = 0; j < f; j++) {
-            const float x = gi[j], v = ui[j], d = dhi[j];
-            const float sg = 1.0f / (1.0f + exp_f32(-x));
-            const float a = x * sg, hu = a * v, d_s = d * si;
-            acc += d * hu;
-            hsi[j] = hu * si;
-            dui[j] = d_s * a;
-            dhi[j] = d_s * v * sg * (1.0f + x * (1.0f - sg));
+            for (int64_t j = 0; j < f; j++) {
+                const float x = gi[j], v = ui[j], d = dhi[j];
+                const float sg = 1.0f / (1.0f + exp_f32(-x));
+                const float a = x * sg, hu = a * v, d_s = d * si;
+                acc += d * hu;
+                hsi[j] = hu * si;
+                dui[j] = d_s * a;
+                dgi[j] = d_s * v * sg * (1.0f + x * (1.0f - sg));
+            }
+        } else {
+#pragma omp simd reduction(+:acc)
+            for (int64_t j = 0; j < f; j++) {
+                const float x = gi[j], v = ui[j], d = dhi[j];
+                const float sg = 1.0f / (1.0f + exp_f32(-x));
+                const float a = x * sg, d_s = d * si;
+                acc += d * a * v;
+                dui[j] = d_s * a;
+                dgi[j] = d_s * v * sg * (1.0f + x * (1.0f - sg));
+            }
         }
         if (ds) ds[i] = acc;
     }

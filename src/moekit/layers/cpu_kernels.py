@@ -86,7 +86,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     P, I = ctypes.c_void_p, ctypes.c_int64
     lib.swiglu_forward.argtypes = [I, I, P, I, P, I, P, P, I]
-    lib.swiglu_backward.argtypes = [I, I, P, I, P, I, P, P, I, P, I, P, I, P]
+    lib.swiglu_backward.argtypes = [I, I, P, I, P, I, P, P, I, P, I, P, I, P, I, P]
     for fn in (lib.swiglu_forward, lib.swiglu_backward):
         fn.restype = None
     return lib
@@ -121,11 +121,47 @@ def swiglu_forward(g: Tensor, u: Tensor, s: Tensor | None, out: Tensor) -> Tenso
     return out
 
 
-def swiglu_backward(g: Tensor, u: Tensor, s: Tensor | None, dh: Tensor, du: Tensor, hs: Tensor,
-                    ds: Tensor | None) -> None:
-    """Given dh = d loss / d (silu(g) * u * s): writes hs = silu(g) * u * s, du, ds (row sums of dh * silu(g) * u,
-    when given) and overwrites dh with dg. ``s``, ``ds``: contiguous [n] or None."""
+def swiglu_backward(g: Tensor, u: Tensor, s: Tensor | None, dh: Tensor, dg: Tensor, du: Tensor,
+                    hs: Tensor | None, ds: Tensor | None) -> None:
+    """Given dh = d loss / d (silu(g) * u * s): writes dg and du ([n, f]; ``dg`` may be ``dh`` itself), and
+    when given hs = silu(g) * u * s ([n, f]) and ds, the row sums of dh * silu(g) * u ([n], contiguous)."""
     n, f = g.shape
     library().swiglu_backward(n, f, g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), _ptr(s),
-                              dh.data_ptr(), dh.stride(0), du.data_ptr(), du.stride(0), hs.data_ptr(),
-                              hs.stride(0), _ptr(ds))
+                              dh.data_ptr(), dh.stride(0), dg.data_ptr(), dg.stride(0), du.data_ptr(),
+                              du.stride(0), _ptr(hs), 0 if hs is None else hs.stride(0), _ptr(ds))
+
+
+class SwiGLUHidden(torch.autograd.Function):
+    """silu(g) * u * s[..., None] under autograd: one pass forward, one backward (aten: 2-3 and 4-6)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, u: Tensor, s: Tensor | None) -> Tensor:
+        f = g.shape[-1]
+        g2, u2 = g.reshape(-1, f), u.reshape(-1, f)
+        s1 = None if s is None else s.reshape(-1).contiguous()
+        out = swiglu_forward(g2, u2, s1, torch.empty_like(g2))
+        ctx.save_for_backward(g2, u2, s1)
+        return out.view(g.shape)
+
+    @staticmethod
+    def backward(ctx, dh: Tensor):
+        g2, u2, s1 = ctx.saved_tensors
+        dh2 = dh.reshape(g2.shape)
+        if dh2.stride(-1) != 1:
+            dh2 = dh2.contiguous()
+        dg, du = torch.empty_like(g2), torch.empty_like(g2)
+        ds = torch.empty_like(s1) if s1 is not None and ctx.needs_input_grad[2] else None
+        swiglu_backward(g2, u2, s1, dh2, dg, du, None, ds)
+        shape = dh.shape
+        return dg.view(shape), du.view(shape), None if ds is None else ds.view(shape[:-1])
+
+
+def swiglu_hidden(g: Tensor, u: Tensor, s: Tensor | None = None) -> Tensor | None:
+    """silu(g) * u (* s[..., None]) through the fused kernel, or None where it does not apply (another dtype
+    or device, traced by torch.compile, kernels unavailable): the caller then uses aten ops."""
+    if (torch.compiler.is_compiling() or g.shape != u.shape or g.numel() == 0
+            or not usable(*(t for t in (g, u, s) if t is not None)) or library() is None):
+        return None
+    if s is not None and s.shape != g.shape[:-1]:
+        return None
+    return SwiGLUHidden.apply(g, u, s)

@@ -81,7 +81,7 @@ class LoopBackend(ExpertsBackend):
         x_blocks = torch.split(x_RD, sizes)
         s_blocks = torch.split(scale_R, sizes) if scale_R is not None else [None] * len(sizes)
         w = experts.weights(x_RD.dtype)
-        return torch.cat([ffn(x, w_e, experts.act, scale=s, dropout=experts.dropout)
+        return torch.cat([ffn(x, w_e, experts.act, scale=s, dropout=experts.dropout, fused=False)
                           for x, s, w_e in zip(x_blocks, s_blocks, w.unbind())] + [x_RD.new_zeros(0, experts.d_model)])
 
 
@@ -263,7 +263,8 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(hidden, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        """x [..., D] -> [..., D]; ``scale`` [...]: per-row factors on the output (a shared expert's gate)."""
         w = FFNWeights(*(None if m is None else m.weight for m in (self.w_gate, self.w_up, self.w_down)),
                        *(None if m is None else m.bias for m in (self.w_gate, self.w_up, self.w_down)))
-        return ffn(x, w, self.act, dropout=self.dropout)
+        return ffn(x, w, self.act, scale=scale, dropout=self.dropout)

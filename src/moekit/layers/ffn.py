@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from moekit.layers import cpu_kernels
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,23 @@ def ffn_out(h: Tensor, w: FFNWeights, linear: Linear = F.linear, scale: Tensor |
 
 
 def ffn(x: Tensor, w: FFNWeights, act: Activation, linear: Linear = F.linear, scale: Tensor | None = None,
-        dropout: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """The FFN on rows x [..., I]; ``dropout`` acts on the hidden units (ST-MoE expert dropout)."""
-    h = ffn_hidden(x, w, act, linear)[2]
+        dropout: Callable[[Tensor], Tensor] | None = None, fused: bool = True) -> Tensor:
+    """The FFN on rows x [..., I]; ``dropout`` acts on the hidden units (ST-MoE expert dropout).
+    ``fused``: SwiGLU's silu(g) * u * scale in cpu_kernels' one-pass autograd op where it applies (float32 on
+    the CPU, no dropout, no down bias); the loop backend, the readable reference, passes False."""
+    u = linear(x, w.up, w.b_up)
+    g = linear(x, w.gate, w.b_gate) if act.gated else None
+    if fused and act.name == "swiglu" and w.b_down is None and inactive(dropout):
+        # the scale goes where ffn_out puts it: into the (narrower) hidden units, else onto the output
+        on_hidden = scale is not None and u.shape[-1] < w.down.shape[-2]
+        hs = cpu_kernels.swiglu_hidden(g, u, scale.to(u.dtype) if on_hidden else None)
+        if hs is not None:
+            y = linear(hs, w.down, None)
+            return y if scale is None or on_hidden else y * scale.to(y.dtype)[..., None]
+    h = act.hidden(g, u)
     return ffn_out(h if dropout is None else dropout(h), w, linear, scale)
+
+
+def inactive(dropout: Callable[[Tensor], Tensor] | None) -> bool:
+    return (dropout is None or isinstance(dropout, nn.Identity)
+            or (isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)))

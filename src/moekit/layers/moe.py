@@ -79,8 +79,10 @@ class MoELayer(nn.Module):
         return y_ND.new_zeros(x_TD.shape[0], y_ND.shape[-1]).index_add(0, kept.token_N, y_ND)
 
     def shared_out(self, x_TD: Tensor) -> Tensor:
-        s_TD = self.shared(x_TD)
-        return s_TD if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)) * s_TD
+        # the sigmoid gate is a per-row factor of the FFN (scaling its hidden units when narrower than D,
+        # fused into SwiGLU's pass on the CPU): the same function as gating the output
+        gate_T = None if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)).squeeze(-1)
+        return self.shared(x_TD, scale=gate_T)
 
     def _aux(self, routing: Routing, kept: Routing, seq_len: int | None, mask_T: Tensor | None) -> MoEAux:
         terms, total = losses.router_losses(routing, self.cfg.loss, seq_len, mask_T)
