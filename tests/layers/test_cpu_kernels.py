@@ -191,3 +191,28 @@ def test_mlp_with_scale_matches_float64_and_the_aten_path(monkeypatch):
     torch.testing.assert_close(runs[0][0].double(), ref.detach(), rtol=1e-6, atol=1e-6)
     for fused, aten in zip(*runs):
         torch.testing.assert_close(fused, aten, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_large_hidden_blocks_split_over_threads_with_the_same_result():
+    """A dense FFN's [T, H] hidden units run in row chunks on torch's threads: each row's arithmetic is the
+    same, so the result is bit-identical to one thread's, forward and every gradient."""
+    g_ = torch.Generator().manual_seed(9)
+    n, f = 613, 517
+    assert n * f >= cpu_kernels.PARALLEL_MIN
+    g = torch.randn(n, f, generator=g_, requires_grad=True)
+    u = torch.randn(n, f, generator=g_, requires_grad=True)
+    s = torch.rand(n, generator=g_, requires_grad=True)
+    dh = torch.randn(n, f, generator=g_)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            h = cpu_kernels.swiglu_hidden(g, u, s)
+            runs.append([h.detach(), *torch.autograd.grad((h * dh).sum(), (g, u, s))])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    want = F.silu(g.double()) * u.double() * s.double()[:, None]
+    torch.testing.assert_close(runs[0][0].double(), want, rtol=1e-6, atol=1e-6)

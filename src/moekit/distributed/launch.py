@@ -27,6 +27,8 @@ def _entry(rank: int, world_size: int, port: int, threads: int, fn: Callable, ar
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     try:
         fn(rank, world_size, *args)
+        # no rank tears its process group down while a peer may still be talking to it
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -131,6 +132,32 @@ def swiglu_backward(g: Tensor, u: Tensor, s: Tensor | None, dh: Tensor, dg: Tens
                               du.stride(0), _ptr(hs), 0 if hs is None else hs.stride(0), _ptr(ds))
 
 
+PARALLEL_MIN = 1 << 18  # elements: below this, one thread beats waking others
+_row_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def split_rows(kernel, n: int, f: int, *row_tensors: Tensor | None) -> None:
+    """kernel(*tensors) over row chunks on torch's thread count: the C loops are single-threaded (the blockwise
+    kernel calls them from its own workers, one block each); a dense FFN's [T, H] hidden units are one call."""
+    global _row_pool
+    threads = torch.get_num_threads()
+    if threads < 2 or n * f < PARALLEL_MIN or n < threads:
+        kernel(*row_tensors)
+        return
+    with _lock:
+        if _row_pool is None or _row_pool[0] != threads:
+            if _row_pool is not None:
+                _row_pool[1].shutdown(wait=False)
+            _row_pool = (threads, ThreadPoolExecutor(threads - 1, thread_name_prefix="moekit-rows"))
+        pool = _row_pool[1]
+    bounds = [n * i // threads for i in range(threads + 1)]
+    chunks = [[None if t is None else t[a:b] for t in row_tensors] for a, b in zip(bounds[:-1], bounds[1:])]
+    futures = [pool.submit(kernel, *c) for c in chunks[1:]]
+    kernel(*chunks[0])
+    for fut in futures:
+        fut.result()
+
+
 class SwiGLUHidden(torch.autograd.Function):
     """silu(g) * u * s[..., None] under autograd: one pass forward, one backward (aten: 2-3 and 4-6)."""
 
@@ -139,7 +166,8 @@ class SwiGLUHidden(torch.autograd.Function):
         f = g.shape[-1]
         g2, u2 = g.reshape(-1, f), u.reshape(-1, f)
         s1 = None if s is None else s.reshape(-1).contiguous()
-        out = swiglu_forward(g2, u2, s1, torch.empty_like(g2))
+        out = torch.empty_like(g2)
+        split_rows(swiglu_forward, g2.shape[0], f, g2, u2, s1, out)
         ctx.save_for_backward(g2, u2, s1)
         return out.view(g.shape)
 
@@ -151,7 +179,7 @@ class SwiGLUHidden(torch.autograd.Function):
             dh2 = dh2.contiguous()
         dg, du = torch.empty_like(g2), torch.empty_like(g2)
         ds = torch.empty_like(s1) if s1 is not None and ctx.needs_input_grad[2] else None
-        swiglu_backward(g2, u2, s1, dh2, dg, du, None, ds)
+        split_rows(swiglu_backward, g2.shape[0], g2.shape[1], g2, u2, s1, dh2, dg, du, None, ds)
         shape = dh.shape
         return dg.view(shape), du.view(shape), None if ds is None else ds.view(shape[:-1])
 
