@@ -52,6 +52,14 @@ def test_swiglu_kernels_match_float64_math(with_scale):
     torch.testing.assert_close(dh.double(), dh64)
 
 
+def routed_problem(gen, T, E, K, D):
+    """x, top-k assignments with random gate weights, and an upstream gradient."""
+    x = torch.randn(T, D, generator=gen, requires_grad=True)
+    token_N, expert_N, _ = topk_assignments(torch.randn(T, E, generator=gen), K)
+    weight_N = torch.rand(T * K, generator=gen, requires_grad=True)
+    return x, token_N, expert_N, weight_N, torch.randn(T, D, generator=gen)
+
+
 def run_experts(experts, x, weight_N, token_N, expert_N, T, E, K, dy):
     routing = Routing(token_N, expert_N, weight_N, torch.zeros_like(token_N), torch.zeros(T, E), None, T, E, K)
     counts_E, meta = LocalDispatcher().plan(routing)
@@ -77,10 +85,7 @@ def test_blockwise_with_kernels_equals_float64_loop_and_the_aten_path(schedule, 
                 p.copy_(torch.randn(p.shape, generator=g_) * 0.5)
             for e, f in enumerate(sizes):  # the float64 loop uses every unit: zero those beyond expert e's size
                 experts.w_gate_EFD[e, f:] = experts.w_up_EFD[e, f:] = experts.w_down_EDF[e, :, f:] = 0
-        x = torch.randn(T, D, generator=g_, requires_grad=True)
-        token_N, expert_N, _ = topk_assignments(torch.randn(T, E, generator=g_), K)
-        weight_N = torch.rand(T * K, generator=g_, requires_grad=True)
-        dy = torch.randn(T, D, generator=g_)
+        x, token_N, expert_N, weight_N, dy = routed_problem(g_, T, E, K, D)
         calls = {"forward": 0, "backward": 0}
         for name in calls:
             real = getattr(cpu_kernels, f"swiglu_{name}")
@@ -115,10 +120,7 @@ def test_no_compiler_falls_back_to_aten_ops(monkeypatch, tmp_path):
     g_ = torch.Generator().manual_seed(4)
     T, E, K, D, F_ = 19, 4, 2, 8, 12
     experts = GroupedExperts(E, D, F_, "swiglu", backend="blockwise")
-    x = torch.randn(T, D, generator=g_, requires_grad=True)
-    token_N, expert_N, _ = topk_assignments(torch.randn(T, E, generator=g_), K)
-    weight_N = torch.rand(T * K, generator=g_, requires_grad=True)
-    dy = torch.randn(T, D, generator=g_)
+    x, token_N, expert_N, weight_N, dy = routed_problem(g_, T, E, K, D)
     without = run_experts(experts, x, weight_N, token_N, expert_N, T, E, K, dy)
     monkeypatch.setenv("MOEKIT_CPU_KERNELS", "0")
     disabled = run_experts(experts, x, weight_N, token_N, expert_N, T, E, K, dy)
