@@ -83,3 +83,18 @@ def test_small_and_non_cpu_requests_bypass_the_pool(monkeypatch):
     del big
     assert buffers.empty(torch.empty(0), 256, 1024).data_ptr() != ptr  # half the size: not tied up
     assert buffers.empty(torch.empty(0), 480, 1024).data_ptr() == ptr  # freed, within 25%: reused
+
+
+def test_the_pool_trims_its_smallest_free_buffers_and_keeps_held_ones():
+    """More than MAX_FREE free buffers of different sizes: a miss drops the smallest free ones (by identity, not
+    by comparing tensors) and never one that is still held."""
+    like = torch.empty(0)
+    held = [buffers.empty(like, 10 * (i + 1)) for i in range(3)]
+    sizes = [100 * 2 ** i for i in range(buffers.MAX_FREE + 2)]  # each > 25% apart: none fits another's request
+    for n in sizes:
+        buffers.empty(like, n)  # dropped at once: free in the pool
+    pool = buffers._pool[(like.device, like.dtype)]
+    free = [b for b in pool if buffers._free(b)]
+    assert len(free) == buffers.MAX_FREE  # each miss made room for itself
+    assert sorted(b.numel() for b in free) == sizes[-buffers.MAX_FREE:]  # the smallest were dropped
+    assert all(any(b.data_ptr() == h.data_ptr() for b in pool) for h in held)

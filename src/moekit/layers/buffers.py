@@ -46,8 +46,8 @@ def empty(like: Tensor, *shape: int) -> Tensor:
             buf = min(fits, key=Tensor.numel)
         else:
             free = sorted((b for b in bufs if _free(b)), key=Tensor.numel)
-            for b in free[:max(0, len(free) + 1 - MAX_FREE)]:
-                bufs.remove(b)
+            drop = {id(b) for b in free[:max(0, len(free) + 1 - MAX_FREE)]}
+            bufs[:] = [b for b in bufs if id(b) not in drop]  # by identity: list.remove compares tensors by value
             buf = like.new_empty(n)
             bufs.append(buf)
         return buf[:n].view(shape)
