@@ -1,13 +1,15 @@
-"""Fused CPU elementwise kernels for the blockwise experts (cpu_kernels.c), built on first use.
+"""Fused CPU elementwise kernels (cpu_kernels.c) for SwiGLU, built on first use.
 
-The blockwise kernel's SwiGLU elementwise work is ~9% of W2's forward+backward with aten ops (their nine
-passes over each [n, f] block in the backward); one C loop per block does it in one pass (bench_layer,
-README "Layer speed"). The C file is compiled once per machine with the system C compiler into
-``$MOEKIT_CACHE`` (default ``~/.cache/moekit``), keyed by the source, flags and CPU, written atomically,
-and loaded with ctypes (which releases the GIL during the call, so pooled workers run in parallel).
+With aten ops, SwiGLU's elementwise work is 3 passes over each [n, f] hidden block forward and 9 backward; in
+W2's layer it was ~12% of forward+backward (a probe skipping it: 1.17x -> 1.03x the best dense, README "Layer
+speed"). One C loop does each direction in one pass: per expert block in the blockwise kernel, and under
+autograd (``swiglu_hidden``) for MLP, shared experts and the grouped/bmm backends. The C file is compiled once
+per machine with the system C compiler into ``$MOEKIT_CACHE`` (default ``~/.cache/moekit``), keyed by the
+source, flags and CPU, written atomically, and loaded with ctypes (which releases the GIL during the call, so
+pooled workers run in parallel).
 
-No compiler, a failed build or ``MOEKIT_CPU_KERNELS=0``: ``swiglu()`` returns None and the callers keep
-their aten path; the results agree to float32 rounding (tests/layers/test_cpu_kernels.py).
+No compiler, a failed build or ``MOEKIT_CPU_KERNELS=0``: ``library()`` and ``swiglu_hidden()`` return None and
+the callers keep their aten path; the results agree to float32 rounding (tests/layers/test_cpu_kernels.py).
 """
 
 from __future__ import annotations
