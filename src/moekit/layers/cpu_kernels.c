@@ -55,27 +55,15 @@ void swiglu_backward(int64_t n, int64_t f, const float *g, int64_t ldg, const fl
         float *dgi = dg + i * lddg, *dui = du + i * lddu, *hsi = hs ? hs + i * ldhs : 0;
         const float si = s ? s[i] : 1.0f;
         float acc = 0.0f;
-        if (hsi) {
 #pragma omp simd reduction(+:acc)
-            for (int64_t j = 0; j < f; j++) {
-                const float x = gi[j], v = ui[j], d = dhi[j];
-                const float sg = 1.0f / (1.0f + exp_f32(-x));
-                const float a = x * sg, hu = a * v, d_s = d * si;
-                acc += d * hu;
-                hsi[j] = hu * si;
-                dui[j] = d_s * a;
-                dgi[j] = d_s * v * sg * (1.0f + x * (1.0f - sg));
-            }
-        } else {
-#pragma omp simd reduction(+:acc)
-            for (int64_t j = 0; j < f; j++) {
-                const float x = gi[j], v = ui[j], d = dhi[j];
-                const float sg = 1.0f / (1.0f + exp_f32(-x));
-                const float a = x * sg, d_s = d * si;
-                acc += d * a * v;
-                dui[j] = d_s * a;
-                dgi[j] = d_s * v * sg * (1.0f + x * (1.0f - sg));
-            }
+        for (int64_t j = 0; j < f; j++) {
+            const float x = gi[j], v = ui[j], d = dhi[j];
+            const float sg = 1.0f / (1.0f + exp_f32(-x));
+            const float a = x * sg, hu = a * v, d_s = d * si;
+            acc += d * hu;
+            if (hsi) hsi[j] = hu * si;
+            dui[j] = d_s * a;
+            dgi[j] = d_s * v * sg * (1.0f + x * (1.0f - sg));
         }
         if (ds) ds[i] = acc;
     }
