@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from moekit.layers import buffers, cpu_kernels
-from moekit.layers.ffn import Activation, FFNWeights, ffn_out
+from moekit.layers.ffn import Activation, FFNWeights, ffn_out, scale_on_hidden
 
 
 def linear_into(x: Tensor, w_OI: Tensor, b_O: Tensor | None, out: Tensor | None) -> Tensor:
@@ -206,7 +206,7 @@ class BlockwiseFFN(torch.autograd.Function):
             u = linear_into(x_nD, w_e.up, w_e.b_up, u_RF[r0:r1, :f] if save else None)
             g = linear_into(x_nD, w_e.gate, w_e.b_gate, g_RF[r0:r1, :f] if save else None) if act.gated else None
             if fused:  # silu(g) * u (* gate weight) in one pass; the scale where ffn_out puts it
-                on_hidden = f < w_e.down.shape[0]
+                on_hidden = scale_on_hidden(f, w_e)
                 hs = cpu_kernels.swiglu_forward(g, u, scale_R[r0:r1] if on_hidden else None,
                                                 x_nD.new_empty(r1 - r0, f))
                 y_nD = torch.mm(hs, w_e.down.t(), out=y.slot(r0, r1))

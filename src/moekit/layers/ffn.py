@@ -149,12 +149,10 @@ class FFNWeights:
 Linear = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]  # (x, w, b) -> x w^T + b, per expert block
 
 
-def ffn_hidden(x: Tensor, w: FFNWeights, act: Activation, linear: Linear = F.linear
-               ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(gate pre-activation or None, up pre-activation, hidden units)."""
-    u = linear(x, w.up, w.b_up)
-    g = linear(x, w.gate, w.b_gate) if act.gated else None
-    return g, u, act.hidden(g, u)
+def scale_on_hidden(width: int, w: FFNWeights) -> bool:
+    """Whether per-row factors go on the hidden units (``width`` of them) rather than on the output: when they are
+    narrower than the output and there is no down bias (see ``ffn_out``; the fused paths follow the same rule)."""
+    return width < w.down.shape[-2] and w.b_down is None
 
 
 def ffn_out(h: Tensor, w: FFNWeights, linear: Linear = F.linear, scale: Tensor | None = None,
@@ -168,7 +166,7 @@ def ffn_out(h: Tensor, w: FFNWeights, linear: Linear = F.linear, scale: Tensor |
     if scale is None:
         return linear(h, w.down, w.b_down)
     s = (scale if scale.dtype == h.dtype else scale.to(h.dtype))[..., None]  # no cast op per expert block
-    if h.shape[-1] < w.down.shape[-2] and w.b_down is None:
+    if scale_on_hidden(h.shape[-1], w):
         return linear(h.mul_(s) if inplace else h * s, w.down, None)
     y = linear(h, w.down, w.b_down)
     return y.mul_(s) if inplace else y * s
@@ -182,12 +180,10 @@ def ffn(x: Tensor, w: FFNWeights, act: Activation, linear: Linear = F.linear, sc
     u = linear(x, w.up, w.b_up)
     g = linear(x, w.gate, w.b_gate) if act.gated else None
     if fused and act.name == "swiglu" and w.b_down is None and inactive(dropout):
-        # the scale goes where ffn_out puts it: into the (narrower) hidden units, else onto the output
-        on_hidden = scale is not None and u.shape[-1] < w.down.shape[-2]
+        on_hidden = scale is not None and scale_on_hidden(u.shape[-1], w)
         hs = cpu_kernels.swiglu_hidden(g, u, scale.to(u.dtype) if on_hidden else None)
-        if hs is not None:
-            y = linear(hs, w.down, None)
-            return y if scale is None or on_hidden else y * scale.to(y.dtype)[..., None]
+        if hs is not None:  # the scale is in hs, or ffn_out puts it on the output
+            return ffn_out(hs, w, linear, None if on_hidden else scale)
     h = act.hidden(g, u)
     return ffn_out(h if dropout is None else dropout(h), w, linear, scale)
 
