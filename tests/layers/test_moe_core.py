@@ -167,6 +167,30 @@ def test_pooled_blocks_are_deterministic_and_leave_thread_settings_alone(block_s
     assert (threads, seen) == (max(2, threads), [threads])
 
 
+def test_block_workers_each_run_one_intra_op_thread():
+    """A fresh pool's workers run torch ops on one thread each and the caller keeps its count (restoring the
+    caller's count once put every worker back on the caller's count: 2 x 2 threads on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    previous = blockwise.set_block_schedule("pooled")
+    try:
+        if blockwise._pool is not None:
+            blockwise._pool[1].shutdown(wait=True)
+            blockwise._pool = None
+        experts = GroupedExperts(8, 8, 16, "swiglu", backend="blockwise")
+        x = torch.randn(64, 8)
+        routing = routing_from(list(range(64)), [t % 8 for t in range(64)], torch.rand(64), 64, 8)
+        counts_E, meta = LocalDispatcher().plan(routing)
+        experts.gathered(x, meta.token_R, meta.weight_R, counts_E)
+        workers, pool = blockwise._pool
+        assert workers == max(2, threads)
+        assert blockwise._start_workers(pool, workers, torch.get_num_threads) == [1] * workers
+        assert torch.get_num_threads() == workers
+    finally:
+        blockwise.set_block_schedule(previous)
+        torch.set_num_threads(threads)
+
+
 def test_blockwise_expert_dropout_masks_hidden_units_like_nn_dropout():
     """Training with expert dropout: the blockwise path drops hidden units with probability p and scales the
     kept ones by 1/(1-p); outputs and gradients equal the float64 loop with the same mask."""

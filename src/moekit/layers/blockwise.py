@@ -17,6 +17,7 @@ one-pass C loops (``fused_swiglu``); other activations, expert dropout and a dow
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -87,8 +88,43 @@ def nonempty_blocks(bounds: list[int]) -> list[tuple[int, int, int]]:
 
 
 def _single_thread_worker() -> None:
-    torch.set_num_threads(1)  # this thread's own OpenMP/MKL setting; the caller's is left as it was
+    # torch sets a thread's intra-op count on its first query, from the process-wide count that every
+    # set_num_threads also writes: query first, or that later overwrites this thread's 1 with the caller's count
+    torch.get_num_threads()
+    torch.set_num_threads(1)
     _in_worker.active = True
+
+
+def _start_workers(pool: ThreadPoolExecutor, workers: int, task: Callable[[], object]) -> list:
+    """Run ``task`` once on each of the pool's workers (each waits for the others, so none runs it twice)."""
+    met = threading.Barrier(workers + 1)
+
+    def one() -> object:
+        out = task()
+        met.wait()
+        return out
+
+    futures = [pool.submit(one) for _ in range(workers)]
+    met.wait()
+    return [f.result() for f in futures]
+
+
+def _new_pool(threads: int) -> ThreadPoolExecutor | None:
+    """``threads`` started workers, each running torch ops on one intra-op thread; None (with a warning)
+    where torch's thread settings are not per thread, as with a build whose intra-op pool is not OpenMP."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="moekit-block", initializer=_single_thread_worker)
+    _start_workers(pool, threads, lambda: None)
+    torch.set_num_threads(threads)  # the workers' 1 was also written process-wide, for threads started later
+    # Measured without the first query above: each worker ran aten ops on 2 OpenMP threads (2 x 2 on 2 cores;
+    # a 64 MB exp took a worker 17 ms, the 2-thread time, not 30 ms) and W2 forward+backward was 7% slower.
+    counts = _start_workers(pool, threads, torch.get_num_threads)
+    if counts != [1] * threads or torch.get_num_threads() != threads:
+        warnings.warn(f"moekit's block workers would run {counts} intra-op threads each and the caller "
+                      f"{torch.get_num_threads()} (expected 1 and {threads}): expert blocks run serially")
+        torch.set_num_threads(threads)
+        pool.shutdown(wait=False)
+        return None
+    return pool
 
 
 def block_pool(x: Tensor, blocks: list) -> tuple[int, ThreadPoolExecutor] | None:
@@ -104,13 +140,11 @@ def block_pool(x: Tensor, blocks: list) -> tuple[int, ThreadPoolExecutor] | None
     if _pool is None or _pool[0] != threads:
         if _pool is not None:
             _pool[1].shutdown(wait=False)
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="moekit-block", initializer=_single_thread_worker)
-        started = threading.Barrier(threads + 1)
-        for _ in range(threads):  # start every worker now (each blocks here, so each submit makes a new one)
-            pool.submit(started.wait)
-        started.wait()
-        # a worker's set_num_threads(1) also set the default that threads started later begin with: restore it
-        torch.set_num_threads(threads)
+            _pool = None
+        pool = _new_pool(threads)
+        if pool is None:
+            set_block_schedule("serial")
+            return None
         _pool = (threads, pool)
     return _pool
 
