@@ -98,3 +98,22 @@ def test_cli_train_compile(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "step 2: val loss" in proc.stdout
     assert (run / "latest").is_file()
+
+
+def test_blockwise_runs_eagerly_inside_a_compiled_layer():
+    """The blockwise kernel (the CPU default) is one graph break under torch.compile: dynamo does not trace its
+    per-expert block closure (it recompiled that once per expert index, up to its limit), and the compiled
+    layer equals eager."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=16, num_experts=12, expert_hidden=16, experts="blockwise", router=RouterConfig(top_k=2),
+                    loss=LossConfig(aux_coef=0.0))
+    eager = MoELayer(cfg)
+    x = torch.randn(64, 16)
+    torch._dynamo.reset()
+    layer = MoELayer(cfg)
+    layer.load_state_dict(eager.state_dict())
+    run = torch.compile(layer, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = run(x).y
+    assert int((eager(x).aux.counts_E > 0).sum()) > 8  # more blocks than dynamo's recompile limit
+    torch.testing.assert_close(got, eager(x).y, rtol=1e-5, atol=1e-6)

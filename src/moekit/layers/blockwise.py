@@ -346,9 +346,14 @@ class BlockwiseFFN(torch.autograd.Function):
         return (dx_TD, ds_R, dw.gate, dw.up, dw.down, dw.b_gate, dw.b_up, dw.b_down) + (None,) * 5
 
 
+@torch.compiler.disable
 def blockwise_ffn(x_TD: Tensor, w: FFNWeights, scale_R: Tensor, token_R: Tensor, counts_E: Tensor,
                   hidden_E: list[int], act: Activation, keep_RF: Tensor | None = None) -> Tensor:
-    """The routed-expert output y_TD (gate-weighted sum over each token's rows), expert block by block."""
+    """The routed-expert output y_TD (gate-weighted sum over each token's rows), expert block by block.
+
+    Eager inside compiled code (one graph break; it walks blocks by host offsets anyway): traced, dynamo
+    compiled the block closure once per expert index until its recompile limit (8), then warned and ran it
+    eagerly regardless, without the block pool and the fused kernels."""
     bounds = [0] + torch.cumsum(counts_E, 0).tolist()
     return BlockwiseFFN.apply(x_TD, scale_R, w.gate, w.up, w.down, w.b_gate, w.b_up, w.b_down, token_R, keep_RF,
                               bounds, hidden_E, act)
