@@ -191,6 +191,33 @@ def test_block_workers_each_run_one_intra_op_thread():
         torch.set_num_threads(threads)
 
 
+def test_block_pool_falls_back_to_serial_when_workers_keep_more_threads(monkeypatch):
+    """Where a worker cannot keep its own count (a torch build whose setting is process-wide), the pool is not
+    used: a warning, the serial schedule, the caller's thread count kept, the same output."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    previous = blockwise.set_block_schedule("pooled")
+    start = blockwise._start_workers
+    monkeypatch.setattr(blockwise, "_start_workers", lambda pool, n, task: [2] * n if task is torch.get_num_threads
+                        else start(pool, n, task))
+    try:
+        if blockwise._pool is not None:
+            blockwise._pool[1].shutdown(wait=True)
+            blockwise._pool = None
+        experts = GroupedExperts(8, 8, 16, "swiglu", backend="blockwise")
+        x = torch.randn(64, 8)
+        routing = routing_from(list(range(64)), [t % 8 for t in range(64)], torch.rand(64), 64, 8)
+        counts_E, meta = LocalDispatcher().plan(routing)
+        with pytest.warns(UserWarning, match="run serially"):
+            y = experts.gathered(x, meta.token_R, meta.weight_R, counts_E)
+        assert blockwise._pool is None and blockwise.block_schedule() == "serial"
+        assert torch.get_num_threads() == max(2, threads)
+        torch.testing.assert_close(y, experts.gathered(x, meta.token_R, meta.weight_R, counts_E), rtol=0, atol=0)
+    finally:
+        blockwise.set_block_schedule(previous)
+        torch.set_num_threads(threads)
+
+
 def test_blockwise_expert_dropout_masks_hidden_units_like_nn_dropout():
     """Training with expert dropout: the blockwise path drops hidden units with probability p and scales the
     kept ones by 1/(1-p); outputs and gradients equal the float64 loop with the same mask."""
