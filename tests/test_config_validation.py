@@ -146,3 +146,33 @@ def test_json_forms_are_normalised():
     again = ModelConfig.from_dict(cfg.to_dict() | {"moe": dict(cfg.moe.to_dict(), expert_hidden_sizes=[4, 6])})
     assert again == cfg and isinstance(again.moe.expert_hidden_sizes, tuple)
     assert isinstance(again.moe.router, RouterConfig)
+
+
+def test_changed_fields_ignore_fields_added_at_their_default_and_determine_the_config():
+    """A field added later with a default keeps the identity of every config that leaves it at the default;
+    any changed value, nested ones included, changes it, and the dict rebuilds the config."""
+    import dataclasses
+
+    from moekit.config import LossConfig, ModelConfig, MoEConfig, RouterConfig, changed_fields
+
+    @dataclasses.dataclass
+    class Old:
+        a: int
+        b: tuple[int, ...] = (1, 2)
+
+    @dataclasses.dataclass
+    class New:
+        a: int
+        b: tuple[int, ...] = (1, 2)
+        c: float = float("-inf")
+
+    assert changed_fields(Old(3)) == changed_fields(New(3)) == {"a": 3}
+    assert changed_fields(New(3, c=0.0)) == {"a": 3, "c": 0.0}
+    assert changed_fields(Old(3, b=[1, 2])) == {"a": 3}  # a list equal to a tuple default is the default
+    moe = MoEConfig(d_model=16, num_experts=4, expert_hidden=8, router=RouterConfig(top_k=1),
+                    loss=LossConfig(aux_coef=0.0))
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, moe=moe)
+    got = changed_fields(cfg)
+    assert got["moe"]["router"] == {"top_k": 1} and got["moe"]["loss"] == {"aux_coef": 0.0}
+    assert changed_fields(dataclasses.replace(cfg, moe=dataclasses.replace(moe, router=RouterConfig()))) != got
+    assert ModelConfig.from_dict(got) == cfg

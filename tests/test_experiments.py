@@ -180,3 +180,22 @@ def test_confirmation_runs_fresh_seeds_and_reports_the_paired_interval(tmp_path)
     mean, lo, hi = paired_reference(first_losses["dense"] + losses["dense"], first_losses["MoE"] + losses["MoE aux 0.01"])
     assert lo < 0 < hi and f"{mean:+.4f} nats [95% CI {lo:+.4f}, {hi:+.4f}] crosses 0 (n=6 seeds)" in text
     assert "ends lower in 4 of 6 seeds" in text  # 3 of experiment 1's, 1 of the fresh ones
+
+
+def test_committed_report_holds_every_planned_full_run_under_its_current_key():
+    """docs/experiments/runs.json is the cache `moekit experiments` and the demo read by run key: every run of
+    the full plan is found there (else the 45-minute report retrains and the demo quotes nothing), and each
+    stored config is the planned one."""
+    from moekit.config import ModelConfig
+
+    rows = {r["key"]: r for r in json.loads(experiments.committed_runs().read_text())}
+    vocab = experiments._vocab_of(rows)
+    specs = [s for _, plan, _ in experiments.EXPERIMENTS.values()
+             for group in plan(experiments.FULL, vocab).values() for s in group]
+    for s in specs:
+        row = rows.get(s.key(experiments.FULL))
+        assert row is not None, f"{s.name} seed {s.seed} not in runs.json under its key"
+        assert (row["name"], row["seed"]) == (s.name, s.seed)
+        assert ModelConfig.from_dict(row["config"]) == s.cfg
+        assert row["teacher"] == (s.teacher.key(experiments.FULL) if s.teacher else None)
+    assert experiments.reported_diff().n >= 3

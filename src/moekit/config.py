@@ -135,6 +135,39 @@ def from_dict(cls: type, d: Any) -> Any:
     return cls(**d)
 
 
+def _plain(v: Any) -> Any:
+    """A config value as JSON sees it (dataclasses as dicts, tuples as lists)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def changed_fields(obj: Any) -> dict:
+    """The fields of config dataclass ``obj`` that differ from their defaults (nested configs likewise, relative
+    to their own class's defaults), as JSON values. It determines the config as fully as ``asdict`` but stays
+    the same when a later version adds a field whose default keeps the old behaviour, so caches keyed by it (the
+    experiments' runs) survive such additions; ``asdict`` keys did not (four router fields added by the interop
+    work orphaned every committed run)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            out[f.name] = _plain(v)  # required: always part of the identity
+            continue
+        if _plain(v) == _plain(default):
+            continue
+        out[f.name] = changed_fields(v) if dataclasses.is_dataclass(v) else _plain(v)
+    return out
+
+
 # a router kind that is its own layer, not a registered Router: Soft MoE (Puigcerver et al. 2023) mixes
 # tokens into slots densely (layers/soft_moe.py)
 SOFT_KIND = "soft"

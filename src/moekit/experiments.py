@@ -35,7 +35,7 @@ import torch
 from moekit.analysis import plots
 from moekit.analysis.significance import PairedDiff, mean_std, paired_diff, verdict
 from moekit.analysis.timing import ratio, round_robin
-from moekit.config import LossConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig
+from moekit.config import LossConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig, changed_fields
 from moekit.deploy.distill import distill, gain_retained
 from moekit.models.decoder import MoETransformer, lm_loss
 from moekit.train.data import build_corpus
@@ -102,7 +102,8 @@ class RunSpec:
     teacher: RunSpec | None = None
 
     def key(self, b: Budget) -> str:
-        ident = {"model": self.cfg.to_dict(), "train": vars(b.train_config(self.seed)),
+        # changed_fields, not asdict: a config field added later at its old-behaviour default keeps the keys
+        ident = {"model": changed_fields(self.cfg), "train": changed_fields(b.train_config(self.seed)),
                  "data": [b.vocab_size, b.max_bytes], "teacher": self.teacher.key(b) if self.teacher else None,
                  "kd": KD if self.teacher else None}
         return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
