@@ -167,55 +167,48 @@ def test_pooled_blocks_are_deterministic_and_leave_thread_settings_alone(block_s
     assert (threads, seen) == (max(2, threads), [threads])
 
 
-def test_block_workers_each_run_one_intra_op_thread():
+@pytest.fixture
+def fresh_pool():
+    """The pooled schedule at >= 2 torch threads, with the next blockwise call starting a new pool; yields a
+    function that runs 8 one-block-per-expert blocks through it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    previous = blockwise.set_block_schedule("pooled")
+    if blockwise._pool is not None:
+        blockwise._pool[1].shutdown(wait=True)
+        blockwise._pool = None
+    experts = GroupedExperts(8, 8, 16, "swiglu", backend="blockwise")
+    x = torch.randn(64, 8)
+    counts_E, meta = LocalDispatcher().plan(routing_from(list(range(64)), [t % 8 for t in range(64)],
+                                                         torch.rand(64), 64, 8))
+    yield lambda: experts.gathered(x, meta.token_R, meta.weight_R, counts_E)
+    blockwise.set_block_schedule(previous)
+    torch.set_num_threads(threads)
+
+
+def test_block_workers_each_run_one_intra_op_thread(fresh_pool):
     """A fresh pool's workers run torch ops on one thread each and the caller keeps its count (restoring the
     caller's count once put every worker back on the caller's count: 2 x 2 threads on 2 cores)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    previous = blockwise.set_block_schedule("pooled")
-    try:
-        if blockwise._pool is not None:
-            blockwise._pool[1].shutdown(wait=True)
-            blockwise._pool = None
-        experts = GroupedExperts(8, 8, 16, "swiglu", backend="blockwise")
-        x = torch.randn(64, 8)
-        routing = routing_from(list(range(64)), [t % 8 for t in range(64)], torch.rand(64), 64, 8)
-        counts_E, meta = LocalDispatcher().plan(routing)
-        experts.gathered(x, meta.token_R, meta.weight_R, counts_E)
-        workers, pool = blockwise._pool
-        assert workers == max(2, threads)
-        assert blockwise._start_workers(pool, workers, torch.get_num_threads) == [1] * workers
-        assert torch.get_num_threads() == workers
-    finally:
-        blockwise.set_block_schedule(previous)
-        torch.set_num_threads(threads)
+    fresh_pool()
+    workers, pool = blockwise._pool
+    assert workers == threads
+    assert blockwise._start_workers(pool, workers, torch.get_num_threads) == [1] * workers
+    assert torch.get_num_threads() == threads
 
 
-def test_block_pool_falls_back_to_serial_when_workers_keep_more_threads(monkeypatch):
+def test_block_pool_falls_back_to_serial_when_workers_keep_more_threads(fresh_pool, monkeypatch):
     """Where a worker cannot keep its own count (a torch build whose setting is process-wide), the pool is not
     used: a warning, the serial schedule, the caller's thread count kept, the same output."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    previous = blockwise.set_block_schedule("pooled")
     start = blockwise._start_workers
     monkeypatch.setattr(blockwise, "_start_workers", lambda pool, n, task: [2] * n if task is torch.get_num_threads
                         else start(pool, n, task))
-    try:
-        if blockwise._pool is not None:
-            blockwise._pool[1].shutdown(wait=True)
-            blockwise._pool = None
-        experts = GroupedExperts(8, 8, 16, "swiglu", backend="blockwise")
-        x = torch.randn(64, 8)
-        routing = routing_from(list(range(64)), [t % 8 for t in range(64)], torch.rand(64), 64, 8)
-        counts_E, meta = LocalDispatcher().plan(routing)
-        with pytest.warns(UserWarning, match="run serially"):
-            y = experts.gathered(x, meta.token_R, meta.weight_R, counts_E)
-        assert blockwise._pool is None and blockwise.block_schedule() == "serial"
-        assert torch.get_num_threads() == max(2, threads)
-        torch.testing.assert_close(y, experts.gathered(x, meta.token_R, meta.weight_R, counts_E), rtol=0, atol=0)
-    finally:
-        blockwise.set_block_schedule(previous)
-        torch.set_num_threads(threads)
+    with pytest.warns(UserWarning, match="run serially"):
+        y = fresh_pool()
+    assert blockwise._pool is None and blockwise.block_schedule() == "serial"
+    assert torch.get_num_threads() == threads
+    torch.testing.assert_close(y, fresh_pool(), rtol=0, atol=0)
 
 
 def test_blockwise_expert_dropout_masks_hidden_units_like_nn_dropout():
