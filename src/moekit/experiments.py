@@ -11,7 +11,9 @@ and the batch order of every model, so configurations are compared per seed (a p
 Full mode on an idle 2-core CPU: about 16 minutes (24 runs of 300 steps, 2 single-thread workers; an
 estimate from one-thread step times).
 Runs are cached by a hash of (model config, train config, data, seed, teacher) in ``runs.json``: an
-interrupted report continues where it stopped, and runs shared by several experiments train once.
+interrupted report continues where it stopped, and runs shared by several experiments train once. The configs
+enter the hash as their fields off the defaults (``config.changed_fields``), so adding a config field whose
+default keeps the old behaviour keeps every cached run.
 Training runs in ``workers`` processes with ``threads // workers`` threads each: small models train
 faster as independent single-thread runs, and stay fast when the machine is shared.
 """
