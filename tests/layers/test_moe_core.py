@@ -624,3 +624,25 @@ def test_bmm_backend_refuses_unequal_blocks():
     layer = make_layer(16, experts="bmm")
     with pytest.raises(ValueError, match="'bmm' needs equal-size expert blocks"):
         layer(torch.randn(7, 12))
+
+
+def test_auto_schedule_pools_only_enough_blocks_that_are_not_small():
+    """auto: serial for fewer than two blocks per worker or small blocks (mean rows x d x hidden below
+    POOL_MIN_BLOCK_MACS), pooled otherwise; the explicit schedules ignore both."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    previous = blockwise.set_block_schedule("auto")
+    try:
+        x = torch.empty(0, 64)
+        blocks_of = lambda n, rows: [(e, e * rows, (e + 1) * rows) for e in range(n)]  # noqa: E731
+        big_rows = blockwise.POOL_MIN_BLOCK_MACS // (64 * 128) + 1
+        assert blockwise.block_pool(x, blocks_of(8, big_rows), 128) is not None
+        assert blockwise.block_pool(x, blocks_of(8, big_rows - 2), 128) is None  # small blocks
+        assert blockwise.block_pool(x, blocks_of(3, big_rows * 4), 128) is None  # 3 blocks on 2 workers
+        blockwise.set_block_schedule("pooled")
+        assert blockwise.block_pool(x, blocks_of(8, 16), 128) is not None
+        blockwise.set_block_schedule("serial")
+        assert blockwise.block_pool(x, blocks_of(8, big_rows), 128) is None
+    finally:
+        blockwise.set_block_schedule(previous)
+        torch.set_num_threads(threads)

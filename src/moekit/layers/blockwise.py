@@ -69,7 +69,8 @@ _in_worker = threading.local()
 
 def set_block_schedule(schedule: str) -> str:
     """How the CPU blockwise kernel runs its expert blocks: "serial", "pooled" or "auto" (pooled when torch
-    has more than one thread and there are at least two blocks per worker). Returns the previous one."""
+    has more than one thread, there are at least two blocks per worker and the blocks are not small:
+    ``POOL_MIN_BLOCK_MACS``). Returns the previous one."""
     global _schedule
     if schedule not in BLOCK_SCHEDULES:
         raise ValueError(f"schedule must be one of {BLOCK_SCHEDULES}, got {schedule!r}")
@@ -89,7 +90,8 @@ def nonempty_blocks(bounds: list[int]) -> list[tuple[int, int, int]]:
 
 def _single_thread_worker() -> None:
     # torch sets a thread's intra-op count on its first query, from the process-wide count that every
-    # set_num_threads also writes: query first, or that later overwrites this thread's 1 with the caller's count
+    # set_num_threads also writes: query first, or that query later overwrites this thread's 1 with the
+    # caller's count
     torch.get_num_threads()
     torch.set_num_threads(1)
     _in_worker.active = True
@@ -127,16 +129,28 @@ def _new_pool(threads: int) -> ThreadPoolExecutor | None:
     return pool
 
 
-def block_pool(x: Tensor, blocks: list) -> tuple[int, ThreadPoolExecutor] | None:
-    """(workers, pool) when the pooled schedule applies to these blocks, else None (serial)."""
+# "auto" runs blocks smaller than this (mean rows x d_model x hidden, multiply-adds per matmul) serially:
+# there a worker's single-threaded small ops lose to torch's two threads per op. Measured fwd+bwd pooled /
+# serial, same process, 2 threads: 8 experts, d=64 h=128, 4096 tokens (8.4M, the demo) 1.08-1.24 (the demo
+# model's training step 1.09, its eval forward 1.09); d=128 h=256, 2048 tokens (16.8M) 1.18-1.20; d=128
+# h=256, 4096 tokens (33.5M) 1.06; 16 experts d=256 h=256 (33.5M) 0.93; d=256 h=512 (67M) 0.99; W1 (738M)
+# 0.90. Under a busy process the serial small blocks slowed down 1.17-1.24x as much as the dense FFN (pooled
+# 0.76-0.91; bench_layer's target 1.5).
+POOL_MIN_BLOCK_MACS = 24 << 20
+
+
+def block_pool(x: Tensor, blocks: list, hidden: int) -> tuple[int, ThreadPoolExecutor] | None:
+    """(workers, pool) when the pooled schedule applies to these blocks (of ``hidden`` units), else None."""
     global _pool
     threads = torch.get_num_threads()
     if (_schedule == "serial" or x.device.type != "cpu" or threads < 2 or len(blocks) < 2
             or getattr(_in_worker, "active", False) or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling()):
         return None  # worker threads would not inherit autocast; dynamo cannot trace threads
-    if _schedule == "auto" and len(blocks) < 2 * threads:
-        return None  # too few blocks to balance: one big block per worker idles the rest
+    rows = blocks[-1][2] - blocks[0][1]
+    if _schedule == "auto" and (len(blocks) < 2 * threads  # too few to balance: one big block idles a worker
+                                or rows * x.shape[-1] * hidden < POOL_MIN_BLOCK_MACS * len(blocks)):
+        return None
     if _pool is None or _pool[0] != threads:
         if _pool is not None:
             _pool[1].shutdown(wait=False)
@@ -228,7 +242,7 @@ class BlockwiseFFN(torch.autograd.Function):
         u_RF = buffers.empty(x_TD, R, F_) if save else None
         g_RF = buffers.empty(x_TD, R, F_) if save and act.gated else None
         blocks = nonempty_blocks(bounds)
-        pool = block_pool(x_TD, blocks)
+        pool = block_pool(x_TD, blocks, max(hidden_E))
         y = RowsInto(y_TD, token_R, pooled=pool is not None)
         fused = fused_swiglu(x_TD, scale_R, act, keep_RF, b_down)
 
@@ -286,7 +300,7 @@ class BlockwiseFFN(torch.autograd.Function):
             if dw.b_down is not None and f == 0:
                 dw.b_down[e].zero_()
         blocks = nonempty_blocks(bounds)
-        pool = block_pool(x_TD, blocks)
+        pool = block_pool(x_TD, blocks, max(ctx.hidden_E))
         dx = RowsInto(dx_TD, token_R, pooled=pool is not None) if need_x else None
         fused = need_hidden and fused_swiglu(x_TD, scale_R, act, keep_RF, b_down)
 
