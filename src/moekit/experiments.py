@@ -556,9 +556,8 @@ def demo_verdict(moe: list[float], dense: list[float], reported: PairedDiff | No
     line = f"Verdict (1 seed): dense minus MoE = {diff:+.4f} nats."
     if reported is None or reported.n < 2:
         return line + " One seed has no interval: run with --seeds 3 for one."
-    return (line + f" The report measured {reported.mean:+.4f} [95% CI {reported.lo:+.4f}, {reported.hi:+.4f}] over "
-            f"{reported.n} seeds, a seed-to-seed std of the difference of {reported.sd:.4f} nats; --seeds 3 gives "
-            "this run its own interval.")
+    return (line + f" The report measured {reported.interval()} over {reported.n} seeds, a seed-to-seed std of the "
+            f"difference of {reported.sd:.4f} nats; --seeds 3 gives this run its own interval.")
 
 
 EXPERIMENTS = {"moe_vs_dense": ("MoE vs its dense twin at matched active compute", plan_moe_vs_dense,

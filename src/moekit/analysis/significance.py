@@ -59,10 +59,14 @@ class PairedDiff:
     def significant(self) -> bool:
         return self.lo is not None and (self.lo > 0 or self.hi < 0)
 
+    def interval(self) -> str:
+        """'+mean [95% CI +lo, +hi]' (signed, 4 decimals); needs >= 2 seeds."""
+        return f"{self.mean:+.4f} [95% CI {self.lo:+.4f}, {self.hi:+.4f}]"
+
     def __str__(self) -> str:
         if self.lo is None:
             return f"{self.mean:+.4f} (1 seed: no interval)"
-        return f"{self.mean:+.4f} [95% CI {self.lo:+.4f}, {self.hi:+.4f}], n={self.n}"
+        return f"{self.interval()}, n={self.n}"
 
 
 def paired_diff(a: list[float], b: list[float], confidence: float = 0.95) -> PairedDiff:
